@@ -1,0 +1,450 @@
+//! The coordinator: a node's write path and the one handle the gRPC layer talks to.
+//!
+//! A Put or Delete is stored by the store actor, which gives it a version; then the coordinator
+//! hands the versioned write to every peer's replication actor at once and waits for their
+//! answers, but never past the replication deadline. A peer whose mailbox is full is not waited
+//! for at all. The outcome names every peer the write did not reach and says whether the write
+//! quorum (counting this node) was met.
+//!
+//! The local write is kept whatever the peers say: it has a version, so when it does reach
+//! them later it converges like any other write. A write below quorum is reported as such
+//! (`ok = false`) rather than rolled back, because a rollback would itself be a write racing
+//! the first one.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use kameo::actor::{ActorRef, Spawn};
+use kameo::error::SendError;
+use kameo::mailbox;
+
+use crate::error::Error;
+use crate::replication::{PeerClient, PeerError, PeerHealth, Replicate, ReplicationActor};
+use crate::store::{self, Entry, StoreActor, Write};
+use crate::version::Clock;
+
+/// How many nodes, counting the local one, must hold a write before its Ack says `ok`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteQuorum {
+    /// Every node.
+    All,
+    /// More than half of the nodes.
+    #[default]
+    Majority,
+    /// The local node alone.
+    One,
+}
+
+impl WriteQuorum {
+    /// Acks needed out of `nodes` nodes.
+    pub fn required(self, nodes: usize) -> usize {
+        match self {
+            Self::All => nodes,
+            Self::Majority => nodes / 2 + 1,
+            Self::One => 1,
+        }
+    }
+}
+
+impl fmt::Display for WriteQuorum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::All => "all",
+            Self::Majority => "majority",
+            Self::One => "one",
+        })
+    }
+}
+
+impl FromStr for WriteQuorum {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Self::All),
+            "majority" => Ok(Self::Majority),
+            "one" => Ok(Self::One),
+            other => Err(format!(
+                "unknown write quorum '{other}' (expected all, majority or one)"
+            )),
+        }
+    }
+}
+
+/// Why a write did not reach a peer before the deadline.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerFailure {
+    /// The delivery was attempted and failed.
+    Failed(PeerError),
+    /// No answer before the replication deadline. The delivery may still happen later.
+    TimedOut(Duration),
+    /// The peer's replication mailbox was full: the write was not queued for it.
+    Lagging,
+    /// The peer's replication actor has stopped (the node is shutting down).
+    Stopped,
+}
+
+impl fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Failed(e) => write!(f, "{e}"),
+            Self::TimedOut(d) => write!(f, "timed out after {}ms", d.as_millis()),
+            Self::Lagging => f.write_str("lagging, marked for resync"),
+            Self::Stopped => f.write_str("replication stopped"),
+        }
+    }
+}
+
+/// The result of a replicated write, as the client will be told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Nodes in the cluster, this one included.
+    pub nodes: usize,
+    /// Nodes known to hold the write, this one included.
+    pub acks: usize,
+    /// The quorum rule in force.
+    pub quorum: WriteQuorum,
+    /// Peers the write did not reach, with why, in configuration order.
+    pub failures: Vec<(String, PeerFailure)>,
+}
+
+impl WriteOutcome {
+    /// Acks the quorum requires.
+    pub fn required(&self) -> usize {
+        self.quorum.required(self.nodes)
+    }
+
+    /// Whether the write reached the write quorum.
+    pub fn ok(&self) -> bool {
+        self.acks >= self.required()
+    }
+
+    /// The Ack message. `verb` is what happened locally ("Stored", "Deleted"). With every peer
+    /// confirmed it is the seed's "Stored and replicated".
+    pub fn message(&self, verb: &str) -> String {
+        if self.failures.is_empty() {
+            return format!("{verb} and replicated");
+        }
+        let failed: Vec<String> = self
+            .failures
+            .iter()
+            .map(|(peer, why)| format!("{peer} ({why})"))
+            .collect();
+        format!(
+            "{verb} on {} of {} nodes, write quorum {} ({} required) {}; not replicated to {}",
+            self.acks,
+            self.nodes,
+            self.quorum,
+            self.required(),
+            if self.ok() { "met" } else { "NOT met" },
+            failed.join(", ")
+        )
+    }
+}
+
+/// Settings of the write path.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    pub quorum: WriteQuorum,
+    /// How long a write waits for its peers before answering.
+    pub replication_deadline: Duration,
+    /// Capacity of each peer's replication mailbox.
+    pub peer_mailbox: usize,
+}
+
+/// One peer as the coordinator sees it.
+struct Peer<P: PeerClient> {
+    actor: ActorRef<ReplicationActor<P>>,
+    health: Arc<PeerHealth>,
+}
+
+/// Handle to a node's actors. Cheap to share behind an `Arc`.
+pub struct Coordinator<P: PeerClient> {
+    store: ActorRef<StoreActor>,
+    peers: Vec<Peer<P>>,
+    config: CoordinatorConfig,
+}
+
+impl<P: PeerClient> Coordinator<P> {
+    /// Spawns the store actor and one replication actor per `(address, client)` peer.
+    pub fn start(clock: Arc<Clock>, peers: Vec<(String, P)>, config: CoordinatorConfig) -> Self {
+        let store = StoreActor::spawn(StoreActor::new(clock));
+        let peers = peers
+            .into_iter()
+            .map(|(addr, client)| {
+                let health = Arc::new(PeerHealth::new(addr));
+                let actor = ReplicationActor::spawn_with_mailbox(
+                    ReplicationActor::new(client, health.clone()),
+                    mailbox::bounded(config.peer_mailbox),
+                );
+                Peer { actor, health }
+            })
+            .collect();
+        Self {
+            store,
+            peers,
+            config,
+        }
+    }
+
+    /// Health of every peer, in configuration order.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerHealth> {
+        self.peers.iter().map(|p| &*p.health)
+    }
+
+    /// Stores `value` under `key` and replicates it.
+    pub async fn put(&self, key: String, value: String) -> Result<WriteOutcome, Error> {
+        let write = self
+            .store
+            .ask(store::Put { key, value })
+            .await
+            .map_err(|_| Error::StoreStopped)?;
+        Ok(self.replicate(write).await)
+    }
+
+    /// Deletes `key` (stores a tombstone) and replicates the tombstone.
+    pub async fn delete(&self, key: String) -> Result<WriteOutcome, Error> {
+        let write = self
+            .store
+            .ask(store::Delete { key })
+            .await
+            .map_err(|_| Error::StoreStopped)?;
+        Ok(self.replicate(write).await)
+    }
+
+    /// Applies a write another node made. Returns whether it was newer than ours.
+    pub async fn apply(&self, write: Write) -> Result<bool, Error> {
+        self.store
+            .ask(store::Apply(write))
+            .await
+            .map_err(|_| Error::StoreStopped)
+    }
+
+    /// The live value of `key`, from this node alone.
+    pub async fn get(&self, key: String) -> Result<Option<String>, Error> {
+        self.store
+            .ask(store::Get { key })
+            .await
+            .map_err(|_| Error::StoreStopped)
+    }
+
+    /// The stored entry of `key`, tombstones included.
+    pub async fn get_entry(&self, key: String) -> Result<Option<Entry>, Error> {
+        self.store
+            .ask(store::GetEntry { key })
+            .await
+            .map_err(|_| Error::StoreStopped)
+    }
+
+    /// Every live pair, in key order, as of one instant.
+    pub async fn snapshot(&self) -> Result<Vec<(String, String)>, Error> {
+        self.store
+            .ask(store::Snapshot)
+            .await
+            .map_err(|_| Error::StoreStopped)
+    }
+
+    /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.
+    async fn replicate(&self, write: Write) -> WriteOutcome {
+        let wait = self.config.replication_deadline;
+        let deadline = tokio::time::Instant::now() + wait;
+        let deliveries = self.peers.iter().map(|peer| {
+            let write = write.clone();
+            async move {
+                // `try_send` enqueues without waiting for mailbox space (a full mailbox is an
+                // answer, at once), then awaits the reply; the deadline bounds only that wait.
+                // (kameo's `try_enqueue` would fit better but panics on a full mailbox in 0.22.)
+                let delivery = peer.actor.ask(Replicate(write)).try_send();
+                match tokio::time::timeout_at(deadline, delivery).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(SendError::MailboxFull(_))) => {
+                        peer.health.mark_lagging();
+                        Some(PeerFailure::Lagging)
+                    }
+                    Ok(Err(SendError::HandlerError(error))) => Some(PeerFailure::Failed(error)),
+                    Ok(Err(_)) => Some(PeerFailure::Stopped),
+                    Err(_) => Some(PeerFailure::TimedOut(wait)),
+                }
+            }
+        });
+        let results = join_all(deliveries).await;
+        let failures: Vec<(String, PeerFailure)> = self
+            .peers
+            .iter()
+            .zip(results)
+            .filter_map(|(peer, failure)| failure.map(|f| (peer.health.addr().to_string(), f)))
+            .collect();
+        let nodes = self.peers.len() + 1;
+        let outcome = WriteOutcome {
+            nodes,
+            acks: nodes - failures.len(),
+            quorum: self.config.quorum,
+            failures,
+        };
+        if !outcome.failures.is_empty() {
+            tracing::warn!(
+                acks = outcome.acks,
+                nodes,
+                quorum_met = outcome.ok(),
+                failed = ?outcome.failures.iter().map(|(p, f)| format!("{p}: {f}")).collect::<Vec<_>>(),
+                "write not replicated to every peer"
+            );
+        }
+        outcome
+    }
+
+    /// Drains every actor: replication actors first, so writes already queued still go out,
+    /// then the store.
+    pub async fn shutdown(&self) {
+        for peer in &self.peers {
+            let _ = peer.actor.stop_gracefully().await;
+        }
+        for peer in &self.peers {
+            peer.actor.wait_for_shutdown().await;
+        }
+        let _ = self.store.stop_gracefully().await;
+        self.store.wait_for_shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::replication::PeerState;
+    use crate::replication::tests::FakePeer;
+
+    fn coordinator(
+        peers: &[FakePeer],
+        quorum: WriteQuorum,
+        deadline: Duration,
+        mailbox: usize,
+    ) -> Coordinator<FakePeer> {
+        let peers = peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("peer{}", i + 1), p.clone()))
+            .collect();
+        Coordinator::start(
+            Arc::new(Clock::new("local".into())),
+            peers,
+            CoordinatorConfig {
+                quorum,
+                replication_deadline: deadline,
+                peer_mailbox: mailbox,
+            },
+        )
+    }
+
+    #[test]
+    fn quorum_sizes() {
+        assert_eq!(WriteQuorum::Majority.required(3), 2);
+        assert_eq!(WriteQuorum::Majority.required(4), 3);
+        assert_eq!(WriteQuorum::Majority.required(1), 1);
+        assert_eq!(WriteQuorum::All.required(3), 3);
+        assert_eq!(WriteQuorum::One.required(3), 1);
+        assert_eq!("all".parse::<WriteQuorum>(), Ok(WriteQuorum::All));
+        assert!("most".parse::<WriteQuorum>().unwrap_err().contains("most"));
+    }
+
+    #[tokio::test]
+    async fn all_peers_confirm() {
+        let peers = [FakePeer::default(), FakePeer::default()];
+        let c = coordinator(&peers, WriteQuorum::All, Duration::from_secs(5), 8);
+        let out = c.put("k".into(), "v".into()).await.unwrap();
+        assert!(out.ok());
+        assert_eq!(out.message("Stored"), "Stored and replicated");
+        for p in &peers {
+            let got = p.received.lock().unwrap().clone();
+            assert_eq!(got.len(), 1);
+            assert_eq!(got[0].key, "k");
+            assert_eq!(got[0].entry.value.as_deref(), Some("v"));
+        }
+        assert!(c.peers().all(|h| h.state() == PeerState::Up));
+    }
+
+    #[tokio::test]
+    async fn dead_peer_is_named_and_quorum_judged() {
+        let peers = [FakePeer::default(), FakePeer::default()];
+        peers[1].fail.store(true, Ordering::Relaxed);
+        let c = coordinator(&peers, WriteQuorum::Majority, Duration::from_secs(5), 8);
+        let out = c.put("k".into(), "v".into()).await.unwrap();
+        assert!(out.ok(), "2 of 3 meets majority");
+        assert_eq!(out.acks, 2);
+        let msg = out.message("Stored");
+        assert!(msg.contains("peer2 (unreachable (connection refused))"), "{msg}");
+        assert!(msg.contains("met"), "{msg}");
+        assert!(!msg.contains("peer1"), "{msg}");
+        let health: Vec<_> = c.peers().map(|h| (h.state(), h.needs_resync())).collect();
+        assert_eq!(health, [(PeerState::Up, false), (PeerState::Down, true)]);
+
+        let c = coordinator(&peers, WriteQuorum::All, Duration::from_secs(5), 8);
+        let out = c.put("k".into(), "v".into()).await.unwrap();
+        assert!(!out.ok(), "2 of 3 is not all");
+        assert!(out.message("Stored").contains("NOT met"));
+        // The write is kept locally even below quorum.
+        assert_eq!(c.get("k".into()).await.unwrap().as_deref(), Some("v"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hung_peer_times_out_at_the_deadline() {
+        let peers = [FakePeer::default(), FakePeer::default()];
+        peers[0].hang.store(true, Ordering::Relaxed);
+        let deadline = Duration::from_millis(300);
+        let c = coordinator(&peers, WriteQuorum::Majority, deadline, 8);
+        let started = tokio::time::Instant::now();
+        let out = c.put("k".into(), "v".into()).await.unwrap();
+        assert_eq!(started.elapsed(), deadline, "answers exactly at the deadline");
+        assert_eq!(
+            out.failures,
+            [("peer1".to_string(), PeerFailure::TimedOut(deadline))]
+        );
+        assert!(out.ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_mailbox_reports_lagging_without_waiting() {
+        let peers = [FakePeer::default(), FakePeer::default()];
+        peers[0].hang.store(true, Ordering::Relaxed);
+        let deadline = Duration::from_millis(300);
+        let c = Arc::new(coordinator(&peers, WriteQuorum::Majority, deadline, 1));
+        // The hung peer's actor takes the first write and blocks; the second fills its mailbox.
+        let mut background = Vec::new();
+        for i in 0..2 {
+            let c = c.clone();
+            background.push(tokio::spawn(async move {
+                c.put(format!("k{i}"), "v".into()).await.unwrap()
+            }));
+            tokio::task::yield_now().await;
+        }
+        let started = tokio::time::Instant::now();
+        let out = c.put("k-late".into(), "v".into()).await.unwrap();
+        // The only wait left is the healthy peer's delivery, which takes no virtual time.
+        assert_eq!(started.elapsed(), Duration::ZERO, "a full mailbox must not slow the Put");
+        assert_eq!(out.failures, [("peer1".to_string(), PeerFailure::Lagging)]);
+        let health = c.peers().next().unwrap();
+        assert_eq!(health.state(), PeerState::Lagging);
+        assert!(health.needs_resync());
+        for b in background {
+            b.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn delete_replicates_a_tombstone() {
+        let peers = [FakePeer::default()];
+        let c = coordinator(&peers, WriteQuorum::All, Duration::from_secs(5), 8);
+        c.put("k".into(), "v".into()).await.unwrap();
+        let out = c.delete("k".into()).await.unwrap();
+        assert_eq!(out.message("Deleted"), "Deleted and replicated");
+        assert_eq!(c.get("k".into()).await.unwrap(), None);
+        let got = peers[0].received.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].entry.value, None);
+        assert!(got[1].entry.version > got[0].entry.version);
+    }
+}
