@@ -376,7 +376,7 @@ mod tests {
         assert!(out.ok(), "2 of 3 meets majority");
         assert_eq!(out.acks, 2);
         let msg = out.message("Stored");
-        assert!(msg.contains("peer2 (unreachable (connection refused))"), "{msg}");
+        assert!(msg.contains("peer2 (unreachable: connection refused)"), "{msg}");
         assert!(msg.contains("met"), "{msg}");
         assert!(!msg.contains("peer1"), "{msg}");
         let health: Vec<_> = c.peers().map(|h| (h.state(), h.needs_resync())).collect();

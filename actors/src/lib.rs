@@ -36,7 +36,7 @@ pub mod replication;
 pub mod store;
 pub mod version;
 
-pub use coordinator::{Coordinator, PeerFailure, WriteOutcome, WriteQuorum};
+pub use coordinator::{Coordinator, CoordinatorConfig, PeerFailure, WriteOutcome, WriteQuorum};
 pub use error::Error;
 pub use replication::{PeerClient, PeerError, PeerHealth, PeerState, ReplicationActor};
 pub use store::{Entry, StoreActor, Write};

@@ -27,13 +27,13 @@ pub trait PeerClient: Send + Sync + 'static {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
     /// No connection could be made or it broke.
-    #[error("unreachable ({0})")]
+    #[error("unreachable: {0}")]
     Unreachable(String),
     /// The peer did not answer within the per-call timeout.
     #[error("timed out")]
     TimedOut,
     /// The peer answered with an error.
-    #[error("rejected the write ({0})")]
+    #[error("rejected the write: {0}")]
     Rejected(String),
 }
 

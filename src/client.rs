@@ -1,0 +1,79 @@
+//! A small client for one node's `KVStore` service, as the REPL and the tests use it.
+
+use std::time::Duration;
+
+use tonic::Status;
+use tonic::transport::{Channel, Endpoint};
+use tokio_stream::StreamExt;
+
+use crate::config::normalize_peer;
+use crate::error::Error;
+use crate::pb::kv_store_client::KvStoreClient;
+use crate::pb::{Ack, Key, KeyValue};
+
+/// Largest message the client accepts. Generous, because the node's limits are configurable and
+/// the client should not be the one to refuse a value the node agreed to store.
+const CLIENT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A connection to one node. Connects lazily and reconnects by itself, so it can be made while
+/// the node is down; each call then fails with `UNAVAILABLE` until the node is back.
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: KvStoreClient<Channel>,
+    addr: String,
+}
+
+impl Client {
+    /// A client for the node at `addr`: a port on 127.0.0.1 or `host:port`. `timeout` bounds each
+    /// call. Must be called inside a tokio runtime.
+    pub fn new(addr: &str, timeout: Duration) -> Result<Self, Error> {
+        let addr = normalize_peer(addr)?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Error::InvalidAddress {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .tcp_nodelay(true);
+        let inner = KvStoreClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
+        Ok(Self { inner, addr })
+    }
+
+    /// The node's address, as `host:port`.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub async fn put(&self, key: &str, value: &str) -> Result<Ack, Status> {
+        let kv = KeyValue {
+            key: key.into(),
+            value: value.into(),
+            ..Default::default()
+        };
+        Ok(self.inner.clone().put(kv).await?.into_inner())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<String, Status> {
+        let key = Key { key: key.into() };
+        Ok(self.inner.clone().get(key).await?.into_inner().value)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<Ack, Status> {
+        let key = Key { key: key.into() };
+        Ok(self.inner.clone().delete(key).await?.into_inner())
+    }
+
+    /// Every pair the node holds, in key order.
+    pub async fn list(&self) -> Result<Vec<(String, String)>, Status> {
+        let mut stream = self.inner.clone().list(()).await?.into_inner();
+        let mut pairs = Vec::new();
+        while let Some(kv) = stream.next().await {
+            let kv = kv?;
+            pairs.push((kv.key, kv.value));
+        }
+        Ok(pairs)
+    }
+}

@@ -1,0 +1,314 @@
+//! Configuration of a node: the `kvstore-server` command line, the settings it turns into, and
+//! the input limits every handler enforces.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use kvstore_actors::WriteQuorum;
+
+use crate::error::Error;
+
+/// Default largest key, in bytes.
+pub const DEFAULT_MAX_KEY_BYTES: usize = 4 * 1024;
+/// Default largest value, in bytes.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+/// Room in a gRPC message beyond the key and value: field tags, version, framing.
+const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+/// Default time a write waits for its peers before answering.
+pub const DEFAULT_REPLICATION_DEADLINE: Duration = Duration::from_secs(1);
+/// Default time to establish a connection to a peer.
+pub const DEFAULT_PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default capacity of each peer's replication mailbox. Big enough to absorb bursts from many
+/// concurrent clients; small enough that a stuck peer is noticed (as lagging) within seconds.
+pub const DEFAULT_PEER_MAILBOX: usize = 1024;
+/// Default time in-flight calls get to finish after a shutdown signal.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Limits on what a client may store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key_bytes: DEFAULT_MAX_KEY_BYTES,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+        }
+    }
+}
+
+impl Limits {
+    /// A key must be non-empty and within the key limit.
+    pub fn check_key(&self, key: &str) -> Result<(), Error> {
+        if key.is_empty() {
+            return Err(Error::InvalidArgument("key must not be empty".into()));
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "key is {} bytes, over the limit of {} bytes (--max-key-bytes)",
+                key.len(),
+                self.max_key_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// A value must be within the value limit (empty values are allowed).
+    pub fn check_value(&self, value: &str) -> Result<(), Error> {
+        if value.len() > self.max_value_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "value is {} bytes, over the limit of {} bytes (--max-value-bytes)",
+                value.len(),
+                self.max_value_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The gRPC message size limit, set deliberately from the key and value limits: big enough
+    /// that a too-large key or value reaches our checks and gets a message naming the limit,
+    /// small enough that a huge message is refused by the transport before it is buffered.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_key_bytes + self.max_value_bytes + MESSAGE_OVERHEAD_BYTES
+    }
+}
+
+/// Settings of one node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This node's id in versions; `None` means its listen address.
+    pub node_id: Option<String>,
+    /// Peers, as `host:port`.
+    pub peers: Vec<String>,
+    pub write_quorum: WriteQuorum,
+    pub replication_deadline: Duration,
+    pub peer_connect_timeout: Duration,
+    pub peer_mailbox: usize,
+    pub shutdown_grace: Duration,
+    pub limits: Limits,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            peers: Vec::new(),
+            write_quorum: WriteQuorum::default(),
+            replication_deadline: DEFAULT_REPLICATION_DEADLINE,
+            peer_connect_timeout: DEFAULT_PEER_CONNECT_TIMEOUT,
+            peer_mailbox: DEFAULT_PEER_MAILBOX,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// `kvstore-server`: runs one kvstore node.
+///
+/// Seed style: `kvstore-server 5001 5002,5003` listens on 127.0.0.1:5001 with peers on
+/// 127.0.0.1:5002 and 127.0.0.1:5003. On real machines: `kvstore-server --listen 0.0.0.0:5001
+/// --peer db2:5001 --peer db3:5001`. A node starts even while its peers are down.
+#[derive(Debug, Parser)]
+#[command(name = "kvstore-server", version, about, long_about)]
+pub struct ServerArgs {
+    /// Port to listen on, on 127.0.0.1 (seed style; or use --listen).
+    #[arg(value_name = "PORT", conflicts_with = "listen")]
+    pub port: Option<u16>,
+
+    /// Comma-separated peers, each a port on 127.0.0.1 or a host:port (seed style).
+    #[arg(value_name = "PEERS", value_delimiter = ',')]
+    pub peer_list: Vec<String>,
+
+    /// Address to listen on, host:port.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// A peer's address, host:port. Repeat for each peer.
+    #[arg(long = "peer", value_name = "ADDR")]
+    pub peers: Vec<String>,
+
+    /// This node's id, the tie-break between writes with equal clock time. Must be unique in
+    /// the cluster. Defaults to the listen address.
+    #[arg(long)]
+    pub node_id: Option<String>,
+
+    /// How many nodes, counting this one, must hold a write for its Ack to say ok: all,
+    /// majority or one.
+    #[arg(long, default_value = "majority", value_parser = str::parse::<WriteQuorum>)]
+    pub write_quorum: WriteQuorum,
+
+    /// How long a write waits for its peers before answering (e.g. 500ms, 2s). A peer that has
+    /// not confirmed by then is named in the Ack as timed out.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub replication_deadline: Duration,
+
+    /// How long to try connecting to a peer before calling it unreachable.
+    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub peer_connect_timeout: Duration,
+
+    /// Writes queued per peer before that peer is reported lagging and marked for resync.
+    #[arg(long, default_value_t = DEFAULT_PEER_MAILBOX, value_parser = parse_nonzero)]
+    pub peer_mailbox: usize,
+
+    /// Largest key accepted, in bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
+    pub max_key_bytes: usize,
+
+    /// Largest value accepted, in bytes. The gRPC message limit is set from this and
+    /// --max-key-bytes.
+    #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+
+    /// How long in-flight calls get to finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ServerArgs {
+    /// The listen address and node settings these arguments describe.
+    pub fn into_config(self) -> Result<(SocketAddr, NodeConfig), Error> {
+        let listen = match (self.listen, self.port) {
+            (Some(addr), _) => addr,
+            (None, Some(port)) => SocketAddr::from(([127, 0, 0, 1], port)),
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "give a port to listen on (kvstore-server 5001 5002,5003) or --listen ADDR"
+                        .into(),
+                ));
+            }
+        };
+        let mut peers = Vec::new();
+        for peer in self.peer_list.iter().chain(&self.peers) {
+            let peer = normalize_peer(peer)?;
+            if peer == listen.to_string() {
+                return Err(Error::InvalidAddress {
+                    addr: peer,
+                    reason: "a node cannot be its own peer".into(),
+                });
+            }
+            if !peers.contains(&peer) {
+                peers.push(peer);
+            }
+        }
+        let config = NodeConfig {
+            node_id: self.node_id,
+            peers,
+            write_quorum: self.write_quorum,
+            replication_deadline: self.replication_deadline,
+            peer_connect_timeout: self.peer_connect_timeout,
+            peer_mailbox: self.peer_mailbox,
+            shutdown_grace: self.shutdown_grace,
+            limits: Limits {
+                max_key_bytes: self.max_key_bytes,
+                max_value_bytes: self.max_value_bytes,
+            },
+        };
+        Ok((listen, config))
+    }
+}
+
+fn parse_nonzero(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A peer given as a bare port means 127.0.0.1 (the seed's convention); otherwise it must be
+/// `host:port`. Names are not resolved here: a peer may be down or not yet in DNS at start.
+pub fn normalize_peer(peer: &str) -> Result<String, Error> {
+    let peer = peer.trim();
+    let bad = |reason: &str| Error::InvalidAddress {
+        addr: peer.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Ok(port) = peer.parse::<u16>() {
+        return Ok(format!("127.0.0.1:{port}"));
+    }
+    let (host, port) = peer
+        .rsplit_once(':')
+        .ok_or_else(|| bad("expected host:port or a port"))?;
+    if host.is_empty() {
+        return Err(bad("missing host"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| bad("port must be a number from 0 to 65535"))?;
+    Ok(peer.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<(SocketAddr, NodeConfig), Error> {
+        let mut argv = vec!["kvstore-server"];
+        argv.extend_from_slice(args);
+        ServerArgs::try_parse_from(argv).unwrap().into_config()
+    }
+
+    #[test]
+    fn seed_style_arguments() {
+        let (listen, config) = parse(&["5001", "5002,5003"]).unwrap();
+        assert_eq!(listen.to_string(), "127.0.0.1:5001");
+        assert_eq!(config.peers, ["127.0.0.1:5002", "127.0.0.1:5003"]);
+        assert_eq!(config.write_quorum, WriteQuorum::Majority);
+    }
+
+    #[test]
+    fn full_form_arguments() {
+        let (listen, config) = parse(&[
+            "--listen",
+            "0.0.0.0:7000",
+            "--peer",
+            "db2:7000",
+            "--peer",
+            "10.1.2.3:7000",
+            "--write-quorum",
+            "all",
+            "--replication-deadline",
+            "250ms",
+            "--max-value-bytes",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(listen.to_string(), "0.0.0.0:7000");
+        assert_eq!(config.peers, ["db2:7000", "10.1.2.3:7000"]);
+        assert_eq!(config.write_quorum, WriteQuorum::All);
+        assert_eq!(config.replication_deadline, Duration::from_millis(250));
+        assert_eq!(config.limits.max_value_bytes, 100);
+    }
+
+    #[test]
+    fn bad_arguments_are_named() {
+        assert!(parse(&[]).unwrap_err().to_string().contains("--listen"));
+        let err = parse(&["5001", "db2"]).unwrap_err().to_string();
+        assert!(err.contains("'db2'") && err.contains("host:port"), "{err}");
+        let err = parse(&["5001", "5001"]).unwrap_err().to_string();
+        assert!(err.contains("own peer"), "{err}");
+        assert!(
+            ServerArgs::try_parse_from(["kvstore-server", "5001", "--write-quorum", "most"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn limits() {
+        let limits = Limits {
+            max_key_bytes: 4,
+            max_value_bytes: 8,
+        };
+        assert!(limits.check_key("abcd").is_ok());
+        assert!(limits.check_value("").is_ok());
+        let empty = limits.check_key("").unwrap_err().to_string();
+        assert_eq!(empty, "key must not be empty");
+        let long = limits.check_key("abcde").unwrap_err().to_string();
+        assert!(long.contains("5 bytes") && long.contains("limit of 4 bytes"), "{long}");
+        let big = limits.check_value("123456789").unwrap_err().to_string();
+        assert!(big.contains("limit of 8 bytes"), "{big}");
+    }
+}

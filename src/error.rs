@@ -1,0 +1,52 @@
+//! The node crate's error enum, and the one place where errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+/// Everything that can go wrong in a node or its client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed or over a limit. The message names the problem.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The key is absent (or deleted).
+    #[error("key not found: {0}")]
+    NotFound(String),
+    /// A configured address is not usable.
+    #[error("invalid address '{addr}': {reason}")]
+    InvalidAddress { addr: String, reason: String },
+    /// The node's actors failed (in practice: they are shutting down).
+    #[error(transparent)]
+    Actors(#[from] kvstore_actors::Error),
+    /// Binding or serving on the socket failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The gRPC server failed.
+    #[error("grpc transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::InvalidArgument(_) | Error::InvalidAddress { .. } => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
+            Error::Io(_) | Error::Transport(_) => Code::Internal,
+        };
+        Status::new(code, error.to_string())
+    }
+}
+
+/// A short, stable reason for a failed call: the underlying I/O error where there is one
+/// ("connection refused"), else the status message. tonic's own messages for transport
+/// failures ("tcp connect error", "transport error") say less than the cause they wrap.
+pub fn status_reason(status: &Status) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind().to_string();
+        }
+        source = err.source();
+    }
+    status.message().to_string()
+}

@@ -1,0 +1,91 @@
+//! The generated wire types and services of `kvstore.v1`, and conversions between them and the
+//! actors' types. Conversions that can fail (a Replicate without a version) fail here, once.
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+use kvstore_actors::{Entry, Version as ActorVersion, Write};
+
+use crate::error::Error;
+
+tonic::include_proto!("kvstore.v1");
+
+impl From<Write> for KeyValue {
+    fn from(write: Write) -> Self {
+        let deleted = write.entry.value.is_none();
+        KeyValue {
+            key: write.key,
+            value: write.entry.value.unwrap_or_default(),
+            version: Some(Version {
+                hlc: write.entry.version.time,
+                node_id: write.entry.version.node.to_string(),
+            }),
+            deleted,
+        }
+    }
+}
+
+impl TryFrom<KeyValue> for Write {
+    type Error = Error;
+
+    /// A replicated write must carry its version: applying a versionless one would be the
+    /// seed's blind overwrite, the very thing that made replicas diverge.
+    fn try_from(kv: KeyValue) -> Result<Self, Error> {
+        let version = kv.version.ok_or_else(|| {
+            Error::InvalidArgument("Replicate requires a version (field 3); none was sent".into())
+        })?;
+        if version.node_id.is_empty() {
+            return Err(Error::InvalidArgument(
+                "Replicate requires version.node_id; it was empty".into(),
+            ));
+        }
+        if kv.deleted && !kv.value.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a deleted entry must not carry a value".into(),
+            ));
+        }
+        Ok(Write {
+            key: kv.key,
+            entry: Entry {
+                value: (!kv.deleted).then_some(kv.value),
+                version: ActorVersion {
+                    time: version.hlc,
+                    node: version.node_id.into(),
+                },
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_round_trip() {
+        for value in [Some("v".to_string()), None] {
+            let write = Write {
+                key: "k".into(),
+                entry: Entry {
+                    value,
+                    version: ActorVersion {
+                        time: 42,
+                        node: "n1".into(),
+                    },
+                },
+            };
+            let back = Write::try_from(KeyValue::from(write.clone())).unwrap();
+            assert_eq!(back, write);
+        }
+    }
+
+    #[test]
+    fn versionless_replicate_is_refused() {
+        let kv = KeyValue {
+            key: "k".into(),
+            value: "v".into(),
+            ..Default::default()
+        };
+        let err = Write::try_from(kv).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(m) if m.contains("version")));
+    }
+}

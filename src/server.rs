@@ -1,0 +1,111 @@
+//! Starting and stopping a node.
+//!
+//! [`run`] takes a bound listener, the node's settings and a shutdown future: the binary passes
+//! SIGTERM/Ctrl-C, tests pass a oneshot and a listener on `127.0.0.1:0`. On shutdown the node
+//! stops accepting, lets in-flight calls finish (up to the grace period), then drains its
+//! actors, so writes already queued for peers still go out.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use kvstore_actors::{Clock, Coordinator, CoordinatorConfig};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::NodeConfig;
+use crate::error::Error;
+use crate::pb::kv_store_server::KvStoreServer;
+use crate::pb::replicator_server::ReplicatorServer;
+use crate::peer::GrpcPeer;
+use crate::service::kv::KvService;
+use crate::service::replicator::ReplicatorService;
+
+/// Runs a node on `listener` until `shutdown` completes, then stops it gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let addr = listener.local_addr()?;
+    let node_id = config.node_id.clone().unwrap_or_else(|| addr.to_string());
+    let limits = config.limits;
+    let max_message = limits.max_message_bytes();
+
+    let peers = config
+        .peers
+        .iter()
+        .map(|peer| {
+            let client = GrpcPeer::new(
+                peer,
+                config.peer_connect_timeout,
+                config.replication_deadline,
+                max_message,
+            )?;
+            Ok((peer.clone(), client))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let node = Arc::new(Coordinator::start(
+        Arc::new(Clock::new(node_id.as_str().into())),
+        peers,
+        CoordinatorConfig {
+            quorum: config.write_quorum,
+            replication_deadline: config.replication_deadline,
+            peer_mailbox: config.peer_mailbox,
+        },
+    ));
+
+    tracing::info!(
+        listen = %addr,
+        node_id = %node_id,
+        peers = ?config.peers,
+        write_quorum = %config.write_quorum,
+        replication_deadline = ?config.replication_deadline,
+        peer_mailbox = config.peer_mailbox,
+        max_key_bytes = limits.max_key_bytes,
+        max_value_bytes = limits.max_value_bytes,
+        max_message_bytes = max_message,
+        "node started"
+    );
+
+    // The shutdown signal is observed twice: by tonic (stop accepting, finish in-flight calls)
+    // and by the grace timer that bounds how long "finish" may take.
+    let stop = Arc::new(Notify::new());
+    let signalled = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            stop.notify_waiters();
+        })
+    };
+    let serve = Server::builder()
+        .add_service(
+            KvStoreServer::new(KvService::new(node.clone(), limits))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .add_service(
+            ReplicatorServer::new(ReplicatorService::new(node.clone(), limits))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
+            let stop = stop.clone();
+            async move { stop.notified().await }
+        });
+    let grace = async {
+        stop.notified().await;
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = grace => tracing::warn!("shutdown grace period over; abandoning in-flight calls"),
+    }
+    signalled.abort();
+
+    node.shutdown().await;
+    tracing::info!(listen = %addr, "node stopped");
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The node's gRPC services. Each handler validates its input, sends one message to the
+//! node's actors, and maps the reply to a response; the logic lives in the actors.
+
+pub mod kv;
+pub mod replicator;

@@ -1,0 +1,136 @@
+//! The REPL's core: [`Shell::execute`] runs one line against a node and returns what to print.
+//!
+//! Nothing here touches a terminal, so whole sessions are tested as data (see the snapshot
+//! tests); `kvstore-cli` wraps it with line editing, history and stdin handling.
+
+use tonic::{Code, Status};
+
+use crate::client::Client;
+use crate::error::status_reason;
+use crate::pb::Ack;
+
+/// What the REPL prints for `help`.
+pub const HELP: &str = "\
+commands:
+  put KEY VALUE   store VALUE under KEY (VALUE may hold spaces; quote to keep them exact)
+  get KEY         print KEY's value
+  delete KEY      delete KEY
+  list            print every pair, in key order
+  help            show this help
+  exit, quit      leave (Ctrl-D works too)";
+
+/// What one line produced.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Results, for standard output.
+    pub stdout: Vec<String>,
+    /// Problems (errors, warnings), for standard error.
+    pub stderr: Vec<String>,
+    /// The command failed (an error, not a warning).
+    pub failed: bool,
+    /// The user asked to leave.
+    pub exit: bool,
+}
+
+impl Output {
+    fn out(line: impl Into<String>) -> Self {
+        Self {
+            stdout: vec![line.into()],
+            ..Self::default()
+        }
+    }
+
+    fn error(message: impl std::fmt::Display) -> Self {
+        Self {
+            stderr: vec![format!("error: {message}")],
+            failed: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// A REPL session against one node.
+pub struct Shell {
+    client: Client,
+}
+
+impl Shell {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    /// Runs one line. Never fails: every problem becomes a line of `stderr`.
+    pub async fn execute(&mut self, line: &str) -> Output {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            return Output::default();
+        }
+        let words = match shell_words::split(line) {
+            Ok(words) => words,
+            Err(_) => return Output::error("unbalanced quotes"),
+        };
+        let Some((command, args)) = words.split_first() else {
+            return Output::default();
+        };
+        match (command.as_str(), args) {
+            ("put", [key, value @ ..]) if !value.is_empty() => {
+                let value = value.join(" ");
+                self.write(self.client.put(key, &value).await)
+            }
+            ("get", [key]) => match self.client.get(key).await {
+                Ok(value) => Output::out(format!("{key} = {value}")),
+                Err(status) => self.failure(&status),
+            },
+            ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
+            ("list", []) => match self.client.list().await {
+                Ok(pairs) if pairs.is_empty() => Output::out("(no keys)"),
+                Ok(pairs) => Output {
+                    stdout: pairs.iter().map(|(k, v)| format!("{k} = {v}")).collect(),
+                    ..Output::default()
+                },
+                Err(status) => self.failure(&status),
+            },
+            ("help", _) => Output {
+                stdout: HELP.lines().map(String::from).collect(),
+                ..Output::default()
+            },
+            ("exit" | "quit", []) => Output {
+                exit: true,
+                ..Output::default()
+            },
+            ("put", _) => Output::error("usage: put KEY VALUE"),
+            ("get", _) => Output::error("usage: get KEY"),
+            ("delete" | "del", _) => Output::error("usage: delete KEY"),
+            ("list" | "exit" | "quit", _) => Output::error(format!("usage: {command}")),
+            (other, _) => Output::error(format!("unknown command '{other}' (try 'help')")),
+        }
+    }
+
+    /// Output for a Put or Delete: the seed's message when every node has it, a warning naming
+    /// the peers it missed when the quorum was still met, an error when it was not.
+    fn write(&self, result: Result<Ack, Status>) -> Output {
+        match result {
+            Ok(ack) if ack.ok && ack.failed_peers.is_empty() => Output::out(ack.message),
+            Ok(ack) if ack.ok => Output {
+                stderr: vec![format!("warning: {}", ack.message)],
+                ..Output::default()
+            },
+            Ok(ack) => Output::error(ack.message),
+            Err(status) => self.failure(&status),
+        }
+    }
+
+    fn failure(&self, status: &Status) -> Output {
+        let addr = self.client.addr();
+        Output::error(match status.code() {
+            Code::Unavailable => {
+                format!("cannot reach node {addr} ({})", status_reason(status))
+            }
+            Code::DeadlineExceeded | Code::Cancelled => {
+                format!("node {addr} did not answer in time")
+            }
+            Code::NotFound | Code::InvalidArgument => status.message().to_string(),
+            code => format!("{}: {}", code.description(), status.message()),
+        })
+    }
+}
