@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tonic::Status;
 use tonic::transport::{Channel, Endpoint};
-use tokio_stream::StreamExt;
 
 use crate::config::normalize_peer;
 use crate::error::Error;

@@ -307,7 +307,10 @@ mod tests {
         let empty = limits.check_key("").unwrap_err().to_string();
         assert_eq!(empty, "key must not be empty");
         let long = limits.check_key("abcde").unwrap_err().to_string();
-        assert!(long.contains("5 bytes") && long.contains("limit of 4 bytes"), "{long}");
+        assert!(
+            long.contains("5 bytes") && long.contains("limit of 4 bytes"),
+            "{long}"
+        );
         let big = limits.check_value("123456789").unwrap_err().to_string();
         assert!(big.contains("limit of 8 bytes"), "{big}");
     }

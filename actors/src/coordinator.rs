@@ -376,7 +376,10 @@ mod tests {
         assert!(out.ok(), "2 of 3 meets majority");
         assert_eq!(out.acks, 2);
         let msg = out.message("Stored");
-        assert!(msg.contains("peer2 (unreachable: connection refused)"), "{msg}");
+        assert!(
+            msg.contains("peer2 (unreachable: connection refused)"),
+            "{msg}"
+        );
         assert!(msg.contains("met"), "{msg}");
         assert!(!msg.contains("peer1"), "{msg}");
         let health: Vec<_> = c.peers().map(|h| (h.state(), h.needs_resync())).collect();
@@ -398,7 +401,11 @@ mod tests {
         let c = coordinator(&peers, WriteQuorum::Majority, deadline, 8);
         let started = tokio::time::Instant::now();
         let out = c.put("k".into(), "v".into()).await.unwrap();
-        assert_eq!(started.elapsed(), deadline, "answers exactly at the deadline");
+        assert_eq!(
+            started.elapsed(),
+            deadline,
+            "answers exactly at the deadline"
+        );
         assert_eq!(
             out.failures,
             [("peer1".to_string(), PeerFailure::TimedOut(deadline))]
@@ -424,7 +431,11 @@ mod tests {
         let started = tokio::time::Instant::now();
         let out = c.put("k-late".into(), "v".into()).await.unwrap();
         // The only wait left is the healthy peer's delivery, which takes no virtual time.
-        assert_eq!(started.elapsed(), Duration::ZERO, "a full mailbox must not slow the Put");
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "a full mailbox must not slow the Put"
+        );
         assert_eq!(out.failures, [("peer1".to_string(), PeerFailure::Lagging)]);
         let health = c.peers().next().unwrap();
         assert_eq!(health.state(), PeerState::Lagging);

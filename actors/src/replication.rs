@@ -236,6 +236,10 @@ pub(crate) mod tests {
         assert!(h.needs_resync(), "a failed delivery is a missed write");
         h.mark_lagging();
         h.mark_up();
-        assert_eq!(h.state(), PeerState::Lagging, "reachable again is not caught up");
+        assert_eq!(
+            h.state(),
+            PeerState::Lagging,
+            "reachable again is not caught up"
+        );
     }
 }

@@ -248,7 +248,11 @@ mod tests {
             for i in order {
                 s.ask(Apply(writes[i].clone())).await.unwrap();
             }
-            assert_eq!(get(&s, "k").await.as_deref(), Some("new"), "order {order:?}");
+            assert_eq!(
+                get(&s, "k").await.as_deref(),
+                Some("new"),
+                "order {order:?}"
+            );
         }
     }
 
@@ -277,12 +281,20 @@ mod tests {
         assert!(s.ask(Apply(write("k", None, 20, "n2"))).await.unwrap());
         assert_eq!(get(&s, "k").await, None);
         // A Put older than the delete arrives late: the key stays deleted.
-        assert!(!s.ask(Apply(write("k", Some("late"), 15, "n3"))).await.unwrap());
+        assert!(
+            !s.ask(Apply(write("k", Some("late"), 15, "n3")))
+                .await
+                .unwrap()
+        );
         assert_eq!(get(&s, "k").await, None);
         assert!(s.ask(Snapshot).await.unwrap().is_empty());
         assert_eq!(s.ask(Len).await.unwrap(), 0);
         // A newer Put does bring the key back: delete is not forever, it is ordered.
-        assert!(s.ask(Apply(write("k", Some("again"), 30, "n3"))).await.unwrap());
+        assert!(
+            s.ask(Apply(write("k", Some("again"), 30, "n3")))
+                .await
+                .unwrap()
+        );
         assert_eq!(get(&s, "k").await.as_deref(), Some("again"));
     }
 
@@ -308,7 +320,9 @@ mod tests {
         // a local write of that key must still win over it.
         let s = store("n1");
         let far = u64::MAX / 2;
-        s.ask(Apply(write("k", Some("peer"), far, "n2"))).await.unwrap();
+        s.ask(Apply(write("k", Some("peer"), far, "n2")))
+            .await
+            .unwrap();
         let w = s
             .ask(Put {
                 key: "k".into(),
@@ -331,7 +345,13 @@ mod tests {
             .await
             .unwrap();
         }
-        let keys: Vec<String> = s.ask(Snapshot).await.unwrap().into_iter().map(|p| p.0).collect();
+        let keys: Vec<String> = s
+            .ask(Snapshot)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
         assert_eq!(keys, ["a", "aa", "b", "c"]);
     }
 }

@@ -29,7 +29,11 @@ struct Args {
 
     /// The node (a port on 127.0.0.1, or host:port) unless --addr is given, then optionally one
     /// command to run, e.g. `get name`.
-    #[arg(value_name = "NODE [COMMAND]", trailing_var_arg = true, allow_hyphen_values = true)]
+    #[arg(
+        value_name = "NODE [COMMAND]",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     args: Vec<String>,
 }
 
@@ -67,7 +71,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     if !command.is_empty() {
         let output = execute(&shell_words::join(&command));
-        return Ok(if output.failed { ExitCode::FAILURE } else { ExitCode::SUCCESS });
+        return Ok(if output.failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        });
     }
     if std::io::stdin().is_terminal() {
         interactive(&mut execute)?;
@@ -82,7 +90,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             break;
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn interactive(execute: &mut impl FnMut(&str) -> Output) -> anyhow::Result<()> {

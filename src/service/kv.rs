@@ -7,11 +7,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::Node;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::kv_store_server::KvStore;
 use crate::pb::{Ack, Key, KeyValue, Value};
-use crate::Node;
 
 /// Pairs buffered between a List's snapshot and its client. The producer waits when the buffer
 /// is full, so a slow reader holds only its own snapshot, never the store.

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use kvstore_actors::Write;
 use tonic::{Request, Response, Status};
 
+use crate::Node;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
 use crate::pb::{Ack, KeyValue};
-use crate::Node;
 
 /// The Replicator service: a handle to the node's actors and the input limits.
 pub struct ReplicatorService {

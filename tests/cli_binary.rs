@@ -1,0 +1,164 @@
+//! The real binaries: `kvstore-cli` driven through stdin and argv against a real cluster, and
+//! `kvstore-server` started as a process and stopped with SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::TestCluster;
+
+const CLI: &str = env!("CARGO_BIN_EXE_kvstore-cli");
+const SERVER: &str = env!("CARGO_BIN_EXE_kvstore-server");
+
+/// Runs `kvstore-cli args...` with `stdin` piped in; returns (success, stdout, stderr).
+fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = Command::new(CLI)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_reads_a_script_from_stdin_without_a_prompt() {
+    let cluster = TestCluster::start(3);
+    let port = cluster.addr(0).rsplit_once(':').unwrap().1.to_string();
+    let script = "put name Adnan\nget name\nget nobody\nlist\nexit\nput never run\n";
+    let (ok, stdout, stderr) = tokio::task::spawn_blocking(move || cli(&[&port], script))
+        .await
+        .unwrap();
+    assert_eq!(
+        stdout,
+        "Stored and replicated\nname = Adnan\nname = Adnan\n"
+    );
+    assert_eq!(stderr, "error: key not found: nobody\n");
+    assert!(
+        !ok,
+        "a failed command in a script makes the exit status non-zero"
+    );
+    // `exit` stopped the script: the last line never ran.
+    assert!(cluster.client(1).get("never").await.is_err());
+    assert_eq!(cluster.client(2).get("name").await.unwrap(), "Adnan");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_runs_one_command_and_reports_failure_in_its_exit_status() {
+    let cluster = TestCluster::start(3);
+    let addr = cluster.addr(1).to_string();
+    let (ok, stdout, _) = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            cli(&["--addr", &addr, "put", "greeting", "hello world"], "")
+        })
+        .await
+        .unwrap()
+    };
+    assert!(ok);
+    assert_eq!(stdout, "Stored and replicated\n");
+    let (ok, stdout, _) = {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || cli(&[&addr, "get", "greeting"], ""))
+            .await
+            .unwrap()
+    };
+    assert!(ok);
+    assert_eq!(stdout, "greeting = hello world\n");
+    let (ok, _, stderr) = tokio::task::spawn_blocking(move || cli(&[&addr, "get", "nope"], ""))
+        .await
+        .unwrap();
+    assert!(!ok);
+    assert_eq!(stderr, "error: key not found: nope\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_against_a_dead_node_errors_and_keeps_going() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port().to_string()
+    };
+    let (ok, stdout, stderr) =
+        tokio::task::spawn_blocking(move || cli(&["--timeout", "2s", &port], "get a\nhelp\n"))
+            .await
+            .unwrap();
+    assert!(!ok);
+    assert!(
+        stderr.starts_with("error: cannot reach node 127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("put KEY VALUE"),
+        "the REPL went on after the error: {stdout}"
+    );
+}
+
+#[test]
+fn server_binary_serves_and_exits_zero_on_sigterm() {
+    let mut server = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first log line names the address it bound.
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.contains("node started"), "{line}");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))
+        .expect("listen= in the start line")
+        .to_string();
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        for l in stderr.lines() {
+            rest.push_str(&l.unwrap());
+            rest.push('\n');
+        }
+        rest
+    });
+
+    let (ok, stdout, _) = cli(&[&addr, "put", "k", "v"], "");
+    assert!(ok);
+    assert_eq!(stdout, "Stored and replicated\n");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = server.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "exit status {exit}");
+    let logs = drain.join().unwrap();
+    assert!(
+        logs.contains("shutdown requested") && logs.contains("node stopped"),
+        "{logs}"
+    );
+}

@@ -1,0 +1,159 @@
+//! Whole REPL sessions against real clusters, stored as insta snapshots in `snapshots/`. Each
+//! snapshot reads as a transcript: `> ` lines are what the user typed, then what the REPL
+//! printed. Node addresses are redacted to `[nodeN]`, so snapshots hold nothing run-dependent.
+
+mod common;
+
+use std::fmt::Write as _;
+
+use common::TestCluster;
+use kvstore::config::{Limits, NodeConfig};
+use kvstore::shell::Shell;
+
+/// Runs `script` through a REPL on node `node` (0-based) and renders the transcript. Lines
+/// starting with `@nodeN` in the script switch to a REPL on node N (1-based), as a user
+/// opening another terminal would.
+async fn session(cluster: &TestCluster, script: &str) -> String {
+    let mut transcript = String::new();
+    let mut shell = Shell::new(cluster.client(0));
+    writeln!(transcript, "$ kvstore-cli [node1]").unwrap();
+    for line in script.lines() {
+        if let Some(n) = line.strip_prefix("@node") {
+            let n: usize = n.trim().parse().unwrap();
+            shell = Shell::new(cluster.client(n - 1));
+            writeln!(transcript, "$ kvstore-cli [node{n}]").unwrap();
+            continue;
+        }
+        writeln!(transcript, "> {line}").unwrap();
+        let out = shell.execute(line).await;
+        for l in out.stdout.iter().chain(&out.stderr) {
+            writeln!(transcript, "{l}").unwrap();
+        }
+        if out.exit {
+            writeln!(transcript, "(exit)").unwrap();
+        }
+    }
+    cluster.redact(&transcript)
+}
+
+macro_rules! assert_session {
+    ($name:literal, $transcript:expr) => {
+        insta::with_settings!({
+            snapshot_path => "../snapshots",
+            prepend_module_to_snapshot => false,
+            omit_expression => true,
+        }, {
+            insta::assert_snapshot!($name, $transcript);
+        })
+    };
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_example_session() {
+    let cluster = TestCluster::start(3);
+    let t = session(&cluster, "put name Adnan\nget name\nlist\nexit").await;
+    assert_session!("seed_example_session", t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_on_one_node_get_on_another() {
+    let cluster = TestCluster::start(3);
+    let t = session(
+        &cluster,
+        "put name Adnan\nput city Lahore\n@node2\nget name\nlist\n@node3\nget city\nexit",
+    )
+    .await;
+    assert_session!("put_on_node1_get_on_node2", t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_key_session() {
+    let cluster = TestCluster::start(3);
+    let t = session(
+        &cluster,
+        "get nobody\nlist\nput somebody here\nget nobody\nget somebody",
+    )
+    .await;
+    assert_session!("missing_key", t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_session() {
+    let cluster = TestCluster::start(3);
+    let t = session(
+        &cluster,
+        "put a 1\nput b 2\ndelete a\nget a\nlist\n@node3\nget a\nlist\ndelete a\nput a again\nget a",
+    )
+    .await;
+    assert_session!("delete", t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spaces_and_unicode_session() {
+    let cluster = TestCluster::start(3);
+    let t = session(
+        &cluster,
+        concat!(
+            "put greeting hello world\n",
+            "get greeting\n",
+            "put spaced \"two  spaces  kept\"\n",
+            "get spaced\n",
+            "put 'key with spaces' value\n",
+            "get 'key with spaces'\n",
+            "put crab 🦀 Grüße 日本語\n",
+            "@node2\n",
+            "get crab\n",
+            "list",
+        ),
+    )
+    .await;
+    assert_session!("spaces_and_unicode", t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_session() {
+    // Small limits, so the over-limit inputs fit on a line.
+    let cluster = TestCluster::start_with(3, |_| NodeConfig {
+        limits: Limits {
+            max_key_bytes: 8,
+            max_value_bytes: 16,
+        },
+        ..NodeConfig::default()
+    });
+    let t = session(
+        &cluster,
+        concat!(
+            "put\n",
+            "put lonely\n",
+            "put \"\" value\n",
+            "get \"\"\n",
+            "put waytoolongkey v\n",
+            "put k this value is too long\n",
+            "put k \"unbalanced\n",
+            "get a b\n",
+            "frobnicate\n",
+            "list extra\n",
+            "# a comment does nothing\n",
+            "\n",
+            "list\n",
+            "put k fine\n",
+            "help\n",
+            "quit",
+        ),
+    )
+    .await;
+    assert_session!("bad_input", t);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_while_one_node_is_down() {
+    let mut cluster = TestCluster::start(3);
+    // Killed before anyone connected to it, so every attempt meets a refused connection.
+    cluster.nodes[2].kill().await;
+    let t = session(
+        &cluster,
+        "put name Adnan\nget name\n@node3\nget name\nput x y\n@node2\nget name\nlist\ndelete name",
+    )
+    .await;
+    assert_session!("one_node_down", t);
+}

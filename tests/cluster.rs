@@ -1,0 +1,492 @@
+//! Multi-node tests: real 3-node clusters on loopback, driven through the gRPC API.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::TestCluster;
+use kvstore::config::{Limits, NodeConfig};
+use kvstore::pb::replicator_client::ReplicatorClient;
+use kvstore::pb::{KeyValue, Version};
+use kvstore_actors::WriteQuorum;
+use tokio::io::AsyncWriteExt;
+use tonic::Code;
+
+/// Upper bound for "this call did not hang": far above any deadline the tests configure.
+const NO_HANG: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_checklist_put_on_one_node_get_and_list_everywhere() {
+    let cluster = TestCluster::start(3);
+    let ack = cluster.client(0).put("name", "Adnan").await.unwrap();
+    assert!(ack.ok);
+    assert_eq!(ack.message, "Stored and replicated");
+    assert!(ack.failed_peers.is_empty());
+    for i in 0..3 {
+        assert_eq!(
+            cluster.client(i).get("name").await.unwrap(),
+            "Adnan",
+            "node {i}"
+        );
+        assert_eq!(
+            cluster.client(i).list().await.unwrap(),
+            [("name".to_string(), "Adnan".to_string())],
+            "node {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_through_each_node_reaches_every_node() {
+    let cluster = TestCluster::start(3);
+    for i in 0..3 {
+        let ack = cluster
+            .client(i)
+            .put(&format!("from-{i}"), &format!("v{i}"))
+            .await
+            .unwrap();
+        assert_eq!(ack.message, "Stored and replicated");
+    }
+    let expected: Vec<(String, String)> = (0..3)
+        .map(|i| (format!("from-{i}"), format!("v{i}")))
+        .collect();
+    for i in 0..3 {
+        assert_eq!(
+            cluster.client(i).list().await.unwrap(),
+            expected,
+            "node {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_clients_leave_every_node_with_the_same_6400_pairs() {
+    let cluster = TestCluster::start(3);
+    let mut tasks = Vec::new();
+    for c in 0..32 {
+        let client = cluster.client(c % 3);
+        tasks.push(tokio::spawn(async move {
+            for p in 0..200 {
+                let ack = client
+                    .put(&format!("c{c:02}-k{p:03}"), &format!("value {c} {p}"))
+                    .await
+                    .unwrap();
+                assert!(ack.ok && ack.failed_peers.is_empty(), "{}", ack.message);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let first = cluster.client(0).list().await.unwrap();
+    assert_eq!(first.len(), 6400);
+    assert!(
+        first.windows(2).all(|w| w[0].0 < w[1].0),
+        "List is in key order"
+    );
+    assert_eq!(first[0], ("c00-k000".to_string(), "value 0 0".to_string()));
+    for i in 1..3 {
+        assert!(
+            cluster.client(i).list().await.unwrap() == first,
+            "node {i} differs"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_conflicting_puts_through_different_nodes_converge() {
+    let cluster = TestCluster::start(3);
+    let keys = 20;
+    let mut tasks = Vec::new();
+    for node in 0..3 {
+        for writer in 0..3 {
+            let client = cluster.client(node);
+            tasks.push(tokio::spawn(async move {
+                for round in 0..30 {
+                    for k in 0..keys {
+                        let value = format!("node{node}-writer{writer}-round{round}");
+                        client.put(&format!("key{k}"), &value).await.unwrap();
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let lists: Vec<BTreeMap<String, String>> = futures_lists(&cluster).await;
+    assert_eq!(lists[0].len(), keys);
+    assert_eq!(lists[0], lists[1]);
+    assert_eq!(lists[0], lists[2]);
+    // Every surviving value was really written by someone (no corruption, no mixing).
+    for value in lists[0].values() {
+        assert!(
+            value.starts_with("node") && value.contains("-round"),
+            "{value}"
+        );
+    }
+}
+
+async fn futures_lists(cluster: &TestCluster) -> Vec<BTreeMap<String, String>> {
+    let mut out = Vec::new();
+    for i in 0..cluster.nodes.len() {
+        out.push(
+            cluster
+                .client(i)
+                .list()
+                .await
+                .unwrap()
+                .into_iter()
+                .collect(),
+        );
+    }
+    out
+}
+
+fn with_deadline(deadline: Duration, quorum: WriteQuorum) -> impl Fn(usize) -> NodeConfig {
+    move |_| NodeConfig {
+        replication_deadline: deadline,
+        write_quorum: quorum,
+        ..NodeConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_peer_is_named_and_the_quorum_decides_ok() {
+    let mut cluster = TestCluster::start_with(
+        3,
+        with_deadline(Duration::from_millis(500), WriteQuorum::Majority),
+    );
+    cluster.client(0).put("before", "1").await.unwrap();
+    cluster.nodes[2].kill().await;
+    let dead = cluster.addr(2).to_string();
+
+    let ack = tokio::time::timeout(NO_HANG, cluster.client(0).put("k", "v"))
+        .await
+        .expect("Put hung with a dead peer")
+        .unwrap();
+    assert!(ack.ok, "2 of 3 meets majority: {}", ack.message);
+    assert_eq!(ack.failed_peers, std::slice::from_ref(&dead));
+    assert!(
+        ack.message.contains(&dead) && ack.message.contains("unreachable"),
+        "{}",
+        ack.message
+    );
+    assert!(ack.message.contains("2 of 3"), "{}", ack.message);
+    assert_eq!(cluster.client(1).get("k").await.unwrap(), "v");
+
+    // With both peers gone the majority is lost: ok is false, both are named, the write is kept.
+    cluster.nodes[1].kill().await;
+    let ack = tokio::time::timeout(NO_HANG, cluster.client(0).put("k2", "v2"))
+        .await
+        .expect("Put hung with two dead peers")
+        .unwrap();
+    assert!(!ack.ok, "{}", ack.message);
+    assert_eq!(ack.failed_peers.len(), 2);
+    assert!(ack.message.contains("NOT met"), "{}", ack.message);
+    assert_eq!(cluster.client(0).get("k2").await.unwrap(), "v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_quorum_all_fails_with_one_peer_down_and_one_succeeds_alone() {
+    let mut cluster = TestCluster::start_with(3, |i| NodeConfig {
+        replication_deadline: Duration::from_millis(500),
+        write_quorum: if i == 0 {
+            WriteQuorum::All
+        } else {
+            WriteQuorum::One
+        },
+        ..NodeConfig::default()
+    });
+    cluster.nodes[2].kill().await;
+    let ack = cluster.client(0).put("k", "v").await.unwrap();
+    assert!(!ack.ok, "all requires node 3: {}", ack.message);
+    cluster.nodes[0].kill().await;
+    let ack = cluster.client(1).put("k", "w").await.unwrap();
+    assert!(ack.ok, "one is this node alone: {}", ack.message);
+    assert_eq!(ack.failed_peers.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_peer_times_out_at_the_replication_deadline() {
+    // A "peer" that accepts connections and never says a word.
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_addr = hung.local_addr().unwrap().to_string();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = hung.accept().await {
+            held.push(socket);
+        }
+    });
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config = NodeConfig {
+        peers: vec![hung_addr.clone()],
+        replication_deadline: Duration::from_millis(300),
+        ..NodeConfig::default()
+    };
+    let node = tokio::spawn(kvstore::server::run(
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let client = kvstore::client::Client::new(&addr, Duration::from_secs(10)).unwrap();
+    let ack = tokio::time::timeout(NO_HANG, client.put("k", "v"))
+        .await
+        .expect("Put hung")
+        .unwrap();
+    assert_eq!(ack.failed_peers, std::slice::from_ref(&hung_addr));
+    // Two nodes: the majority is both, so a silent peer means not ok.
+    assert!(!ack.ok, "{}", ack.message);
+    assert!(
+        ack.message
+            .contains(&format!("{hung_addr} (timed out after 300ms)")),
+        "{}",
+        ack.message
+    );
+    stop.send(()).unwrap();
+    node.await.unwrap().unwrap();
+    holder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_replicates_and_hides_the_key_everywhere() {
+    let cluster = TestCluster::start(3);
+    cluster.client(0).put("gone", "soon").await.unwrap();
+    cluster.client(0).put("kept", "yes").await.unwrap();
+    let ack = cluster.client(1).delete("gone").await.unwrap();
+    assert!(ack.ok);
+    assert_eq!(ack.message, "Deleted and replicated");
+    for i in 0..3 {
+        let err = cluster.client(i).get("gone").await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+        assert!(err.message().contains("gone"));
+        assert_eq!(
+            cluster.client(i).list().await.unwrap(),
+            [("kept".to_string(), "yes".to_string())]
+        );
+    }
+    // Putting it again brings it back: delete is ordered like any write, not permanent.
+    cluster.client(2).put("gone", "back").await.unwrap();
+    assert_eq!(cluster.client(0).get("gone").await.unwrap(), "back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_streams_in_key_order_and_a_slow_reader_does_not_block_writers() {
+    let cluster = TestCluster::start(1);
+    let client = cluster.client(0);
+    for i in (0..3000).rev() {
+        client.put(&format!("k{i:05}"), "x").await.unwrap();
+    }
+    // Open a List and read one pair, then stall: the node must keep taking writes.
+    let mut raw =
+        kvstore::pb::kv_store_client::KvStoreClient::connect(format!("http://{}", cluster.addr(0)))
+            .await
+            .unwrap();
+    let mut stream = raw.list(()).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.key, "k00000");
+    for i in 0..100 {
+        tokio::time::timeout(NO_HANG, client.put(&format!("new{i}"), "y"))
+            .await
+            .expect("writer blocked by a slow List reader")
+            .unwrap();
+    }
+    // The stalled stream is a snapshot: it sees none of the writes made after it started.
+    let mut keys = vec![first.key];
+    while let Some(kv) = stream.message().await.unwrap() {
+        keys.push(kv.key);
+    }
+    assert_eq!(keys.len(), 3000);
+    assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(client.list().await.unwrap().len(), 3100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_invalid_argument_and_stores_nothing() {
+    let cluster = TestCluster::start(3);
+    let client = cluster.client(0);
+    let limits = Limits::default();
+
+    let err = client.put("", "v").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("empty"), "{}", err.message());
+    assert_eq!(
+        client.get("").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        client.delete("").await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let long_key = "k".repeat(limits.max_key_bytes + 1);
+    let err = client.put(&long_key, "v").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains(&limits.max_key_bytes.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(
+        client
+            .put(&"k".repeat(limits.max_key_bytes), "v")
+            .await
+            .unwrap()
+            .ok
+    );
+
+    let big_value = "v".repeat(limits.max_value_bytes + 1);
+    let err = client.put("big", &big_value).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains(&limits.max_value_bytes.to_string()),
+        "{}",
+        err.message()
+    );
+    assert!(
+        client
+            .put("max", &"v".repeat(limits.max_value_bytes))
+            .await
+            .unwrap()
+            .ok
+    );
+
+    // Far over every limit: the transport refuses it before buffering, and says so.
+    let huge = "v".repeat(limits.max_message_bytes() * 2);
+    let err = client.put("huge", &huge).await.unwrap_err();
+    assert_ne!(err.code(), Code::Ok);
+
+    let err = client.get("missing").await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("missing"));
+
+    // Nothing of the refused writes was stored, anywhere.
+    for i in 0..3 {
+        let keys: Vec<String> = cluster
+            .client(i)
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                long_key[..limits.max_key_bytes].to_string(),
+                "max".to_string()
+            ]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versionless_replicate_is_refused_not_applied() {
+    let cluster = TestCluster::start(1);
+    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
+        .await
+        .unwrap();
+    let err = replicator
+        .replicate(KeyValue {
+            key: "k".into(),
+            value: "blind".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("version"), "{}", err.message());
+    assert_eq!(
+        cluster.client(0).get("k").await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // A versioned one is applied, and an older one after it is not.
+    let versioned = |value: &str, hlc: u64| KeyValue {
+        key: "k".into(),
+        value: value.into(),
+        version: Some(Version {
+            hlc,
+            node_id: "other".into(),
+        }),
+        deleted: false,
+    };
+    replicator.replicate(versioned("new", 200)).await.unwrap();
+    replicator.replicate(versioned("old", 100)).await.unwrap();
+    assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_abandoned_streams_and_vanishing_clients_do_not_hurt_the_node() {
+    let cluster = TestCluster::start(3);
+    let client = cluster.client(0);
+    for i in 0..2000 {
+        client
+            .put(&format!("k{i}"), &"x".repeat(100))
+            .await
+            .unwrap();
+    }
+
+    // Garbage bytes on the port.
+    for junk in [
+        &b"GET / HTTP/1.1\r\n\r\n"[..],
+        &[0xff; 4096][..],
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nxx",
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(cluster.addr(0))
+            .await
+            .unwrap();
+        let _ = socket.write_all(junk).await;
+        drop(socket);
+    }
+    // Streams abandoned after one message.
+    for _ in 0..20 {
+        let mut raw = kvstore::pb::kv_store_client::KvStoreClient::connect(format!(
+            "http://{}",
+            cluster.addr(0)
+        ))
+        .await
+        .unwrap();
+        let mut stream = raw.list(()).await.unwrap().into_inner();
+        stream.message().await.unwrap().unwrap();
+        drop(stream);
+    }
+    // Clients that give up mid-call.
+    for i in 0..20 {
+        let c = cluster.client(0);
+        let _ = tokio::time::timeout(Duration::from_micros(50), async move {
+            c.put(&format!("vanish{i}"), "v").await
+        })
+        .await;
+    }
+
+    // Everyone else is still served, and the data is intact on every node.
+    assert!(client.put("after", "ok").await.unwrap().ok);
+    for i in 0..3 {
+        assert_eq!(cluster.client(i).get("after").await.unwrap(), "ok");
+        let n = cluster
+            .client(i)
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| !k.starts_with("vanish"))
+            .count();
+        assert_eq!(n, 2001, "node {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_stop_finishes_and_returns_ok() {
+    let mut cluster = TestCluster::start(3);
+    cluster.client(0).put("k", "v").await.unwrap();
+    for node in &mut cluster.nodes {
+        node.stop().await.unwrap();
+    }
+}

@@ -1,0 +1,138 @@
+//! Test clusters: real nodes on free loopback ports, each in its own tokio runtime so a test can
+//! stop one gracefully or kill it outright (dropping its runtime drops every task and socket at
+//! once, as a crash would).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use kvstore::client::Client;
+use kvstore::config::NodeConfig;
+use tokio::sync::oneshot;
+
+/// One node of a test cluster.
+pub struct TestNode {
+    pub addr: String,
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
+impl TestNode {
+    fn start(listener: std::net::TcpListener, config: NodeConfig) -> Self {
+        let addr = listener.local_addr().unwrap().to_string();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let result = kvstore::server::run(listener, config, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            let _ = done_tx.send(result.map_err(|e| e.to_string()));
+        });
+        Self {
+            addr,
+            runtime: Some(runtime),
+            stop: Some(stop_tx),
+            done: Some(done_rx),
+        }
+    }
+
+    /// Graceful stop: returns what `server::run` returned.
+    pub async fn stop(&mut self) -> Result<(), String> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let done = self.done.take().expect("node already stopped");
+        let result = done.await.expect("node task vanished");
+        self.kill().await;
+        result
+    }
+
+    /// Crash: every task and socket of the node goes at once, nothing is drained.
+    pub async fn kill(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(5)))
+                .await
+                .unwrap();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.runtime.is_some()
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A cluster of nodes that all peer with each other.
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+}
+
+impl TestCluster {
+    /// `n` nodes with default settings.
+    pub fn start(n: usize) -> Self {
+        Self::start_with(n, |_| NodeConfig::default())
+    }
+
+    /// `n` nodes; `config(i)` gives node i's settings (peers are filled in here).
+    pub fn start_with(n: usize, config: impl Fn(usize) -> NodeConfig) -> Self {
+        let listeners: Vec<std::net::TcpListener> = (0..n)
+            .map(|_| {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.set_nonblocking(true).unwrap();
+                l
+            })
+            .collect();
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let nodes = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(i, listener)| {
+                let mut cfg = config(i);
+                cfg.peers = addrs
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, a)| a.clone())
+                    .collect();
+                TestNode::start(listener, cfg)
+            })
+            .collect();
+        Self { nodes }
+    }
+
+    pub fn addr(&self, i: usize) -> &str {
+        &self.nodes[i].addr
+    }
+
+    /// A client of node `i`.
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(&self.nodes[i].addr, Duration::from_secs(10)).unwrap()
+    }
+
+    /// Replaces every node address in `text` with `[nodeN]` (1-based), for snapshots.
+    pub fn redact(&self, text: &str) -> String {
+        let mut text = text.to_string();
+        for (i, node) in self.nodes.iter().enumerate() {
+            text = text.replace(&node.addr, &format!("[node{}]", i + 1));
+        }
+        text
+    }
+}
