@@ -107,7 +107,7 @@ impl Default for NodeConfig {
     }
 }
 
-/// `kvstore-server`: runs one kvstore node.
+/// Runs one kvstore node.
 ///
 /// Seed style: `kvstore-server 5001 5002,5003` listens on 127.0.0.1:5001 with peers on
 /// 127.0.0.1:5002 and 127.0.0.1:5003. On real machines: `kvstore-server --listen 0.0.0.0:5001

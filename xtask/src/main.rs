@@ -1,1 +1,27 @@
-fn main() {}
+//! Developer commands, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
+//! It needs nothing but cargo, so it works the same on every machine.
+//!
+//! - `cluster`: build `kvstore-server` and run a local cluster, logs prefixed per node.
+
+mod cluster;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "kvstore developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build and run a local cluster (3 nodes on 127.0.0.1:5001-5003 by default) until Ctrl-C.
+    Cluster(cluster::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Cluster(args) => cluster::run(args),
+    }
+}
