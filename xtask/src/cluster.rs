@@ -64,7 +64,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let last = u32::from(args.base_port) + u32::from(args.nodes) - 1;
     if last > u32::from(u16::MAX) {
-        bail!("--base-port {} with {} nodes runs past port 65535", args.base_port, args.nodes);
+        bail!(
+            "--base-port {} with {} nodes runs past port 65535",
+            args.base_port,
+            args.nodes
+        );
     }
     let ports: Vec<u16> = (0..args.nodes).map(|i| args.base_port + i).collect();
 
