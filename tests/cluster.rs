@@ -244,8 +244,9 @@ async fn a_hung_peer_times_out_at_the_replication_deadline() {
     // Two nodes: the majority is both, so a silent peer means not ok.
     assert!(!ack.ok, "{}", ack.message);
     assert!(
-        ack.message
-            .contains(&format!("{hung_addr} (timed out after 300ms)")),
+        // The coordinator's deadline and the peer call's own timeout are equal; either may
+        // fire first.
+        ack.message.contains(&format!("{hung_addr} (timed out")),
         "{}",
         ack.message
     );
