@@ -2,10 +2,11 @@
 //! the input limits every handler enforces.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
-use kvstore_actors::WriteQuorum;
+use clap::{Parser, ValueEnum};
+use kvstore_actors::{SyncMode, WriteQuorum};
 
 use crate::error::Error;
 
@@ -24,6 +25,13 @@ pub const DEFAULT_PEER_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_PEER_MAILBOX: usize = 1024;
 /// Default time in-flight calls get to finish after a shutdown signal.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Default log size that triggers a snapshot and a fresh log.
+pub const DEFAULT_COMPACT_AFTER_BYTES: u64 = 64 * 1024 * 1024;
+/// Default time tombstones are kept before they may be purged (Cassandra's gc_grace is 10 days).
+pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default fsync interval for `--sync interval`.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Limits on what a client may store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,6 +98,13 @@ pub struct NodeConfig {
     pub peer_mailbox: usize,
     pub shutdown_grace: Duration,
     pub limits: Limits,
+    /// Where the node keeps its data; `None` keeps everything in memory (tests only: the server
+    /// binary always has one).
+    pub data_dir: Option<PathBuf>,
+    pub sync: SyncMode,
+    pub compact_after_bytes: u64,
+    pub repair_truncate: bool,
+    pub tombstone_grace: Duration,
 }
 
 impl Default for NodeConfig {
@@ -103,8 +118,24 @@ impl Default for NodeConfig {
             peer_mailbox: DEFAULT_PEER_MAILBOX,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             limits: Limits::default(),
+            data_dir: None,
+            sync: SyncMode::Always,
+            compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
+            repair_truncate: false,
+            tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
         }
     }
+}
+
+/// `--sync`: when the log reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SyncArg {
+    /// fsync before every ack; concurrent writes share one fsync.
+    Always,
+    /// Ack once written to the OS, fsync every --sync-interval.
+    Interval,
+    /// Never fsync; the OS writes back when it likes.
+    Never,
 }
 
 /// Runs one kvstore node.
@@ -166,6 +197,37 @@ pub struct ServerArgs {
     /// How long in-flight calls get to finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Directory for this node's log and snapshots. Defaults to kvstore-data/<node id> in the
+    /// current directory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// When a write reaches the disk. `always` (fsync before the ack) loses nothing acknowledged
+    /// even if the machine crashes; `interval` can lose up to --sync-interval of acknowledged
+    /// writes on a machine crash; `never` leaves it to the OS. A process crash loses nothing
+    /// acknowledged in any mode.
+    #[arg(long, value_enum, default_value = "always")]
+    pub sync: SyncArg,
+
+    /// How often `--sync interval` fsyncs.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub sync_interval: Duration,
+
+    /// Log size, in bytes, at which the node writes a snapshot and starts a new log.
+    #[arg(long, default_value_t = DEFAULT_COMPACT_AFTER_BYTES)]
+    pub compact_after_bytes: u64,
+
+    /// Recovery for a damaged data dir: cut a damaged log or snapshot at the damage instead of
+    /// refusing to start. What followed the damage is lost locally and fetched back from peers.
+    #[arg(long)]
+    pub repair_truncate: bool,
+
+    /// How long deletes are remembered (as tombstones) before they may be purged. A node that
+    /// was down longer than this and still holds a deleted key can bring it back; keep it
+    /// longer than any outage you would repair rather than rebuild (e.g. 7d, 36h).
+    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    pub tombstone_grace: Duration,
 }
 
 impl ServerArgs {
@@ -195,7 +257,7 @@ impl ServerArgs {
             }
         }
         let config = NodeConfig {
-            node_id: self.node_id,
+            node_id: self.node_id.clone(),
             peers,
             write_quorum: self.write_quorum,
             replication_deadline: self.replication_deadline,
@@ -206,9 +268,36 @@ impl ServerArgs {
                 max_key_bytes: self.max_key_bytes,
                 max_value_bytes: self.max_value_bytes,
             },
+            data_dir: Some(self.data_dir.unwrap_or_else(|| {
+                let id = self.node_id.clone().unwrap_or_else(|| listen.to_string());
+                default_data_dir(&id)
+            })),
+            sync: match self.sync {
+                SyncArg::Always => SyncMode::Always,
+                SyncArg::Interval => SyncMode::Interval(self.sync_interval),
+                SyncArg::Never => SyncMode::Never,
+            },
+            compact_after_bytes: self.compact_after_bytes,
+            repair_truncate: self.repair_truncate,
+            tombstone_grace: self.tombstone_grace,
         };
         Ok((listen, config))
     }
+}
+
+/// `kvstore-data/<node id>`, with characters that are awkward in file names replaced.
+pub fn default_data_dir(node_id: &str) -> PathBuf {
+    let safe: String = node_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    PathBuf::from("kvstore-data").join(safe)
 }
 
 fn parse_nonzero(s: &str) -> Result<usize, String> {
@@ -257,6 +346,11 @@ mod tests {
         assert_eq!(listen.to_string(), "127.0.0.1:5001");
         assert_eq!(config.peers, ["127.0.0.1:5002", "127.0.0.1:5003"]);
         assert_eq!(config.write_quorum, WriteQuorum::Majority);
+        assert_eq!(config.sync, SyncMode::Always);
+        assert_eq!(
+            config.data_dir,
+            Some(PathBuf::from("kvstore-data/127.0.0.1_5001"))
+        );
     }
 
     #[test]

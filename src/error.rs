@@ -31,6 +31,15 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) | Error::InvalidAddress { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
+            // A write this node could not log: a full disk is exhaustion, anything else means
+            // "try another node" until this one is repaired.
+            Error::Actors(kvstore_actors::Error::Log(log))
+                if log.kind == std::io::ErrorKind::StorageFull =>
+            {
+                Code::ResourceExhausted
+            }
+            Error::Actors(kvstore_actors::Error::Log(_)) => Code::Unavailable,
+            Error::Actors(_) => Code::Internal,
             Error::Io(_) | Error::Transport(_) => Code::Internal,
         };
         Status::new(code, error.to_string())

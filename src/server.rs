@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use kvstore_actors::{Clock, Coordinator, CoordinatorConfig};
+use kvstore_actors::{Clock, Coordinator, CoordinatorConfig, Storage, StorageConfig, StoreActor};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tonic::transport::Server;
@@ -46,8 +46,36 @@ pub async fn run(
             Ok((peer.clone(), client))
         })
         .collect::<Result<Vec<_>, Error>>()?;
+    let clock = Arc::new(Clock::new(node_id.as_str().into()));
+    let store = match &config.data_dir {
+        None => StoreActor::new(clock),
+        Some(dir) => {
+            let storage = StorageConfig {
+                dir: dir.clone(),
+                sync: config.sync,
+                compact_after_bytes: config.compact_after_bytes,
+                repair: config.repair_truncate,
+                tombstone_grace: config.tombstone_grace,
+            };
+            let opened = std::time::Instant::now();
+            let recovered = tokio::task::spawn_blocking(move || Storage::open(&storage))
+                .await
+                .expect("storage recovery panicked")?;
+            tracing::info!(
+                data_dir = %dir.display(),
+                keys = recovered.report.keys,
+                snapshot = ?recovered.report.snapshot,
+                snapshot_entries = recovered.report.snapshot_entries,
+                log_records = recovered.report.log_records,
+                torn_bytes = recovered.report.torn_bytes,
+                took = ?opened.elapsed(),
+                "storage recovered"
+            );
+            StoreActor::recovered(clock, recovered)
+        }
+    };
     let node = Arc::new(Coordinator::start(
-        Arc::new(Clock::new(node_id.as_str().into())),
+        store,
         peers,
         CoordinatorConfig {
             quorum: config.write_quorum,
@@ -66,6 +94,8 @@ pub async fn run(
         max_key_bytes = limits.max_key_bytes,
         max_value_bytes = limits.max_value_bytes,
         max_message_bytes = max_message,
+        data_dir = ?config.data_dir,
+        sync = ?config.sync,
         "node started"
     );
 

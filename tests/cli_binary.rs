@@ -110,17 +110,24 @@ async fn cli_against_a_dead_node_errors_and_keeps_going() {
 
 #[test]
 fn server_binary_serves_and_exits_zero_on_sigterm() {
+    let data = tempfile::tempdir().unwrap();
     let mut server = Command::new(SERVER)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The first log line names the address it bound.
+    // The start line names the address it bound.
     let mut stderr = BufReader::new(server.stderr.take().unwrap());
     let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.contains("node started"), "{line}");
+    while !line.contains("node started") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before starting"
+        );
+    }
     let addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("listen="))

@@ -24,7 +24,6 @@ use kameo::mailbox;
 use crate::error::Error;
 use crate::replication::{PeerClient, PeerError, PeerHealth, Replicate, ReplicationActor};
 use crate::store::{self, Entry, StoreActor, Write};
-use crate::version::Clock;
 
 /// How many nodes, counting the local one, must hold a write before its Ack says `ok`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,9 +168,9 @@ pub struct Coordinator<P: PeerClient> {
 }
 
 impl<P: PeerClient> Coordinator<P> {
-    /// Spawns the store actor and one replication actor per `(address, client)` peer.
-    pub fn start(clock: Arc<Clock>, peers: Vec<(String, P)>, config: CoordinatorConfig) -> Self {
-        let store = StoreActor::spawn(StoreActor::new(clock));
+    /// Spawns `store` and one replication actor per `(address, client)` peer.
+    pub fn start(store: StoreActor, peers: Vec<(String, P)>, config: CoordinatorConfig) -> Self {
+        let store = StoreActor::spawn(store);
         let peers = peers
             .into_iter()
             .map(|(addr, client)| {
@@ -197,30 +196,42 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// Stores `value` under `key` and replicates it.
     pub async fn put(&self, key: String, value: String) -> Result<WriteOutcome, Error> {
-        let write = self
+        let persisted = self
             .store
             .ask(store::Put { key, value })
             .await
             .map_err(|_| Error::StoreStopped)?;
-        Ok(self.replicate(write).await)
+        self.finish_write(persisted).await
     }
 
     /// Deletes `key` (stores a tombstone) and replicates the tombstone.
     pub async fn delete(&self, key: String) -> Result<WriteOutcome, Error> {
-        let write = self
+        let persisted = self
             .store
             .ask(store::Delete { key })
             .await
             .map_err(|_| Error::StoreStopped)?;
-        Ok(self.replicate(write).await)
+        self.finish_write(persisted).await
     }
 
-    /// Applies a write another node made. Returns whether it was newer than ours.
-    pub async fn apply(&self, write: Write) -> Result<bool, Error> {
-        self.store
-            .ask(store::Apply(write))
+    /// Waits for the local log and the peers together: the peers do not wait for our fsync.
+    /// A write this node could not make durable is an error, whatever the peers said.
+    async fn finish_write(&self, persisted: store::Persisted) -> Result<WriteOutcome, Error> {
+        let (local, outcome) =
+            futures::join!(persisted.durable.wait(), self.replicate(persisted.write));
+        local?;
+        Ok(outcome)
+    }
+
+    /// Applies writes other nodes made, durably. Returns how many were newer than ours.
+    pub async fn apply(&self, writes: Vec<Write>) -> Result<usize, Error> {
+        let applied = self
+            .store
+            .ask(store::Apply(writes))
             .await
-            .map_err(|_| Error::StoreStopped)
+            .map_err(|_| Error::StoreStopped)?;
+        applied.durable.wait().await?;
+        Ok(applied.changed)
     }
 
     /// The live value of `key`, from this node alone.
@@ -330,7 +341,7 @@ mod tests {
             .map(|(i, p)| (format!("peer{}", i + 1), p.clone()))
             .collect();
         Coordinator::start(
-            Arc::new(Clock::new("local".into())),
+            StoreActor::new(Arc::new(crate::version::Clock::new("local".into()))),
             peers,
             CoordinatorConfig {
                 quorum,

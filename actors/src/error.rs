@@ -1,9 +1,76 @@
 //! The actors crate's one error type.
 
-/// What can go wrong inside a node's actors. The node crate maps each case to a gRPC status.
+use std::io;
+use std::path::PathBuf;
+
+/// What can go wrong inside a node's actors and storage. The node crate maps each case to a
+/// gRPC status or a startup failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The store actor is not running (the node is shutting down).
     #[error("the store is shutting down")]
     StoreStopped,
+    /// A write could not be made durable; it was not acknowledged.
+    #[error("write not durable on this node: {0}")]
+    Log(LogError),
+    /// A data file is damaged where damage cannot be a torn tail. The node will not start on
+    /// it rather than silently drop data.
+    #[error(
+        "{file}: corrupt at offset {offset}: {reason}. To recover, restart with \
+         --repair-truncate to cut the file there (what followed is fetched back from peers by \
+         anti-entropy), or move the data dir aside and let the node resync from its peers"
+    )]
+    Corrupt {
+        file: PathBuf,
+        offset: u64,
+        reason: String,
+    },
+    /// Another process holds the data directory.
+    #[error("data dir {0} is in use by another kvstore process")]
+    Locked(PathBuf),
+    /// A file operation on the data directory failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// An I/O error with what we were doing.
+    pub fn io(context: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        move |source| Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Why a log write failed: cloneable, because one failure answers every write in its group.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{context}: {message}")]
+pub struct LogError {
+    /// The I/O error kind, so the node can tell a full disk from other failures.
+    pub kind: io::ErrorKind,
+    pub context: String,
+    pub message: String,
+}
+
+impl LogError {
+    pub fn from_io(context: &str, error: &io::Error) -> Self {
+        Self {
+            kind: error.kind(),
+            context: context.to_string(),
+            message: error.to_string(),
+        }
+    }
+
+    pub fn stopped() -> Self {
+        Self {
+            kind: io::ErrorKind::BrokenPipe,
+            context: "log writer".into(),
+            message: "stopped".into(),
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! # Layout
 //! - [`version`]: [`Version`] (hybrid logical clock time + node id) and the [`Clock`] that makes them.
 //! - [`store`]: the [`StoreActor`], sole owner of the node's map; applies local writes and
-//!   replicated ones with last-writer-wins on the version.
+//!   replicated ones with last-writer-wins on the version, and logs each before it is acked.
+//! - [`storage`]: the write-ahead log and snapshots in a node's data dir, and recovery.
 //! - [`replication`]: one [`ReplicationActor`] per peer, with a bounded mailbox, that delivers
 //!   writes to that peer and tracks whether it is up, down or lagging.
 //! - [`coordinator`]: the [`Coordinator`], the write path: store locally, fan out to every
@@ -33,11 +34,13 @@
 pub mod coordinator;
 pub mod error;
 pub mod replication;
+pub mod storage;
 pub mod store;
 pub mod version;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, PeerFailure, WriteOutcome, WriteQuorum};
 pub use error::Error;
 pub use replication::{PeerClient, PeerError, PeerHealth, PeerState, ReplicationActor};
-pub use store::{Entry, StoreActor, Write};
+pub use storage::{Storage, StorageConfig, SyncMode};
+pub use store::{Entry, StoreActor, StoreReader, StoreStats, Write};
 pub use version::{Clock, NodeId, Version};

@@ -9,9 +9,12 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use kameo::Actor;
+use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 
-use crate::version::{Clock, Version};
+use crate::storage::{Durable, Recovered, Storage};
+use crate::version::{self, Clock, Version};
 
 /// What the store keeps per key: the value, or `None` for a tombstone, and its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,19 +33,105 @@ pub struct Write {
     pub entry: Entry,
 }
 
-/// The store actor. Its state is the map and the node's clock.
-#[derive(Actor)]
+/// The store actor. Its state is the map, the node's clock and (unless in-memory) its storage.
 pub struct StoreActor {
-    map: DashMap<String, Entry>,
+    /// Shared read-only with [`StoreReader`]s (digests, snapshots) so scans never queue behind
+    /// writes in the mailbox; only this actor writes to it.
+    map: Arc<DashMap<String, Entry>>,
     clock: Arc<Clock>,
+    storage: Option<Storage>,
+}
+
+impl Actor for StoreActor {
+    type Args = Self;
+    type Error = kameo::error::Infallible;
+
+    fn name() -> &'static str {
+        "StoreActor"
+    }
+
+    async fn on_start(state: Self, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+        Ok(state)
+    }
+
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        _: ActorStopReason,
+    ) -> Result<(), Self::Error> {
+        // Everything acknowledged is already durable; this syncs whatever is still queued.
+        if let Some(storage) = self.storage.take() {
+            storage.close().await;
+        }
+        Ok(())
+    }
+}
+
+/// Read access to the store's map from outside the actor. Reads may interleave with writes;
+/// use it where a fuzzy view is fine (digests, repair), never for a client's consistent read.
+#[derive(Clone, kameo::Reply)]
+pub struct StoreReader(Arc<DashMap<String, Entry>>);
+
+impl StoreReader {
+    /// Calls `f` on every entry, tombstones included.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &Entry)) {
+        for item in self.0.iter() {
+            f(item.key(), item.value());
+        }
+    }
+
+    /// Number of entries, tombstones included.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl StoreActor {
-    /// An empty store whose local writes are versioned by `clock`.
+    /// An empty store that keeps nothing on disk.
     pub fn new(clock: Arc<Clock>) -> Self {
         Self {
-            map: DashMap::new(),
+            map: Arc::new(DashMap::new()),
             clock,
+            storage: None,
+        }
+    }
+
+    /// A store on recovered storage. The clock is moved past every version recovered, so it
+    /// never issues a version below one it issued before the restart.
+    pub fn recovered(clock: Arc<Clock>, recovered: Recovered) -> Self {
+        clock.restore(recovered.max_time);
+        Self {
+            map: Arc::new(recovered.map),
+            clock,
+            storage: Some(recovered.storage),
+        }
+    }
+
+    /// A reader over this store's map.
+    pub fn reader(&self) -> StoreReader {
+        StoreReader(self.map.clone())
+    }
+
+    /// Logs a write that changed the map.
+    fn persist(&mut self, write: &Write) -> Durable {
+        match &mut self.storage {
+            Some(storage) => storage.append(write, &self.map),
+            None => Durable::ready(),
+        }
+    }
+
+    /// Whether `entry` is a tombstone past the grace period: it must not come back once purged.
+    fn expired_tombstone(&self, entry: &Entry) -> bool {
+        match &self.storage {
+            Some(storage) => {
+                entry.value.is_none()
+                    && entry.version.time < version::now_minus(storage.tombstone_grace())
+            }
+            None => false,
         }
     }
 
@@ -63,23 +152,54 @@ impl StoreActor {
     }
 
     /// Applies `write` if it is newer than what the map holds. Returns whether it changed the map.
-    fn apply(&mut self, write: Write) -> bool {
+    fn apply(&mut self, write: &Write) -> bool {
         self.clock.observe(&write.entry.version);
-        match self.map.entry(write.key) {
+        match self.map.entry(write.key.clone()) {
             dashmap::Entry::Occupied(mut slot) => {
                 if write.entry.version > slot.get().version {
-                    slot.insert(write.entry);
+                    slot.insert(write.entry.clone());
                     true
                 } else {
                     false
                 }
             }
             dashmap::Entry::Vacant(slot) => {
-                slot.insert(write.entry);
+                // A tombstone past its grace period is one we may already have purged: taking
+                // it back would make peers trade it forever.
+                if self.expired_tombstone(&write.entry) {
+                    return false;
+                }
+                slot.insert(write.entry.clone());
                 true
             }
         }
     }
+}
+
+/// A local write, applied in memory, with the promise of its durability.
+#[derive(kameo::Reply)]
+pub struct Persisted {
+    pub write: Write,
+    pub durable: Durable,
+}
+
+/// The result of applying writes from elsewhere.
+#[derive(kameo::Reply)]
+pub struct Applied {
+    /// How many of the writes were newer than what we had.
+    pub changed: usize,
+    pub durable: Durable,
+}
+
+/// Storage figures for status reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq, kameo::Reply)]
+pub struct StoreStats {
+    /// Live keys.
+    pub keys: usize,
+    /// Tombstones kept.
+    pub tombstones: usize,
+    /// Bytes in the current log (0 when in memory).
+    pub log_bytes: u64,
 }
 
 /// Store `value` under `key` as a new local write. Replies with the versioned write to replicate.
@@ -95,9 +215,9 @@ pub struct Delete {
     pub key: String,
 }
 
-/// Apply a write that another node made. Replies true if it was newer than what we had.
+/// Apply writes that other nodes made (replication, handoff, repair, anti-entropy).
 #[derive(Debug)]
-pub struct Apply(pub Write);
+pub struct Apply(pub Vec<Write>);
 
 /// Read the live value of a key: `None` if absent or deleted.
 #[derive(Debug)]
@@ -115,31 +235,44 @@ pub struct GetEntry {
 #[derive(Debug)]
 pub struct Snapshot;
 
-/// Count live keys.
+/// Count keys and report the log's size.
 #[derive(Debug)]
-pub struct Len;
+pub struct Stats;
 
 impl Message<Put> for StoreActor {
-    type Reply = Write;
+    type Reply = Persisted;
 
-    async fn handle(&mut self, msg: Put, _: &mut Context<Self, Self::Reply>) -> Write {
-        self.write_local(msg.key, Some(msg.value))
+    async fn handle(&mut self, msg: Put, _: &mut Context<Self, Self::Reply>) -> Persisted {
+        let write = self.write_local(msg.key, Some(msg.value));
+        let durable = self.persist(&write);
+        Persisted { write, durable }
     }
 }
 
 impl Message<Delete> for StoreActor {
-    type Reply = Write;
+    type Reply = Persisted;
 
-    async fn handle(&mut self, msg: Delete, _: &mut Context<Self, Self::Reply>) -> Write {
-        self.write_local(msg.key, None)
+    async fn handle(&mut self, msg: Delete, _: &mut Context<Self, Self::Reply>) -> Persisted {
+        let write = self.write_local(msg.key, None);
+        let durable = self.persist(&write);
+        Persisted { write, durable }
     }
 }
 
 impl Message<Apply> for StoreActor {
-    type Reply = bool;
+    type Reply = Applied;
 
-    async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> bool {
-        self.apply(msg.0)
+    async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Applied {
+        let mut changed = 0;
+        let mut durable = Durable::ready();
+        for write in &msg.0 {
+            if self.apply(write) {
+                changed += 1;
+                // The log answers in order: the last append's promise covers the earlier ones.
+                durable = self.persist(write);
+            }
+        }
+        Applied { changed, durable }
     }
 }
 
@@ -176,17 +309,34 @@ impl Message<Snapshot> for StoreActor {
     }
 }
 
-impl Message<Len> for StoreActor {
-    type Reply = usize;
+/// Hand out a [`StoreReader`].
+#[derive(Debug)]
+pub struct Reader;
 
-    async fn handle(&mut self, _: Len, _: &mut Context<Self, Self::Reply>) -> usize {
-        self.map.iter().filter(|e| e.value.is_some()).count()
+impl Message<Reader> for StoreActor {
+    type Reply = StoreReader;
+
+    async fn handle(&mut self, _: Reader, _: &mut Context<Self, Self::Reply>) -> StoreReader {
+        self.reader()
+    }
+}
+
+impl Message<Stats> for StoreActor {
+    type Reply = StoreStats;
+
+    async fn handle(&mut self, _: Stats, _: &mut Context<Self, Self::Reply>) -> StoreStats {
+        let tombstones = self.map.iter().filter(|e| e.value.is_none()).count();
+        StoreStats {
+            keys: self.map.len() - tombstones,
+            tombstones,
+            log_bytes: self.storage.as_ref().map_or(0, Storage::log_bytes),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use kameo::actor::{ActorRef, Spawn};
+    use kameo::actor::Spawn;
 
     use super::*;
 
@@ -207,6 +357,26 @@ mod tests {
         }
     }
 
+    async fn apply(s: &ActorRef<StoreActor>, w: Write) -> bool {
+        s.ask(Apply(vec![w])).await.unwrap().changed == 1
+    }
+
+    async fn put(
+        s: &ActorRef<StoreActor>,
+        key: impl Into<String>,
+        value: impl Into<String>,
+    ) -> Write {
+        let p = s
+            .ask(Put {
+                key: key.into(),
+                value: value.into(),
+            })
+            .await
+            .unwrap();
+        p.durable.wait().await.unwrap();
+        p.write
+    }
+
     async fn get(s: &ActorRef<StoreActor>, key: &str) -> Option<String> {
         s.ask(Get { key: key.into() }).await.unwrap()
     }
@@ -214,20 +384,8 @@ mod tests {
     #[tokio::test]
     async fn put_then_get_and_versions_increase() {
         let s = store("n1");
-        let w1 = s
-            .ask(Put {
-                key: "k".into(),
-                value: "a".into(),
-            })
-            .await
-            .unwrap();
-        let w2 = s
-            .ask(Put {
-                key: "k".into(),
-                value: "b".into(),
-            })
-            .await
-            .unwrap();
+        let w1 = put(&s, "k", "a").await;
+        let w2 = put(&s, "k", "b").await;
         assert!(w2.entry.version > w1.entry.version);
         assert_eq!(&*w2.entry.version.node, "n1");
         assert_eq!(get(&s, "k").await.as_deref(), Some("b"));
@@ -246,7 +404,7 @@ mod tests {
         for order in orders {
             let s = store("n3");
             for i in order {
-                s.ask(Apply(writes[i].clone())).await.unwrap();
+                apply(&s, writes[i].clone()).await;
             }
             assert_eq!(
                 get(&s, "k").await.as_deref(),
@@ -259,8 +417,8 @@ mod tests {
     #[tokio::test]
     async fn node_id_breaks_ties() {
         let s = store("n3");
-        assert!(s.ask(Apply(write("k", Some("b"), 5, "b"))).await.unwrap());
-        assert!(!s.ask(Apply(write("k", Some("a"), 5, "a"))).await.unwrap());
+        assert!(apply(&s, write("k", Some("b"), 5, "b")).await);
+        assert!(!apply(&s, write("k", Some("a"), 5, "a")).await);
         assert_eq!(get(&s, "k").await.as_deref(), Some("b"));
     }
 
@@ -268,8 +426,8 @@ mod tests {
     async fn apply_is_idempotent() {
         let s = store("n1");
         let w = write("k", Some("v"), 7, "n2");
-        assert!(s.ask(Apply(w.clone())).await.unwrap());
-        assert!(!s.ask(Apply(w.clone())).await.unwrap());
+        assert!(apply(&s, w.clone()).await);
+        assert!(!apply(&s, w.clone()).await);
         let entry = s.ask(GetEntry { key: "k".into() }).await.unwrap();
         assert_eq!(entry, Some(w.entry));
     }
@@ -277,37 +435,24 @@ mod tests {
     #[tokio::test]
     async fn tombstones_hide_keys_and_beat_older_puts() {
         let s = store("n1");
-        s.ask(Apply(write("k", Some("v"), 10, "n2"))).await.unwrap();
-        assert!(s.ask(Apply(write("k", None, 20, "n2"))).await.unwrap());
+        apply(&s, write("k", Some("v"), 10, "n2")).await;
+        assert!(apply(&s, write("k", None, 20, "n2")).await);
         assert_eq!(get(&s, "k").await, None);
         // A Put older than the delete arrives late: the key stays deleted.
-        assert!(
-            !s.ask(Apply(write("k", Some("late"), 15, "n3")))
-                .await
-                .unwrap()
-        );
+        assert!(!apply(&s, write("k", Some("late"), 15, "n3")).await);
         assert_eq!(get(&s, "k").await, None);
         assert!(s.ask(Snapshot).await.unwrap().is_empty());
-        assert_eq!(s.ask(Len).await.unwrap(), 0);
+        assert_eq!(s.ask(Stats).await.unwrap().keys, 0);
         // A newer Put does bring the key back: delete is not forever, it is ordered.
-        assert!(
-            s.ask(Apply(write("k", Some("again"), 30, "n3")))
-                .await
-                .unwrap()
-        );
+        assert!(apply(&s, write("k", Some("again"), 30, "n3")).await);
         assert_eq!(get(&s, "k").await.as_deref(), Some("again"));
     }
 
     #[tokio::test]
     async fn local_delete_writes_a_tombstone() {
         let s = store("n1");
-        s.ask(Put {
-            key: "k".into(),
-            value: "v".into(),
-        })
-        .await
-        .unwrap();
-        let w = s.ask(Delete { key: "k".into() }).await.unwrap();
+        put(&s, "k", "v").await;
+        let w = s.ask(Delete { key: "k".into() }).await.unwrap().write;
         assert_eq!(w.entry.value, None);
         assert_eq!(get(&s, "k").await, None);
         let stored = s.ask(GetEntry { key: "k".into() }).await.unwrap().unwrap();
@@ -320,16 +465,8 @@ mod tests {
         // a local write of that key must still win over it.
         let s = store("n1");
         let far = u64::MAX / 2;
-        s.ask(Apply(write("k", Some("peer"), far, "n2")))
-            .await
-            .unwrap();
-        let w = s
-            .ask(Put {
-                key: "k".into(),
-                value: "mine".into(),
-            })
-            .await
-            .unwrap();
+        apply(&s, write("k", Some("peer"), far, "n2")).await;
+        let w = put(&s, "k", "mine").await;
         assert!(w.entry.version.time > far);
         assert_eq!(get(&s, "k").await.as_deref(), Some("mine"));
     }
@@ -338,12 +475,7 @@ mod tests {
     async fn snapshot_is_in_key_order() {
         let s = store("n1");
         for k in ["b", "c", "a", "aa"] {
-            s.ask(Put {
-                key: k.into(),
-                value: k.to_uppercase(),
-            })
-            .await
-            .unwrap();
+            put(&s, k, k.to_uppercase()).await;
         }
         let keys: Vec<String> = s
             .ask(Snapshot)

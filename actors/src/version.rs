@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// A node's identity in versions. Shared, because every stored entry carries one.
 pub type NodeId = Arc<str>;
@@ -29,6 +31,10 @@ impl fmt::Display for Version {
 pub struct Clock {
     hlc: uhlc::HLC,
     node: NodeId,
+    /// The last version time issued, and after a restart the newest time found on disk: every
+    /// new version is above it, so the clock never goes backwards, even if the machine's clock
+    /// did while the node was down.
+    last: AtomicU64,
 }
 
 impl Clock {
@@ -37,6 +43,7 @@ impl Clock {
         Self {
             hlc: uhlc::HLC::default(),
             node,
+            last: AtomicU64::new(0),
         }
     }
 
@@ -45,7 +52,13 @@ impl Clock {
         Self {
             hlc: uhlc::HLCBuilder::new().with_clock(physical).build(),
             node,
+            last: AtomicU64::new(0),
         }
+    }
+
+    /// Makes every later version newer than `time` (the newest version recovered from disk).
+    pub fn restore(&self, time: u64) {
+        self.last.fetch_max(time, Ordering::AcqRel);
     }
 
     /// This node's id.
@@ -55,8 +68,20 @@ impl Clock {
 
     /// A fresh version, greater than every version this clock issued or observed before.
     pub fn now(&self) -> Version {
+        let hlc = self.hlc.new_timestamp().get_time().as_u64();
+        let mut last = self.last.load(Ordering::Acquire);
+        let time = loop {
+            let next = hlc.max(last + 1);
+            match self
+                .last
+                .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break next,
+                Err(seen) => last = seen,
+            }
+        };
         Version {
-            time: self.hlc.new_timestamp().get_time().as_u64(),
+            time,
             node: self.node.clone(),
         }
     }
@@ -69,6 +94,18 @@ impl Clock {
         let ts = uhlc::Timestamp::new(uhlc::NTP64(seen.time), *self.hlc.get_id());
         self.hlc.update_with_timestamp(&ts).is_ok()
     }
+}
+
+/// Converts a duration to the 64-bit NTP format of version times (32.32 fixed point).
+pub fn ntp_duration(d: Duration) -> u64 {
+    (d.as_secs() << 32) + ((u64::from(d.subsec_nanos()) << 32) / 1_000_000_000)
+}
+
+/// The version time `d` ago by the system clock (for tombstone grace periods).
+pub fn now_minus(d: Duration) -> u64 {
+    uhlc::system_time_clock()
+        .as_u64()
+        .saturating_sub(ntp_duration(d))
 }
 
 #[cfg(test)]
@@ -98,6 +135,23 @@ mod tests {
             assert!(next > last, "{next} not after {last}");
             last = next;
         }
+    }
+
+    #[test]
+    fn clock_never_goes_below_a_restored_time() {
+        // As if the machine's clock went back to zero while the node was down.
+        let clock = Clock::with_physical_clock("n1".into(), uhlc::zero_clock);
+        let on_disk = 1u64 << 40;
+        clock.restore(on_disk);
+        let a = clock.now();
+        assert!(a.time > on_disk);
+        assert!(clock.now() > a);
+    }
+
+    #[test]
+    fn ntp_durations() {
+        assert_eq!(ntp_duration(Duration::from_secs(1)), 1 << 32);
+        assert_eq!(ntp_duration(Duration::from_millis(500)), 1 << 31);
     }
 
     #[test]

@@ -32,10 +32,15 @@ impl Replicator for ReplicatorService {
         if let Some(value) = &write.entry.value {
             self.limits.check_value(value)?;
         }
-        let applied = self.node.apply(write).await.map_err(Error::from)?;
+        let changed = self.node.apply(vec![write]).await.map_err(Error::from)?;
         Ok(Response::new(Ack {
             ok: true,
-            message: if applied { "applied" } else { "already newer" }.into(),
+            message: if changed > 0 {
+                "applied"
+            } else {
+                "already newer"
+            }
+            .into(),
             failed_peers: Vec::new(),
         }))
     }

@@ -84,7 +84,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cmd.arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--node-id")
-            .arg(format!("node{}", i + 1));
+            .arg(format!("node{}", i + 1))
+            .arg("--data-dir")
+            .arg(target.join("cluster").join(format!("node{}", i + 1)));
         for peer in ports.iter().filter(|p| *p != port) {
             cmd.arg("--peer").arg(format!("127.0.0.1:{peer}"));
         }

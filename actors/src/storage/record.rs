@@ -1,0 +1,275 @@
+//! The on-disk encoding shared by the log and snapshots: files that start with a header (magic
+//! and format version) followed by framed records, each `len: u32 | crc32: u32 | payload`.
+//!
+//! The checksum covers the payload; the length is checked against the file and against
+//! [`MAX_PAYLOAD`]. Every integer is little-endian.
+
+use crate::store::{Entry, Write};
+use crate::version::Version;
+
+/// Format version written in every header. Bump on any incompatible change.
+pub const FORMAT_VERSION: u32 = 1;
+/// Bytes of a file header: 8 of magic, 4 of version, 4 reserved.
+pub const HEADER_LEN: usize = 16;
+/// Bytes of a frame before its payload.
+pub const FRAME_LEN: usize = 8;
+/// Smallest valid payload: kind, time, node length, key length. Zero-filled space never
+/// parses as a record because of this floor.
+pub const MIN_PAYLOAD: usize = 1 + 8 + 2 + 4;
+/// Largest payload we will believe: a key, a value and a version can never need more. A length
+/// beyond it is damage, not a record.
+pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+
+const KIND_PUT: u8 = 1;
+const KIND_TOMBSTONE: u8 = 2;
+/// Last record of a snapshot: the number of entries before it, proving the file is whole.
+const KIND_END: u8 = 0xEE;
+
+/// A file header for `magic`.
+pub fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(magic);
+    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h
+}
+
+/// Checks a header. Errors say what is wrong, for the caller to attach the file name.
+pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<(), String> {
+    if bytes.len() < HEADER_LEN {
+        return Err(format!(
+            "file too short for a header ({} bytes)",
+            bytes.len()
+        ));
+    }
+    if &bytes[..8] != magic {
+        return Err(format!(
+            "bad magic {:?}, expected {:?}",
+            String::from_utf8_lossy(&bytes[..8]),
+            String::from_utf8_lossy(magic)
+        ));
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "format version {version}, this build reads version {FORMAT_VERSION}"
+        ));
+    }
+    Ok(())
+}
+
+/// What a record holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    Write(Write),
+    /// End of a snapshot, with its entry count.
+    End(u64),
+}
+
+/// Appends the framed encoding of `write` to `out`.
+pub fn encode_write(write: &Write, out: &mut Vec<u8>) {
+    let node = write.entry.version.node.as_bytes();
+    let value = write.entry.value.as_deref().map(str::as_bytes);
+    let payload_len = MIN_PAYLOAD + node.len() + write.key.len() + value.map_or(0, |v| 4 + v.len());
+    let start = out.len();
+    out.reserve(FRAME_LEN + payload_len);
+    out.extend_from_slice(&(payload_len as u32).to_le_bytes());
+    out.extend_from_slice(&[0; 4]); // checksum, filled in below
+    out.push(if value.is_some() {
+        KIND_PUT
+    } else {
+        KIND_TOMBSTONE
+    });
+    out.extend_from_slice(&write.entry.version.time.to_le_bytes());
+    out.extend_from_slice(&(node.len() as u16).to_le_bytes());
+    out.extend_from_slice(node);
+    out.extend_from_slice(&(write.key.len() as u32).to_le_bytes());
+    out.extend_from_slice(write.key.as_bytes());
+    if let Some(value) = value {
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    let crc = crc32fast::hash(&out[start + FRAME_LEN..]);
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Appends a snapshot's end record.
+pub fn encode_end(count: u64, out: &mut Vec<u8>) {
+    let mut payload = vec![KIND_END];
+    payload.extend_from_slice(&count.to_le_bytes());
+    payload.resize(MIN_PAYLOAD, 0);
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+/// Why a frame could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FrameError {
+    /// The frame runs past the end of the data: a torn tail, or a damaged length.
+    Truncated,
+    /// The length is impossible.
+    BadLength(usize),
+    /// The checksum does not match.
+    BadChecksum,
+    /// The checksum matches but the payload does not parse.
+    BadPayload(String),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("record runs past the end of the file"),
+            Self::BadLength(n) => write!(f, "impossible record length {n}"),
+            Self::BadChecksum => f.write_str("checksum mismatch"),
+            Self::BadPayload(why) => write!(f, "malformed record: {why}"),
+        }
+    }
+}
+
+/// Reads the frame at the start of `data`: the record and the bytes it took.
+pub fn decode(data: &[u8]) -> Result<(Record, usize), FrameError> {
+    if data.len() < FRAME_LEN {
+        return Err(FrameError::Truncated);
+    }
+    let len = u32::from_le_bytes(data[..4].try_into().unwrap()) as usize;
+    if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&len) {
+        return Err(FrameError::BadLength(len));
+    }
+    if data.len() < FRAME_LEN + len {
+        return Err(FrameError::Truncated);
+    }
+    let crc = u32::from_le_bytes(data[4..8].try_into().unwrap());
+    let payload = &data[FRAME_LEN..FRAME_LEN + len];
+    if crc32fast::hash(payload) != crc {
+        return Err(FrameError::BadChecksum);
+    }
+    let record = parse_payload(payload).map_err(FrameError::BadPayload)?;
+    Ok((record, FRAME_LEN + len))
+}
+
+fn parse_payload(p: &[u8]) -> Result<Record, String> {
+    let mut r = Reader(p);
+    let kind = r.u8()?;
+    if kind == KIND_END {
+        return Ok(Record::End(r.u64()?));
+    }
+    let time = r.u64()?;
+    let node_len = r.u16()? as usize;
+    let node = r.str(node_len)?;
+    let key_len = r.u32()? as usize;
+    let key = r.str(key_len)?;
+    let value = match kind {
+        KIND_PUT => {
+            let len = r.u32()? as usize;
+            Some(r.str(len)?)
+        }
+        KIND_TOMBSTONE => None,
+        other => return Err(format!("unknown record kind {other}")),
+    };
+    if !r.0.is_empty() {
+        return Err(format!("{} trailing bytes", r.0.len()));
+    }
+    Ok(Record::Write(Write {
+        key,
+        entry: Entry {
+            value,
+            version: Version {
+                time,
+                node: node.into(),
+            },
+        },
+    }))
+}
+
+/// A cursor over a payload; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        if self.0.len() < n {
+            return Err("field runs past the record".into());
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn str(&mut self, n: usize) -> Result<String, String> {
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "text is not UTF-8".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(key: &str, value: Option<&str>) -> Write {
+        Write {
+            key: key.into(),
+            entry: Entry {
+                value: value.map(Into::into),
+                version: Version {
+                    time: 0x0102_0304_0506_0708,
+                    node: "node-1".into(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for w in [
+            write("k", Some("v")),
+            write("ключ", Some("")),
+            write("gone", None),
+        ] {
+            let mut buf = Vec::new();
+            encode_write(&w, &mut buf);
+            assert_eq!(decode(&buf), Ok((Record::Write(w), buf.len())));
+        }
+        let mut buf = Vec::new();
+        encode_end(42, &mut buf);
+        assert_eq!(decode(&buf), Ok((Record::End(42), buf.len())));
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut buf = Vec::new();
+        encode_write(&write("key", Some("value")), &mut buf);
+        assert_eq!(decode(&buf[..buf.len() - 1]), Err(FrameError::Truncated));
+        assert_eq!(decode(&buf[..3]), Err(FrameError::Truncated));
+        let mut flipped = buf.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(decode(&flipped), Err(FrameError::BadChecksum));
+        assert_eq!(decode(&[0u8; 64]), Err(FrameError::BadLength(0)));
+    }
+
+    #[test]
+    fn headers() {
+        let h = header(b"KVSTLOG\n");
+        assert!(check_header(&h, b"KVSTLOG\n").is_ok());
+        assert!(
+            check_header(&h, b"KVSTSNP\n")
+                .unwrap_err()
+                .contains("magic")
+        );
+        let mut future = h;
+        future[8] = 9;
+        assert!(
+            check_header(&future, b"KVSTLOG\n")
+                .unwrap_err()
+                .contains("version 9")
+        );
+    }
+}

@@ -1,0 +1,625 @@
+//! The write-ahead log: a writer thread with group commit, and the scan that replays a log (or
+//! a snapshot) and tells a torn tail from damage in the middle.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::record::{self, FrameError, HEADER_LEN, Record};
+use crate::error::{Error, LogError};
+
+/// Magic at the start of every log file.
+pub const LOG_MAGIC: &[u8; 8] = b"KVSTLOG\n";
+/// Most bytes one group commit writes before it syncs and answers its waiters, so one huge
+/// burst does not hold every earlier writer hostage.
+const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
+
+/// When the log reaches the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// fsync before every acknowledgement (writes waiting together share one fsync).
+    Always,
+    /// Acknowledge once written to the OS; fsync at this interval. A machine crash can lose
+    /// up to one interval of acknowledged writes; a process crash loses nothing.
+    Interval(Duration),
+    /// Never fsync; the OS decides. A process crash loses nothing, a machine crash can lose
+    /// anything not yet written back.
+    Never,
+}
+
+/// Where log bytes go. The real one is a file; tests use one that fails on demand.
+pub trait LogFile: Send + 'static {
+    fn append(&mut self, data: &[u8]) -> io::Result<()>;
+    fn sync(&mut self) -> io::Result<()>;
+    /// Cuts the file back to `len` bytes after a failed append, so a partial write never
+    /// sits in the middle of the log.
+    fn truncate(&mut self, len: u64) -> io::Result<()>;
+}
+
+impl LogFile for File {
+    fn append(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+    fn truncate(&mut self, len: u64) -> io::Result<()> {
+        self.set_len(len)?;
+        self.seek(SeekFrom::Start(len)).map(|_| ())
+    }
+}
+
+/// Opens the log file of a generation, ready for appending after its header.
+pub type Opener<F> = Box<dyn FnMut(u64) -> io::Result<F> + Send>;
+
+/// The path of generation `g`'s log in `dir`.
+pub fn log_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("log-{generation:016}.wal"))
+}
+
+/// Creates (or truncates) generation `g`'s log with a fresh header, synced, and its directory
+/// entry synced too.
+pub fn create_log(dir: &Path, generation: u64) -> io::Result<File> {
+    let path = log_path(dir, generation);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    file.write_all(&record::header(LOG_MAGIC))?;
+    file.sync_all()?;
+    sync_dir(dir)?;
+    Ok(file)
+}
+
+/// Makes a directory's entries (created, renamed, removed files) durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+enum Command {
+    Append(Vec<u8>, oneshot::Sender<Result<(), LogError>>),
+    Rotate(u64, oneshot::Sender<Result<(), LogError>>),
+}
+
+/// Handle to the log writer thread. Dropping every handle stops the thread after it has
+/// written and synced what it was given.
+pub struct LogWriter {
+    tx: mpsc::Sender<Command>,
+    bytes: Arc<AtomicU64>,
+    stopped: Option<oneshot::Receiver<()>>,
+}
+
+/// A promise that a write is in the log (per the sync mode). Resolves to an error if the
+/// write could not be made durable.
+#[must_use = "a write is only acknowledged once durable"]
+pub struct Durable(Option<oneshot::Receiver<Result<(), LogError>>>);
+
+impl Durable {
+    /// Already durable: nothing was logged (an in-memory store, or nothing changed).
+    pub fn ready() -> Self {
+        Self(None)
+    }
+
+    /// Waits for the log.
+    pub async fn wait(self) -> Result<(), Error> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => match rx.await {
+                Ok(result) => result.map_err(Error::Log),
+                Err(_) => Err(Error::Log(LogError::stopped())),
+            },
+        }
+    }
+}
+
+impl LogWriter {
+    /// Starts the writer thread on `file`, currently `len` bytes long.
+    pub fn start<F: LogFile>(file: F, len: u64, opener: Opener<F>, sync: SyncMode) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let bytes = Arc::new(AtomicU64::new(len));
+        let (stopped_tx, stopped) = oneshot::channel();
+        let mut thread = WriterThread {
+            file,
+            len,
+            opener,
+            sync,
+            bytes: bytes.clone(),
+            poisoned: None,
+            dirty_since: None,
+        };
+        std::thread::Builder::new()
+            .name("kvstore-log".into())
+            .spawn(move || {
+                thread.run(rx);
+                let _ = stopped_tx.send(());
+            })
+            .expect("spawning the log writer thread");
+        Self {
+            tx,
+            bytes,
+            stopped: Some(stopped),
+        }
+    }
+
+    /// Queues framed records for the log.
+    pub fn append(&self, framed: Vec<u8>) -> Durable {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Append(framed, done)).is_err() {
+            let (done, rx) = oneshot::channel();
+            let _ = done.send(Err(LogError::stopped()));
+            return Durable(Some(rx));
+        }
+        Durable(Some(rx))
+    }
+
+    /// Switches to a new log file for `generation` once everything queued before is synced.
+    pub fn rotate(&self, generation: u64) -> Durable {
+        let (done, rx) = oneshot::channel();
+        let _ = self.tx.send(Command::Rotate(generation, done));
+        Durable(Some(rx))
+    }
+
+    /// Bytes in the current log file.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Stops the thread after it has written and synced everything queued, and waits for it.
+    pub async fn close(mut self) {
+        let stopped = self.stopped.take();
+        drop(self);
+        if let Some(stopped) = stopped {
+            let _ = stopped.await;
+        }
+    }
+}
+
+struct WriterThread<F: LogFile> {
+    file: F,
+    /// Length of the file up to the last good append.
+    len: u64,
+    opener: Opener<F>,
+    sync: SyncMode,
+    bytes: Arc<AtomicU64>,
+    /// Set after a failure we cannot undo (a failed fsync leaves the page cache in an unknown
+    /// state, as PostgreSQL learned); every later write fails until the node restarts.
+    poisoned: Option<LogError>,
+    /// When the first unsynced byte was written (interval mode).
+    dirty_since: Option<Instant>,
+}
+
+impl<F: LogFile> WriterThread<F> {
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            let first = match (self.sync, self.dirty_since) {
+                (SyncMode::Interval(every), Some(since)) => {
+                    match rx.recv_timeout(every.saturating_sub(since.elapsed())) {
+                        Ok(cmd) => cmd,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.sync_now();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                _ => match rx.recv() {
+                    Ok(cmd) => cmd,
+                    Err(_) => break,
+                },
+            };
+            // Group commit: everything that queued up while we were busy goes in one write and
+            // one fsync.
+            let mut buf = Vec::new();
+            let mut waiters = Vec::new();
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Command::Append(bytes, done) => {
+                        buf.extend_from_slice(&bytes);
+                        waiters.push(done);
+                    }
+                    Command::Rotate(generation, done) => {
+                        self.flush(&mut buf, &mut waiters, true);
+                        let _ = done.send(self.rotate(generation));
+                    }
+                }
+                if buf.len() < MAX_GROUP_BYTES {
+                    next = rx.try_recv().ok();
+                }
+            }
+            let sync = self.sync == SyncMode::Always;
+            self.flush(&mut buf, &mut waiters, sync);
+            // Under steady load the receive above never times out; sync on schedule anyway.
+            if let (SyncMode::Interval(every), Some(since)) = (self.sync, self.dirty_since)
+                && since.elapsed() >= every
+            {
+                self.sync_now();
+            }
+        }
+        let mut none = Vec::new();
+        self.flush(&mut Vec::new(), &mut none, true);
+        self.sync_now();
+    }
+
+    /// Writes `buf`, syncs if asked, and answers the waiters.
+    fn flush(
+        &mut self,
+        buf: &mut Vec<u8>,
+        waiters: &mut Vec<oneshot::Sender<Result<(), LogError>>>,
+        sync: bool,
+    ) {
+        let result = self.write(buf, sync);
+        buf.clear();
+        for w in waiters.drain(..) {
+            let _ = w.send(result.clone());
+        }
+    }
+
+    fn write(&mut self, buf: &[u8], sync: bool) -> Result<(), LogError> {
+        if let Some(poisoned) = &self.poisoned {
+            return Err(poisoned.clone());
+        }
+        if !buf.is_empty() {
+            if let Err(e) = self.file.append(buf) {
+                let error = LogError::from_io("appending to the log", &e);
+                tracing::error!(error = %error, bytes = buf.len(), "log write failed");
+                // Cut off whatever part of the batch made it, so the log stays a clean prefix
+                // and later writes (once there is space again) land after good data.
+                if let Err(e) = self.file.truncate(self.len) {
+                    self.poison(LogError::from_io(
+                        "truncating the log after a failed write",
+                        &e,
+                    ));
+                }
+                return Err(error);
+            }
+            self.len += buf.len() as u64;
+            self.bytes.store(self.len, Ordering::Relaxed);
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+        if sync && self.dirty_since.is_some() {
+            self.sync_now();
+            if let Some(poisoned) = &self.poisoned {
+                return Err(poisoned.clone());
+            }
+        }
+        Ok(())
+    }
+
+    fn sync_now(&mut self) {
+        if self.dirty_since.is_none() || self.poisoned.is_some() {
+            return;
+        }
+        match self.file.sync() {
+            Ok(()) => self.dirty_since = None,
+            Err(e) => self.poison(LogError::from_io("syncing the log", &e)),
+        }
+    }
+
+    fn poison(&mut self, error: LogError) {
+        tracing::error!(error = %error, "log failed; refusing writes until restart");
+        self.poisoned = Some(error);
+    }
+
+    fn rotate(&mut self, generation: u64) -> Result<(), LogError> {
+        if let Some(poisoned) = &self.poisoned {
+            return Err(poisoned.clone());
+        }
+        match (self.opener)(generation) {
+            Ok(file) => {
+                self.file = file;
+                self.len = HEADER_LEN as u64;
+                self.bytes.store(self.len, Ordering::Relaxed);
+                self.dirty_since = None;
+                Ok(())
+            }
+            // The old file is intact and still open: keep appending to it.
+            Err(e) => Err(LogError::from_io("starting a new log file", &e)),
+        }
+    }
+}
+
+/// How a scan ended.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// Records read.
+    pub records: u64,
+    /// Bytes of good data (header included): where appending may resume.
+    pub good_len: u64,
+    /// A torn tail that was found: its offset, length and what was wrong.
+    pub torn: Option<(u64, u64, String)>,
+}
+
+/// What to do with damage found by a scan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDamage {
+    /// Damage followed by good records is corruption: refuse. Damage with nothing good after it
+    /// is a torn tail (a crash mid-write): drop it.
+    TornTailOnly,
+    /// Refuse on any damage (a file that was complete before it was last closed).
+    Refuse,
+    /// The operator's repair: cut the file at the first damage, whatever follows.
+    Truncate,
+}
+
+/// Reads every record of `data` (a whole file whose header is `magic`), handing each to `f`.
+pub fn scan(
+    path: &Path,
+    data: &[u8],
+    magic: &[u8; 8],
+    on_damage: OnDamage,
+    mut f: impl FnMut(Record),
+) -> Result<ScanEnd, Error> {
+    let corrupt = |offset: u64, reason: String| Error::Corrupt {
+        file: path.to_path_buf(),
+        offset,
+        reason,
+    };
+    record::check_header(data, magic).map_err(|reason| corrupt(0, reason))?;
+    let mut offset = HEADER_LEN;
+    let mut records = 0;
+    while offset < data.len() {
+        match record::decode(&data[offset..]) {
+            Ok((record, used)) => {
+                f(record);
+                records += 1;
+                offset += used;
+            }
+            Err(error) => {
+                let good_after = good_record_after(&data[offset + 1..]);
+                let reason = match (&error, good_after) {
+                    (_, Some(at)) => format!(
+                        "{error}; a valid record follows at offset {}",
+                        offset + 1 + at
+                    ),
+                    (FrameError::Truncated, None) => error.to_string(),
+                    (_, None) => format!("{error}, and nothing valid after it"),
+                };
+                let torn = (offset as u64, (data.len() - offset) as u64, reason.clone());
+                match on_damage {
+                    OnDamage::Truncate => {}
+                    OnDamage::TornTailOnly if good_after.is_none() => {}
+                    _ => return Err(corrupt(offset as u64, reason)),
+                }
+                return Ok(ScanEnd {
+                    records,
+                    good_len: offset as u64,
+                    torn: Some(torn),
+                });
+            }
+        }
+    }
+    Ok(ScanEnd {
+        records,
+        good_len: offset as u64,
+        torn: None,
+    })
+}
+
+/// Offset of the first decodable record in `data`, if any. Only runs after damage was found,
+/// so its cost (a try at every offset) is paid once, on a broken file.
+fn good_record_after(data: &[u8]) -> Option<usize> {
+    (0..data.len()).find(|&at| record::decode(&data[at..]).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::store::{Entry, Write};
+    use crate::version::Version;
+
+    fn framed(key: &str) -> Vec<u8> {
+        let mut buf = Vec::new();
+        record::encode_write(
+            &Write {
+                key: key.into(),
+                entry: Entry {
+                    value: Some("v".into()),
+                    version: Version {
+                        time: 1,
+                        node: "n".into(),
+                    },
+                },
+            },
+            &mut buf,
+        );
+        buf
+    }
+
+    /// An in-memory log file that counts syncs and fails on demand.
+    #[derive(Clone, Default)]
+    struct MemFile {
+        data: Arc<Mutex<Vec<u8>>>,
+        syncs: Arc<AtomicU64>,
+        fail_writes: Arc<AtomicBool>,
+        fail_sync: Arc<AtomicBool>,
+    }
+
+    impl LogFile for MemFile {
+        fn append(&mut self, data: &[u8]) -> io::Result<()> {
+            if self.fail_writes.load(Ordering::Relaxed) {
+                // A partial write, then the failure: what a full disk does.
+                self.data
+                    .lock()
+                    .unwrap()
+                    .extend_from_slice(&data[..data.len() / 2]);
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
+            self.data.lock().unwrap().extend_from_slice(data);
+            Ok(())
+        }
+        fn sync(&mut self) -> io::Result<()> {
+            if self.fail_sync.load(Ordering::Relaxed) {
+                return Err(io::Error::other("sync failed"));
+            }
+            self.syncs.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn truncate(&mut self, len: u64) -> io::Result<()> {
+            self.data.lock().unwrap().truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    fn writer(file: &MemFile, sync: SyncMode) -> LogWriter {
+        let mut f = file.clone();
+        f.append(&record::header(LOG_MAGIC)).unwrap();
+        let opener: Opener<MemFile> = Box::new(|_| Ok(MemFile::default()));
+        LogWriter::start(f, HEADER_LEN as u64, opener, sync)
+    }
+
+    #[tokio::test]
+    async fn appends_are_synced_and_replayable() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        for k in ["a", "b", "c"] {
+            w.append(framed(k)).wait().await.unwrap();
+        }
+        assert_eq!(file.syncs.load(Ordering::Relaxed), 3);
+        w.close().await;
+        let data = file.data.lock().unwrap().clone();
+        let mut keys = Vec::new();
+        let end = scan(Path::new("mem"), &data, LOG_MAGIC, OnDamage::Refuse, |r| {
+            if let Record::Write(w) = r {
+                keys.push(w.key)
+            }
+        })
+        .unwrap();
+        assert_eq!(keys, ["a", "b", "c"]);
+        assert_eq!(end.good_len, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_share_fsyncs() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        let pending: Vec<Durable> = (0..500)
+            .map(|i| w.append(framed(&format!("k{i}"))))
+            .collect();
+        for p in pending {
+            p.wait().await.unwrap();
+        }
+        let syncs = file.syncs.load(Ordering::Relaxed);
+        assert!(
+            syncs < 500,
+            "group commit should batch: {syncs} syncs for 500 writes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_write_and_leaves_a_clean_log() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        w.append(framed("before")).wait().await.unwrap();
+        file.fail_writes.store(true, Ordering::Relaxed);
+        let err = w.append(framed("lost")).wait().await.unwrap_err();
+        assert!(err.to_string().contains("no storage space"), "{err}");
+        // Space comes back: writing resumes after the good data, no garbage in between.
+        file.fail_writes.store(false, Ordering::Relaxed);
+        w.append(framed("after")).wait().await.unwrap();
+        let data = file.data.lock().unwrap().clone();
+        let mut keys = Vec::new();
+        scan(Path::new("mem"), &data, LOG_MAGIC, OnDamage::Refuse, |r| {
+            if let Record::Write(w) = r {
+                keys.push(w.key)
+            }
+        })
+        .unwrap();
+        assert_eq!(keys, ["before", "after"]);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_poisons_the_log() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        file.fail_sync.store(true, Ordering::Relaxed);
+        assert!(w.append(framed("a")).wait().await.is_err());
+        file.fail_sync.store(false, Ordering::Relaxed);
+        let err = w.append(framed("b")).wait().await.unwrap_err();
+        assert!(err.to_string().contains("sync"), "{err}");
+    }
+
+    fn log_of(keys: &[&str]) -> Vec<u8> {
+        let mut data = record::header(LOG_MAGIC).to_vec();
+        for k in keys {
+            data.extend(framed(k));
+        }
+        data
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_off() {
+        let mut data = log_of(&["a", "b"]);
+        let good = data.len();
+        data.extend(&framed("c")[..10]);
+        let mut n = 0;
+        let end = scan(
+            Path::new("x"),
+            &data,
+            LOG_MAGIC,
+            OnDamage::TornTailOnly,
+            |_| n += 1,
+        )
+        .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(end.good_len, good as u64);
+        let (offset, len, _) = end.torn.unwrap();
+        assert_eq!((offset, len), (good as u64, 10));
+        // A garbage (not just short) last record is a torn tail too.
+        let mut data = log_of(&["a"]);
+        data.extend([0xAB; 40]);
+        assert!(
+            scan(
+                Path::new("x"),
+                &data,
+                LOG_MAGIC,
+                OnDamage::TornTailOnly,
+                |_| ()
+            )
+            .unwrap()
+            .torn
+            .is_some()
+        );
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_refused_with_file_and_offset() {
+        let mut data = log_of(&["a", "b", "c"]);
+        let second = HEADER_LEN + framed("a").len();
+        data[second + 10] ^= 0xFF;
+        let err = scan(
+            Path::new("/data/log-1.wal"),
+            &data,
+            LOG_MAGIC,
+            OnDamage::TornTailOnly,
+            |_| (),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("/data/log-1.wal") && err.contains(&format!("offset {second}")),
+            "{err}"
+        );
+        // The operator's repair cuts there instead.
+        let mut n = 0;
+        let end = scan(Path::new("x"), &data, LOG_MAGIC, OnDamage::Truncate, |_| {
+            n += 1
+        })
+        .unwrap();
+        assert_eq!((n, end.good_len), (1, second as u64));
+        // A file that must be whole refuses even a torn tail.
+        let mut torn = log_of(&["a"]);
+        torn.push(7);
+        assert!(scan(Path::new("x"), &torn, LOG_MAGIC, OnDamage::Refuse, |_| ()).is_err());
+    }
+}
