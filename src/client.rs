@@ -9,7 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::normalize_peer;
 use crate::error::Error;
 use crate::pb::kv_store_client::KvStoreClient;
-use crate::pb::{Ack, Key, KeyValue};
+use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, Value};
 
 /// Largest message the client accepts. Generous, because the node's limits are configurable and
 /// the client should not be the one to refuse a value the node agreed to store.
@@ -56,14 +56,31 @@ impl Client {
         Ok(self.inner.clone().put(kv).await?.into_inner())
     }
 
+    /// `key`'s value on this node.
     pub async fn get(&self, key: &str) -> Result<String, Status> {
-        let key = Key { key: key.into() };
-        Ok(self.inner.clone().get(key).await?.into_inner().value)
+        Ok(self.get_with(key, Consistency::Local).await?.value)
+    }
+
+    /// `key`'s value and version, read with `consistency`.
+    pub async fn get_with(&self, key: &str, consistency: Consistency) -> Result<Value, Status> {
+        let key = Key {
+            key: key.into(),
+            consistency: consistency.into(),
+        };
+        Ok(self.inner.clone().get(key).await?.into_inner())
     }
 
     pub async fn delete(&self, key: &str) -> Result<Ack, Status> {
-        let key = Key { key: key.into() };
+        let key = Key {
+            key: key.into(),
+            ..Key::default()
+        };
         Ok(self.inner.clone().delete(key).await?.into_inner())
+    }
+
+    /// The node's status: keys, log size, peers.
+    pub async fn status(&self) -> Result<NodeStatus, Status> {
+        Ok(self.inner.clone().status(()).await?.into_inner())
     }
 
     /// Every pair the node holds, in key order.

@@ -30,6 +30,10 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_COMPACT_AFTER_BYTES: u64 = 64 * 1024 * 1024;
 /// Default time tombstones are kept before they may be purged (Cassandra's gc_grace is 10 days).
 pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default number of writes held per peer for redelivery (hinted handoff).
+pub const DEFAULT_HANDOFF_CAPACITY: usize = 100_000;
+/// Default time between periodic anti-entropy rounds with each peer.
+pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 /// Default fsync interval for `--sync interval`.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -105,6 +109,8 @@ pub struct NodeConfig {
     pub compact_after_bytes: u64,
     pub repair_truncate: bool,
     pub tombstone_grace: Duration,
+    pub handoff_capacity: usize,
+    pub anti_entropy_interval: Duration,
 }
 
 impl Default for NodeConfig {
@@ -123,6 +129,8 @@ impl Default for NodeConfig {
             compact_after_bytes: DEFAULT_COMPACT_AFTER_BYTES,
             repair_truncate: false,
             tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
+            handoff_capacity: DEFAULT_HANDOFF_CAPACITY,
+            anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
         }
     }
 }
@@ -228,6 +236,16 @@ pub struct ServerArgs {
     /// longer than any outage you would repair rather than rebuild (e.g. 7d, 36h).
     #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
     pub tombstone_grace: Duration,
+
+    /// Writes kept per unreachable peer for redelivery when it returns (hinted handoff). Past
+    /// this the backlog is dropped and the peer is repaired by anti-entropy instead.
+    #[arg(long, default_value_t = DEFAULT_HANDOFF_CAPACITY, value_parser = parse_nonzero)]
+    pub handoff_capacity: usize,
+
+    /// Time between anti-entropy rounds with each peer (digest comparison and repair). Rounds
+    /// also run at start and when a peer that missed writes comes back.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub anti_entropy_interval: Duration,
 }
 
 impl ServerArgs {
@@ -280,6 +298,8 @@ impl ServerArgs {
             compact_after_bytes: self.compact_after_bytes,
             repair_truncate: self.repair_truncate,
             tombstone_grace: self.tombstone_grace,
+            handoff_capacity: self.handoff_capacity,
+            anti_entropy_interval: self.anti_entropy_interval,
         };
         Ok((listen, config))
     }

@@ -11,6 +11,9 @@ pub enum Error {
     /// The key is absent (or deleted).
     #[error("key not found: {0}")]
     NotFound(String),
+    /// Not enough nodes answered (a quorum read).
+    #[error("{0}")]
+    Unavailable(String),
     /// A configured address is not usable.
     #[error("invalid address '{addr}': {reason}")]
     InvalidAddress { addr: String, reason: String },
@@ -25,11 +28,21 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
 }
 
+impl From<kvstore_actors::ReadError> for Error {
+    fn from(error: kvstore_actors::ReadError) -> Self {
+        match error {
+            kvstore_actors::ReadError::Local(e) => Error::Actors(e),
+            no_quorum => Error::Unavailable(no_quorum.to_string()),
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
             Error::InvalidArgument(_) | Error::InvalidAddress { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
             // A write this node could not log: a full disk is exhaustion, anything else means
             // "try another node" until this one is repaired.

@@ -9,6 +9,34 @@ use crate::error::Error;
 
 tonic::include_proto!("kvstore.v1");
 
+impl From<ActorVersion> for Version {
+    fn from(v: ActorVersion) -> Self {
+        Version {
+            hlc: v.time,
+            node_id: v.node.to_string(),
+        }
+    }
+}
+
+/// A stored entry as a `Read` answer: no version means absent.
+pub fn entry_to_kv(key: String, entry: Option<Entry>) -> KeyValue {
+    match entry {
+        Some(entry) => KeyValue::from(Write { key, entry }),
+        None => KeyValue {
+            key,
+            ..Default::default()
+        },
+    }
+}
+
+/// A `Read` answer as an entry.
+pub fn kv_to_entry(kv: KeyValue) -> Result<Option<Entry>, Error> {
+    if kv.version.is_none() {
+        return Ok(None);
+    }
+    Write::try_from(kv).map(|w| Some(w.entry))
+}
+
 impl From<Write> for KeyValue {
     fn from(write: Write) -> Self {
         let deleted = write.entry.value.is_none();

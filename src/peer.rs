@@ -1,61 +1,123 @@
 //! The gRPC client a replication actor uses to reach its peer's `Replicator` service.
 //!
-//! The channel is created lazily and reconnects by itself (tonic's `Channel`), so a node starts
-//! while its peers are down and picks them up when they come back; each call fails fast with
-//! the reason while a peer is unreachable.
+//! Two lazily connected channels per peer, both reconnecting by themselves (so a node starts
+//! while its peers are down and picks them up when they return): one for replication and reads,
+//! whose calls are bounded by the replication deadline, and one for anti-entropy, whose digests
+//! and bucket pulls may take longer and must not queue in front of replication.
 
 use std::time::Duration;
 
-use kvstore_actors::{PeerClient, PeerError, Write};
-use tonic::Code;
+use kvstore_actors::{Entry, PeerClient, PeerError, Write};
+use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
 
 use crate::error::{Error, status_reason};
 use crate::pb::replicator_client::ReplicatorClient;
+use crate::pb::{self, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+
+/// Bound on one anti-entropy call (a digest or a bucket pull).
+const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Connection to one peer.
 #[derive(Clone, Debug)]
 pub struct GrpcPeer {
     client: ReplicatorClient<Channel>,
+    bulk: ReplicatorClient<Channel>,
+}
+
+fn client(
+    addr: &str,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+    max_message_bytes: usize,
+) -> Result<ReplicatorClient<Channel>, Error> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| Error::InvalidAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(connect_timeout)
+        .timeout(call_timeout)
+        .tcp_nodelay(true);
+    Ok(ReplicatorClient::new(endpoint.connect_lazy())
+        .max_encoding_message_size(max_message_bytes)
+        .max_decoding_message_size(max_message_bytes))
 }
 
 impl GrpcPeer {
-    /// A lazily connected client for the peer at `addr` (`host:port`). `call_timeout` bounds each
-    /// Replicate call; `max_message_bytes` matches the node's own message limit.
+    /// Clients for the peer at `addr` (`host:port`). `call_timeout` bounds each replication
+    /// call; `max_message_bytes` matches the node's own message limit.
     pub fn new(
         addr: &str,
         connect_timeout: Duration,
         call_timeout: Duration,
         max_message_bytes: usize,
     ) -> Result<Self, Error> {
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::InvalidAddress {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(connect_timeout)
-            .timeout(call_timeout)
-            .tcp_nodelay(true);
-        let client = ReplicatorClient::new(endpoint.connect_lazy())
-            .max_encoding_message_size(max_message_bytes)
-            .max_decoding_message_size(max_message_bytes);
-        Ok(Self { client })
+        Ok(Self {
+            client: client(addr, connect_timeout, call_timeout, max_message_bytes)?,
+            bulk: client(addr, connect_timeout, BULK_CALL_TIMEOUT, max_message_bytes)?,
+        })
+    }
+}
+
+fn peer_error(status: Status) -> PeerError {
+    match status.code() {
+        Code::Unavailable | Code::Unknown => PeerError::Unreachable(status_reason(&status)),
+        // tonic reports its own client-side timeout as Cancelled.
+        Code::DeadlineExceeded | Code::Cancelled => PeerError::TimedOut,
+        code => PeerError::Rejected(format!("{code:?}: {}", status.message())),
     }
 }
 
 impl PeerClient for GrpcPeer {
-    async fn replicate(&self, write: Write) -> Result<(), PeerError> {
+    async fn replicate(&self, writes: Vec<Write>) -> Result<(), PeerError> {
         // Clones of a tonic client share one connection; the clone is just a handle.
-        let mut client = self.client.clone();
-        match client.replicate(crate::pb::KeyValue::from(write)).await {
+        let batch = WriteBatch {
+            writes: writes.into_iter().map(KeyValue::from).collect(),
+        };
+        match self.client.clone().replicate_batch(batch).await {
             Ok(ack) if ack.get_ref().ok => Ok(()),
             Ok(ack) => Err(PeerError::Rejected(ack.into_inner().message)),
-            Err(status) => Err(match status.code() {
-                Code::Unavailable | Code::Unknown => PeerError::Unreachable(status_reason(&status)),
-                // tonic reports its own client-side timeout as Cancelled.
-                Code::DeadlineExceeded | Code::Cancelled => PeerError::TimedOut,
-                code => PeerError::Rejected(format!("{code:?}: {}", status.message())),
-            }),
+            Err(status) => Err(peer_error(status)),
         }
+    }
+
+    async fn digest(&self, buckets: u32) -> Result<Vec<u64>, PeerError> {
+        let reply = self.bulk.clone().digest(DigestRequest { buckets }).await;
+        Ok(reply.map_err(peer_error)?.into_inner().sums)
+    }
+
+    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Vec<Write>, PeerError> {
+        let request = PullRequest { buckets, which };
+        let mut stream = self
+            .bulk
+            .clone()
+            .pull(request)
+            .await
+            .map_err(peer_error)?
+            .into_inner();
+        let mut writes = Vec::new();
+        while let Some(kv) = stream.next().await {
+            let write = Write::try_from(kv.map_err(peer_error)?)
+                .map_err(|e| PeerError::Rejected(format!("sent a bad entry: {e}")))?;
+            writes.push(write);
+        }
+        Ok(writes)
+    }
+
+    async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {
+        let request = Key {
+            key,
+            ..Default::default()
+        };
+        let kv = self
+            .client
+            .clone()
+            .read(request)
+            .await
+            .map_err(peer_error)?
+            .into_inner();
+        pb::kv_to_entry(kv).map_err(|e| PeerError::Rejected(format!("sent a bad entry: {e}")))
     }
 }

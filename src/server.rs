@@ -81,6 +81,8 @@ pub async fn run(
             quorum: config.write_quorum,
             replication_deadline: config.replication_deadline,
             peer_mailbox: config.peer_mailbox,
+            handoff_capacity: config.handoff_capacity,
+            anti_entropy_interval: config.anti_entropy_interval,
         },
     ));
 
@@ -111,9 +113,17 @@ pub async fn run(
     };
     let serve = Server::builder()
         .add_service(
-            KvStoreServer::new(KvService::new(node.clone(), limits))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+            KvStoreServer::new(KvService::new(
+                node.clone(),
+                limits,
+                node_id.clone(),
+                config
+                    .data_dir
+                    .as_ref()
+                    .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         )
         .add_service(
             ReplicatorServer::new(ReplicatorService::new(node.clone(), limits))

@@ -7,15 +7,17 @@ use tonic::{Code, Status};
 
 use crate::client::Client;
 use crate::error::status_reason;
-use crate::pb::Ack;
+use crate::pb::{Ack, Consistency, NodeStatus};
 
 /// What the REPL prints for `help`.
 pub const HELP: &str = "\
 commands:
   put KEY VALUE   store VALUE under KEY (VALUE may hold spaces; quote to keep them exact)
-  get KEY         print KEY's value
+  get KEY         print KEY's value, as this node has it
+  get -q KEY      read KEY from a majority of nodes (newest wins, stale copies repaired)
   delete KEY      delete KEY
   list            print every pair, in key order
+  status          this node's keys and log size, and each peer's state
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
 
@@ -47,6 +49,35 @@ impl Output {
             ..Self::default()
         }
     }
+}
+
+fn is_quorum_flag(word: &str) -> bool {
+    matches!(word, "-q" | "--quorum")
+}
+
+/// The `status` command's lines.
+fn render_status(status: &NodeStatus) -> Vec<String> {
+    let mut lines = vec![format!(
+        "node {}: {} keys, {} tombstones, log {} bytes, data in {}",
+        status.node_id, status.keys, status.tombstones, status.log_bytes, status.data_dir
+    )];
+    for peer in &status.peers {
+        let mut line = format!("peer {}: {}", peer.address, peer.state);
+        if peer.backlog > 0 {
+            line.push_str(&format!(", {} writes queued for handoff", peer.backlog));
+        }
+        if peer.resync_in_progress {
+            line.push_str(", resync in progress");
+        } else if peer.resync_pending {
+            line.push_str(", resync pending");
+        }
+        match peer.last_contact_ms {
+            Some(ms) => line.push_str(&format!(", last contact {ms}ms ago")),
+            None => line.push_str(", never contacted"),
+        }
+        lines.push(line);
+    }
+    lines
 }
 
 /// A REPL session against one node.
@@ -81,6 +112,19 @@ impl Shell {
                 Ok(value) => Output::out(format!("{key} = {value}")),
                 Err(status) => self.failure(&status),
             },
+            ("get", [flag, key]) | ("get", [key, flag]) if is_quorum_flag(flag) => {
+                match self.client.get_with(key, Consistency::Quorum).await {
+                    Ok(value) => Output::out(format!("{key} = {}", value.value)),
+                    Err(status) => self.failure(&status),
+                }
+            }
+            ("status", []) => match self.client.status().await {
+                Ok(status) => Output {
+                    stdout: render_status(&status),
+                    ..Output::default()
+                },
+                Err(status) => self.failure(&status),
+            },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
             ("list", []) => match self.client.list().await {
                 Ok(pairs) if pairs.is_empty() => Output::out("(no keys)"),
@@ -99,9 +143,9 @@ impl Shell {
                 ..Output::default()
             },
             ("put", _) => Output::error("usage: put KEY VALUE"),
-            ("get", _) => Output::error("usage: get KEY"),
+            ("get", _) => Output::error("usage: get [-q|--quorum] KEY"),
             ("delete" | "del", _) => Output::error("usage: delete KEY"),
-            ("list" | "exit" | "quit", _) => Output::error(format!("usage: {command}")),
+            ("list" | "status" | "exit" | "quit", _) => Output::error(format!("usage: {command}")),
             (other, _) => Output::error(format!("unknown command '{other}' (try 'help')")),
         }
     }

@@ -21,9 +21,12 @@ use kameo::actor::{ActorRef, Spawn};
 use kameo::error::SendError;
 use kameo::mailbox;
 
+use crate::antientropy;
 use crate::error::Error;
-use crate::replication::{PeerClient, PeerError, PeerHealth, Replicate, ReplicationActor};
-use crate::store::{self, Entry, StoreActor, Write};
+use crate::replication::{
+    PeerClient, PeerError, PeerHealth, PeerState, Replicate, ReplicationActor, Resync,
+};
+use crate::store::{self, Entry, StoreActor, StoreReader, StoreStats, Write};
 
 /// How many nodes, counting the local one, must hold a write before its Ack says `ok`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -108,6 +111,8 @@ pub struct WriteOutcome {
     pub quorum: WriteQuorum,
     /// Peers the write did not reach, with why, in configuration order.
     pub failures: Vec<(String, PeerFailure)>,
+    /// The version the write was stored under.
+    pub version: crate::version::Version,
 }
 
 impl WriteOutcome {
@@ -148,45 +153,206 @@ impl WriteOutcome {
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
     pub quorum: WriteQuorum,
-    /// How long a write waits for its peers before answering.
+    /// How long a write (or a quorum read) waits for its peers before answering.
     pub replication_deadline: Duration,
     /// Capacity of each peer's replication mailbox.
     pub peer_mailbox: usize,
+    /// Writes held per peer for redelivery before falling back to anti-entropy.
+    pub handoff_capacity: usize,
+    /// Time between periodic anti-entropy rounds with each peer.
+    pub anti_entropy_interval: Duration,
 }
 
 /// One peer as the coordinator sees it.
 struct Peer<P: PeerClient> {
     actor: ActorRef<ReplicationActor<P>>,
     health: Arc<PeerHealth>,
+    /// For reads and read repair, which do not queue behind replication.
+    client: P,
 }
 
 /// Handle to a node's actors. Cheap to share behind an `Arc`.
 pub struct Coordinator<P: PeerClient> {
     store: ActorRef<StoreActor>,
+    reader: StoreReader,
     peers: Vec<Peer<P>>,
     config: CoordinatorConfig,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+/// Why a quorum read could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("quorum read: {answered} of {nodes} nodes answered, {required} required")]
+    NoQuorum {
+        answered: usize,
+        nodes: usize,
+        required: usize,
+    },
+    #[error(transparent)]
+    Local(#[from] Error),
+}
+
+/// A node's state as reported by `Status`.
+#[derive(Clone, Debug)]
+pub struct NodeStatus {
+    pub store: StoreStats,
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer in a [`NodeStatus`].
+#[derive(Clone, Debug)]
+pub struct PeerStatus {
+    pub addr: String,
+    pub state: PeerState,
+    pub backlog: u64,
+    pub needs_resync: bool,
+    pub resyncing: bool,
+    pub last_contact: Option<Duration>,
 }
 
 impl<P: PeerClient> Coordinator<P> {
     /// Spawns `store` and one replication actor per `(address, client)` peer.
     pub fn start(store: StoreActor, peers: Vec<(String, P)>, config: CoordinatorConfig) -> Self {
+        let reader = store.reader();
         let store = StoreActor::spawn(store);
-        let peers = peers
+        let peers: Vec<Peer<P>> = peers
             .into_iter()
             .map(|(addr, client)| {
                 let health = Arc::new(PeerHealth::new(addr));
                 let actor = ReplicationActor::spawn_with_mailbox(
-                    ReplicationActor::new(client, health.clone()),
+                    ReplicationActor::new(
+                        client.clone(),
+                        health.clone(),
+                        store.clone(),
+                        reader.clone(),
+                        config.handoff_capacity,
+                    ),
                     mailbox::bounded(config.peer_mailbox),
                 );
-                Peer { actor, health }
+                Peer {
+                    actor,
+                    health,
+                    client,
+                }
             })
             .collect();
+        let ticker = {
+            let actors: Vec<_> = peers.iter().map(|p| p.actor.downgrade()).collect();
+            let every = config.anti_entropy_interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tick.tick().await;
+                    for actor in actors.iter().filter_map(|a| a.upgrade()) {
+                        // A full mailbox already means a busy peer; the next tick will do.
+                        let _ = actor.tell(Resync).try_send();
+                    }
+                }
+            })
+        };
         Self {
             store,
+            reader,
             peers,
             config,
+            ticker,
         }
+    }
+
+    /// This node's anti-entropy digest. Scans the map off the async threads.
+    pub async fn digest(&self, buckets: u32) -> Vec<u64> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || antientropy::digest(&reader, buckets))
+            .await
+            .expect("digest panicked")
+    }
+
+    /// Every entry in buckets `which` (of `buckets`).
+    pub async fn entries_in(&self, buckets: u32, which: Vec<u32>) -> Vec<Write> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || antientropy::entries_in(&reader, buckets, &which))
+            .await
+            .expect("bucket scan panicked")
+    }
+
+    /// The node's state: its store and every peer's health.
+    pub async fn status(&self) -> Result<NodeStatus, Error> {
+        let store = self
+            .store
+            .ask(store::Stats)
+            .await
+            .map_err(|_| Error::StoreStopped)?;
+        let peers = self
+            .peers
+            .iter()
+            .map(|p| PeerStatus {
+                addr: p.health.addr().to_string(),
+                state: p.health.state(),
+                backlog: p.health.backlog(),
+                needs_resync: p.health.needs_resync(),
+                resyncing: p.health.resyncing(),
+                last_contact: p.health.last_contact(),
+            })
+            .collect();
+        Ok(NodeStatus { store, peers })
+    }
+
+    /// Reads `key` from a majority of nodes (this one included) and returns the newest entry
+    /// seen, tombstones included. Replicas seen holding an older entry, this one too, are
+    /// repaired in the background.
+    pub async fn get_quorum(&self, key: String) -> Result<Option<Entry>, ReadError> {
+        let deadline = tokio::time::Instant::now() + self.config.replication_deadline;
+        let local = self.get_entry(key.clone()).await?;
+        let reads = self.peers.iter().map(|p| {
+            let key = key.clone();
+            async move { tokio::time::timeout_at(deadline, p.client.read(key)).await }
+        });
+        let answers: Vec<Option<Option<Entry>>> = join_all(reads)
+            .await
+            .into_iter()
+            .map(|r| r.ok().and_then(Result::ok))
+            .collect();
+        let nodes = self.peers.len() + 1;
+        let required = WriteQuorum::Majority.required(nodes);
+        let answered = 1 + answers.iter().filter(|a| a.is_some()).count();
+        if answered < required {
+            return Err(ReadError::NoQuorum {
+                answered,
+                nodes,
+                required,
+            });
+        }
+        let newest = answers
+            .iter()
+            .flatten()
+            .chain(std::iter::once(&local))
+            .flatten()
+            .max_by(|a, b| a.version.cmp(&b.version))
+            .cloned();
+        if let Some(newest) = &newest {
+            let repair = Write {
+                key,
+                entry: newest.clone(),
+            };
+            let stale =
+                |seen: &Option<Entry>| seen.as_ref().is_none_or(|e| e.version < newest.version);
+            if stale(&local) {
+                let _ = self.apply(vec![repair.clone()]).await;
+            }
+            for (peer, answer) in self.peers.iter().zip(&answers) {
+                if let Some(seen) = answer
+                    && stale(seen)
+                {
+                    let client = peer.client.clone();
+                    let repair = repair.clone();
+                    tokio::spawn(async move {
+                        let _ = client.replicate(vec![repair]).await;
+                    });
+                }
+            }
+        }
+        Ok(newest)
     }
 
     /// Health of every peer, in configuration order.
@@ -260,6 +426,7 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.
     async fn replicate(&self, write: Write) -> WriteOutcome {
+        let write = &write;
         let wait = self.config.replication_deadline;
         let deadline = tokio::time::Instant::now() + wait;
         let deliveries = self.peers.iter().map(|peer| {
@@ -294,6 +461,7 @@ impl<P: PeerClient> Coordinator<P> {
             acks: nodes - failures.len(),
             quorum: self.config.quorum,
             failures,
+            version: write.entry.version.clone(),
         };
         if !outcome.failures.is_empty() {
             tracing::warn!(
@@ -310,6 +478,7 @@ impl<P: PeerClient> Coordinator<P> {
     /// Drains every actor: replication actors first, so writes already queued still go out,
     /// then the store.
     pub async fn shutdown(&self) {
+        self.ticker.abort();
         for peer in &self.peers {
             let _ = peer.actor.stop_gracefully().await;
         }
@@ -326,7 +495,6 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::replication::PeerState;
     use crate::replication::tests::FakePeer;
 
     fn coordinator(
@@ -347,6 +515,8 @@ mod tests {
                 quorum,
                 replication_deadline: deadline,
                 peer_mailbox: mailbox,
+                handoff_capacity: 1000,
+                anti_entropy_interval: Duration::from_secs(3600),
             },
         )
     }

@@ -9,7 +9,10 @@
 //! - [`replication`]: one [`ReplicationActor`] per peer, with a bounded mailbox, that delivers
 //!   writes to that peer and tracks whether it is up, down or lagging.
 //! - [`coordinator`]: the [`Coordinator`], the write path: store locally, fan out to every
-//!   replication actor, wait up to the replication deadline, judge the write quorum.
+//!   replication actor, wait up to the replication deadline, judge the write quorum; and
+//!   quorum reads with read repair.
+//! - [`antientropy`]: digests of hashed key ranges, and the push-pull round that repairs
+//!   whatever differs between two nodes.
 //! - [`error`]: this crate's one error enum.
 //!
 //! # How replicas converge
@@ -27,10 +30,28 @@
 //! user expects) while never going backwards and always moving past every version the node
 //! has seen, so a write made after observing another always orders after it.
 //!
-//! What this does not give on its own: a node that missed a write (peer down, mailbox full)
-//! stays behind until something resends it. The replication actor records that the peer
-//! needs a resync; hinted handoff and anti-entropy act on it.
+//! What versions do not give on their own is delivery: a node that missed a write (it was
+//! down, its mailbox was full, it crashed and lost its memory) stays behind until something
+//! resends it. Three mechanisms do, each covering what the one before cannot:
+//!
+//! 1. **The log** ([`storage`]): a write is in the node's log before the node acknowledges it,
+//!    so a crash loses nothing acknowledged, and the clock restarts past every version logged.
+//! 2. **Hinted handoff** ([`replication`]): a write a peer did not confirm stays in that peer's
+//!    replication actor, in order, and is redelivered with backoff when the peer returns.
+//!    Cheap and fast, but bounded and in memory: an overflow or a restart loses it.
+//! 3. **Anti-entropy** ([`antientropy`]): two nodes compare digests of hashed key ranges and
+//!    exchange only the ranges that differ. It repairs anything, whatever was lost and why,
+//!    at the cost of scanning the map; it runs when a peer marked for resync returns, after a
+//!    restart, and periodically.
+//!
+//! Deletes ride the same paths as tombstones, ordered like any write, so a delete can only be
+//! undone by a newer write, never by a stale replica, a replayed hint or a restart. Tombstones
+//! are purged after a grace period (`--tombstone-grace`); a replica that was away longer than
+//! that and still holds the deleted key could bring it back, which is the grace period's risk,
+//! as with Cassandra's `gc_grace_seconds`. Expired tombstones are also refused on apply and
+//! left out of digests, so nodes do not trade them back and forth while purging.
 
+pub mod antientropy;
 pub mod coordinator;
 pub mod error;
 pub mod replication;
@@ -38,7 +59,10 @@ pub mod storage;
 pub mod store;
 pub mod version;
 
-pub use coordinator::{Coordinator, CoordinatorConfig, PeerFailure, WriteOutcome, WriteQuorum};
+pub use coordinator::{
+    Coordinator, CoordinatorConfig, NodeStatus, PeerFailure, PeerStatus, ReadError, WriteOutcome,
+    WriteQuorum,
+};
 pub use error::Error;
 pub use replication::{PeerClient, PeerError, PeerHealth, PeerState, ReplicationActor};
 pub use storage::{Storage, StorageConfig, SyncMode};

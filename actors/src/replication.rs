@@ -1,26 +1,78 @@
-//! One replication actor per peer: it delivers this node's writes to that peer, in order, and
-//! keeps the peer's health (up, down, lagging, needs resync) where the node can read it.
+//! One replication actor per peer: it delivers this node's writes to that peer, in order, keeps
+//! what the peer has not confirmed (hinted handoff), and keeps the peer's health (up, down,
+//! lagging, needs resync) where the node can read it.
 //!
 //! The actor owns the peer's connection through a [`PeerClient`], the seam where the node
 //! crate plugs in its gRPC client (and tests plug in fakes). Its mailbox is bounded: when a
 //! peer is slow or stuck, writes queue up to the bound, and past it the coordinator gets
 //! `MailboxFull` at once instead of waiting, marks the peer lagging, and records that it needs
 //! a resync. So a bad peer costs a Put nothing beyond the replication deadline.
+//!
+//! # Hinted handoff
+//! A write the peer did not confirm goes into a bounded backlog, in order. While the backlog
+//! is not empty, new writes join it without a delivery attempt (the peer is known to be down,
+//! and order matters for nothing but fairness, since versions make delivery order-free), and
+//! the actor retries the backlog in batches with exponential backoff. When the backlog
+//! overflows it is dropped and the peer is marked for anti-entropy instead: nothing is lost,
+//! it is just repaired by comparing digests rather than by replaying.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use kameo::Actor;
+use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::message::{Context, Message};
 
-use crate::store::Write;
+use crate::antientropy;
+use crate::store::{Entry, StoreActor, StoreReader, Write};
+
+/// First wait before redelivering a backlog.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between redelivery attempts: how stale a returning peer can stay at worst.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Bytes per replication batch: well under the gRPC message limit, whatever the values.
+const BATCH_BYTES: usize = 512 * 1024;
 
 /// How a replication actor reaches its peer. Implementations own the connection and reconnect
-/// on their own; a call that fails is reported, not retried here.
-pub trait PeerClient: Send + Sync + 'static {
-    /// Delivers one write. `Ok` means the peer has applied it or already had a newer version.
-    fn replicate(&self, write: Write) -> impl Future<Output = Result<(), PeerError>> + Send;
+/// on their own; a call that fails is reported, not retried here. Clones share the connection.
+pub trait PeerClient: Clone + Send + Sync + 'static {
+    /// Delivers writes. `Ok` means the peer has applied them (or already had newer versions).
+    fn replicate(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), PeerError>> + Send;
+    /// The peer's anti-entropy digest with `buckets` buckets.
+    fn digest(&self, buckets: u32) -> impl Future<Output = Result<Vec<u64>, PeerError>> + Send;
+    /// The peer's entries in buckets `which`, tombstones included.
+    fn pull(
+        &self,
+        buckets: u32,
+        which: Vec<u32>,
+    ) -> impl Future<Output = Result<Vec<Write>, PeerError>> + Send;
+    /// The peer's entry for `key`, tombstone included (for quorum reads).
+    fn read(&self, key: String) -> impl Future<Output = Result<Option<Entry>, PeerError>> + Send;
+}
+
+/// Splits writes into batches of about [`BATCH_BYTES`] (at least one write each).
+pub fn batches(writes: Vec<Write>) -> impl Iterator<Item = Vec<Write>> {
+    let mut writes = writes.into_iter().peekable();
+    std::iter::from_fn(move || {
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(w) = writes.peek() {
+            let size = write_size(w);
+            if !batch.is_empty() && bytes + size > BATCH_BYTES {
+                break;
+            }
+            bytes += size;
+            batch.push(writes.next().expect("peeked"));
+        }
+        (!batch.is_empty()).then_some(batch)
+    })
+}
+
+fn write_size(w: &Write) -> usize {
+    w.key.len() + w.entry.value.as_ref().map_or(0, String::len) + 64
 }
 
 /// Why a delivery to a peer failed.
@@ -35,6 +87,9 @@ pub enum PeerError {
     /// The peer answered with an error.
     #[error("rejected the write: {0}")]
     Rejected(String),
+    /// The peer is down: the write waits in its handoff backlog.
+    #[error("down; queued for redelivery ({0} waiting)")]
+    Backlogged(usize),
 }
 
 /// What this node believes about a peer, as last observed.
@@ -79,6 +134,11 @@ pub struct PeerHealth {
     addr: String,
     state: AtomicU8,
     needs_resync: AtomicBool,
+    resyncing: AtomicBool,
+    backlog: AtomicU64,
+    /// Milliseconds after `born` of the last successful exchange, plus one (0: never).
+    last_contact: AtomicU64,
+    born: Instant,
 }
 
 impl PeerHealth {
@@ -88,7 +148,43 @@ impl PeerHealth {
             addr: addr.into(),
             state: AtomicU8::new(PeerState::Unknown as u8),
             needs_resync: AtomicBool::new(false),
+            resyncing: AtomicBool::new(false),
+            backlog: AtomicU64::new(0),
+            last_contact: AtomicU64::new(0),
+            born: Instant::now(),
         }
+    }
+
+    /// Writes waiting in the handoff backlog.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Whether an anti-entropy round with this peer is running.
+    pub fn resyncing(&self) -> bool {
+        self.resyncing.load(Ordering::Relaxed)
+    }
+
+    /// Time since the last successful exchange with the peer, if any.
+    pub fn last_contact(&self) -> Option<Duration> {
+        match self.last_contact.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(at - 1)),
+            ),
+        }
+    }
+
+    fn contact(&self) {
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        self.last_contact.store(now, Ordering::Relaxed);
+    }
+
+    /// Records that the peer missed writes that only anti-entropy can bring it.
+    pub fn mark_needs_resync(&self) {
+        self.needs_resync.store(true, Ordering::Relaxed);
     }
 
     /// The peer's address, as configured.
@@ -129,15 +225,15 @@ impl PeerHealth {
     }
 
     pub(crate) fn mark_up(&self) {
+        self.contact();
         // Lagging stays visible until something resyncs the peer: being reachable again does not
         // bring back the writes it missed.
-        if self.state() != PeerState::Lagging {
+        if self.state() != PeerState::Lagging || !self.needs_resync() {
             self.set_state(PeerState::Up, &"delivered");
         }
     }
 
     pub(crate) fn mark_down(&self, error: &PeerError) {
-        self.needs_resync.store(true, Ordering::Relaxed);
         self.set_state(PeerState::Down, error);
     }
 
@@ -151,11 +247,110 @@ impl PeerHealth {
 pub struct ReplicationActor<P: PeerClient> {
     client: P,
     health: Arc<PeerHealth>,
+    /// The local store, for anti-entropy rounds.
+    store: ActorRef<StoreActor>,
+    reader: StoreReader,
+    /// Writes the peer has not confirmed, oldest first.
+    backlog: VecDeque<Write>,
+    backlog_capacity: usize,
+    backoff: Duration,
+    redelivery_scheduled: bool,
 }
 
 impl<P: PeerClient> ReplicationActor<P> {
-    pub fn new(client: P, health: Arc<PeerHealth>) -> Self {
-        Self { client, health }
+    pub fn new(
+        client: P,
+        health: Arc<PeerHealth>,
+        store: ActorRef<StoreActor>,
+        reader: StoreReader,
+        backlog_capacity: usize,
+    ) -> Self {
+        Self {
+            client,
+            health,
+            store,
+            reader,
+            backlog: VecDeque::new(),
+            backlog_capacity,
+            backoff: BACKOFF_MIN,
+            redelivery_scheduled: false,
+        }
+    }
+
+    /// Keeps `write` for redelivery, or, if the backlog is full, gives the backlog up for an
+    /// anti-entropy round.
+    fn hold(&mut self, write: Write) {
+        if self.backlog.len() >= self.backlog_capacity {
+            tracing::warn!(
+                peer = %self.health.addr,
+                dropped = self.backlog.len(),
+                "handoff backlog full; dropped it, peer marked for anti-entropy"
+            );
+            self.backlog.clear();
+            self.health.mark_needs_resync();
+        }
+        self.backlog.push_back(write);
+        self.health
+            .backlog
+            .store(self.backlog.len() as u64, Ordering::Relaxed);
+    }
+
+    fn schedule_redelivery(&mut self, me: WeakActorRef<Self>) {
+        if self.redelivery_scheduled {
+            return;
+        }
+        self.redelivery_scheduled = true;
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(me) = me.upgrade() {
+                let _ = me.tell(Redeliver).await;
+            }
+        });
+    }
+
+    /// Starts an anti-entropy round in the background unless one is running. Runs beside the
+    /// actor, so deliveries go on meanwhile.
+    fn start_resync(&self) {
+        if self.health.resyncing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Cleared now: anything missed while the round runs sets it again.
+        self.health.needs_resync.store(false, Ordering::Relaxed);
+        let (client, store, reader, health) = (
+            self.client.clone(),
+            self.store.clone(),
+            self.reader.clone(),
+            self.health.clone(),
+        );
+        tokio::spawn(async move {
+            match antientropy::sync(&client, &store, &reader).await {
+                Ok(report) => {
+                    health.contact();
+                    if health.state() == PeerState::Lagging && !health.needs_resync() {
+                        health.set_state(PeerState::Up, &"resynced");
+                    }
+                    if report.buckets > 0 {
+                        tracing::info!(
+                            peer = %health.addr,
+                            buckets = report.buckets,
+                            pulled = report.pulled,
+                            pushed = report.pushed,
+                            "anti-entropy repaired differences"
+                        );
+                    }
+                }
+                Err(error) => {
+                    health.mark_needs_resync();
+                    if let antientropy::SyncError::Peer(e) = &error {
+                        health.mark_down(e);
+                    }
+                    tracing::debug!(peer = %health.addr, %error, "anti-entropy round failed");
+                }
+            }
+            health.resyncing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -167,7 +362,11 @@ impl<P: PeerClient> Actor for ReplicationActor<P> {
         "ReplicationActor"
     }
 
-    async fn on_start(args: Self, _: kameo::actor::ActorRef<Self>) -> Result<Self, Self::Error> {
+    async fn on_start(args: Self, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+        // After a (re)start, whatever this node held for the peer before is gone, and the peer
+        // may have taken writes we missed: compare right away.
+        args.health.mark_needs_resync();
+        args.start_resync();
         Ok(args)
     }
 }
@@ -180,47 +379,219 @@ pub struct Replicate(pub Write);
 impl<P: PeerClient> Message<Replicate> for ReplicationActor<P> {
     type Reply = Result<(), PeerError>;
 
-    async fn handle(&mut self, msg: Replicate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        let key_len = msg.0.key.len();
-        match self.client.replicate(msg.0).await {
+    async fn handle(
+        &mut self,
+        msg: Replicate,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        if !self.backlog.is_empty() {
+            // Known down: queue behind the backlog without waiting on the network.
+            self.hold(msg.0);
+            return Err(PeerError::Backlogged(self.backlog.len()));
+        }
+        match self.client.replicate(vec![msg.0.clone()]).await {
             Ok(()) => {
                 self.health.mark_up();
+                if self.health.needs_resync() {
+                    self.start_resync();
+                }
                 Ok(())
             }
             Err(error) => {
-                tracing::debug!(peer = %self.health.addr, key_len, %error, "replication failed");
+                tracing::debug!(peer = %self.health.addr, %error, "replication failed; write held for handoff");
                 self.health.mark_down(&error);
+                self.hold(msg.0);
+                self.schedule_redelivery(ctx.actor_ref().downgrade());
                 Err(error)
             }
         }
     }
 }
 
+/// Retry the handoff backlog (sent by the actor to itself after a backoff).
+#[derive(Debug)]
+pub struct Redeliver;
+
+impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Redeliver, ctx: &mut Context<Self, Self::Reply>) {
+        self.redelivery_scheduled = false;
+        while !self.backlog.is_empty() {
+            let batch = batches(self.backlog.iter().cloned().collect())
+                .next()
+                .expect("backlog is not empty");
+            let n = batch.len();
+            if let Err(error) = self.client.replicate(batch).await {
+                self.health.mark_down(&error);
+                self.schedule_redelivery(ctx.actor_ref().downgrade());
+                return;
+            }
+            self.backlog.drain(..n);
+            self.health
+                .backlog
+                .store(self.backlog.len() as u64, Ordering::Relaxed);
+        }
+        tracing::info!(peer = %self.health.addr, "handoff backlog delivered");
+        self.backoff = BACKOFF_MIN;
+        self.health.mark_up();
+        if self.health.needs_resync() {
+            self.start_resync();
+        }
+    }
+}
+
+/// Run an anti-entropy round now (periodic timer, or an operator).
+#[derive(Debug)]
+pub struct Resync;
+
+impl<P: PeerClient> Message<Resync> for ReplicationActor<P> {
+    type Reply = ();
+
+    async fn handle(&mut self, _: Resync, _: &mut Context<Self, Self::Reply>) {
+        self.start_resync();
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::HashMap;
     use std::sync::Mutex;
-    use std::time::Duration;
+
+    use kameo::actor::Spawn;
 
     use super::*;
+    use crate::store;
+    use crate::version::{Clock, Version};
 
-    /// A scripted peer: records what it receives, and can be told to fail or to hang.
+    /// A scripted peer with a store of its own: applies what it receives (newest version wins),
+    /// answers digests and pulls, and can be told to fail or to hang.
     #[derive(Clone, Default)]
     pub struct FakePeer {
         pub received: Arc<Mutex<Vec<Write>>>,
+        pub data: Arc<Mutex<HashMap<String, Entry>>>,
         pub fail: Arc<AtomicBool>,
         pub hang: Arc<AtomicBool>,
     }
 
-    impl PeerClient for FakePeer {
-        async fn replicate(&self, write: Write) -> Result<(), PeerError> {
+    impl FakePeer {
+        async fn gate(&self) -> Result<(), PeerError> {
             if self.hang.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
             if self.fail.load(Ordering::Relaxed) {
                 return Err(PeerError::Unreachable("connection refused".into()));
             }
-            self.received.lock().unwrap().push(write);
             Ok(())
+        }
+
+        fn apply(&self, w: &Write) {
+            let mut data = self.data.lock().unwrap();
+            if data.get(&w.key).is_none_or(|e| w.entry.version > e.version) {
+                data.insert(w.key.clone(), w.entry.clone());
+            }
+        }
+
+        pub fn set_data(&self, writes: &[Write]) {
+            for w in writes {
+                self.apply(w);
+            }
+        }
+
+        pub fn digest_now(&self, buckets: u32) -> Vec<u64> {
+            let mut sums = vec![0; buckets as usize];
+            for (k, e) in self.data.lock().unwrap().iter() {
+                antientropy::add_to_digest(&mut sums, k, e);
+            }
+            sums
+        }
+
+        pub fn value(&self, key: &str) -> Option<Option<String>> {
+            self.data.lock().unwrap().get(key).map(|e| e.value.clone())
+        }
+
+        pub fn received_keys(&self) -> Vec<String> {
+            self.received
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|w| w.key.clone())
+                .collect()
+        }
+    }
+
+    impl PeerClient for FakePeer {
+        async fn replicate(&self, writes: Vec<Write>) -> Result<(), PeerError> {
+            self.gate().await?;
+            for w in &writes {
+                self.apply(w);
+            }
+            self.received.lock().unwrap().extend(writes);
+            Ok(())
+        }
+
+        async fn digest(&self, buckets: u32) -> Result<Vec<u64>, PeerError> {
+            self.gate().await?;
+            Ok(self.digest_now(buckets))
+        }
+
+        async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Vec<Write>, PeerError> {
+            self.gate().await?;
+            let data = self.data.lock().unwrap();
+            Ok(data
+                .iter()
+                .filter(|(k, _)| which.contains(&antientropy::bucket_of(k, buckets)))
+                .map(|(k, e)| Write {
+                    key: k.clone(),
+                    entry: e.clone(),
+                })
+                .collect())
+        }
+
+        async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {
+            self.gate().await?;
+            Ok(self.data.lock().unwrap().get(&key).cloned())
+        }
+    }
+
+    fn write(key: &str, time: u64) -> Write {
+        Write {
+            key: key.into(),
+            entry: Entry {
+                value: Some(format!("v{time}")),
+                version: Version {
+                    time,
+                    node: "local".into(),
+                },
+            },
+        }
+    }
+
+    fn actor(
+        peer: &FakePeer,
+        capacity: usize,
+    ) -> (
+        ActorRef<ReplicationActor<FakePeer>>,
+        Arc<PeerHealth>,
+        ActorRef<StoreActor>,
+    ) {
+        let store = StoreActor::new(Arc::new(Clock::new("local".into())));
+        let reader = store.reader();
+        let store = StoreActor::spawn(store);
+        let health = Arc::new(PeerHealth::new("peer"));
+        let actor = ReplicationActor::spawn(ReplicationActor::new(
+            peer.clone(),
+            health.clone(),
+            store.clone(),
+            reader,
+            capacity,
+        ));
+        (actor, health, store)
+    }
+
+    async fn settle_resync(health: &PeerHealth) {
+        while health.resyncing() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -228,18 +599,106 @@ pub(crate) mod tests {
     fn health_transitions() {
         let h = PeerHealth::new("p");
         assert_eq!(h.state(), PeerState::Unknown);
+        assert_eq!(h.last_contact(), None);
         h.mark_up();
         assert_eq!(h.state(), PeerState::Up);
-        assert!(!h.needs_resync());
+        assert!(h.last_contact().is_some());
         h.mark_down(&PeerError::TimedOut);
         assert_eq!(h.state(), PeerState::Down);
-        assert!(h.needs_resync(), "a failed delivery is a missed write");
         h.mark_lagging();
+        assert!(h.needs_resync());
         h.mark_up();
         assert_eq!(
             h.state(),
             PeerState::Lagging,
             "reachable again is not caught up"
         );
+    }
+
+    #[test]
+    fn batches_split_by_size_and_keep_order() {
+        let big = "x".repeat(BATCH_BYTES / 2);
+        let writes: Vec<Write> = (0..5)
+            .map(|i| Write {
+                key: format!("k{i}"),
+                entry: Entry {
+                    value: Some(big.clone()),
+                    version: Version {
+                        time: i,
+                        node: "n".into(),
+                    },
+                },
+            })
+            .collect();
+        let sizes: Vec<usize> = batches(writes.clone()).map(|b| b.len()).collect();
+        assert_eq!(sizes, [1, 1, 1, 1, 1]);
+        let small: Vec<Write> = (0..1000).map(|i| write(&format!("k{i}"), i)).collect();
+        let flat: Vec<Write> = batches(small.clone()).flatten().collect();
+        assert_eq!(flat, small);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_down_peer_gets_its_backlog_in_order_when_it_returns() {
+        let peer = FakePeer::default();
+        let (actor, health, _store) = actor(&peer, 100);
+        settle_resync(&health).await;
+        peer.fail.store(true, Ordering::Relaxed);
+        let first = actor.ask(Replicate(write("a", 1))).await;
+        assert!(matches!(
+            first,
+            Err(kameo::error::SendError::HandlerError(
+                PeerError::Unreachable(_)
+            ))
+        ));
+        for (k, t) in [("b", 2), ("c", 3)] {
+            let r = actor.ask(Replicate(write(k, t))).await;
+            assert!(matches!(
+                r,
+                Err(kameo::error::SendError::HandlerError(
+                    PeerError::Backlogged(_)
+                ))
+            ));
+        }
+        assert_eq!(health.backlog(), 3);
+        assert_eq!(health.state(), PeerState::Down);
+
+        peer.fail.store(false, Ordering::Relaxed);
+        tokio::time::sleep(BACKOFF_MAX * 2).await;
+        assert_eq!(peer.received_keys()[..3], ["a", "b", "c"]);
+        assert_eq!(health.backlog(), 0);
+        assert_eq!(health.state(), PeerState::Up);
+        // And new writes go straight through again.
+        actor.ask(Replicate(write("d", 4))).await.unwrap();
+        assert_eq!(peer.received_keys().last().map(String::as_str), Some("d"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backlog_overflow_falls_back_to_anti_entropy() {
+        let peer = FakePeer::default();
+        let (actor, health, store) = actor(&peer, 2);
+        settle_resync(&health).await;
+        peer.fail.store(true, Ordering::Relaxed);
+        for t in 0..5 {
+            let w = write(&format!("k{t}"), t + 1);
+            // As the coordinator does: the local store has the write whatever the peer says.
+            store.ask(store::Apply(vec![w.clone()])).await.unwrap();
+            let _ = actor.ask(Replicate(w)).await;
+        }
+        assert!(
+            health.needs_resync(),
+            "an overflowing backlog marks the peer"
+        );
+        assert!(health.backlog() <= 2);
+        peer.fail.store(false, Ordering::Relaxed);
+        tokio::time::sleep(BACKOFF_MAX * 2).await;
+        settle_resync(&health).await;
+        for t in 0..5 {
+            assert_eq!(
+                peer.value(&format!("k{t}")),
+                Some(Some(format!("v{}", t + 1))),
+                "k{t}"
+            );
+        }
+        assert!(!health.needs_resync());
     }
 }

@@ -70,23 +70,42 @@ impl Actor for StoreActor {
 /// Read access to the store's map from outside the actor. Reads may interleave with writes;
 /// use it where a fuzzy view is fine (digests, repair), never for a client's consistent read.
 #[derive(Clone, kameo::Reply)]
-pub struct StoreReader(Arc<DashMap<String, Entry>>);
+pub struct StoreReader {
+    map: Arc<DashMap<String, Entry>>,
+    /// How long tombstones live, if they are ever purged (never in memory-only stores).
+    tombstone_grace: Option<std::time::Duration>,
+}
+
+/// Whether `entry` is a tombstone older than `before` (a version time), i.e. past its grace.
+pub fn is_expired(entry: &Entry, before: Option<u64>) -> bool {
+    entry.value.is_none() && before.is_some_and(|t| entry.version.time < t)
+}
 
 impl StoreReader {
+    /// Version time below which tombstones are expired, as of now.
+    pub fn expired_before(&self) -> Option<u64> {
+        self.tombstone_grace.map(version::now_minus)
+    }
+
+    /// The stored entry of `key`, tombstones included.
+    pub fn get(&self, key: &str) -> Option<Entry> {
+        self.map.get(key).map(|e| e.clone())
+    }
+
     /// Calls `f` on every entry, tombstones included.
     pub fn for_each(&self, mut f: impl FnMut(&str, &Entry)) {
-        for item in self.0.iter() {
+        for item in self.map.iter() {
             f(item.key(), item.value());
         }
     }
 
     /// Number of entries, tombstones included.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.map.is_empty()
     }
 }
 
@@ -113,7 +132,10 @@ impl StoreActor {
 
     /// A reader over this store's map.
     pub fn reader(&self) -> StoreReader {
-        StoreReader(self.map.clone())
+        StoreReader {
+            map: self.map.clone(),
+            tombstone_grace: self.storage.as_ref().map(Storage::tombstone_grace),
+        }
     }
 
     /// Logs a write that changed the map.
@@ -126,13 +148,10 @@ impl StoreActor {
 
     /// Whether `entry` is a tombstone past the grace period: it must not come back once purged.
     fn expired_tombstone(&self, entry: &Entry) -> bool {
-        match &self.storage {
-            Some(storage) => {
-                entry.value.is_none()
-                    && entry.version.time < version::now_minus(storage.tombstone_grace())
-            }
-            None => false,
-        }
+        let before = (self.storage.as_ref())
+            .filter(|_| entry.value.is_none())
+            .map(|s| version::now_minus(s.tombstone_grace()));
+        is_expired(entry, before)
     }
 
     /// Stores a local write (`value = None` deletes) under a fresh version and returns it.

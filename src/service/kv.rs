@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kvstore_actors::WriteOutcome;
+use kvstore_actors::{Entry, WriteOutcome};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -11,21 +11,29 @@ use crate::Node;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::kv_store_server::KvStore;
-use crate::pb::{Ack, Key, KeyValue, Value};
+use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, PeerStatus, Value};
 
 /// Pairs buffered between a List's snapshot and its client. The producer waits when the buffer
 /// is full, so a slow reader holds only its own snapshot, never the store.
 const LIST_BUFFER: usize = 256;
 
-/// The KVStore service: a handle to the node's actors and the input limits.
+/// The KVStore service: a handle to the node's actors, the input limits, and what Status
+/// reports about the node's identity.
 pub struct KvService {
     node: Arc<Node>,
     limits: Limits,
+    node_id: String,
+    data_dir: String,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
-        Self { node, limits }
+    pub fn new(node: Arc<Node>, limits: Limits, node_id: String, data_dir: String) -> Self {
+        Self {
+            node,
+            limits,
+            node_id,
+            data_dir,
+        }
     }
 }
 
@@ -35,6 +43,7 @@ fn ack(outcome: &WriteOutcome, verb: &str) -> Ack {
         ok: outcome.ok(),
         message: outcome.message(verb),
         failed_peers: outcome.failures.iter().map(|(p, _)| p.clone()).collect(),
+        version: Some(outcome.version.clone().into()),
     }
 }
 
@@ -49,11 +58,34 @@ impl KvStore for KvService {
     }
 
     async fn get(&self, request: Request<Key>) -> Result<Response<Value>, Status> {
-        let key = request.into_inner().key;
+        let Key { key, consistency } = request.into_inner();
         self.limits.check_key(&key)?;
-        match self.node.get(key.clone()).await.map_err(Error::from)? {
-            Some(value) => Ok(Response::new(Value { value })),
-            None => Err(Error::NotFound(key).into()),
+        let entry = match Consistency::try_from(consistency) {
+            Ok(Consistency::Local) => self
+                .node
+                .get_entry(key.clone())
+                .await
+                .map_err(Error::from)?,
+            Ok(Consistency::Quorum) => self
+                .node
+                .get_quorum(key.clone())
+                .await
+                .map_err(Error::from)?,
+            Err(_) => {
+                return Err(
+                    Error::InvalidArgument(format!("unknown consistency {consistency}")).into(),
+                );
+            }
+        };
+        match entry {
+            Some(Entry {
+                value: Some(value),
+                version,
+            }) => Ok(Response::new(Value {
+                value,
+                version: Some(version.into()),
+            })),
+            _ => Err(Error::NotFound(key).into()),
         }
     }
 
@@ -77,6 +109,29 @@ impl KvStore for KvService {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
+        let status = self.node.status().await.map_err(Error::from)?;
+        Ok(Response::new(NodeStatus {
+            node_id: self.node_id.clone(),
+            keys: status.store.keys as u64,
+            tombstones: status.store.tombstones as u64,
+            log_bytes: status.store.log_bytes,
+            data_dir: self.data_dir.clone(),
+            peers: status
+                .peers
+                .into_iter()
+                .map(|p| PeerStatus {
+                    address: p.addr,
+                    state: p.state.to_string(),
+                    backlog: p.backlog,
+                    resync_pending: p.needs_resync,
+                    resync_in_progress: p.resyncing,
+                    last_contact_ms: p.last_contact.map(|d| d.as_millis() as u64),
+                })
+                .collect(),
+        }))
     }
 
     async fn delete(&self, request: Request<Key>) -> Result<Response<Ack>, Status> {

@@ -1,0 +1,242 @@
+//! Anti-entropy: two nodes find where their data differs and exchange only that.
+//!
+//! Keys are spread over [`BUCKETS`] buckets by a stable hash. A node's digest is one 64-bit
+//! sum per bucket of the hashes of its entries (key, version, tombstone flag). Two nodes with
+//! the same entries in a bucket have the same sum; a differing sum marks a bucket to repair.
+//! For each differing bucket the initiator pulls the peer's entries and applies them (newest
+//! version wins), then pushes its own; after one round both hold the newest version of every
+//! key in those buckets. Unchanged buckets cost 8 bytes each.
+//!
+//! Sums over a map that is changing underneath are fuzzy, which is fine: a bucket that looks
+//! different only because of an in-flight write is repaired for nothing; one that looks equal
+//! by accident of timing is caught next round. Tombstones past their grace period are left out
+//! of digests, so a node that has purged one and a node that has not yet do not keep trading it.
+//!
+//! It runs when a peer that missed writes (down, lagging, backlog lost) is reachable again,
+//! after a restart (hints held in memory are gone), and periodically.
+
+use kameo::actor::ActorRef;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::replication::{PeerClient, PeerError};
+use crate::store::{self, Entry, StoreActor, StoreReader, Write};
+
+/// Buckets per digest: 8 KiB of digest, about a thousand keys per bucket at a million keys.
+pub const BUCKETS: u32 = 1024;
+/// Buckets pulled per request, bounding one response.
+const PULL_CHUNK: usize = 32;
+
+/// The bucket of `key`.
+pub fn bucket_of(key: &str, buckets: u32) -> u32 {
+    (xxh3_64(key.as_bytes()) % u64::from(buckets)) as u32
+}
+
+/// The hash of one entry: key, version and tombstone flag identify a write uniquely.
+pub fn entry_hash(key: &str, entry: &Entry) -> u64 {
+    let node = entry.version.node.as_bytes();
+    let mut buf = Vec::with_capacity(key.len() + node.len() + 18);
+    buf.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    buf.extend_from_slice(key.as_bytes());
+    buf.extend_from_slice(&entry.version.time.to_le_bytes());
+    buf.extend_from_slice(node);
+    buf.push(u8::from(entry.value.is_none()));
+    xxh3_64(&buf)
+}
+
+/// Adds one entry to a digest.
+pub fn add_to_digest(sums: &mut [u64], key: &str, entry: &Entry) {
+    let b = bucket_of(key, sums.len() as u32) as usize;
+    sums[b] = sums[b].wrapping_add(entry_hash(key, entry));
+}
+
+/// This node's digest: one wrapping sum of entry hashes per bucket.
+pub fn digest(reader: &StoreReader, buckets: u32) -> Vec<u64> {
+    let mut sums = vec![0u64; buckets as usize];
+    let expired_before = reader.expired_before();
+    reader.for_each(|key, entry| {
+        if !store::is_expired(entry, expired_before) {
+            add_to_digest(&mut sums, key, entry);
+        }
+    });
+    sums
+}
+
+/// Every entry in `which` buckets, tombstones included.
+pub fn entries_in(reader: &StoreReader, buckets: u32, which: &[u32]) -> Vec<Write> {
+    let mut wanted = vec![false; buckets as usize];
+    for &b in which {
+        if let Some(w) = wanted.get_mut(b as usize) {
+            *w = true;
+        }
+    }
+    let mut out = Vec::new();
+    let expired_before = reader.expired_before();
+    reader.for_each(|key, entry| {
+        if wanted[bucket_of(key, buckets) as usize] && !store::is_expired(entry, expired_before) {
+            out.push(Write {
+                key: key.to_string(),
+                entry: entry.clone(),
+            });
+        }
+    });
+    out
+}
+
+/// What one anti-entropy round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Buckets whose digests differed.
+    pub buckets: usize,
+    /// Entries received that were newer than ours.
+    pub pulled: usize,
+    /// Entries we sent.
+    pub pushed: usize,
+}
+
+/// Why a round stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("peer: {0}")]
+    Peer(#[from] PeerError),
+    #[error("local store: {0}")]
+    Local(#[from] crate::Error),
+}
+
+/// One push-pull round with `peer`.
+pub async fn sync<P: PeerClient>(
+    peer: &P,
+    store: &ActorRef<StoreActor>,
+    reader: &StoreReader,
+) -> Result<SyncReport, SyncError> {
+    let theirs = peer.digest(BUCKETS).await?;
+    let ours = {
+        let reader = reader.clone();
+        tokio::task::spawn_blocking(move || digest(&reader, BUCKETS))
+            .await
+            .expect("digest panicked")
+    };
+    let differing: Vec<u32> = (0..BUCKETS)
+        .filter(|&b| theirs.get(b as usize) != ours.get(b as usize))
+        .collect();
+    let mut report = SyncReport {
+        buckets: differing.len(),
+        ..SyncReport::default()
+    };
+    for chunk in differing.chunks(PULL_CHUNK) {
+        let pulled = peer.pull(BUCKETS, chunk.to_vec()).await?;
+        // What the peer holds in these buckets: we push only what it lacks or has older.
+        let theirs: std::collections::HashMap<String, crate::version::Version> = pulled
+            .iter()
+            .map(|w| (w.key.clone(), w.entry.version.clone()))
+            .collect();
+        if !pulled.is_empty() {
+            let applied = store
+                .ask(store::Apply(pulled))
+                .await
+                .map_err(|_| crate::Error::StoreStopped)?;
+            applied.durable.wait().await?;
+            report.pulled += applied.changed;
+        }
+        let mine = {
+            let reader = reader.clone();
+            let chunk = chunk.to_vec();
+            tokio::task::spawn_blocking(move || entries_in(&reader, BUCKETS, &chunk))
+                .await
+                .expect("bucket scan panicked")
+        };
+        let newer: Vec<Write> = mine
+            .into_iter()
+            .filter(|w| theirs.get(&w.key).is_none_or(|v| *v < w.entry.version))
+            .collect();
+        report.pushed += newer.len();
+        for batch in crate::replication::batches(newer) {
+            peer.replicate(batch).await?;
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kameo::actor::Spawn;
+
+    use super::*;
+    use crate::replication::tests::FakePeer;
+    use crate::version::{Clock, Version};
+
+    fn write(key: &str, value: Option<&str>, time: u64) -> Write {
+        Write {
+            key: key.into(),
+            entry: Entry {
+                value: value.map(Into::into),
+                version: Version {
+                    time,
+                    node: "n".into(),
+                },
+            },
+        }
+    }
+
+    async fn store_with(writes: &[Write]) -> (ActorRef<StoreActor>, StoreReader) {
+        let actor = StoreActor::new(Arc::new(Clock::new("local".into())));
+        let reader = actor.reader();
+        let store = StoreActor::spawn(actor);
+        store.ask(store::Apply(writes.to_vec())).await.unwrap();
+        (store, reader)
+    }
+
+    #[tokio::test]
+    async fn equal_stores_have_equal_digests_whatever_the_order() {
+        let ws = [
+            write("a", Some("1"), 1),
+            write("b", None, 2),
+            write("c", Some("3"), 3),
+        ];
+        let (_s1, r1) = store_with(&ws).await;
+        let reversed: Vec<Write> = ws.iter().rev().cloned().collect();
+        let (_s2, r2) = store_with(&reversed).await;
+        assert_eq!(digest(&r1, BUCKETS), digest(&r2, BUCKETS));
+        let (_s3, r3) = store_with(&[write("a", Some("1"), 1), write("b", Some("2"), 2)]).await;
+        let d1 = digest(&r1, BUCKETS);
+        let d3 = digest(&r3, BUCKETS);
+        let differing = (0..BUCKETS as usize).filter(|&b| d1[b] != d3[b]).count();
+        assert!(
+            (1..=2).contains(&differing),
+            "only the buckets of b and c differ"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_round_sends_only_differing_buckets_and_converges_both_sides() {
+        let shared: Vec<Write> = (0..500)
+            .map(|i| write(&format!("k{i}"), Some("same"), 5))
+            .collect();
+        let mut mine = shared.clone();
+        mine.push(write("only-mine", Some("m"), 9));
+        mine.push(write("k1", Some("newer-here"), 10));
+        let (store, reader) = store_with(&mine).await;
+
+        let peer = FakePeer::default();
+        let mut theirs = shared.clone();
+        theirs.push(write("only-theirs", Some("t"), 9));
+        theirs.push(write("k2", None, 11));
+        peer.set_data(&theirs);
+
+        let report = sync(&peer, &store, &reader).await.unwrap();
+        assert!(report.buckets <= 4, "{report:?}");
+        assert_eq!(report.pulled, 2, "only-theirs and the k2 tombstone");
+        assert_eq!(report.pushed, 2, "only-mine and the newer k1: {report:?}");
+        // Both sides now hold the newest of everything.
+        assert_eq!(digest(&reader, BUCKETS), peer.digest_now(BUCKETS));
+        let get = |k: &str| store.ask(store::GetEntry { key: k.into() });
+        assert_eq!(
+            get("only-theirs").await.unwrap().unwrap().value.as_deref(),
+            Some("t")
+        );
+        assert_eq!(get("k2").await.unwrap().unwrap().value, None);
+        assert_eq!(peer.value("k1"), Some(Some("newer-here".into())));
+        assert_eq!(peer.value("only-mine"), Some(Some("m".into())));
+    }
+}
