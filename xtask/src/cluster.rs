@@ -12,6 +12,39 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+/// The workspace root.
+fn workspace() -> anyhow::Result<PathBuf> {
+    Ok(PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask lives inside the workspace")?
+        .to_path_buf())
+}
+
+/// Cargo's target directory.
+pub fn target_dir() -> anyhow::Result<PathBuf> {
+    Ok(std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(workspace()?.join("target")))
+}
+
+/// Builds `kvstore-server` and returns its path.
+pub fn build_server(release: bool) -> anyhow::Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(&cargo);
+    build
+        .current_dir(workspace()?)
+        .args(["build", "--bin", "kvstore-server"]);
+    if release {
+        build.arg("--release");
+    }
+    if !build.status().context("running cargo build")?.success() {
+        bail!("building kvstore-server failed");
+    }
+    Ok(target_dir()?
+        .join(if release { "release" } else { "debug" })
+        .join("kvstore-server"))
+}
+
 /// Prints a status line. Never panics: if our stdout is gone (the terminal closed, a pager
 /// quit), the nodes must still be stopped.
 macro_rules! say {
@@ -40,27 +73,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask lives inside the workspace")?
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(&cargo);
-    build
-        .current_dir(&workspace)
-        .args(["build", "--bin", "kvstore-server"]);
-    if args.release {
-        build.arg("--release");
-    }
-    if !build.status().context("running cargo build")?.success() {
-        bail!("building kvstore-server failed");
-    }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    let server = target
-        .join(if args.release { "release" } else { "debug" })
-        .join("kvstore-server");
+    let server = build_server(args.release)?;
+    let target = target_dir()?;
 
     let last = u32::from(args.base_port) + u32::from(args.nodes) - 1;
     if last > u32::from(u16::MAX) {

@@ -2,7 +2,9 @@
 //! It needs nothing but cargo, so it works the same on every machine.
 //!
 //! - `cluster`: build `kvstore-server` and run a local cluster, logs prefixed per node.
+//! - `chaos`: kill, restart and partition a cluster under load, then check what survived.
 
+mod chaos;
 mod cluster;
 
 use clap::{Parser, Subcommand};
@@ -18,10 +20,14 @@ struct Cli {
 enum Command {
     /// Build and run a local cluster (3 nodes on 127.0.0.1:5001-5003 by default) until Ctrl-C.
     Cluster(cluster::Args),
+    /// Run a 3-node cluster under load while a seeded schedule kills, restarts and partitions
+    /// nodes; heal, then check that every acknowledged write survived and all nodes agree.
+    Chaos(chaos::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cluster(args) => cluster::run(args),
+        Command::Chaos(args) => chaos::run(args),
     }
 }

@@ -1,0 +1,309 @@
+//! The chaos run behind `cargo xtask chaos`: a 3-node cluster of real processes under a
+//! concurrent Put/Delete/Get workload while a seeded schedule kills (SIGKILL), restarts and
+//! partitions nodes; then everything is healed and checked.
+//!
+//! The checks, after healing and waiting for the cluster to settle:
+//! - every node holds exactly the same entries (versions and tombstones included) for every
+//!   key the workload touched;
+//! - every write acknowledged with `ok` (a write quorum) is there, or a newer version of its
+//!   key is; in particular a key whose newest acknowledged write was a Delete is still
+//!   deleted unless a newer Put followed.
+//!
+//! The schedule is a function of the seed; the interleaving with the workload is not (threads
+//! and the network decide it), so a seed replays the same faults at the same moments, which is
+//! what makes a failure worth rerunning.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::process::{ClusterSpec, ProcessCluster};
+use crate::error::Error;
+use crate::pb::replicator_client::ReplicatorClient;
+use crate::pb::{self, Key};
+
+/// Keys the workload draws from: few enough that writes collide often.
+const KEY_SPACE: u32 = 200;
+/// How long the healed cluster gets to converge before it counts as a violation.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct ChaosConfig {
+    /// The `kvstore-server` binary.
+    pub server: PathBuf,
+    pub seconds: u64,
+    pub seed: u64,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Where node data and logs go (kept after the run for inspection).
+    pub root: PathBuf,
+}
+
+/// What a run did and found.
+#[derive(Debug, Default)]
+pub struct ChaosReport {
+    pub seed: u64,
+    pub events: Vec<String>,
+    pub ops: u64,
+    pub errors: u64,
+    /// Writes acknowledged with a met write quorum.
+    pub acked: u64,
+    pub keys_checked: usize,
+    pub settle_time: Duration,
+    pub violations: Vec<String>,
+}
+
+impl std::fmt::Display for ChaosReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "chaos seed {}", self.seed)?;
+        for e in &self.events {
+            writeln!(f, "  {e}")?;
+        }
+        writeln!(
+            f,
+            "workload: {} ops, {} failed calls, {} writes acknowledged by a quorum",
+            self.ops, self.errors, self.acked
+        )?;
+        writeln!(
+            f,
+            "check: {} keys on every node, settled in {:.1}s",
+            self.keys_checked,
+            self.settle_time.as_secs_f64()
+        )?;
+        if self.violations.is_empty() {
+            write!(f, "no violations")
+        } else {
+            writeln!(f, "{} VIOLATIONS:", self.violations.len())?;
+            for v in &self.violations {
+                writeln!(f, "  {v}")?;
+            }
+            write!(f, "replay with --seed {}", self.seed)
+        }
+    }
+}
+
+/// One acknowledged write.
+#[derive(Clone, Debug)]
+struct Acked {
+    version: (u64, String),
+    value: Option<String>,
+}
+
+/// A key's entry as a node holds it: (version, value or None for a tombstone), or absent.
+type Held = Option<((u64, String), Option<String>)>;
+
+/// Runs the chaos schedule and checks the result.
+pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
+    std::fs::create_dir_all(&config.root)?;
+    let mut cluster = ProcessCluster::start(ClusterSpec {
+        server: config.server.clone(),
+        nodes: 3,
+        root: config.root.clone(),
+        extra_args: [
+            "--replication-deadline",
+            "500ms",
+            "--anti-entropy-interval",
+            "1s",
+            "--peer-connect-timeout",
+            "300ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+    })
+    .await?;
+    let mut report = ChaosReport {
+        seed: config.seed,
+        ..ChaosReport::default()
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked: Arc<Mutex<BTreeMap<String, Vec<Acked>>>> = Arc::default();
+    let ops = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let addrs: Vec<String> = (0..cluster.len()).map(|i| cluster.addr(i)).collect();
+    let mut workers = Vec::new();
+    for c in 0..config.clients {
+        let mut rng = StdRng::seed_from_u64(config.seed ^ (0x9E37_79B9 * (c as u64 + 1)));
+        let clients: Vec<crate::client::Client> = addrs
+            .iter()
+            .map(|a| crate::client::Client::new(a, Duration::from_secs(5)).expect("valid address"))
+            .collect();
+        let (stop, acked, ops, errors) = (stop.clone(), acked.clone(), ops.clone(), errors.clone());
+        workers.push(tokio::spawn(async move {
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let client = &clients[rng.random_range(0..clients.len())];
+                let key = format!("key{:03}", rng.random_range(0..KEY_SPACE));
+                let roll = rng.random_range(0..10);
+                seq += 1;
+                ops.fetch_add(1, Ordering::Relaxed);
+                let result = match roll {
+                    0..=5 => {
+                        let value = format!("c{c}-{seq}");
+                        client.put(&key, &value).await.map(|ack| (ack, Some(value)))
+                    }
+                    6..=7 => client.delete(&key).await.map(|ack| (ack, None)),
+                    _ => {
+                        if client.get(&key).await.is_err_and(|s| s.code() != tonic::Code::NotFound) {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                };
+                match result {
+                    Ok((ack, value)) if ack.ok => {
+                        let v = ack.version.expect("acks carry versions");
+                        acked.lock().unwrap().entry(key).or_default().push(Acked {
+                            version: (v.hlc, v.node_id),
+                            value,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        // A node is down: do not spin on it.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+
+    // The fault schedule: one fault at a time (a node down or cut off), so a majority can
+    // always form and acknowledged writes keep happening.
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let started = Instant::now();
+    let end = started + Duration::from_secs(config.seconds);
+    let mut down: Option<usize> = None;
+    let mut isolated: Option<usize> = None;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(600..1500))).await;
+        let t = started.elapsed().as_secs_f64();
+        let node = rng.random_range(0..cluster.len());
+        let event = match (down, isolated) {
+            (Some(n), _) => {
+                cluster.restart(n).await?;
+                down = None;
+                format!("t={t:5.1}s restart node{}", n + 1)
+            }
+            (None, Some(n)) => {
+                cluster.heal();
+                isolated = None;
+                format!("t={t:5.1}s heal node{}", n + 1)
+            }
+            (None, None) if rng.random_bool(0.5) => {
+                cluster.kill(node);
+                down = Some(node);
+                format!("t={t:5.1}s kill -9 node{}", node + 1)
+            }
+            (None, None) => {
+                cluster.isolate(node);
+                isolated = Some(node);
+                format!("t={t:5.1}s partition node{} from its peers", node + 1)
+            }
+        };
+        report.events.push(event);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        let _ = w.await;
+    }
+    cluster.heal();
+    if let Some(n) = down {
+        cluster.restart(n).await?;
+        report.events.push(format!("end: restart node{}", n + 1));
+    }
+    report.events.push("end: heal all links".into());
+    report.ops = ops.load(Ordering::Relaxed);
+    report.errors = errors.load(Ordering::Relaxed);
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+    report.acked = acked.values().map(|v| v.len() as u64).sum();
+
+    // Settle: wait until every node holds the same entry for every key.
+    let keys: Vec<String> = (0..KEY_SPACE).map(|k| format!("key{k:03}")).collect();
+    let settling = Instant::now();
+    let held = loop {
+        let held = read_all(&cluster, &keys).await?;
+        if held.windows(2).all(|w| w[0] == w[1]) {
+            break held;
+        }
+        if settling.elapsed() > SETTLE_TIMEOUT {
+            for (k, key) in keys.iter().enumerate() {
+                let seen: Vec<&Held> = held.iter().map(|node| &node[k]).collect();
+                if seen.windows(2).any(|w| w[0] != w[1]) {
+                    report
+                        .violations
+                        .push(format!("{key}: nodes differ after {SETTLE_TIMEOUT:?}: {seen:?}"));
+                }
+            }
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    report.settle_time = settling.elapsed();
+    report.keys_checked = keys.len();
+
+    // Every quorum-acknowledged write survives, or something newer replaced it.
+    for (k, key) in keys.iter().enumerate() {
+        let Some(writes) = acked.get(key) else { continue };
+        let newest = writes.iter().max_by(|a, b| a.version.cmp(&b.version)).expect("non-empty");
+        for (n, node) in held.iter().enumerate() {
+            let problem = match &node[k] {
+                None => Some("absent".to_string()),
+                Some((version, _)) if *version < newest.version => {
+                    Some(format!("holds older version {version:?}"))
+                }
+                Some((version, value)) if *version == newest.version && *value != newest.value => {
+                    Some(format!("holds {value:?} under the acknowledged version"))
+                }
+                Some(_) => None,
+            };
+            if let Some(problem) = problem {
+                let what = match &newest.value {
+                    Some(v) => format!("put {v:?}"),
+                    None => "delete".into(),
+                };
+                report.violations.push(format!(
+                    "{key}: node{} {problem}; acknowledged {what} at {:?}",
+                    n + 1,
+                    newest.version
+                ));
+            }
+        }
+    }
+    for i in 0..cluster.len() {
+        cluster.stop(i);
+    }
+    Ok(report)
+}
+
+/// Every node's entry for every key, read through the internal `Read` call (which shows
+/// tombstones and versions).
+async fn read_all(cluster: &ProcessCluster, keys: &[String]) -> Result<Vec<Vec<Held>>, Error> {
+    let mut all = Vec::new();
+    for i in 0..cluster.len() {
+        let mut client = ReplicatorClient::connect(format!("http://{}", cluster.addr(i))).await?;
+        let mut node = Vec::new();
+        for key in keys {
+            let kv = client
+                .read(Key {
+                    key: key.clone(),
+                    ..Key::default()
+                })
+                .await
+                .map_err(|s| Error::Testkit(format!("reading {key} from node{}: {s}", i + 1)))?
+                .into_inner();
+            node.push(pb::kv_to_entry(kv)?.map(|e| {
+                ((e.version.time, e.version.node.to_string()), e.value)
+            }));
+        }
+        all.push(node);
+    }
+    Ok(all)
+}
