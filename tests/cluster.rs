@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::TestCluster;
 use kvstore::config::{Limits, NodeConfig};
 use kvstore::pb::replicator_client::ReplicatorClient;
-use kvstore::pb::{KeyValue, Version};
+use kvstore::pb::{Consistency, KeyValue, Version};
 use kvstore_actors::WriteQuorum;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
@@ -490,4 +490,111 @@ async fn graceful_stop_finishes_and_returns_ok() {
     for node in &mut cluster.nodes {
         node.stop().await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_read_returns_the_newest_version_and_repairs_stale_replicas() {
+    let cluster = TestCluster::start(3);
+    cluster.client(0).put("k", "old").await.unwrap();
+    // Node 3 alone gets a newer version, as if the write's replication had not happened yet.
+    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(2)))
+        .await
+        .unwrap();
+    let newer = u64::MAX / 2;
+    replicator
+        .replicate(KeyValue {
+            key: "k".into(),
+            value: "new".into(),
+            version: Some(Version {
+                hlc: newer,
+                node_id: "elsewhere".into(),
+            }),
+            deleted: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        cluster.client(0).get("k").await.unwrap(),
+        "old",
+        "a local read is local"
+    );
+
+    let quorum = cluster
+        .client(0)
+        .get_with("k", Consistency::Quorum)
+        .await
+        .unwrap();
+    assert_eq!(quorum.value, "new");
+    assert_eq!(quorum.version.unwrap().hlc, newer);
+    // Node 1 was repaired on the spot; node 2 in the background.
+    assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
+    let started = std::time::Instant::now();
+    while cluster.client(1).get("k").await.unwrap() != "new" {
+        assert!(started.elapsed() < NO_HANG, "node 2 was not repaired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_read_without_a_majority_is_unavailable() {
+    let mut cluster = TestCluster::start_with(
+        3,
+        with_deadline(Duration::from_millis(300), WriteQuorum::Majority),
+    );
+    cluster.client(0).put("k", "v").await.unwrap();
+    cluster.nodes[1].kill().await;
+    assert_eq!(
+        cluster
+            .client(0)
+            .get_with("k", Consistency::Quorum)
+            .await
+            .unwrap()
+            .value,
+        "v"
+    );
+    cluster.nodes[2].kill().await;
+    let err = cluster
+        .client(0)
+        .get_with("k", Consistency::Quorum)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().contains("1 of 3 nodes answered, 2 required"),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_keys_and_each_peers_state_and_backlog() {
+    let mut cluster = TestCluster::start_with(
+        3,
+        with_deadline(Duration::from_millis(300), WriteQuorum::Majority),
+    );
+    cluster.client(0).put("a", "1").await.unwrap();
+    cluster.client(0).put("b", "2").await.unwrap();
+    cluster.client(0).delete("b").await.unwrap();
+    cluster.nodes[2].kill().await;
+    for i in 0..3 {
+        cluster
+            .client(0)
+            .put(&format!("while-down-{i}"), "v")
+            .await
+            .unwrap();
+    }
+    let status = cluster.client(0).status().await.unwrap();
+    assert_eq!(status.keys, 4);
+    assert_eq!(status.tombstones, 1);
+    assert_eq!(status.node_id, cluster.addr(0));
+    let peers: BTreeMap<&str, &kvstore::pb::PeerStatus> = status
+        .peers
+        .iter()
+        .map(|p| (p.address.as_str(), p))
+        .collect();
+    let up = peers[cluster.addr(1)];
+    assert_eq!((up.state.as_str(), up.backlog), ("up", 0));
+    assert!(up.last_contact_ms.is_some());
+    let down = peers[cluster.addr(2)];
+    assert_eq!((down.state.as_str(), down.backlog), ("down", 3), "{down:?}");
 }

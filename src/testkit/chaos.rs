@@ -150,7 +150,11 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
                     }
                     6..=7 => client.delete(&key).await.map(|ack| (ack, None)),
                     _ => {
-                        if client.get(&key).await.is_err_and(|s| s.code() != tonic::Code::NotFound) {
+                        if client
+                            .get(&key)
+                            .await
+                            .is_err_and(|s| s.code() != tonic::Code::NotFound)
+                        {
                             errors.fetch_add(1, Ordering::Relaxed);
                         }
                         continue;
@@ -237,9 +241,9 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
             for (k, key) in keys.iter().enumerate() {
                 let seen: Vec<&Held> = held.iter().map(|node| &node[k]).collect();
                 if seen.windows(2).any(|w| w[0] != w[1]) {
-                    report
-                        .violations
-                        .push(format!("{key}: nodes differ after {SETTLE_TIMEOUT:?}: {seen:?}"));
+                    report.violations.push(format!(
+                        "{key}: nodes differ after {SETTLE_TIMEOUT:?}: {seen:?}"
+                    ));
                 }
             }
             break held;
@@ -251,8 +255,13 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
 
     // Every quorum-acknowledged write survives, or something newer replaced it.
     for (k, key) in keys.iter().enumerate() {
-        let Some(writes) = acked.get(key) else { continue };
-        let newest = writes.iter().max_by(|a, b| a.version.cmp(&b.version)).expect("non-empty");
+        let Some(writes) = acked.get(key) else {
+            continue;
+        };
+        let newest = writes
+            .iter()
+            .max_by(|a, b| a.version.cmp(&b.version))
+            .expect("non-empty");
         for (n, node) in held.iter().enumerate() {
             let problem = match &node[k] {
                 None => Some("absent".to_string()),
@@ -299,9 +308,10 @@ async fn read_all(cluster: &ProcessCluster, keys: &[String]) -> Result<Vec<Vec<H
                 .await
                 .map_err(|s| Error::Testkit(format!("reading {key} from node{}: {s}", i + 1)))?
                 .into_inner();
-            node.push(pb::kv_to_entry(kv)?.map(|e| {
-                ((e.version.time, e.version.node.to_string()), e.value)
-            }));
+            node.push(
+                pb::kv_to_entry(kv)?
+                    .map(|e| ((e.version.time, e.version.node.to_string()), e.value)),
+            );
         }
         all.push(node);
     }

@@ -47,7 +47,9 @@ pub struct ProcessCluster {
 /// A port that was free a moment ago. A process cannot be handed a bound socket, so this is
 /// the usual small race; [`ProcessCluster::start`] retries a node whose port was taken.
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl ProcessCluster {
@@ -65,17 +67,17 @@ impl ProcessCluster {
                 links: Vec::new(),
             });
         }
-        for i in 0..nodes.len() {
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        for (i, node) in nodes.iter_mut().enumerate() {
             let mut links = Vec::new();
-            for j in 0..nodes.len() {
+            for (j, port) in ports.iter().enumerate() {
                 links.push(if i == j {
                     None
                 } else {
-                    let target = SocketAddr::from(([127, 0, 0, 1], nodes[j].port));
-                    Some(Proxy::start(target).await?)
+                    Some(Proxy::start(SocketAddr::from(([127, 0, 0, 1], *port))).await?)
                 });
             }
-            nodes[i].links = links;
+            node.links = links;
         }
         let mut cluster = Self { spec, nodes };
         for i in 0..cluster.nodes.len() {
@@ -206,7 +208,11 @@ impl ProcessCluster {
     }
 
     /// Starts node `i` and waits for it to exit by itself (a refused start).
-    pub fn run_to_exit(&mut self, i: usize, extra: &[&str]) -> Result<std::process::ExitStatus, Error> {
+    pub fn run_to_exit(
+        &mut self,
+        i: usize,
+        extra: &[&str],
+    ) -> Result<std::process::ExitStatus, Error> {
         self.kill(i);
         self.spawn_with(i, extra)?;
         let mut child = self.nodes[i].child.take().expect("just spawned");

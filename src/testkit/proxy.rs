@@ -37,7 +37,9 @@ impl Proxy {
                     }
                     let mut cuts = epoch.subscribe();
                     tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(target).await else { return };
+                        let Ok(mut server) = TcpStream::connect(target).await else {
+                            return;
+                        };
                         let _ = client.set_nodelay(true);
                         let _ = server.set_nodelay(true);
                         let mut client = client;
