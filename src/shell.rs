@@ -167,9 +167,11 @@ impl Shell {
     fn failure(&self, status: &Status) -> Output {
         let addr = self.client.addr();
         Output::error(match status.code() {
-            Code::Unavailable => {
+            // A transport failure carries its cause; an UNAVAILABLE the node sent does not.
+            Code::Unavailable if std::error::Error::source(status).is_some() => {
                 format!("cannot reach node {addr} ({})", status_reason(status))
             }
+            Code::Unavailable => format!("unavailable: {}", status.message()),
             Code::DeadlineExceeded | Code::Cancelled => {
                 format!("node {addr} did not answer in time")
             }

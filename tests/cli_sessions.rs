@@ -157,3 +157,17 @@ async fn session_while_one_node_is_down() {
     .await;
     assert_session!("one_node_down", t);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_read_session() {
+    let mut cluster = TestCluster::start(3);
+    let t1 = session(
+        &cluster,
+        "put name Adnan\nget -q name\nget name --quorum\nget -q nobody",
+    )
+    .await;
+    cluster.nodes[1].kill().await;
+    cluster.nodes[2].kill().await;
+    let t2 = session(&cluster, "get name\nget -q name").await;
+    assert_session!("quorum_read", format!("{t1}{t2}"));
+}
