@@ -26,6 +26,7 @@ async fn cluster(nodes: usize, root: &std::path::Path) -> ProcessCluster {
         ]
         .map(String::from)
         .to_vec(),
+        proxied: true,
     })
     .await
     .unwrap()

@@ -115,6 +115,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
         ]
         .map(String::from)
         .to_vec(),
+        proxied: true,
     })
     .await?;
     let mut report = ChaosReport {

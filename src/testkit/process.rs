@@ -27,6 +27,9 @@ pub struct ClusterSpec {
     pub root: PathBuf,
     /// Flags added to every node's command line.
     pub extra_args: Vec<String>,
+    /// Link nodes through [`Proxy`]s (so they can be partitioned) rather than directly (as a
+    /// benchmark wants, with nothing in between).
+    pub proxied: bool,
 }
 
 struct Node {
@@ -68,7 +71,7 @@ impl ProcessCluster {
             });
         }
         let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
-        for (i, node) in nodes.iter_mut().enumerate() {
+        for (i, node) in nodes.iter_mut().enumerate().filter(|_| spec.proxied) {
             let mut links = Vec::new();
             for (j, port) in ports.iter().enumerate() {
                 links.push(if i == j {
@@ -95,6 +98,11 @@ impl ProcessCluster {
 
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
+    }
+
+    /// Node `i`'s process id, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
     }
 
     /// Node `i`'s client address.
@@ -133,8 +141,14 @@ impl ProcessCluster {
             .arg(format!("node{}", i + 1))
             .arg("--data-dir")
             .arg(&node.data_dir);
-        for proxy in node.links.iter().flatten() {
-            cmd.arg("--peer").arg(proxy.addr().to_string());
+        if self.spec.proxied {
+            for proxy in node.links.iter().flatten() {
+                cmd.arg("--peer").arg(proxy.addr().to_string());
+            }
+        } else {
+            for (_, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
+                cmd.arg("--peer").arg(format!("127.0.0.1:{}", other.port));
+            }
         }
         cmd.args(&self.spec.extra_args)
             .args(extra)

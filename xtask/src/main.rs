@@ -3,7 +3,9 @@
 //!
 //! - `cluster`: build `kvstore-server` and run a local cluster, logs prefixed per node.
 //! - `chaos`: kill, restart and partition a cluster under load, then check what survived.
+//! - `bench`: kvstore against etcd and a bare gRPC echo, side by side, with ratios.
 
+mod bench;
 mod chaos;
 mod cluster;
 
@@ -23,11 +25,15 @@ enum Command {
     /// Run a 3-node cluster under load while a seeded schedule kills, restarts and partitions
     /// nodes; heal, then check that every acknowledged write survived and all nodes agree.
     Chaos(chaos::Args),
+    /// Benchmark a release 3-node cluster against etcd and a bare gRPC echo server, side by
+    /// side; write bench/results/<date>.md and .json.
+    Bench(bench::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Cluster(args) => cluster::run(args),
         Command::Chaos(args) => chaos::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

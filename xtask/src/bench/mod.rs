@@ -1,0 +1,600 @@
+//! `cargo xtask bench`: kvstore against etcd and against the wire's limit, side by side in one
+//! run, on this machine.
+//!
+//! A closed-loop load generator of our own (the project's gRPC client, HDR histograms) drives a
+//! freshly started 3-node kvstore cluster (release build, default durable settings: fsync
+//! before ack), a 3-member etcd cluster (Debian's `etcd-server`, fsync on), and a bare tonic
+//! echo server with the same payload. Workloads: put, get, mixed (90 % get), delete, list; at 1,
+//! 16 and 64 clients, each on its own connection, spread over the nodes; 16-byte keys, 100-byte
+//! values, 10k keys preloaded (100k for list). Each cell runs for a fixed time. Results go to
+//! `bench/results/` as markdown and JSON, with ratios ours/etcd and ours/echo per cell: the
+//! machine is shared and noisy, so only ratios measured in the same run mean anything.
+//!
+//! `--memory`, `--restart` and `--catchup` measure RSS per key at 1M keys, start-to-serving
+//! time with 1M keys, and the time a node that missed 100k writes takes to converge.
+//!
+//! The load generator must not be the bottleneck, so `cargo xtask bench` builds everything in
+//! release mode and re-runs itself from the release build.
+
+mod load;
+mod report;
+mod targets;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use kvstore::testkit::ProcessCluster;
+use kvstore::testkit::process::ClusterSpec;
+use serde::Serialize;
+
+use crate::cluster::target_dir;
+use load::{Figures, Workload};
+use targets::{Conn, EtcdCluster};
+
+/// Generated clients for etcd's KV API and the echo service.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    pub mod etcd {
+        tonic::include_proto!("etcdserverpb");
+    }
+    pub mod echo {
+        tonic::include_proto!("echo");
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Seconds per cell.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Client counts to run each workload at.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Workloads to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "put,get,mixed,delete,list"
+    )]
+    workloads: Vec<String>,
+    /// Keys preloaded before reads and written by the workloads.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Keys a list streams.
+    #[arg(long, default_value_t = 100_000)]
+    list_keys: u64,
+    /// Skip etcd even if it is installed.
+    #[arg(long)]
+    no_etcd: bool,
+    /// Measure RSS per key of a node holding 1M keys.
+    #[arg(long)]
+    memory: bool,
+    /// Measure start-to-serving time of a node holding 1M keys.
+    #[arg(long)]
+    restart: bool,
+    /// Measure how long a node that missed 100k writes takes to converge.
+    #[arg(long)]
+    catchup: bool,
+    /// Keys for --memory and --restart.
+    #[arg(long, default_value_t = 1_000_000)]
+    big_keys: u64,
+    /// Writes a node misses for --catchup.
+    #[arg(long, default_value_t = 100_000)]
+    missed_writes: u64,
+    /// Where results go.
+    #[arg(long, default_value = "bench/results")]
+    out: PathBuf,
+    /// Already running from the release build (set by the re-run).
+    #[arg(long, hide = true)]
+    inner: bool,
+}
+
+/// One measured cell.
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    pub workload: Workload,
+    /// kvstore, etcd, etcd-serializable or echo.
+    pub target: String,
+    pub concurrency: usize,
+    #[serde(flatten)]
+    pub figures: Figures,
+}
+
+/// Everything one run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct Results {
+    pub date: String,
+    pub cores: usize,
+    pub cpu: String,
+    pub seconds_per_cell: f64,
+    pub keys: u64,
+    pub list_keys: u64,
+    pub etcd_version: Option<String>,
+    pub cells: Vec<Cell>,
+    pub notes: Vec<String>,
+    pub memory_bytes_per_key: Option<f64>,
+    pub restart_seconds: Option<f64>,
+    pub catchup_seconds: Option<f64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) && !args.inner {
+        return rerun_release();
+    }
+    let server = target_dir()?.join("release").join("kvstore-server");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(measure(&args, Some(server)))?;
+    let (md, json) = report::write(&results, &args.out)?;
+    println!("{}", report::markdown(&results));
+    println!("bench: wrote {} and {}", md.display(), json.display());
+    Ok(())
+}
+
+/// Builds the server and xtask in release mode and runs the benchmark from there.
+fn rerun_release() -> anyhow::Result<()> {
+    crate::cluster::build_server(true)?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(&cargo)
+        .args(["build", "--release", "-p", "xtask"])
+        .status()?;
+    anyhow::ensure!(status.success(), "building xtask in release mode failed");
+    let exe = target_dir()?.join("release").join("xtask");
+    let status = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--inner")
+        .status()?;
+    anyhow::ensure!(status.success(), "benchmark failed");
+    Ok(())
+}
+
+/// A kvstore cluster for the benchmark: real processes, or (for the smoke test, which has no
+/// binary to start) nodes in this process.
+enum Kvstore {
+    Processes(ProcessCluster),
+    InProcess {
+        runtimes: Vec<tokio::runtime::Runtime>,
+        addrs: Vec<String>,
+        /// Holds the nodes' data dirs until the cluster is dropped.
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Kvstore {
+    async fn start(server: Option<PathBuf>, root: PathBuf, nodes: usize) -> anyhow::Result<Self> {
+        if let Some(server) = server {
+            return Ok(Self::Processes(
+                ProcessCluster::start(ClusterSpec {
+                    server,
+                    nodes,
+                    root,
+                    extra_args: Vec::new(),
+                    proxied: false,
+                })
+                .await?,
+            ));
+        }
+        let dir = tempfile::tempdir()?;
+        let listeners: Vec<std::net::TcpListener> = (0..nodes)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .collect::<Result<_, _>>()?;
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().map(|a| a.to_string()))
+            .collect::<Result<_, _>>()?;
+        let mut runtimes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            listener.set_nonblocking(true)?;
+            let config = kvstore::NodeConfig {
+                peers: addrs.iter().filter(|a| **a != addrs[i]).cloned().collect(),
+                data_dir: Some(dir.path().join(format!("node{i}"))),
+                ..kvstore::NodeConfig::default()
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("in a runtime");
+                let _ = kvstore::server::run(listener, config, std::future::pending()).await;
+            });
+            runtimes.push(rt);
+        }
+        Ok(Self::InProcess {
+            runtimes,
+            addrs,
+            _dir: dir,
+        })
+    }
+
+    fn addrs(&self) -> Vec<String> {
+        match self {
+            Self::Processes(c) => (0..c.len()).map(|i| c.addr(i)).collect(),
+            Self::InProcess { addrs, .. } => addrs.clone(),
+        }
+    }
+}
+
+impl Drop for Kvstore {
+    fn drop(&mut self) {
+        if let Self::InProcess { runtimes, .. } = self {
+            for rt in runtimes.drain(..) {
+                rt.shutdown_background();
+            }
+        }
+    }
+}
+
+/// `n` connections spread over `addrs`.
+async fn connect(
+    addrs: &[String],
+    n: usize,
+    f: impl AsyncFn(&str) -> anyhow::Result<Conn>,
+) -> anyhow::Result<Vec<Conn>> {
+    let mut conns = Vec::new();
+    for i in 0..n {
+        conns.push(f(&addrs[i % addrs.len()]).await?);
+    }
+    Ok(conns)
+}
+
+struct Progress {
+    done: usize,
+    total: usize,
+}
+
+impl Progress {
+    fn step(&mut self, what: &str) {
+        self.done += 1;
+        eprint!("\r\x1b[2K[{}/{}] {what}", self.done, self.total);
+    }
+}
+
+/// Runs every cell. `server` is the kvstore-server binary, or None for in-process nodes.
+pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Results> {
+    let workloads: Vec<Workload> = args
+        .workloads
+        .iter()
+        .map(|w| match w.as_str() {
+            "put" => Ok(Workload::Put),
+            "get" => Ok(Workload::Get),
+            "mixed" => Ok(Workload::Mixed),
+            "delete" => Ok(Workload::Delete),
+            "list" => Ok(Workload::List),
+            other => anyhow::bail!("unknown workload {other}"),
+        })
+        .collect::<Result<_, _>>()?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let etcd = if args.no_etcd {
+        None
+    } else {
+        targets::etcd_binary()
+    };
+    let mut results = Results {
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu: cpu_model(),
+        seconds_per_cell: args.seconds,
+        keys: args.keys,
+        list_keys: args.list_keys,
+        ..Results::default()
+    };
+    if etcd.is_none() && !args.no_etcd {
+        let note = "etcd not installed: install it with `apt-get install etcd-server` to compare";
+        eprintln!("bench: {note}");
+        results.notes.push(note.into());
+    }
+    if let Some(etcd) = &etcd {
+        let out = std::process::Command::new(etcd).arg("--version").output()?;
+        results.etcd_version = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .map(String::from);
+    }
+    let cs = &args.concurrency;
+    let per_target = workloads.len() * cs.len();
+    let mut progress = Progress {
+        done: 0,
+        total: cs.len()
+            + per_target
+            + etcd.as_ref().map_or(0, |_| {
+                per_target
+                    + cs.len()
+                        * workloads
+                            .iter()
+                            .filter(|w| matches!(w, Workload::Get | Workload::Mixed))
+                            .count()
+            }),
+    };
+    let root = target_dir()?.join("bench");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+
+    // The wire's limit.
+    let (echo_addr, echo_runtime) = targets::start_echo()?;
+    for &c in cs {
+        progress.step(&format!("echo c={c}"));
+        let conns = connect(std::slice::from_ref(&echo_addr), c, Conn::echo).await?;
+        let figures = load::run(conns, Workload::Echo, args.keys, duration).await;
+        results.cells.push(Cell {
+            workload: Workload::Echo,
+            target: "echo".into(),
+            concurrency: c,
+            figures,
+        });
+    }
+    echo_runtime.shutdown_background();
+
+    // kvstore.
+    {
+        let cluster = Kvstore::start(server.clone(), root.join("kvstore"), 3).await?;
+        let addrs = cluster.addrs();
+        run_target(
+            args,
+            &workloads,
+            &addrs,
+            "kvstore",
+            &mut progress,
+            &mut results,
+            async |a: &str| Conn::kvstore(a).await,
+        )
+        .await?;
+    }
+
+    // etcd, linearizable and serializable reads.
+    if let Some(binary) = &etcd {
+        let cluster = EtcdCluster::start(binary, &root.join("etcd")).await?;
+        let addrs = cluster.clients.clone();
+        run_target(
+            args,
+            &workloads,
+            &addrs,
+            "etcd",
+            &mut progress,
+            &mut results,
+            async |a: &str| Conn::etcd(a, false).await,
+        )
+        .await?;
+        let reads: Vec<Workload> = workloads
+            .iter()
+            .copied()
+            .filter(|w| matches!(w, Workload::Get | Workload::Mixed))
+            .collect();
+        run_target(
+            args,
+            &reads,
+            &addrs,
+            "etcd-serializable",
+            &mut progress,
+            &mut results,
+            async |a: &str| Conn::etcd(a, true).await,
+        )
+        .await?;
+    }
+    eprintln!();
+
+    if args.memory || args.restart {
+        big_node(args, server.clone(), &root, &mut results).await?;
+    }
+    if args.catchup {
+        results.catchup_seconds = Some(catchup(args, server.clone(), &root).await?);
+    }
+    Ok(results)
+}
+
+/// Runs `workloads` at every concurrency against one target.
+#[allow(clippy::too_many_arguments)]
+async fn run_target(
+    args: &Args,
+    workloads: &[Workload],
+    addrs: &[String],
+    target: &str,
+    progress: &mut Progress,
+    results: &mut Results,
+    conn: impl AsyncFn(&str) -> anyhow::Result<Conn> + Copy,
+) -> anyhow::Result<()> {
+    let duration = Duration::from_secs_f64(args.seconds);
+    let mut loaded = 0;
+    for &workload in workloads {
+        let keys = if workload == Workload::List {
+            args.list_keys
+        } else {
+            args.keys
+        };
+        if loaded < keys {
+            eprint!("\r\x1b[2K{target}: preloading {keys} keys");
+            load::preload(connect(addrs, 64, conn).await?, loaded, keys).await?;
+            loaded = keys;
+        }
+        for &c in &args.concurrency {
+            progress.step(&format!("{target} {workload:?} c={c}"));
+            let conns = connect(addrs, c, conn).await?;
+            let figures = load::run(conns, workload, keys, duration).await;
+            results.cells.push(Cell {
+                workload,
+                target: target.into(),
+                concurrency: c,
+                figures,
+            });
+        }
+        if workload == Workload::Delete {
+            loaded = 0; // the keys are gone: reload before reading again
+        }
+    }
+    Ok(())
+}
+
+/// RSS of a process, from /proc.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// --memory and --restart: one node, `big_keys` keys.
+async fn big_node(
+    args: &Args,
+    server: Option<PathBuf>,
+    root: &std::path::Path,
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let server = server.context("--memory and --restart need the release binary")?;
+    let mut cluster = ProcessCluster::start(ClusterSpec {
+        server,
+        nodes: 1,
+        root: root.join("big"),
+        extra_args: Vec::new(),
+        proxied: false,
+    })
+    .await?;
+    let addrs = vec![cluster.addr(0)];
+    let pid = cluster.pid(0).context("node running")?;
+    let empty = rss_bytes(pid)?;
+    eprintln!("bench: loading {} keys into one node", args.big_keys);
+    load::preload(connect(&addrs, 64, Conn::kvstore).await?, 0, args.big_keys).await?;
+    let full = rss_bytes(pid)?;
+    let per_key = (full.saturating_sub(empty)) as f64 / args.big_keys as f64;
+    results.memory_bytes_per_key = Some(per_key);
+    eprintln!("bench: RSS {empty} -> {full} bytes: {per_key:.0} bytes per key");
+    if args.restart {
+        cluster.stop(0);
+        let started = Instant::now();
+        cluster.restart(0).await?;
+        // Serving means answering a read of the data, not just accepting a connection.
+        let mut conn = Conn::kvstore(&addrs[0]).await?;
+        conn.run(targets::Op::Get(load::key(args.big_keys - 1)))
+            .await?;
+        let took = started.elapsed().as_secs_f64();
+        results.restart_seconds = Some(took);
+        eprintln!(
+            "bench: restart with {} keys: serving after {took:.2}s",
+            args.big_keys
+        );
+    }
+    Ok(())
+}
+
+/// --catchup: a node misses `missed_writes` writes, comes back; time until it has them all.
+async fn catchup(
+    args: &Args,
+    server: Option<PathBuf>,
+    root: &std::path::Path,
+) -> anyhow::Result<f64> {
+    let server = server.context("--catchup needs the release binary")?;
+    let mut cluster = ProcessCluster::start(ClusterSpec {
+        server,
+        nodes: 3,
+        root: root.join("catchup"),
+        extra_args: Vec::new(),
+        proxied: false,
+    })
+    .await?;
+    cluster.kill(2);
+    let live = vec![cluster.addr(0), cluster.addr(1)];
+    eprintln!(
+        "bench: writing {} keys while node3 is down",
+        args.missed_writes
+    );
+    load::preload(
+        connect(&live, 64, Conn::kvstore).await?,
+        0,
+        args.missed_writes,
+    )
+    .await?;
+    let started = Instant::now();
+    cluster.restart(2).await?;
+    let client = cluster.client(2);
+    loop {
+        let status = client.status().await?;
+        if status.keys >= args.missed_writes {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "node3 did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    eprintln!(
+        "bench: node3 caught up on {} writes in {took:.2}s",
+        args.missed_writes
+    );
+    Ok(took)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    /// The harness in smoke mode: a tiny key space and short cells, against a real (in-process,
+    /// durable) kvstore cluster and the echo server. Asserts only that it runs and reports every
+    /// cell; speed is for the real run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smoke_run_reports_every_cell() {
+        let cli = Cli::parse_from([
+            "bench",
+            "--seconds",
+            "0.2",
+            "--keys",
+            "50",
+            "--list-keys",
+            "200",
+            "--no-etcd",
+        ]);
+        let results = measure(&cli.args, None).await.unwrap();
+        let cell = |w: Workload, t: &str, c: usize| {
+            results
+                .cells
+                .iter()
+                .find(|x| x.workload == w && x.target == t && x.concurrency == c)
+                .unwrap_or_else(|| panic!("missing cell {w:?} {t} c={c}"))
+        };
+        for c in [1, 16, 64] {
+            assert!(cell(Workload::Echo, "echo", c).figures.ops > 0);
+            for w in [
+                Workload::Put,
+                Workload::Get,
+                Workload::Mixed,
+                Workload::Delete,
+                Workload::List,
+            ] {
+                let f = &cell(w, "kvstore", c).figures;
+                assert!(f.ops > 0, "{w:?} c={c}: {f:?}");
+                assert_eq!(f.errors, 0, "{w:?} c={c}: {f:?}");
+                assert!(f.p50_us <= f.p99_us && f.p99_us <= f.p999_us);
+            }
+        }
+        let md = report::markdown(&results);
+        assert!(md.contains("| put |") && md.contains("ours/echo"), "{md}");
+    }
+}

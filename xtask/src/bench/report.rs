@@ -1,0 +1,183 @@
+//! The benchmark's report: a markdown table with ratios, the targets and whether each is met,
+//! and the raw figures as JSON.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use super::load::Workload;
+use super::{Cell, Results};
+
+fn find<'a>(r: &'a Results, w: Workload, target: &str, c: usize) -> Option<&'a Cell> {
+    r.cells
+        .iter()
+        .find(|x| x.workload == w && x.target == target && x.concurrency == c)
+}
+
+fn ms(us: u64) -> String {
+    format!("{:.2}", us as f64 / 1000.0)
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".into(),
+    }
+}
+
+/// The report as markdown.
+pub fn markdown(r: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# kvstore benchmark, {}\n", r.date);
+    let _ = writeln!(
+        s,
+        "{} cores, {}; {} s per cell; {} keys ({} for list), 16-byte keys, 100-byte values; \
+         durable settings on every side (kvstore `--sync always`, etcd default fsync). {}\n",
+        r.cores,
+        r.cpu,
+        r.seconds_per_cell,
+        r.keys,
+        r.list_keys,
+        r.etcd_version.as_deref().unwrap_or("etcd not run"),
+    );
+    for note in &r.notes {
+        let _ = writeln!(s, "> {note}\n");
+    }
+    let _ = writeln!(
+        s,
+        "| workload | c | kvstore ops/s | p50 ms | p99 ms | p999 ms | err | etcd ops/s | etcd p50 | etcd p99 | etcd-ser ops/s | etcd-ser p99 | echo ops/s | ours/etcd ops | ours/etcd p99 | ours/etcd-ser ops | ours/echo ops |"
+    );
+    let _ = writeln!(s, "|{}", "---|".repeat(17));
+    let workloads = [
+        Workload::Put,
+        Workload::Get,
+        Workload::Mixed,
+        Workload::Delete,
+        Workload::List,
+    ];
+    let mut cs: Vec<usize> = r.cells.iter().map(|c| c.concurrency).collect();
+    cs.sort_unstable();
+    cs.dedup();
+    for w in workloads {
+        for &c in &cs {
+            let Some(ours) = find(r, w, "kvstore", c) else {
+                continue;
+            };
+            let etcd = find(r, w, "etcd", c);
+            let ser = find(r, w, "etcd-serializable", c);
+            let echo = find(r, Workload::Echo, "echo", c).filter(|_| w != Workload::List);
+            let o = &ours.figures;
+            let _ = writeln!(
+                s,
+                "| {} | {c} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                format!("{w:?}").to_lowercase(),
+                o.ops_per_sec,
+                ms(o.p50_us),
+                ms(o.p99_us),
+                ms(o.p999_us),
+                o.errors,
+                etcd.map_or("-".into(), |e| format!("{:.0}", e.figures.ops_per_sec)),
+                etcd.map_or("-".into(), |e| ms(e.figures.p50_us)),
+                etcd.map_or("-".into(), |e| ms(e.figures.p99_us)),
+                ser.map_or("-".into(), |e| format!("{:.0}", e.figures.ops_per_sec)),
+                ser.map_or("-".into(), |e| ms(e.figures.p99_us)),
+                echo.map_or("-".into(), |e| format!("{:.0}", e.figures.ops_per_sec)),
+                ratio(Some(o.ops_per_sec), etcd.map(|e| e.figures.ops_per_sec)),
+                ratio(Some(o.p99_us as f64), etcd.map(|e| e.figures.p99_us as f64)),
+                ratio(Some(o.ops_per_sec), ser.map(|e| e.figures.ops_per_sec)),
+                ratio(Some(o.ops_per_sec), echo.map(|e| e.figures.ops_per_sec)),
+            );
+        }
+    }
+    let _ = writeln!(s, "\n## Targets\n");
+    let _ = writeln!(s, "| cell | target | measured | met |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let ops = |w, t, c| find(r, w, t, c).map(|x| x.figures.ops_per_sec);
+    let p99 = |w, t, c| find(r, w, t, c).map(|x| x.figures.p99_us as f64);
+    let p50 = |w, t, c| find(r, w, t, c).map(|x| x.figures.p50_us as f64);
+    let div =
+        |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
+    let mut target =
+        |cell: &str, goal: &str, value: Option<f64>, unit: &str, met: fn(f64) -> bool| {
+            let _ = writeln!(
+                s,
+                "| {cell} | {goal} | {} | {} |",
+                value.map_or("not measured".into(), |v| format!("{v:.2}{unit}")),
+                value.map_or("-", |v| if met(v) { "yes" } else { "no" })
+            );
+        };
+    let put = Workload::Put;
+    target(
+        "put c=64 ops/s",
+        ">= 4x etcd",
+        div(ops(put, "kvstore", 64), ops(put, "etcd", 64)),
+        "x",
+        |v| v >= 4.0,
+    );
+    target(
+        "put c=64 p99",
+        "<= 0.5x etcd",
+        div(p99(put, "kvstore", 64), p99(put, "etcd", 64)),
+        "x",
+        |v| v <= 0.5,
+    );
+    target(
+        "put c=1 p50",
+        "<= 0.5x etcd",
+        div(p50(put, "kvstore", 1), p50(put, "etcd", 1)),
+        "x",
+        |v| v <= 0.5,
+    );
+    target(
+        "get c=64 ops/s",
+        ">= 0.8x echo",
+        div(
+            ops(Workload::Get, "kvstore", 64),
+            ops(Workload::Echo, "echo", 64),
+        ),
+        "x",
+        |v| v >= 0.8,
+    );
+    target(
+        "mixed c=64 ops/s",
+        ">= 4x etcd (serializable reads)",
+        div(
+            ops(Workload::Mixed, "kvstore", 64),
+            ops(Workload::Mixed, "etcd-serializable", 64),
+        ),
+        "x",
+        |v| v >= 4.0,
+    );
+    target(
+        "memory at 1M keys",
+        "<= 250 bytes/key",
+        r.memory_bytes_per_key,
+        " B",
+        |v| v <= 250.0,
+    );
+    target(
+        "restart with 1M keys",
+        "serving in <= 2 s",
+        r.restart_seconds,
+        " s",
+        |v| v <= 2.0,
+    );
+    target(
+        "catch-up of 100k missed writes",
+        "<= 5 s",
+        r.catchup_seconds,
+        " s",
+        |v| v <= 5.0,
+    );
+    s
+}
+
+/// Writes `<date>.md` and `<date>.json` into `dir`.
+pub fn write(r: &Results, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let stem = r.date.replace(':', "-");
+    let md = dir.join(format!("{stem}.md"));
+    let json = dir.join(format!("{stem}.json"));
+    std::fs::write(&md, markdown(r))?;
+    std::fs::write(&json, serde_json::to_string_pretty(r)?)?;
+    Ok((md, json))
+}
