@@ -274,6 +274,21 @@ impl ServerArgs {
                 peers.push(peer);
             }
         }
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || id.len() > kvstore_actors::version::MAX_NODE_ID_BYTES)
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--node-id must be 1 to {} bytes",
+                kvstore_actors::version::MAX_NODE_ID_BYTES
+            )));
+        }
+        // Node ids break ties between versions: two nodes with one id could keep different
+        // values of a key forever. An unspecified address is the same on every machine.
+        if self.node_id.is_none() && listen.ip().is_unspecified() {
+            return Err(Error::InvalidArgument(format!(
+                "listening on {listen}, which every node could share: give --node-id (unique in the cluster)"
+            )));
+        }
         let config = NodeConfig {
             node_id: self.node_id.clone(),
             peers,
@@ -378,6 +393,8 @@ mod tests {
         let (listen, config) = parse(&[
             "--listen",
             "0.0.0.0:7000",
+            "--node-id",
+            "db1",
             "--peer",
             "db2:7000",
             "--peer",
@@ -400,6 +417,10 @@ mod tests {
     #[test]
     fn bad_arguments_are_named() {
         assert!(parse(&[]).unwrap_err().to_string().contains("--listen"));
+        let err = parse(&["--listen", "0.0.0.0:7000"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--node-id"), "{err}");
         let err = parse(&["5001", "db2"]).unwrap_err().to_string();
         assert!(err.contains("'db2'") && err.contains("host:port"), "{err}");
         let err = parse(&["5001", "5001"]).unwrap_err().to_string();

@@ -61,10 +61,23 @@ impl TryFrom<KeyValue> for Write {
         let version = kv.version.ok_or_else(|| {
             Error::InvalidArgument("Replicate requires a version (field 3); none was sent".into())
         })?;
-        if version.node_id.is_empty() {
-            return Err(Error::InvalidArgument(
-                "Replicate requires version.node_id; it was empty".into(),
-            ));
+        if version.node_id.is_empty()
+            || version.node_id.len() > kvstore_actors::version::MAX_NODE_ID_BYTES
+        {
+            return Err(Error::InvalidArgument(format!(
+                "version.node_id must be 1 to {} bytes, got {}",
+                kvstore_actors::version::MAX_NODE_ID_BYTES,
+                version.node_id.len()
+            )));
+        }
+        // A version far in the future would pin every later write of the key (and, through
+        // restart, the clock) behind it: refuse what no honest clock could have made.
+        let limit = kvstore_actors::version::latest_acceptable();
+        if version.hlc > limit {
+            return Err(Error::InvalidArgument(format!(
+                "version.hlc {} is too far in the future (limit {limit})",
+                version.hlc
+            )));
         }
         if kv.deleted && !kv.value.is_empty() {
             return Err(Error::InvalidArgument(

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use kvstore_actors::{Clock, Coordinator, CoordinatorConfig, Storage, StorageConfig, StoreActor};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
@@ -103,14 +103,12 @@ pub async fn run(
 
     // The shutdown signal is observed twice: by tonic (stop accepting, finish in-flight calls)
     // and by the grace timer that bounds how long "finish" may take.
-    let stop = Arc::new(Notify::new());
-    let signalled = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            stop.notify_waiters();
-        })
-    };
+    // A watch, not a Notify: a signal that fires before anyone waits is still seen.
+    let (stop, stopped) = watch::channel(false);
+    let signalled = tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
     let serve = Server::builder()
         .add_service(
             KvStoreServer::new(KvService::new(
@@ -131,11 +129,14 @@ pub async fn run(
                 .max_encoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
-            let stop = stop.clone();
-            async move { stop.notified().await }
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
         });
-    let grace = async {
-        stop.notified().await;
+    let mut stopped_for_grace = stopped.clone();
+    let grace = async move {
+        let _ = stopped_for_grace.wait_for(|s| *s).await;
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
         tokio::time::sleep(config.shutdown_grace).await;
     };

@@ -421,6 +421,21 @@ async fn versionless_replicate_is_refused_not_applied() {
     replicator.replicate(versioned("new", 200)).await.unwrap();
     replicator.replicate(versioned("old", 100)).await.unwrap();
     assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
+
+    // Versions no honest node makes are refused: one from the far future would pin the key
+    // (and the clock) for good; an oversized node id would not fit the log.
+    let err = replicator
+        .replicate(versioned("pinned", u64::MAX))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("future"), "{}", err.message());
+    let mut long_id = versioned("long", 300);
+    long_id.version.as_mut().unwrap().node_id = "n".repeat(70_000);
+    let err = replicator.replicate(long_id).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("node_id"), "{}", err.message());
+    assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +515,8 @@ async fn a_quorum_read_returns_the_newest_version_and_repairs_stale_replicas() {
     let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(2)))
         .await
         .unwrap();
-    let newer = u64::MAX / 2;
+    // A minute ahead of now: newer than anything the cluster wrote.
+    let newer = kvstore_actors::version::now_minus(Duration::ZERO) + (60 << 32);
     replicator
         .replicate(KeyValue {
             key: "k".into(),

@@ -31,15 +31,19 @@ pub fn bucket_of(key: &str, buckets: u32) -> u32 {
     (xxh3_64(key.as_bytes()) % u64::from(buckets)) as u32
 }
 
-/// The hash of one entry: key, version and tombstone flag identify a write uniquely.
+/// The hash of one entry: key, version, tombstone flag and value. The version alone identifies
+/// a write when node ids are unique; the value is included so that a misconfiguration (two
+/// nodes sharing an id) shows up as a difference instead of hiding one.
 pub fn entry_hash(key: &str, entry: &Entry) -> u64 {
     let node = entry.version.node.as_bytes();
-    let mut buf = Vec::with_capacity(key.len() + node.len() + 18);
+    let value = entry.value.as_deref().unwrap_or("");
+    let mut buf = Vec::with_capacity(key.len() + node.len() + value.len() + 26);
     buf.extend_from_slice(&(key.len() as u64).to_le_bytes());
     buf.extend_from_slice(key.as_bytes());
     buf.extend_from_slice(&entry.version.time.to_le_bytes());
     buf.extend_from_slice(node);
     buf.push(u8::from(entry.value.is_none()));
+    buf.extend_from_slice(value.as_bytes());
     xxh3_64(&buf)
 }
 
@@ -91,6 +95,8 @@ pub struct SyncReport {
     pub pulled: usize,
     /// Entries we sent.
     pub pushed: usize,
+    /// Batches the peer refused for good.
+    pub rejected: usize,
 }
 
 /// Why a round stopped.
@@ -134,8 +140,7 @@ pub async fn sync<P: PeerClient>(
                 .ask(store::Apply(pulled))
                 .await
                 .map_err(|_| crate::Error::StoreStopped)?;
-            applied.durable.wait().await?;
-            report.pulled += applied.changed;
+            report.pulled += applied.wait().await?;
         }
         let mine = {
             let reader = reader.clone();
@@ -150,7 +155,16 @@ pub async fn sync<P: PeerClient>(
             .collect();
         report.pushed += newer.len();
         for batch in crate::replication::batches(newer) {
-            peer.replicate(batch).await?;
+            match peer.replicate(batch).await {
+                Ok(()) => {}
+                // One write the peer will never take (its limits are smaller than ours, say)
+                // must not stop the repair of everything else.
+                Err(PeerError::Rejected(why)) => {
+                    report.rejected += 1;
+                    tracing::warn!(%why, "peer rejected a repair batch; skipped");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     Ok(report)

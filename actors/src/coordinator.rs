@@ -28,6 +28,11 @@ use crate::replication::{
 };
 use crate::store::{self, Entry, StoreActor, StoreReader, StoreStats, Write};
 
+/// Time beyond the replication deadline a write may wait for the local log before it is
+/// answered as not durable: fsync normally takes milliseconds, so this only trips on a disk
+/// that has stalled.
+const LOCAL_SYNC_GRACE: Duration = Duration::from_secs(5);
+
 /// How many nodes, counting the local one, must hold a write before its Ack says `ok`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum WriteQuorum {
@@ -227,6 +232,7 @@ impl<P: PeerClient> Coordinator<P> {
                         store.clone(),
                         reader.clone(),
                         config.handoff_capacity,
+                        config.peer_mailbox,
                     ),
                     mailbox::bounded(config.peer_mailbox),
                 );
@@ -381,11 +387,28 @@ impl<P: PeerClient> Coordinator<P> {
     }
 
     /// Waits for the local log and the peers together: the peers do not wait for our fsync.
-    /// A write this node could not make durable is an error, whatever the peers said.
+    /// A write this node could not make durable is an error, whatever the peers said: the
+    /// client is told so, though the write may still take effect through the peers that have
+    /// it (it is in this node's memory and theirs; anti-entropy brings it back to the log).
     async fn finish_write(&self, persisted: store::Persisted) -> Result<WriteOutcome, Error> {
-        let (local, outcome) =
-            futures::join!(persisted.durable.wait(), self.replicate(persisted.write));
-        local?;
+        let write = persisted.write.clone();
+        let local = async {
+            // Bounded, so a stalled disk cannot hang a Put.
+            let limit = self.config.replication_deadline + LOCAL_SYNC_GRACE;
+            match tokio::time::timeout(limit, persisted.durable.wait()).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Log(crate::error::LogError {
+                    kind: std::io::ErrorKind::TimedOut,
+                    context: "waiting for the log".into(),
+                    message: format!("not synced after {}ms (disk stalled?)", limit.as_millis()),
+                })),
+            }
+        };
+        let (local, outcome) = futures::join!(local, self.replicate(persisted.write));
+        if let Err(e) = local {
+            let _ = self.store.tell(store::Unlogged(vec![write])).await;
+            return Err(e);
+        }
         Ok(outcome)
     }
 
@@ -393,11 +416,16 @@ impl<P: PeerClient> Coordinator<P> {
     pub async fn apply(&self, writes: Vec<Write>) -> Result<usize, Error> {
         let applied = self
             .store
-            .ask(store::Apply(writes))
+            .ask(store::Apply(writes.clone()))
             .await
             .map_err(|_| Error::StoreStopped)?;
-        applied.durable.wait().await?;
-        Ok(applied.changed)
+        match applied.wait().await {
+            Ok(changed) => Ok(changed),
+            Err(e) => {
+                let _ = self.store.tell(store::Unlogged(writes)).await;
+                Err(e)
+            }
+        }
     }
 
     /// The live value of `key`, from this node alone.
@@ -440,6 +468,9 @@ impl<P: PeerClient> Coordinator<P> {
                     Ok(Ok(())) => None,
                     Ok(Err(SendError::MailboxFull(_))) => {
                         peer.health.mark_lagging();
+                        Some(PeerFailure::Lagging)
+                    }
+                    Ok(Err(SendError::HandlerError(PeerError::Lagging))) => {
                         Some(PeerFailure::Lagging)
                     }
                     Ok(Err(SendError::HandlerError(error))) => Some(PeerFailure::Failed(error)),

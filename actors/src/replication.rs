@@ -8,6 +8,13 @@
 //! `MailboxFull` at once instead of waiting, marks the peer lagging, and records that it needs
 //! a resync. So a bad peer costs a Put nothing beyond the replication deadline.
 //!
+//! # Batching
+//! The actor keeps at most one batch in flight per peer. Writes that arrive meanwhile wait in
+//! a pending queue, and when the batch is answered the whole queue goes out as the next batch
+//! (one RPC, one fsync on the peer through its group commit). Under load, batches grow by
+//! themselves; alone, a write goes out at once. Replies are delegated: each waiting Put is
+//! answered when its batch is.
+//!
 //! # Hinted handoff
 //! A write the peer did not confirm goes into a bounded backlog, in order. While the backlog
 //! is not empty, new writes join it without a delivery attempt (the peer is known to be down,
@@ -25,6 +32,7 @@ use std::time::{Duration, Instant};
 use kameo::Actor;
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::message::{Context, Message};
+use kameo::reply::{DelegatedReply, ReplySender};
 
 use crate::antientropy;
 use crate::store::{Entry, StoreActor, StoreReader, Write};
@@ -35,6 +43,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bytes per replication batch: well under the gRPC message limit, whatever the values.
 const BATCH_BYTES: usize = 512 * 1024;
+/// Most bytes a handoff backlog holds, whatever `--handoff-capacity` says: a down peer must not
+/// cost a healthy node its memory when values are large.
+const BACKLOG_BYTES: usize = 256 * 1024 * 1024;
 
 /// How a replication actor reaches its peer. Implementations own the connection and reconnect
 /// on their own; a call that fails is reported, not retried here. Clones share the connection.
@@ -90,6 +101,10 @@ pub enum PeerError {
     /// The peer is down: the write waits in its handoff backlog.
     #[error("down; queued for redelivery ({0} waiting)")]
     Backlogged(usize),
+    /// More writes are waiting for the peer than its replication queue holds: this one was
+    /// not queued, and the peer is marked for anti-entropy.
+    #[error("lagging, marked for resync")]
+    Lagging,
 }
 
 /// What this node believes about a peer, as last observed.
@@ -243,15 +258,30 @@ impl PeerHealth {
     }
 }
 
+/// Where the reply to one Replicate goes (None when it was a `tell`).
+type Waiter = Option<ReplySender<Result<(), PeerError>>>;
+
+fn answer(waiter: Waiter, result: Result<(), PeerError>) {
+    if let Some(w) = waiter {
+        w.send(result);
+    }
+}
+
 /// The replication actor for one peer.
 pub struct ReplicationActor<P: PeerClient> {
     client: P,
+    /// Writes waiting for the batch in flight to be answered, with their waiters.
+    pending: Vec<(Write, Waiter)>,
+    in_flight: bool,
+    /// Most writes pending before new ones are refused as lagging.
+    pending_capacity: usize,
     health: Arc<PeerHealth>,
     /// The local store, for anti-entropy rounds.
     store: ActorRef<StoreActor>,
     reader: StoreReader,
-    /// Writes the peer has not confirmed, oldest first.
+    /// Writes the peer has not confirmed, oldest first, and their size.
     backlog: VecDeque<Write>,
+    backlog_bytes: usize,
     backlog_capacity: usize,
     backoff: Duration,
     redelivery_scheduled: bool,
@@ -264,13 +294,18 @@ impl<P: PeerClient> ReplicationActor<P> {
         store: ActorRef<StoreActor>,
         reader: StoreReader,
         backlog_capacity: usize,
+        pending_capacity: usize,
     ) -> Self {
         Self {
             client,
+            pending: Vec::new(),
+            in_flight: false,
+            pending_capacity,
             health,
             store,
             reader,
             backlog: VecDeque::new(),
+            backlog_bytes: 0,
             backlog_capacity,
             backoff: BACKOFF_MIN,
             redelivery_scheduled: false,
@@ -280,19 +315,53 @@ impl<P: PeerClient> ReplicationActor<P> {
     /// Keeps `write` for redelivery, or, if the backlog is full, gives the backlog up for an
     /// anti-entropy round.
     fn hold(&mut self, write: Write) {
-        if self.backlog.len() >= self.backlog_capacity {
+        let size = write_size(&write);
+        if self.backlog.len() >= self.backlog_capacity || self.backlog_bytes + size > BACKLOG_BYTES
+        {
             tracing::warn!(
                 peer = %self.health.addr,
                 dropped = self.backlog.len(),
                 "handoff backlog full; dropped it, peer marked for anti-entropy"
             );
             self.backlog.clear();
+            self.backlog_bytes = 0;
             self.health.mark_needs_resync();
         }
+        self.backlog_bytes += size;
         self.backlog.push_back(write);
         self.health
             .backlog
             .store(self.backlog.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Sends the pending writes as one batch, unless a batch is already in flight.
+    fn flush(&mut self, me: ActorRef<Self>) {
+        if self.in_flight || self.pending.is_empty() {
+            return;
+        }
+        let mut bytes = 0;
+        let n = self
+            .pending
+            .iter()
+            .take_while(|(w, _)| {
+                bytes += write_size(w);
+                bytes <= BATCH_BYTES
+            })
+            .count()
+            .max(1);
+        let (writes, waiters): (Vec<Write>, Vec<Waiter>) = self.pending.drain(..n).unzip();
+        self.in_flight = true;
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            let result = client.replicate(writes.clone()).await;
+            let _ = me
+                .tell(Delivered {
+                    writes,
+                    waiters,
+                    result,
+                })
+                .await;
+        });
     }
 
     fn schedule_redelivery(&mut self, me: WeakActorRef<Self>) {
@@ -377,32 +446,75 @@ impl<P: PeerClient> Actor for ReplicationActor<P> {
 pub struct Replicate(pub Write);
 
 impl<P: PeerClient> Message<Replicate> for ReplicationActor<P> {
-    type Reply = Result<(), PeerError>;
+    type Reply = DelegatedReply<Result<(), PeerError>>;
 
     async fn handle(
         &mut self,
         msg: Replicate,
         ctx: &mut Context<Self, Self::Reply>,
     ) -> Self::Reply {
+        let (delegated, waiter) = ctx.reply_sender();
         if !self.backlog.is_empty() {
             // Known down: queue behind the backlog without waiting on the network.
             self.hold(msg.0);
-            return Err(PeerError::Backlogged(self.backlog.len()));
+            answer(waiter, Err(PeerError::Backlogged(self.backlog.len())));
+        } else if self.pending.len() >= self.pending_capacity {
+            self.health.mark_lagging();
+            answer(waiter, Err(PeerError::Lagging));
+        } else {
+            self.pending.push((msg.0, waiter));
+            self.flush(ctx.actor_ref().clone());
         }
-        match self.client.replicate(vec![msg.0.clone()]).await {
+        delegated
+    }
+}
+
+/// A batch's answer, sent by the task that delivered it back to the actor.
+struct Delivered {
+    writes: Vec<Write>,
+    waiters: Vec<Waiter>,
+    result: Result<(), PeerError>,
+}
+
+impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
+    type Reply = ();
+
+    async fn handle(&mut self, msg: Delivered, ctx: &mut Context<Self, Self::Reply>) {
+        self.in_flight = false;
+        match msg.result {
             Ok(()) => {
                 self.health.mark_up();
+                for w in msg.waiters {
+                    answer(w, Ok(()));
+                }
                 if self.health.needs_resync() {
                     self.start_resync();
                 }
-                Ok(())
+                self.flush(ctx.actor_ref().clone());
+            }
+            Err(PeerError::Rejected(why)) => {
+                // The peer answered and refused (a smaller limit than ours, say): resending
+                // would be refused again. The peer is up; the rest goes on.
+                tracing::warn!(peer = %self.health.addr, %why, writes = msg.writes.len(), "peer rejected writes; not retried");
+                self.health.mark_up();
+                for w in msg.waiters {
+                    answer(w, Err(PeerError::Rejected(why.clone())));
+                }
+                self.flush(ctx.actor_ref().clone());
             }
             Err(error) => {
-                tracing::debug!(peer = %self.health.addr, %error, "replication failed; write held for handoff");
+                tracing::debug!(peer = %self.health.addr, %error, "replication failed; writes held for handoff");
                 self.health.mark_down(&error);
-                self.hold(msg.0);
+                for (write, waiter) in msg.writes.into_iter().zip(msg.waiters) {
+                    self.hold(write);
+                    answer(waiter, Err(error.clone()));
+                }
+                // What was waiting behind the failed batch joins the backlog too, in order.
+                for (write, waiter) in std::mem::take(&mut self.pending) {
+                    self.hold(write);
+                    answer(waiter, Err(PeerError::Backlogged(self.backlog.len())));
+                }
                 self.schedule_redelivery(ctx.actor_ref().downgrade());
-                Err(error)
             }
         }
     }
@@ -418,16 +530,36 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
     async fn handle(&mut self, _: Redeliver, ctx: &mut Context<Self, Self::Reply>) {
         self.redelivery_scheduled = false;
         while !self.backlog.is_empty() {
-            let batch = batches(self.backlog.iter().cloned().collect())
-                .next()
-                .expect("backlog is not empty");
+            let mut bytes = 0;
+            let batch: Vec<Write> = self
+                .backlog
+                .iter()
+                .take_while(|w| {
+                    bytes += write_size(w);
+                    bytes <= BATCH_BYTES
+                })
+                .cloned()
+                .collect();
+            let batch = if batch.is_empty() {
+                vec![self.backlog[0].clone()]
+            } else {
+                batch
+            };
             let n = batch.len();
-            if let Err(error) = self.client.replicate(batch).await {
-                self.health.mark_down(&error);
-                self.schedule_redelivery(ctx.actor_ref().downgrade());
-                return;
+            match self.client.replicate(batch).await {
+                Ok(()) => {}
+                Err(PeerError::Rejected(why)) => {
+                    tracing::warn!(peer = %self.health.addr, %why, writes = n, "peer rejected held writes; dropped");
+                }
+                Err(error) => {
+                    self.health.mark_down(&error);
+                    self.schedule_redelivery(ctx.actor_ref().downgrade());
+                    return;
+                }
             }
-            self.backlog.drain(..n);
+            for w in self.backlog.drain(..n) {
+                self.backlog_bytes -= write_size(&w);
+            }
             self.health
                 .backlog
                 .store(self.backlog.len() as u64, Ordering::Relaxed);
@@ -472,10 +604,19 @@ pub(crate) mod tests {
         pub data: Arc<Mutex<HashMap<String, Entry>>>,
         pub fail: Arc<AtomicBool>,
         pub hang: Arc<AtomicBool>,
+        /// Answer writes with a refusal (as a peer with smaller limits would).
+        pub reject: Arc<AtomicBool>,
+        /// Replicate calls made, and how long each takes.
+        pub calls: Arc<AtomicU64>,
+        pub delay_ms: Arc<AtomicU64>,
     }
 
     impl FakePeer {
         async fn gate(&self) -> Result<(), PeerError> {
+            let delay = self.delay_ms.load(Ordering::Relaxed);
+            if delay > 0 {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+            }
             if self.hang.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
@@ -522,7 +663,11 @@ pub(crate) mod tests {
 
     impl PeerClient for FakePeer {
         async fn replicate(&self, writes: Vec<Write>) -> Result<(), PeerError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
             self.gate().await?;
+            if self.reject.load(Ordering::Relaxed) {
+                return Err(PeerError::Rejected("value too large".into()));
+            }
             for w in &writes {
                 self.apply(w);
             }
@@ -585,6 +730,7 @@ pub(crate) mod tests {
             store.clone(),
             reader,
             capacity,
+            1024,
         ));
         (actor, health, store)
     }
@@ -638,6 +784,34 @@ pub(crate) mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn writes_that_arrive_while_a_batch_is_in_flight_go_out_together() {
+        let peer = FakePeer::default();
+        let (actor, health, _store) = actor(&peer, 100);
+        settle_resync(&health).await;
+        peer.delay_ms.store(10, Ordering::Relaxed);
+        let before = peer.calls.load(Ordering::Relaxed);
+        let asks: Vec<_> = (0..100)
+            .map(|i| {
+                let actor = actor.clone();
+                tokio::spawn(async move {
+                    actor
+                        .ask(Replicate(write(&format!("k{i:03}"), i + 1)))
+                        .await
+                })
+            })
+            .collect();
+        for a in asks {
+            a.await.unwrap().unwrap();
+        }
+        let calls = peer.calls.load(Ordering::Relaxed) - before;
+        assert!(calls <= 3, "100 concurrent writes took {calls} calls");
+        let mut keys = peer.received_keys();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 100, "every write delivered once or more");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_down_peer_gets_its_backlog_in_order_when_it_returns() {
         let peer = FakePeer::default();
         let (actor, health, _store) = actor(&peer, 100);
@@ -670,6 +844,29 @@ pub(crate) mod tests {
         // And new writes go straight through again.
         actor.ask(Replicate(write("d", 4))).await.unwrap();
         assert_eq!(peer.received_keys().last().map(String::as_str), Some("d"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_write_is_not_retried_and_does_not_block_the_next() {
+        let peer = FakePeer::default();
+        let (actor, health, _store) = actor(&peer, 100);
+        settle_resync(&health).await;
+        peer.reject.store(true, Ordering::Relaxed);
+        let r = actor.ask(Replicate(write("big", 1))).await;
+        assert!(matches!(
+            r,
+            Err(kameo::error::SendError::HandlerError(PeerError::Rejected(
+                _
+            )))
+        ));
+        assert_eq!(
+            health.backlog(),
+            0,
+            "nothing held for a retry that would fail again"
+        );
+        peer.reject.store(false, Ordering::Relaxed);
+        actor.ask(Replicate(write("next", 2))).await.unwrap();
+        assert_eq!(peer.received_keys(), ["next"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,6 +40,10 @@ pub struct StoreActor {
     map: Arc<DashMap<String, Entry>>,
     clock: Arc<Clock>,
     storage: Option<Storage>,
+    /// Entries that are in the map but whose log append failed (a full disk). The map is
+    /// updated before the log answers, so this is how a retried delivery of the same version,
+    /// which is otherwise "not newer" and skipped, gets logged after all.
+    unlogged: std::collections::HashMap<String, Version>,
 }
 
 impl Actor for StoreActor {
@@ -116,6 +120,7 @@ impl StoreActor {
             map: Arc::new(DashMap::new()),
             clock,
             storage: None,
+            unlogged: std::collections::HashMap::new(),
         }
     }
 
@@ -127,6 +132,7 @@ impl StoreActor {
             map: Arc::new(recovered.map),
             clock,
             storage: Some(recovered.storage),
+            unlogged: std::collections::HashMap::new(),
         }
     }
 
@@ -140,6 +146,8 @@ impl StoreActor {
 
     /// Logs a write that changed the map.
     fn persist(&mut self, write: &Write) -> Durable {
+        // Whatever was unlogged for this key is superseded by this write, which is logged now.
+        self.unlogged.remove(&write.key);
         match &mut self.storage {
             Some(storage) => storage.append(write, &self.map),
             None => Durable::ready(),
@@ -162,7 +170,7 @@ impl StoreActor {
             // version was too far ahead to observe; then order this write after it anyway, since
             // a local write the user just made must not be shadowed by one they made earlier.
             if current.version >= version {
-                version.time = current.version.time + 1;
+                version.time = current.version.time.saturating_add(1);
             }
         }
         let entry = Entry { value, version };
@@ -207,7 +215,18 @@ pub struct Persisted {
 pub struct Applied {
     /// How many of the writes were newer than what we had.
     pub changed: usize,
-    pub durable: Durable,
+    /// One promise per logged write: a batch can span group commits, and any of them can fail.
+    pub durable: Vec<Durable>,
+}
+
+impl Applied {
+    /// Waits until every write of the batch is durable.
+    pub async fn wait(self) -> Result<usize, crate::Error> {
+        for d in self.durable {
+            d.wait().await?;
+        }
+        Ok(self.changed)
+    }
 }
 
 /// Storage figures for status reports.
@@ -250,6 +269,27 @@ pub struct GetEntry {
     pub key: String,
 }
 
+/// Record that these writes, applied to the map, did not reach the log.
+#[derive(Debug)]
+pub struct Unlogged(pub Vec<Write>);
+
+impl Message<Unlogged> for StoreActor {
+    type Reply = ();
+
+    async fn handle(&mut self, msg: Unlogged, _: &mut Context<Self, Self::Reply>) {
+        for w in msg.0 {
+            // Only if the map still holds that very version: a newer write was logged itself.
+            if self
+                .map
+                .get(&w.key)
+                .is_some_and(|e| e.version == w.entry.version)
+            {
+                self.unlogged.insert(w.key, w.entry.version);
+            }
+        }
+    }
+}
+
 /// Take a consistent snapshot of every live pair, in key order.
 #[derive(Debug)]
 pub struct Snapshot;
@@ -283,12 +323,14 @@ impl Message<Apply> for StoreActor {
 
     async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Applied {
         let mut changed = 0;
-        let mut durable = Durable::ready();
+        let mut durable = Vec::new();
         for write in &msg.0 {
             if self.apply(write) {
                 changed += 1;
-                // The log answers in order: the last append's promise covers the earlier ones.
-                durable = self.persist(write);
+                durable.push(self.persist(write));
+            } else if self.unlogged.get(&write.key) == Some(&write.entry.version) {
+                // The same write again, whose first append failed: log it this time.
+                durable.push(self.persist(write));
             }
         }
         Applied { changed, durable }

@@ -71,7 +71,7 @@ impl Clock {
         let hlc = self.hlc.new_timestamp().get_time().as_u64();
         let mut last = self.last.load(Ordering::Acquire);
         let time = loop {
-            let next = hlc.max(last + 1);
+            let next = hlc.max(last.saturating_add(1));
             match self
                 .last
                 .compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Acquire)
@@ -94,6 +94,19 @@ impl Clock {
         let ts = uhlc::Timestamp::new(uhlc::NTP64(seen.time), *self.hlc.get_id());
         self.hlc.update_with_timestamp(&ts).is_ok()
     }
+}
+
+/// Longest node id, in bytes (it is stored with every entry).
+pub const MAX_NODE_ID_BYTES: usize = 255;
+/// How far ahead of this node's clock a peer's version may be: generous for clock skew, far
+/// short of what would pin a key (or the clock) for good.
+pub const MAX_FUTURE: Duration = Duration::from_secs(24 * 3600);
+
+/// The newest version time accepted from elsewhere, as of now.
+pub fn latest_acceptable() -> u64 {
+    uhlc::system_time_clock()
+        .as_u64()
+        .saturating_add(ntp_duration(MAX_FUTURE))
 }
 
 /// Converts a duration to the 64-bit NTP format of version times (32.32 fixed point).

@@ -58,6 +58,7 @@ fn free_port() -> std::io::Result<u16> {
 impl ProcessCluster {
     /// Starts `spec.nodes` nodes, each peered with all others through proxies.
     pub async fn start(spec: ClusterSpec) -> Result<Self, Error> {
+        std::fs::create_dir_all(&spec.root)?;
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
             let data_dir = spec.root.join(format!("node{}", i + 1));

@@ -65,9 +65,16 @@ pub enum Record {
     End(u64),
 }
 
-/// Appends the framed encoding of `write` to `out`.
+/// Appends the framed encoding of `write` to `out`. Node ids are at most
+/// [`MAX_NODE_ID_BYTES`](crate::version::MAX_NODE_ID_BYTES) (checked where writes enter a node),
+/// so their length always fits the format's 16 bits.
 pub fn encode_write(write: &Write, out: &mut Vec<u8>) {
     let node = write.entry.version.node.as_bytes();
+    assert!(
+        node.len() <= crate::version::MAX_NODE_ID_BYTES,
+        "node id of {} bytes reached the log",
+        node.len()
+    );
     let value = write.entry.value.as_deref().map(str::as_bytes);
     let payload_len = MIN_PAYLOAD + node.len() + write.key.len() + value.map_or(0, |v| 4 + v.len());
     let start = out.len();

@@ -63,19 +63,28 @@ pub fn log_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("log-{generation:016}.wal"))
 }
 
-/// Creates (or truncates) generation `g`'s log with a fresh header, synced, and its directory
-/// entry synced too.
+/// Creates generation `g`'s log with a fresh header. The header is written and synced under a
+/// temporary name first, so a crash or a full disk never leaves a log without a header (which
+/// recovery would have to refuse); a leftover `.tmp` is deleted at the next start.
 pub fn create_log(dir: &Path, generation: u64) -> io::Result<File> {
     let path = log_path(dir, generation);
-    let mut file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(&path)?;
-    file.write_all(&record::header(LOG_MAGIC))?;
-    file.sync_all()?;
-    sync_dir(dir)?;
-    Ok(file)
+    let tmp = path.with_extension("wal.tmp");
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all(&record::header(LOG_MAGIC))?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        sync_dir(dir)?;
+        Ok(file)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// Makes a directory's entries (created, renamed, removed files) durable.
