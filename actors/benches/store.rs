@@ -1,0 +1,135 @@
+//! Micro-benchmarks of the write path's pieces: version comparison, the store actor's apply
+//! (one message, as a peer's batch arrives), and the log's append (encode, group commit, fsync
+//! on a real file). `cargo bench -p kvstore-actors`.
+
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use kameo::actor::Spawn;
+use kvstore_actors::store::{Apply, Put};
+use kvstore_actors::storage::record;
+use kvstore_actors::{Clock, Entry, Storage, StorageConfig, StoreActor, SyncMode, Version, Write};
+
+fn write(i: u64, node: &str) -> Write {
+    Write {
+        key: format!("key-{i:012}"),
+        entry: Entry {
+            value: Some("v".repeat(100)),
+            version: Version {
+                time: 1_000_000 + i,
+                node: node.into(),
+            },
+        },
+    }
+}
+
+fn versions(c: &mut Criterion) {
+    let a = Version {
+        time: 42,
+        node: "node1".into(),
+    };
+    let b = Version {
+        time: 42,
+        node: "node2".into(),
+    };
+    c.bench_function("version/compare (tie on time)", |bench| {
+        bench.iter(|| std::hint::black_box(&a) < std::hint::black_box(&b))
+    });
+    let clock = Clock::new("node1".into());
+    c.bench_function("version/clock.now", |bench| bench.iter(|| clock.now()));
+}
+
+fn apply(c: &mut Criterion) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut group = c.benchmark_group("store");
+    for batch in [1usize, 64] {
+        group.throughput(Throughput::Elements(batch as u64));
+        group.bench_function(format!("apply batch of {batch} (in memory)"), |bench| {
+            let store = rt.block_on(async {
+                StoreActor::spawn(StoreActor::new(Arc::new(Clock::new("n".into()))))
+            });
+            let mut next = 0u64;
+            bench.iter_batched(
+                || {
+                    next += batch as u64;
+                    (0..batch as u64).map(|i| write(next + i, "peer")).collect::<Vec<_>>()
+                },
+                |writes| rt.block_on(async { store.ask(Apply(writes)).await.unwrap().changed }),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("put (in memory)", |bench| {
+        let store =
+            rt.block_on(async { StoreActor::spawn(StoreActor::new(Arc::new(Clock::new("n".into())))) });
+        let mut i = 0u64;
+        bench.iter(|| {
+            i += 1;
+            rt.block_on(async {
+                store
+                    .ask(Put {
+                        key: format!("key-{:012}", i % 10_000),
+                        value: "v".repeat(100),
+                    })
+                    .await
+                    .unwrap()
+                    .write
+            })
+        })
+    });
+    group.finish();
+}
+
+fn log(c: &mut Criterion) {
+    let mut group = c.benchmark_group("log");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("encode a record", |bench| {
+        let w = write(7, "node1");
+        let mut buf = Vec::with_capacity(256);
+        bench.iter(|| {
+            buf.clear();
+            record::encode_write(&w, &mut buf);
+            buf.len()
+        })
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (name, sync, concurrent) in [
+        ("append+fsync, 1 writer", SyncMode::Always, 1usize),
+        ("append+fsync, 64 writers (group commit)", SyncMode::Always, 64),
+        ("append, no fsync, 64 writers", SyncMode::Never, 64),
+    ] {
+        group.throughput(Throughput::Elements(concurrent as u64));
+        group.bench_function(name, |bench| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut recovered = Storage::open(&StorageConfig {
+                dir: dir.path().to_path_buf(),
+                sync,
+                compact_after_bytes: u64::MAX,
+                repair: false,
+                tombstone_grace: std::time::Duration::from_secs(3600),
+            })
+            .unwrap();
+            let map = Arc::new(std::mem::take(&mut recovered.map));
+            let mut storage = recovered.storage;
+            let mut i = 0u64;
+            bench.iter(|| {
+                let pending: Vec<_> = (0..concurrent)
+                    .map(|_| {
+                        i += 1;
+                        storage.append(&write(i, "node1"), &map)
+                    })
+                    .collect();
+                rt.block_on(async {
+                    for p in pending {
+                        p.wait().await.unwrap();
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, versions, apply, log);
+criterion_main!(benches);
