@@ -7,6 +7,10 @@ use kvstore::config::ServerArgs;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+/// See Cargo.toml for why.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()

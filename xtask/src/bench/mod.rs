@@ -258,6 +258,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
     let workloads: Vec<Workload> = args
         .workloads
         .iter()
+        .filter(|w| w.as_str() != "none")
         .map(|w| match w.as_str() {
             "put" => Ok(Workload::Put),
             "get" => Ok(Workload::Get),
@@ -315,7 +316,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
 
     // The wire's limit.
     let (echo_addr, echo_runtime) = targets::start_echo()?;
-    for &c in cs {
+    for &c in cs.iter().filter(|_| !workloads.is_empty()) {
         progress.step(&format!("echo c={c}"));
         let conns = connect(std::slice::from_ref(&echo_addr), c, Conn::echo).await?;
         let figures = load::run(conns, Workload::Echo, args.keys, duration).await;
@@ -329,7 +330,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
     echo_runtime.shutdown_background();
 
     // kvstore.
-    {
+    if !workloads.is_empty() {
         let cluster = Kvstore::start(server.clone(), root.join("kvstore"), 3).await?;
         let addrs = cluster.addrs();
         run_target(
@@ -345,7 +346,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
     }
 
     // etcd, linearizable and serializable reads.
-    if let Some(binary) = &etcd {
+    if let Some(binary) = etcd.as_ref().filter(|_| !workloads.is_empty()) {
         let cluster = EtcdCluster::start(binary, &root.join("etcd")).await?;
         let addrs = cluster.clients.clone();
         run_target(
