@@ -42,7 +42,7 @@ impl From<Write> for KeyValue {
         let deleted = write.entry.value.is_none();
         KeyValue {
             key: write.key,
-            value: write.entry.value.unwrap_or_default(),
+            value: write.entry.value.map(String::from).unwrap_or_default(),
             version: Some(Version {
                 hlc: write.entry.version.time,
                 node_id: write.entry.version.node.to_string(),
@@ -87,7 +87,7 @@ impl TryFrom<KeyValue> for Write {
         Ok(Write {
             key: kv.key,
             entry: Entry {
-                value: (!kv.deleted).then_some(kv.value),
+                value: (!kv.deleted).then(|| kv.value.into_boxed_str()),
                 version: ActorVersion {
                     time: version.hlc,
                     node: version.node_id.into(),
@@ -107,7 +107,7 @@ mod tests {
             let write = Write {
                 key: "k".into(),
                 entry: Entry {
-                    value,
+                    value: value.map(String::into_boxed_str),
                     version: ActorVersion {
                         time: 42,
                         node: "n1".into(),

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kameo::actor::Spawn;
-use kvstore_actors::store::{Apply, Put};
 use kvstore_actors::storage::record;
+use kvstore_actors::store::{Apply, Put};
 use kvstore_actors::{Clock, Entry, Storage, StorageConfig, StoreActor, SyncMode, Version, Write};
 
 fn write(i: u64, node: &str) -> Write {
     Write {
         key: format!("key-{i:012}"),
         entry: Entry {
-            value: Some("v".repeat(100)),
+            value: Some("v".repeat(100).into()),
             version: Version {
                 time: 1_000_000 + i,
                 node: node.into(),
@@ -52,7 +52,9 @@ fn apply(c: &mut Criterion) {
             bench.iter_batched(
                 || {
                     next += batch as u64;
-                    (0..batch as u64).map(|i| write(next + i, "peer")).collect::<Vec<_>>()
+                    (0..batch as u64)
+                        .map(|i| write(next + i, "peer"))
+                        .collect::<Vec<_>>()
                 },
                 |writes| rt.block_on(async { store.ask(Apply(writes)).await.unwrap().changed }),
                 BatchSize::SmallInput,
@@ -61,8 +63,9 @@ fn apply(c: &mut Criterion) {
     }
     group.throughput(Throughput::Elements(1));
     group.bench_function("put (in memory)", |bench| {
-        let store =
-            rt.block_on(async { StoreActor::spawn(StoreActor::new(Arc::new(Clock::new("n".into())))) });
+        let store = rt.block_on(async {
+            StoreActor::spawn(StoreActor::new(Arc::new(Clock::new("n".into()))))
+        });
         let mut i = 0u64;
         bench.iter(|| {
             i += 1;
@@ -96,7 +99,11 @@ fn log(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     for (name, sync, concurrent) in [
         ("append+fsync, 1 writer", SyncMode::Always, 1usize),
-        ("append+fsync, 64 writers (group commit)", SyncMode::Always, 64),
+        (
+            "append+fsync, 64 writers (group commit)",
+            SyncMode::Always,
+            64,
+        ),
         ("append, no fsync, 64 writers", SyncMode::Never, 64),
     ] {
         group.throughput(Throughput::Elements(concurrent as u64));

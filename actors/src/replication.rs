@@ -83,7 +83,7 @@ pub fn batches(writes: Vec<Write>) -> impl Iterator<Item = Vec<Write>> {
 }
 
 fn write_size(w: &Write) -> usize {
-    w.key.len() + w.entry.value.as_ref().map_or(0, String::len) + 64
+    w.key.len() + w.entry.value.as_ref().map_or(0, |v| v.len()) + 64
 }
 
 /// Why a delivery to a peer failed.
@@ -648,7 +648,11 @@ pub(crate) mod tests {
         }
 
         pub fn value(&self, key: &str) -> Option<Option<String>> {
-            self.data.lock().unwrap().get(key).map(|e| e.value.clone())
+            self.data
+                .lock()
+                .unwrap()
+                .get(key)
+                .map(|e| e.value.as_deref().map(String::from))
         }
 
         pub fn received_keys(&self) -> Vec<String> {
@@ -703,7 +707,7 @@ pub(crate) mod tests {
         Write {
             key: key.into(),
             entry: Entry {
-                value: Some(format!("v{time}")),
+                value: Some(format!("v{time}").into()),
                 version: Version {
                     time,
                     node: "local".into(),
@@ -768,7 +772,7 @@ pub(crate) mod tests {
             .map(|i| Write {
                 key: format!("k{i}"),
                 entry: Entry {
-                    value: Some(big.clone()),
+                    value: Some(big.clone().into()),
                     version: Version {
                         time: i,
                         node: "n".into(),

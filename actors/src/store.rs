@@ -16,12 +16,16 @@ use kameo::message::{Context, Message};
 use crate::storage::{Durable, Recovered, Storage};
 use crate::version::{self, Clock, Version};
 
+/// The map a store keeps. Keys and values are boxed `str`s rather than `String`s: 8 bytes less
+/// each per entry, which at a million keys is most of the difference to the memory target.
+pub type Map = DashMap<Box<str>, Entry>;
+
 /// What the store keeps per key: the value, or `None` for a tombstone, and its version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
     /// `None` marks a deleted key. Tombstones stay so that an older Put arriving late cannot
     /// resurrect the key.
-    pub value: Option<String>,
+    pub value: Option<Box<str>>,
     /// The version of the write that produced this entry.
     pub version: Version,
 }
@@ -37,7 +41,7 @@ pub struct Write {
 pub struct StoreActor {
     /// Shared read-only with [`StoreReader`]s (digests, snapshots) so scans never queue behind
     /// writes in the mailbox; only this actor writes to it.
-    map: Arc<DashMap<String, Entry>>,
+    map: Arc<Map>,
     clock: Arc<Clock>,
     storage: Option<Storage>,
     /// Entries that are in the map but whose log append failed (a full disk). The map is
@@ -75,7 +79,7 @@ impl Actor for StoreActor {
 /// use it where a fuzzy view is fine (digests, repair), never for a client's consistent read.
 #[derive(Clone, kameo::Reply)]
 pub struct StoreReader {
-    map: Arc<DashMap<String, Entry>>,
+    map: Arc<Map>,
     /// How long tombstones live, if they are ever purged (never in memory-only stores).
     tombstone_grace: Option<std::time::Duration>,
 }
@@ -165,7 +169,7 @@ impl StoreActor {
     /// Stores a local write (`value = None` deletes) under a fresh version and returns it.
     fn write_local(&mut self, key: String, value: Option<String>) -> Write {
         let mut version = self.clock.now();
-        if let Some(current) = self.map.get(&key) {
+        if let Some(current) = self.map.get(key.as_str()) {
             // The clock has normally moved past every version we applied. It has not if a peer's
             // version was too far ahead to observe; then order this write after it anyway, since
             // a local write the user just made must not be shadowed by one they made earlier.
@@ -173,15 +177,18 @@ impl StoreActor {
                 version.time = current.version.time.saturating_add(1);
             }
         }
-        let entry = Entry { value, version };
-        self.map.insert(key.clone(), entry.clone());
+        let entry = Entry {
+            value: value.map(String::into_boxed_str),
+            version,
+        };
+        self.map.insert(key.as_str().into(), entry.clone());
         Write { key, entry }
     }
 
     /// Applies `write` if it is newer than what the map holds. Returns whether it changed the map.
     fn apply(&mut self, write: &Write) -> bool {
         self.clock.observe(&write.entry.version);
-        match self.map.entry(write.key.clone()) {
+        match self.map.entry(write.key.as_str().into()) {
             dashmap::Entry::Occupied(mut slot) => {
                 if write.entry.version > slot.get().version {
                     slot.insert(write.entry.clone());
@@ -281,7 +288,7 @@ impl Message<Unlogged> for StoreActor {
             // Only if the map still holds that very version: a newer write was logged itself.
             if self
                 .map
-                .get(&w.key)
+                .get(w.key.as_str())
                 .is_some_and(|e| e.version == w.entry.version)
             {
                 self.unlogged.insert(w.key, w.entry.version);
@@ -341,7 +348,9 @@ impl Message<Get> for StoreActor {
     type Reply = Option<String>;
 
     async fn handle(&mut self, msg: Get, _: &mut Context<Self, Self::Reply>) -> Option<String> {
-        self.map.get(&msg.key).and_then(|e| e.value.clone())
+        self.map
+            .get(msg.key.as_str())
+            .and_then(|e| e.value.as_deref().map(String::from))
     }
 }
 
@@ -349,7 +358,7 @@ impl Message<GetEntry> for StoreActor {
     type Reply = Option<Entry>;
 
     async fn handle(&mut self, msg: GetEntry, _: &mut Context<Self, Self::Reply>) -> Option<Entry> {
-        self.map.get(&msg.key).map(|e| e.clone())
+        self.map.get(msg.key.as_str()).map(|e| e.clone())
     }
 }
 
@@ -363,7 +372,11 @@ impl Message<Snapshot> for StoreActor {
         let mut pairs: Vec<(String, String)> = self
             .map
             .iter()
-            .filter_map(|e| e.value.clone().map(|v| (e.key().clone(), v)))
+            .filter_map(|e| {
+                e.value
+                    .as_deref()
+                    .map(|v| (e.key().to_string(), v.to_string()))
+            })
             .collect();
         pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         pairs

@@ -82,7 +82,7 @@ impl KvStore for KvService {
                 value: Some(value),
                 version,
             }) => Ok(Response::new(Value {
-                value,
+                value: value.into(),
                 version: Some(version.into()),
             })),
             _ => Err(Error::NotFound(key).into()),

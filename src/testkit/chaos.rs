@@ -309,10 +309,12 @@ async fn read_all(cluster: &ProcessCluster, keys: &[String]) -> Result<Vec<Vec<H
                 .await
                 .map_err(|s| Error::Testkit(format!("reading {key} from node{}: {s}", i + 1)))?
                 .into_inner();
-            node.push(
-                pb::kv_to_entry(kv)?
-                    .map(|e| ((e.version.time, e.version.node.to_string()), e.value)),
-            );
+            node.push(pb::kv_to_entry(kv)?.map(|e| {
+                (
+                    (e.version.time, e.version.node.to_string()),
+                    e.value.map(String::from),
+                )
+            }));
         }
         all.push(node);
     }

@@ -38,10 +38,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use dashmap::DashMap;
-
 use crate::error::Error;
-use crate::store::{Entry, Write};
+use crate::store::{Map, Write};
 pub use wal::{Durable, SyncMode};
 
 /// Settings of a node's storage.
@@ -82,7 +80,7 @@ pub struct Storage {
 /// What [`Storage::open`] returns: the recovered map, the newest version time in it (the clock
 /// must start past it), and the storage ready for appends.
 pub struct Recovered {
-    pub map: DashMap<String, Entry>,
+    pub map: Map,
     pub max_time: u64,
     pub storage: Storage,
     pub report: RecoveryReport,
@@ -126,11 +124,11 @@ impl Storage {
         logs.sort_unstable();
         snapshots.sort_unstable();
 
-        let map: DashMap<String, Entry> = DashMap::new();
+        let map = Map::new();
         let mut max_time = 0u64;
         let mut apply = |w: Write| {
             max_time = max_time.max(w.entry.version.time);
-            match map.entry(w.key) {
+            match map.entry(w.key.into_boxed_str()) {
                 dashmap::Entry::Occupied(mut slot) => {
                     if w.entry.version > slot.get().version {
                         slot.insert(w.entry);
@@ -234,7 +232,7 @@ impl Storage {
     }
 
     /// Logs `write`; compacts in the background when the log has grown past its limit.
-    pub fn append(&mut self, write: &Write, map: &Arc<DashMap<String, Entry>>) -> Durable {
+    pub fn append(&mut self, write: &Write, map: &Arc<Map>) -> Durable {
         let mut framed = Vec::new();
         record::encode_write(write, &mut framed);
         let durable = self.writer.append(framed);
@@ -261,7 +259,7 @@ impl Storage {
         &self.dir
     }
 
-    fn compact(&mut self, map: Arc<DashMap<String, Entry>>) {
+    fn compact(&mut self, map: Arc<Map>) {
         let next = self.generation + 1;
         let rotated = self.writer.rotate(next);
         self.generation = next;
@@ -321,6 +319,7 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
+    use crate::store::Entry;
     use crate::version::Version;
 
     fn config(dir: &Path) -> StorageConfig {
@@ -351,7 +350,7 @@ mod tests {
         let mut r = Storage::open(config).unwrap();
         let map = Arc::new(std::mem::take(&mut r.map));
         for w in writes {
-            map.insert(w.key.clone(), w.entry.clone());
+            map.insert(w.key.as_str().into(), w.entry.clone());
             r.storage.append(w, &map).wait().await.unwrap();
         }
         let Recovered { storage, .. } = r;
@@ -360,7 +359,7 @@ mod tests {
     }
 
     fn value(r: &Recovered, key: &str) -> Option<Option<String>> {
-        r.map.get(key).map(|e| e.value.clone())
+        r.map.get(key).map(|e| e.value.as_deref().map(String::from))
     }
 
     #[tokio::test]
@@ -459,7 +458,7 @@ mod tests {
         let mut r = Storage::open(&cfg).unwrap();
         let map = Arc::new(std::mem::take(&mut r.map));
         for w in &writes {
-            map.insert(w.key.clone(), w.entry.clone());
+            map.insert(w.key.as_str().into(), w.entry.clone());
             r.storage.append(w, &map).wait().await.unwrap();
         }
         // Compaction runs in the background: wait for it to settle.
@@ -501,7 +500,7 @@ mod tests {
     #[tokio::test]
     async fn a_damaged_snapshot_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let map: DashMap<String, Entry> = DashMap::new();
+        let map = Map::new();
         map.insert("k".into(), write("k", Some("v"), 1).entry);
         snapshot::write(dir.path(), 3, &map, None).unwrap();
         let path = snapshot::snapshot_path(dir.path(), 3);

@@ -179,7 +179,7 @@ fn parse_payload(p: &[u8]) -> Result<Record, String> {
     Ok(Record::Write(Write {
         key,
         entry: Entry {
-            value,
+            value: value.map(String::into_boxed_str),
             version: Version {
                 time,
                 node: node.into(),

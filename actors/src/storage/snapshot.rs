@@ -8,12 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
-use dashmap::DashMap;
-
 use super::record::{self, Record};
 use super::wal::{self, OnDamage};
 use crate::error::Error;
-use crate::store::{Entry, Write};
+use crate::store::{Entry, Map, Write};
 
 /// Magic at the start of every snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSTSNP\n";
@@ -36,7 +34,7 @@ pub struct SnapshotStats {
 pub fn write(
     dir: &Path,
     generation: u64,
-    map: &DashMap<String, Entry>,
+    map: &Map,
     purge_before: Option<u64>,
 ) -> Result<SnapshotStats, Error> {
     let purgeable =
@@ -51,7 +49,7 @@ pub fn write(
             continue;
         }
         let write = Write {
-            key: item.key().clone(),
+            key: item.key().to_string(),
             entry: item.value().clone(),
         };
         record::encode_write(&write, &mut buf);
