@@ -15,6 +15,25 @@ use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, Value};
 /// the client should not be the one to refuse a value the node agreed to store.
 const CLIENT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// A channel to `addr` (`host:port`) that connects on first use and reconnects by itself, so it
+/// can be made while the other side is down. Shared by the client and the node's peer links.
+pub fn lazy_channel(
+    addr: &str,
+    connect_timeout: Duration,
+    call_timeout: Duration,
+) -> Result<Channel, Error> {
+    let endpoint =
+        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| Error::InvalidAddress {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(endpoint
+        .connect_timeout(connect_timeout)
+        .timeout(call_timeout)
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
 /// A connection to one node. Connects lazily and reconnects by itself, so it can be made while
 /// the node is down; each call then fails with `UNAVAILABLE` until the node is back.
 #[derive(Clone, Debug)]
@@ -28,15 +47,7 @@ impl Client {
     /// call. Must be called inside a tokio runtime.
     pub fn new(addr: &str, timeout: Duration) -> Result<Self, Error> {
         let addr = normalize_peer(addr)?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| Error::InvalidAddress {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(timeout)
-            .timeout(timeout)
-            .tcp_nodelay(true);
-        let inner = KvStoreClient::new(endpoint.connect_lazy())
+        let inner = KvStoreClient::new(lazy_channel(&addr, timeout, timeout)?)
             .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
         Ok(Self { inner, addr })

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kvstore_actors::{Entry, PeerClient, PeerError, Write};
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::{Error, status_reason};
@@ -32,15 +32,8 @@ fn client(
     call_timeout: Duration,
     max_message_bytes: usize,
 ) -> Result<ReplicatorClient<Channel>, Error> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| Error::InvalidAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?
-        .connect_timeout(connect_timeout)
-        .timeout(call_timeout)
-        .tcp_nodelay(true);
-    Ok(ReplicatorClient::new(endpoint.connect_lazy())
+    let channel = crate::client::lazy_channel(addr, connect_timeout, call_timeout)?;
+    Ok(ReplicatorClient::new(channel)
         .max_encoding_message_size(max_message_bytes)
         .max_decoding_message_size(max_message_bytes))
 }

@@ -178,19 +178,10 @@ mod tests {
 
     use super::*;
     use crate::replication::tests::FakePeer;
-    use crate::version::{Clock, Version};
+    use crate::version::Clock;
 
     fn write(key: &str, value: Option<&str>, time: u64) -> Write {
-        Write {
-            key: key.into(),
-            entry: Entry {
-                value: value.map(Into::into),
-                version: Version {
-                    time,
-                    node: "n".into(),
-                },
-            },
-        }
+        crate::store::testing::write(key, value, time, "n")
     }
 
     async fn store_with(writes: &[Write]) -> (ActorRef<StoreActor>, StoreReader) {

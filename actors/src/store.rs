@@ -408,17 +408,14 @@ impl Message<Stats> for StoreActor {
     }
 }
 
+/// Helpers for this crate's tests.
 #[cfg(test)]
-mod tests {
-    use kameo::actor::Spawn;
+pub(crate) mod testing {
+    use super::{Entry, Write};
+    use crate::version::Version;
 
-    use super::*;
-
-    fn store(node: &str) -> ActorRef<StoreActor> {
-        StoreActor::spawn(StoreActor::new(Arc::new(Clock::new(node.into()))))
-    }
-
-    fn write(key: &str, value: Option<&str>, time: u64, node: &str) -> Write {
+    /// A write of `key` (`None` deletes) at version (`time`, `node`).
+    pub fn write(key: &str, value: Option<&str>, time: u64, node: &str) -> Write {
         Write {
             key: key.into(),
             entry: Entry {
@@ -430,6 +427,19 @@ mod tests {
             },
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use kameo::actor::Spawn;
+
+    use super::*;
+
+    fn store(node: &str) -> ActorRef<StoreActor> {
+        StoreActor::spawn(StoreActor::new(Arc::new(Clock::new(node.into()))))
+    }
+
+    use super::testing::write;
 
     async fn apply(s: &ActorRef<StoreActor>, w: Write) -> bool {
         s.ask(Apply(vec![w])).await.unwrap().changed == 1

@@ -319,8 +319,6 @@ mod tests {
     use std::io::Write as _;
 
     use super::*;
-    use crate::store::Entry;
-    use crate::version::Version;
 
     fn config(dir: &Path) -> StorageConfig {
         StorageConfig {
@@ -333,16 +331,7 @@ mod tests {
     }
 
     fn write(key: &str, value: Option<&str>, time: u64) -> Write {
-        Write {
-            key: key.into(),
-            entry: Entry {
-                value: value.map(Into::into),
-                version: Version {
-                    time,
-                    node: "n1".into(),
-                },
-            },
-        }
+        crate::store::testing::write(key, value, time, "n1")
     }
 
     /// Opens, appends `writes` (applying them to the map as the store would), closes.
