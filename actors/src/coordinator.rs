@@ -391,7 +391,10 @@ impl<P: PeerClient> Coordinator<P> {
     /// client is told so, though the write may still take effect through the peers that have
     /// it (it is in this node's memory and theirs; anti-entropy brings it back to the log).
     async fn finish_write(&self, persisted: store::Persisted) -> Result<WriteOutcome, Error> {
-        let write = persisted.write.clone();
+        let written = (
+            persisted.write.key.clone(),
+            persisted.write.entry.version.clone(),
+        );
         let local = async {
             // Bounded, so a stalled disk cannot hang a Put.
             let limit = self.config.replication_deadline + LOCAL_SYNC_GRACE;
@@ -406,7 +409,7 @@ impl<P: PeerClient> Coordinator<P> {
         };
         let (local, outcome) = futures::join!(local, self.replicate(persisted.write));
         if let Err(e) = local {
-            let _ = self.store.tell(store::Unlogged(vec![write])).await;
+            let _ = self.store.tell(store::Unlogged(vec![written])).await;
             return Err(e);
         }
         Ok(outcome)
@@ -416,13 +419,13 @@ impl<P: PeerClient> Coordinator<P> {
     pub async fn apply(&self, writes: Vec<Write>) -> Result<usize, Error> {
         let applied = self
             .store
-            .ask(store::Apply(writes.clone()))
+            .ask(store::Apply(writes))
             .await
             .map_err(|_| Error::StoreStopped)?;
         match applied.wait().await {
             Ok(changed) => Ok(changed),
-            Err(e) => {
-                let _ = self.store.tell(store::Unlogged(writes)).await;
+            Err((e, unlogged)) => {
+                let _ = self.store.tell(store::Unlogged(unlogged)).await;
                 Err(e)
             }
         }

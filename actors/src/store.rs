@@ -224,13 +224,23 @@ pub struct Applied {
     pub changed: usize,
     /// One promise per logged write: a batch can span group commits, and any of them can fail.
     pub durable: Vec<Durable>,
+    /// The writes, handed back (not copied) for the caller to report if the log fails.
+    pub writes: Vec<Write>,
 }
 
 impl Applied {
-    /// Waits until every write of the batch is durable.
-    pub async fn wait(self) -> Result<usize, crate::Error> {
+    /// Waits until every write of the batch is durable. On failure, hands back the writes'
+    /// keys and versions, to be reported to the store as [`Unlogged`].
+    pub async fn wait(self) -> Result<usize, (crate::Error, Vec<(String, Version)>)> {
         for d in self.durable {
-            d.wait().await?;
+            if let Err(e) = d.wait().await {
+                let unlogged = self
+                    .writes
+                    .into_iter()
+                    .map(|w| (w.key, w.entry.version))
+                    .collect();
+                return Err((e, unlogged));
+            }
         }
         Ok(self.changed)
     }
@@ -276,22 +286,22 @@ pub struct GetEntry {
     pub key: String,
 }
 
-/// Record that these writes, applied to the map, did not reach the log.
+/// Record that these writes (key, version), applied to the map, did not reach the log.
 #[derive(Debug)]
-pub struct Unlogged(pub Vec<Write>);
+pub struct Unlogged(pub Vec<(String, Version)>);
 
 impl Message<Unlogged> for StoreActor {
     type Reply = ();
 
     async fn handle(&mut self, msg: Unlogged, _: &mut Context<Self, Self::Reply>) {
-        for w in msg.0 {
+        for (key, version) in msg.0 {
             // Only if the map still holds that very version: a newer write was logged itself.
             if self
                 .map
-                .get(w.key.as_str())
-                .is_some_and(|e| e.version == w.entry.version)
+                .get(key.as_str())
+                .is_some_and(|e| e.version == version)
             {
-                self.unlogged.insert(w.key, w.entry.version);
+                self.unlogged.insert(key, version);
             }
         }
     }
@@ -340,7 +350,11 @@ impl Message<Apply> for StoreActor {
                 durable.push(self.persist(write));
             }
         }
-        Applied { changed, durable }
+        Applied {
+            changed,
+            durable,
+            writes: msg.0,
+        }
     }
 }
 
