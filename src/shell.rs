@@ -180,3 +180,43 @@ impl Shell {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::PeerStatus;
+
+    #[test]
+    fn status_lines_name_every_peer_and_what_is_pending() {
+        let status = NodeStatus {
+            node_id: "node1".into(),
+            keys: 3,
+            tombstones: 1,
+            log_bytes: 4096,
+            data_dir: "/data/node1".into(),
+            peers: vec![
+                PeerStatus {
+                    address: "db2:5001".into(),
+                    state: "up".into(),
+                    last_contact_ms: Some(12),
+                    ..PeerStatus::default()
+                },
+                PeerStatus {
+                    address: "db3:5001".into(),
+                    state: "down".into(),
+                    backlog: 7,
+                    resync_pending: true,
+                    ..PeerStatus::default()
+                },
+            ],
+        };
+        assert_eq!(
+            render_status(&status),
+            [
+                "node node1: 3 keys, 1 tombstones, log 4096 bytes, data in /data/node1",
+                "peer db2:5001: up, last contact 12ms ago",
+                "peer db3:5001: down, 7 writes queued for handoff, resync pending, never contacted",
+            ]
+        );
+    }
+}
