@@ -242,6 +242,10 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = DEFAULT_HANDOFF_CAPACITY, value_parser = parse_nonzero)]
     pub handoff_capacity: usize,
 
+    /// Threads serving requests (the async runtime's workers). Defaults to one per CPU.
+    #[arg(long, value_parser = parse_nonzero)]
+    pub worker_threads: Option<usize>,
+
     /// Time between anti-entropy rounds with each peer (digest comparison and repair). Rounds
     /// also run at start and when a peer that missed writes comes back.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]

@@ -82,6 +82,9 @@ pub struct Args {
     /// Writes a node misses for --catchup.
     #[arg(long, default_value_t = 100_000)]
     missed_writes: u64,
+    /// Extra flags for every kvstore node, e.g. "--worker-threads 1".
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    node_args: String,
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -164,14 +167,19 @@ enum Kvstore {
 }
 
 impl Kvstore {
-    async fn start(server: Option<PathBuf>, root: PathBuf, nodes: usize) -> anyhow::Result<Self> {
+    async fn start(
+        server: Option<PathBuf>,
+        root: PathBuf,
+        nodes: usize,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Self> {
         if let Some(server) = server {
             return Ok(Self::Processes(
                 ProcessCluster::start(ClusterSpec {
                     server,
                     nodes,
                     root,
-                    extra_args: Vec::new(),
+                    extra_args,
                     proxied: false,
                 })
                 .await?,
@@ -331,7 +339,12 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
 
     // kvstore.
     if !workloads.is_empty() {
-        let cluster = Kvstore::start(server.clone(), root.join("kvstore"), 3).await?;
+        let extra = args
+            .node_args
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        let cluster = Kvstore::start(server.clone(), root.join("kvstore"), 3, extra).await?;
         let addrs = cluster.addrs();
         run_target(
             args,
