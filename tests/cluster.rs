@@ -614,3 +614,67 @@ async fn status_reports_keys_and_each_peers_state_and_backlog() {
     let down = peers[cluster.addr(2)];
     assert_eq!((down.state.as_str(), down.backlog), ("down", 3), "{down:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_starts_later_is_seen_up_without_any_write() {
+    // Node A starts first, its peer's port still closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let late = format!("127.0.0.1:{port}");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let a_addr = listener.local_addr().unwrap().to_string();
+    let config = NodeConfig {
+        peers: vec![late.clone()],
+        ..NodeConfig::default()
+    };
+    let a = tokio::spawn(kvstore::server::run(
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+        config,
+        std::future::pending(),
+    ));
+    let a_client = kvstore::client::Client::new(&a_addr, Duration::from_secs(5)).unwrap();
+    let started = std::time::Instant::now();
+    while a_client
+        .status()
+        .await
+        .map_or(true, |s| s.peers[0].state != "down")
+    {
+        assert!(
+            started.elapsed() < NO_HANG,
+            "the first round should find the peer down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Then the peer comes up. No write is made: the retried anti-entropy round finds it, long
+    // before the 30 s period would.
+    let b_listener = tokio::net::TcpListener::bind(&late).await.unwrap();
+    let b = tokio::spawn(kvstore::server::run(
+        b_listener,
+        NodeConfig {
+            peers: vec![a_addr.clone()],
+            ..NodeConfig::default()
+        },
+        std::future::pending(),
+    ));
+    let started = std::time::Instant::now();
+    loop {
+        let status = a_client.status().await.unwrap();
+        if status.peers[0].state == "up" {
+            assert!(!status.peers[0].resync_pending);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{:?}",
+            status.peers[0]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    a.abort();
+    b.abort();
+}

@@ -41,6 +41,8 @@ use crate::store::{Entry, StoreActor, StoreReader, Write};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between redelivery attempts: how stale a returning peer can stay at worst.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Wait before retrying a failed anti-entropy round.
+const RESYNC_RETRY: Duration = Duration::from_secs(2);
 /// Bytes per replication batch: well under the gRPC message limit, whatever the values.
 const BATCH_BYTES: usize = 512 * 1024;
 /// Most bytes a handoff backlog holds, whatever `--handoff-capacity` says: a down peer must not
@@ -381,7 +383,7 @@ impl<P: PeerClient> ReplicationActor<P> {
 
     /// Starts an anti-entropy round in the background unless one is running. Runs beside the
     /// actor, so deliveries go on meanwhile.
-    fn start_resync(&self) {
+    fn start_resync(&self, me: WeakActorRef<Self>) {
         if self.health.resyncing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -396,10 +398,9 @@ impl<P: PeerClient> ReplicationActor<P> {
         tokio::spawn(async move {
             match antientropy::sync(&client, &store, &reader).await {
                 Ok(report) => {
-                    health.contact();
-                    if health.state() == PeerState::Lagging && !health.needs_resync() {
-                        health.set_state(PeerState::Up, &"resynced");
-                    }
+                    // A round is an exchange like any delivery: the peer is up (and, if it was
+                    // lagging and nothing was missed meanwhile, caught up).
+                    health.mark_up();
                     if report.buckets > 0 {
                         tracing::info!(
                             peer = %health.addr,
@@ -416,6 +417,14 @@ impl<P: PeerClient> ReplicationActor<P> {
                         health.mark_down(e);
                     }
                     tracing::debug!(peer = %health.addr, %error, "anti-entropy round failed");
+                    health.resyncing.store(false, Ordering::Release);
+                    // Try again soon rather than at the next period: a peer that was merely
+                    // starting (a cluster coming up together) is seen up within seconds.
+                    tokio::time::sleep(RESYNC_RETRY).await;
+                    if let Some(me) = me.upgrade() {
+                        let _ = me.tell(Resync).try_send();
+                    }
+                    return;
                 }
             }
             health.resyncing.store(false, Ordering::Release);
@@ -431,11 +440,11 @@ impl<P: PeerClient> Actor for ReplicationActor<P> {
         "ReplicationActor"
     }
 
-    async fn on_start(args: Self, _: ActorRef<Self>) -> Result<Self, Self::Error> {
+    async fn on_start(args: Self, actor_ref: ActorRef<Self>) -> Result<Self, Self::Error> {
         // After a (re)start, whatever this node held for the peer before is gone, and the peer
         // may have taken writes we missed: compare right away.
         args.health.mark_needs_resync();
-        args.start_resync();
+        args.start_resync(actor_ref.downgrade());
         Ok(args)
     }
 }
@@ -488,7 +497,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
                     answer(w, Ok(()));
                 }
                 if self.health.needs_resync() {
-                    self.start_resync();
+                    self.start_resync(ctx.actor_ref().downgrade());
                 }
                 self.flush(ctx.actor_ref().clone());
             }
@@ -568,7 +577,7 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
         self.backoff = BACKOFF_MIN;
         self.health.mark_up();
         if self.health.needs_resync() {
-            self.start_resync();
+            self.start_resync(ctx.actor_ref().downgrade());
         }
     }
 }
@@ -580,8 +589,8 @@ pub struct Resync;
 impl<P: PeerClient> Message<Resync> for ReplicationActor<P> {
     type Reply = ();
 
-    async fn handle(&mut self, _: Resync, _: &mut Context<Self, Self::Reply>) {
-        self.start_resync();
+    async fn handle(&mut self, _: Resync, ctx: &mut Context<Self, Self::Reply>) {
+        self.start_resync(ctx.actor_ref().downgrade());
     }
 }
 
