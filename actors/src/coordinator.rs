@@ -672,7 +672,11 @@ mod tests {
         assert_eq!(c.get("k".into()).await.unwrap(), None);
         // What the peer holds, not what it was sent: the startup anti-entropy round may race
         // the writes and send them a second time, which is harmless.
-        assert_eq!(peers[0].value("k"), Some(None), "the peer holds the tombstone");
+        assert_eq!(
+            peers[0].value("k"),
+            Some(None),
+            "the peer holds the tombstone"
+        );
         let mut got = peers[0].received.lock().unwrap().clone();
         got.sort_by(|a, b| a.entry.version.cmp(&b.entry.version));
         got.dedup();
