@@ -95,11 +95,6 @@ impl StoreReader {
         self.tombstone_grace.map(version::now_minus)
     }
 
-    /// The stored entry of `key`, tombstones included.
-    pub fn get(&self, key: &str) -> Option<Entry> {
-        self.map.get(key).map(|e| e.clone())
-    }
-
     /// Calls `f` on every entry, tombstones included.
     pub fn for_each(&self, mut f: impl FnMut(&str, &Entry)) {
         for item in self.map.iter() {
@@ -394,18 +389,6 @@ impl Message<Snapshot> for StoreActor {
             .collect();
         pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         pairs
-    }
-}
-
-/// Hand out a [`StoreReader`].
-#[derive(Debug)]
-pub struct Reader;
-
-impl Message<Reader> for StoreActor {
-    type Reply = StoreReader;
-
-    async fn handle(&mut self, _: Reader, _: &mut Context<Self, Self::Reply>) -> StoreReader {
-        self.reader()
     }
 }
 

@@ -125,10 +125,6 @@ impl ProcessCluster {
         Client::new(&self.addr(i), Duration::from_secs(10)).expect("valid address")
     }
 
-    pub fn is_running(&self, i: usize) -> bool {
-        self.nodes[i].child.is_some()
-    }
-
     fn spawn_with(&mut self, i: usize, extra: &[&str]) -> Result<(), Error> {
         let node = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
@@ -260,11 +256,6 @@ impl ProcessCluster {
         for node in &self.nodes {
             node.links.iter().flatten().for_each(Proxy::heal);
         }
-    }
-
-    /// Whether node `i` is cut off.
-    pub fn is_isolated(&self, i: usize) -> bool {
-        self.nodes[i].links.iter().flatten().any(Proxy::is_cut)
     }
 }
 

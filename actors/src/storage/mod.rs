@@ -254,11 +254,6 @@ impl Storage {
         self.tombstone_grace
     }
 
-    /// The data directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn compact(&mut self, map: Arc<Map>) {
         let next = self.generation + 1;
         let rotated = self.writer.rotate(next);
