@@ -526,6 +526,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn interval_and_never_modes_ack_before_syncing() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Interval(Duration::from_millis(50)));
+        w.append(framed("a")).wait().await.unwrap();
+        assert_eq!(
+            file.syncs.load(Ordering::Relaxed),
+            0,
+            "acked once written, not synced"
+        );
+        // The timer syncs what was written, without any further write.
+        for _ in 0..100 {
+            if file.syncs.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(file.syncs.load(Ordering::Relaxed), 1);
+
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Never);
+        for k in ["a", "b", "c"] {
+            w.append(framed(k)).wait().await.unwrap();
+        }
+        assert_eq!(file.syncs.load(Ordering::Relaxed), 0);
+        w.close().await;
+        assert_eq!(
+            file.syncs.load(Ordering::Relaxed),
+            1,
+            "a clean stop syncs what is there"
+        );
+    }
+
+    #[tokio::test]
     async fn a_full_disk_fails_the_write_and_leaves_a_clean_log() {
         let file = MemFile::default();
         let w = writer(&file, SyncMode::Always);
