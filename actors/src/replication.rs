@@ -68,20 +68,26 @@ pub trait PeerClient: Clone + Send + Sync + 'static {
 
 /// Splits writes into batches of about [`BATCH_BYTES`] (at least one write each).
 pub fn batches(writes: Vec<Write>) -> impl Iterator<Item = Vec<Write>> {
-    let mut writes = writes.into_iter().peekable();
+    let mut writes = std::collections::VecDeque::from(writes);
     std::iter::from_fn(move || {
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while let Some(w) = writes.peek() {
-            let size = write_size(w);
-            if !batch.is_empty() && bytes + size > BATCH_BYTES {
-                break;
-            }
-            bytes += size;
-            batch.push(writes.next().expect("peeked"));
-        }
-        (!batch.is_empty()).then_some(batch)
+        let n = batch_len(writes.iter());
+        (n > 0).then(|| writes.drain(..n).collect())
     })
+}
+
+/// How many of the leading `writes` make one batch: as many as fit in [`BATCH_BYTES`], and at
+/// least one (a single write bigger than that still goes, alone). Zero only when there are none.
+fn batch_len<'a>(writes: impl Iterator<Item = &'a Write>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for w in writes {
+        bytes += write_size(w);
+        if n > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 fn write_size(w: &Write) -> usize {
@@ -336,21 +342,20 @@ impl<P: PeerClient> ReplicationActor<P> {
             .store(self.backlog.len() as u64, Ordering::Relaxed);
     }
 
+    /// A delivery succeeded: the peer is up, and if it missed writes, a resync starts now.
+    fn reached(&self, me: WeakActorRef<Self>) {
+        self.health.mark_up();
+        if self.health.needs_resync() {
+            self.start_resync(me);
+        }
+    }
+
     /// Sends the pending writes as one batch, unless a batch is already in flight.
     fn flush(&mut self, me: ActorRef<Self>) {
         if self.in_flight || self.pending.is_empty() {
             return;
         }
-        let mut bytes = 0;
-        let n = self
-            .pending
-            .iter()
-            .take_while(|(w, _)| {
-                bytes += write_size(w);
-                bytes <= BATCH_BYTES
-            })
-            .count()
-            .max(1);
+        let n = batch_len(self.pending.iter().map(|(w, _)| w));
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = self.pending.drain(..n).unzip();
         self.in_flight = true;
         let client = self.client.clone();
@@ -492,13 +497,10 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
         self.in_flight = false;
         match msg.result {
             Ok(()) => {
-                self.health.mark_up();
                 for w in msg.waiters {
                     answer(w, Ok(()));
                 }
-                if self.health.needs_resync() {
-                    self.start_resync(ctx.actor_ref().downgrade());
-                }
+                self.reached(ctx.actor_ref().downgrade());
                 self.flush(ctx.actor_ref().clone());
             }
             Err(PeerError::Rejected(why)) => {
@@ -539,22 +541,8 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
     async fn handle(&mut self, _: Redeliver, ctx: &mut Context<Self, Self::Reply>) {
         self.redelivery_scheduled = false;
         while !self.backlog.is_empty() {
-            let mut bytes = 0;
-            let batch: Vec<Write> = self
-                .backlog
-                .iter()
-                .take_while(|w| {
-                    bytes += write_size(w);
-                    bytes <= BATCH_BYTES
-                })
-                .cloned()
-                .collect();
-            let batch = if batch.is_empty() {
-                vec![self.backlog[0].clone()]
-            } else {
-                batch
-            };
-            let n = batch.len();
+            let n = batch_len(self.backlog.iter());
+            let batch: Vec<Write> = self.backlog.iter().take(n).cloned().collect();
             match self.client.replicate(batch).await {
                 Ok(()) => {}
                 Err(PeerError::Rejected(why)) => {
@@ -575,10 +563,7 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
         }
         tracing::info!(peer = %self.health.addr, "handoff backlog delivered");
         self.backoff = BACKOFF_MIN;
-        self.health.mark_up();
-        if self.health.needs_resync() {
-            self.start_resync(ctx.actor_ref().downgrade());
-        }
+        self.reached(ctx.actor_ref().downgrade());
     }
 }
 
