@@ -169,3 +169,36 @@ fn server_binary_serves_and_exits_zero_on_sigterm() {
         "{logs}"
     );
 }
+
+#[test]
+fn sigterm_right_after_start_is_a_clean_stop() {
+    // The signal handlers must be in place before the node announces itself: a SIGTERM sent the
+    // moment it has started stops it gracefully (exit 0), not by the default disposition.
+    for _ in 0..5 {
+        let data = tempfile::tempdir().unwrap();
+        let mut server = Command::new(SERVER)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(server.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("node started") {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "server exited before starting"
+            );
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", &server.id().to_string()])
+            .status();
+        assert!(status.unwrap().success());
+        let drain = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        let exit = server.wait().unwrap();
+        let _ = drain.join();
+        assert!(exit.success(), "exit status {exit}");
+    }
+}

@@ -30,31 +30,34 @@ async fn serve(args: ServerArgs) -> anyhow::Result<()> {
         .init();
 
     let (listen, config) = args.into_config()?;
+    // Handlers are installed before the node says it started: a SIGTERM that arrives right
+    // after must stop it gracefully, not kill it with the default disposition.
+    let shutdown = shutdown_signal()?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    kvstore::server::run(listener, config, shutdown_signal()).await?;
+    kvstore::server::run(listener, config, shutdown).await?;
     Ok(())
 }
 
-/// Completes on the first SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Installs the SIGTERM and SIGINT handlers now; the future completes on the first of them.
+#[cfg(unix)]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "shutdown requested"),
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutdown requested"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!(signal = "SIGINT", "shutdown requested"),
-        () = term => tracing::info!(signal = "SIGTERM", "shutdown requested"),
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!(signal = "Ctrl-C", "shutdown requested");
+    })
 }
