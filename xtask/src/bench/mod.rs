@@ -85,6 +85,16 @@ pub struct Args {
     /// Extra flags for every kvstore node, e.g. "--worker-threads 1".
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     node_args: String,
+    /// A/B mode: also start a second kvstore cluster from this server binary (say, a copy of
+    /// the release build before a change) and run every kvstore cell on both, alternating.
+    #[arg(long)]
+    b_server: Option<PathBuf>,
+    /// A/B mode: node flags for the second cluster (its binary is --b-server, or the same).
+    #[arg(long, allow_hyphen_values = true)]
+    b_node_args: Option<String>,
+    /// A/B mode: how many times each cell runs on each cluster, alternating A, B, A, B...
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
@@ -338,12 +348,23 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
     echo_runtime.shutdown_background();
 
     // kvstore.
+    let split = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+    if args.b_server.is_some() || args.b_node_args.is_some() {
+        let a = Kvstore::start(
+            server.clone(),
+            root.join("kvstore"),
+            3,
+            split(&args.node_args),
+        )
+        .await?;
+        let b_args = split(args.b_node_args.as_deref().unwrap_or(&args.node_args));
+        let b_server = args.b_server.clone().or(server.clone());
+        let b = Kvstore::start(b_server, root.join("kvstore-b"), 3, b_args).await?;
+        run_ab(args, &workloads, [a.addrs(), b.addrs()], &mut results).await?;
+        return Ok(results);
+    }
     if !workloads.is_empty() {
-        let extra = args
-            .node_args
-            .split_whitespace()
-            .map(String::from)
-            .collect();
+        let extra = split(&args.node_args);
         let cluster = Kvstore::start(server.clone(), root.join("kvstore"), 3, extra).await?;
         let addrs = cluster.addrs();
         run_target(
@@ -438,6 +459,59 @@ async fn run_target(
             loaded = 0; // the keys are gone: reload before reading again
         }
     }
+    Ok(())
+}
+
+/// A/B mode: every kvstore cell on cluster A ("kvstore") and cluster B ("kvstore-b"),
+/// alternating, `rounds` times each, so that drift in the machine's speed hits both alike.
+async fn run_ab(
+    args: &Args,
+    workloads: &[Workload],
+    addrs: [Vec<String>; 2],
+    results: &mut Results,
+) -> anyhow::Result<()> {
+    let duration = Duration::from_secs_f64(args.seconds);
+    let names = ["kvstore", "kvstore-b"];
+    let mut progress = Progress {
+        done: 0,
+        total: workloads.len() * args.concurrency.len() * args.rounds * 2,
+    };
+    for &workload in workloads {
+        let keys = if workload == Workload::List {
+            args.list_keys
+        } else {
+            args.keys
+        };
+        for addrs in &addrs {
+            eprint!("\r\x1b[2Kpreloading {keys} keys");
+            load::preload(connect(addrs, 64, Conn::kvstore).await?, 0, keys).await?;
+        }
+        for &c in &args.concurrency {
+            for round in 0..args.rounds {
+                for (addrs, name) in addrs.iter().zip(names) {
+                    progress.step(&format!("{name} {workload:?} c={c} round {}", round + 1));
+                    let conns = connect(addrs, c, Conn::kvstore).await?;
+                    let figures = load::run(conns, workload, keys, duration).await;
+                    results.cells.push(Cell {
+                        workload,
+                        target: name.into(),
+                        concurrency: c,
+                        figures,
+                    });
+                }
+            }
+        }
+    }
+    eprintln!();
+    results.notes.push(format!(
+        "A/B run: A = kvstore {:?}, B = {} {:?}; {} rounds per cell, alternating",
+        args.node_args,
+        args.b_server
+            .as_ref()
+            .map_or("the same binary".into(), |p| p.display().to_string()),
+        args.b_node_args.as_deref().unwrap_or(&args.node_args),
+        args.rounds
+    ));
     Ok(())
 }
 

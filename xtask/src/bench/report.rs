@@ -88,6 +88,7 @@ pub fn markdown(r: &Results) -> String {
             );
         }
     }
+    ab_section(r, &mut s);
     let _ = writeln!(s, "\n## Targets\n");
     let _ = writeln!(s, "| cell | target | measured | met |");
     let _ = writeln!(s, "|---|---|---|---|");
@@ -169,6 +170,51 @@ pub fn markdown(r: &Results) -> String {
         |v| v <= 5.0,
     );
     s
+}
+
+/// The A/B table (when the run had a cluster B): medians over the rounds, and B/A.
+fn ab_section(r: &Results, s: &mut String) {
+    if !r.cells.iter().any(|c| c.target == "kvstore-b") {
+        return;
+    }
+    let median = |w: Workload, target: &str, c: usize, f: fn(&Cell) -> f64| {
+        let mut v: Vec<f64> = (r.cells.iter())
+            .filter(|x| x.workload == w && x.target == target && x.concurrency == c)
+            .map(f)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let _ = writeln!(s, "\n## A/B (medians of the rounds)\n");
+    let _ = writeln!(
+        s,
+        "| workload | c | A ops/s | B ops/s | B/A ops | A p50 ms | B p50 ms | A p99 ms | B p99 ms | B/A p99 |"
+    );
+    let _ = writeln!(s, "|{}", "---|".repeat(10));
+    let mut keys: Vec<(Workload, usize)> = (r.cells.iter())
+        .filter(|c| c.target == "kvstore")
+        .map(|c| (c.workload, c.concurrency))
+        .collect();
+    keys.dedup();
+    for (w, c) in keys {
+        let ops = |t| median(w, t, c, |x| x.figures.ops_per_sec);
+        let p50 = |t| median(w, t, c, |x| x.figures.p50_us as f64);
+        let p99 = |t| median(w, t, c, |x| x.figures.p99_us as f64);
+        let msf = |v: Option<f64>| v.map_or("-".into(), |v| ms(v as u64));
+        let _ = writeln!(
+            s,
+            "| {} | {c} | {:.0} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            format!("{w:?}").to_lowercase(),
+            ops("kvstore").unwrap_or(0.0),
+            ops("kvstore-b").unwrap_or(0.0),
+            ratio(ops("kvstore-b"), ops("kvstore")),
+            msf(p50("kvstore")),
+            msf(p50("kvstore-b")),
+            msf(p99("kvstore")),
+            msf(p99("kvstore-b")),
+            ratio(p99("kvstore-b"), p99("kvstore")),
+        );
+    }
 }
 
 /// Writes `<date>.md` and `<date>.json` into `dir`.
