@@ -8,6 +8,9 @@ pub enum Error {
     /// The request is malformed or over a limit. The message names the problem.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A bound on what this node keeps was reached (distinct node ids).
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The key is absent (or deleted).
     #[error("key not found: {0}")]
     NotFound(String),
@@ -45,6 +48,7 @@ impl From<Error> for Status {
         let code = match &error {
             Error::InvalidArgument(_) | Error::InvalidAddress { .. } => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
             // A write this node could not log: a full disk is exhaustion, anything else means

@@ -3,7 +3,7 @@
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
-use kvstore_actors::{Entry, Version as ActorVersion, Write};
+use kvstore_actors::{Entry, NodeId, Version as ActorVersion, Write};
 
 use crate::error::Error;
 
@@ -90,7 +90,8 @@ impl TryFrom<KeyValue> for Write {
                 value: (!kv.deleted).then(|| kv.value.into_boxed_str()),
                 version: ActorVersion {
                     time: version.hlc,
-                    node: version.node_id.into(),
+                    node: NodeId::new(&version.node_id)
+                        .map_err(|e| Error::ResourceExhausted(e.to_string()))?,
                 },
             },
         })
@@ -110,7 +111,7 @@ mod tests {
                     value: value.map(String::into_boxed_str),
                     version: ActorVersion {
                         time: 42,
-                        node: "n1".into(),
+                        node: NodeId::new("n1").unwrap(),
                     },
                 },
             };

@@ -8,7 +8,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use kvstore_actors::{Clock, Coordinator, CoordinatorConfig, Storage, StorageConfig, StoreActor};
+use kvstore_actors::{
+    Clock, Coordinator, CoordinatorConfig, NodeId, Storage, StorageConfig, StoreActor,
+};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
@@ -46,7 +48,8 @@ pub async fn run(
             Ok((peer.clone(), client))
         })
         .collect::<Result<Vec<_>, Error>>()?;
-    let clock = Arc::new(Clock::new(node_id.as_str().into()));
+    let node = NodeId::new(&node_id).map_err(|e| Error::ResourceExhausted(e.to_string()))?;
+    let clock = Arc::new(Clock::new(node));
     let store = match &config.data_dir {
         None => StoreActor::new(clock),
         Some(dir) => {

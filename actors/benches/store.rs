@@ -8,7 +8,9 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use kameo::actor::Spawn;
 use kvstore_actors::storage::record;
 use kvstore_actors::store::{Apply, Put};
-use kvstore_actors::{Clock, Entry, Storage, StorageConfig, StoreActor, SyncMode, Version, Write};
+use kvstore_actors::{
+    Clock, Entry, NodeId, Storage, StorageConfig, StoreActor, SyncMode, Version, Write,
+};
 
 fn write(i: u64, node: &str) -> Write {
     Write {
@@ -17,7 +19,7 @@ fn write(i: u64, node: &str) -> Write {
             value: Some("v".repeat(100).into()),
             version: Version {
                 time: 1_000_000 + i,
-                node: node.into(),
+                node: NodeId::new(node).unwrap(),
             },
         },
     }
@@ -26,16 +28,16 @@ fn write(i: u64, node: &str) -> Write {
 fn versions(c: &mut Criterion) {
     let a = Version {
         time: 42,
-        node: "node1".into(),
+        node: NodeId::new("node1").unwrap(),
     };
     let b = Version {
         time: 42,
-        node: "node2".into(),
+        node: NodeId::new("node2").unwrap(),
     };
     c.bench_function("version/compare (tie on time)", |bench| {
         bench.iter(|| std::hint::black_box(&a) < std::hint::black_box(&b))
     });
-    let clock = Clock::new("node1".into());
+    let clock = Clock::new(NodeId::new("node1").unwrap());
     c.bench_function("version/clock.now", |bench| bench.iter(|| clock.now()));
 }
 
@@ -46,7 +48,9 @@ fn apply(c: &mut Criterion) {
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(format!("apply batch of {batch} (in memory)"), |bench| {
             let store = rt.block_on(async {
-                StoreActor::spawn(StoreActor::new(Arc::new(Clock::new("n".into()))))
+                StoreActor::spawn(StoreActor::new(Arc::new(Clock::new(
+                    NodeId::new("n").unwrap(),
+                ))))
             });
             let mut next = 0u64;
             bench.iter_batched(
@@ -64,7 +68,9 @@ fn apply(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.bench_function("put (in memory)", |bench| {
         let store = rt.block_on(async {
-            StoreActor::spawn(StoreActor::new(Arc::new(Clock::new("n".into()))))
+            StoreActor::spawn(StoreActor::new(Arc::new(Clock::new(
+                NodeId::new("n").unwrap(),
+            ))))
         });
         let mut i = 0u64;
         bench.iter(|| {

@@ -19,7 +19,8 @@ use kameo::actor::ActorRef;
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::replication::{PeerClient, PeerError};
-use crate::store::{self, Entry, StoreActor, StoreReader, Write};
+use crate::store::{self, StoreActor, StoreReader, Write};
+use crate::version::Version;
 
 /// Buckets per digest: 8 KiB of digest, about a thousand keys per bucket at a million keys.
 pub const BUCKETS: u32 = 1024;
@@ -34,32 +35,32 @@ pub fn bucket_of(key: &str, buckets: u32) -> u32 {
 /// The hash of one entry: key, version, tombstone flag and value. The version alone identifies
 /// a write when node ids are unique; the value is included so that a misconfiguration (two
 /// nodes sharing an id) shows up as a difference instead of hiding one.
-pub fn entry_hash(key: &str, entry: &Entry) -> u64 {
-    let node = entry.version.node.as_bytes();
-    let value = entry.value.as_deref().unwrap_or("");
-    let mut buf = Vec::with_capacity(key.len() + node.len() + value.len() + 26);
+pub fn entry_hash(key: &str, version: Version, value: Option<&str>) -> u64 {
+    let node = version.node.as_bytes();
+    let bytes = value.unwrap_or("");
+    let mut buf = Vec::with_capacity(key.len() + node.len() + bytes.len() + 26);
     buf.extend_from_slice(&(key.len() as u64).to_le_bytes());
     buf.extend_from_slice(key.as_bytes());
-    buf.extend_from_slice(&entry.version.time.to_le_bytes());
+    buf.extend_from_slice(&version.time.to_le_bytes());
     buf.extend_from_slice(node);
-    buf.push(u8::from(entry.value.is_none()));
-    buf.extend_from_slice(value.as_bytes());
+    buf.push(u8::from(value.is_none()));
+    buf.extend_from_slice(bytes.as_bytes());
     xxh3_64(&buf)
 }
 
 /// Adds one entry to a digest.
-pub fn add_to_digest(sums: &mut [u64], key: &str, entry: &Entry) {
+pub fn add_to_digest(sums: &mut [u64], key: &str, version: Version, value: Option<&str>) {
     let b = bucket_of(key, sums.len() as u32) as usize;
-    sums[b] = sums[b].wrapping_add(entry_hash(key, entry));
+    sums[b] = sums[b].wrapping_add(entry_hash(key, version, value));
 }
 
 /// This node's digest: one wrapping sum of entry hashes per bucket.
 pub fn digest(reader: &StoreReader, buckets: u32) -> Vec<u64> {
     let mut sums = vec![0u64; buckets as usize];
     let expired_before = reader.expired_before();
-    reader.for_each(|key, entry| {
-        if !store::is_expired(entry, expired_before) {
-            add_to_digest(&mut sums, key, entry);
+    reader.for_each(|key, slot| {
+        if !slot.is_expired(expired_before) {
+            add_to_digest(&mut sums, key, slot.version(), slot.value_str());
         }
     });
     sums
@@ -75,11 +76,11 @@ pub fn entries_in(reader: &StoreReader, buckets: u32, which: &[u32]) -> Vec<Writ
     }
     let mut out = Vec::new();
     let expired_before = reader.expired_before();
-    reader.for_each(|key, entry| {
-        if wanted[bucket_of(key, buckets) as usize] && !store::is_expired(entry, expired_before) {
+    reader.for_each(|key, slot| {
+        if wanted[bucket_of(key, buckets) as usize] && !slot.is_expired(expired_before) {
             out.push(Write {
                 key: key.to_string(),
-                entry: entry.clone(),
+                entry: slot.entry(),
             });
         }
     });
@@ -133,7 +134,7 @@ pub async fn sync<P: PeerClient>(
         // What the peer holds in these buckets: we push only what it lacks or has older.
         let theirs: std::collections::HashMap<String, crate::version::Version> = pulled
             .iter()
-            .map(|w| (w.key.clone(), w.entry.version.clone()))
+            .map(|w| (w.key.clone(), w.entry.version))
             .collect();
         if !pulled.is_empty() {
             let applied = store
@@ -185,7 +186,9 @@ mod tests {
     }
 
     async fn store_with(writes: &[Write]) -> (ActorRef<StoreActor>, StoreReader) {
-        let actor = StoreActor::new(Arc::new(Clock::new("local".into())));
+        let actor = StoreActor::new(Arc::new(Clock::new(
+            crate::version::NodeId::new("local").unwrap(),
+        )));
         let reader = actor.reader();
         let store = StoreActor::spawn(actor);
         store.ask(store::Apply(writes.to_vec())).await.unwrap();

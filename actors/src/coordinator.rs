@@ -391,10 +391,7 @@ impl<P: PeerClient> Coordinator<P> {
     /// client is told so, though the write may still take effect through the peers that have
     /// it (it is in this node's memory and theirs; anti-entropy brings it back to the log).
     async fn finish_write(&self, persisted: store::Persisted) -> Result<WriteOutcome, Error> {
-        let written = (
-            persisted.write.key.clone(),
-            persisted.write.entry.version.clone(),
-        );
+        let written = (persisted.write.key.clone(), persisted.write.entry.version);
         let local = async {
             // Bounded, so a stalled disk cannot hang a Put.
             let limit = self.config.replication_deadline + LOCAL_SYNC_GRACE;
@@ -495,7 +492,7 @@ impl<P: PeerClient> Coordinator<P> {
             acks: nodes - failures.len(),
             quorum: self.config.quorum,
             failures,
-            version: write.entry.version.clone(),
+            version: write.entry.version,
         };
         if !outcome.failures.is_empty() {
             tracing::warn!(
@@ -543,7 +540,9 @@ mod tests {
             .map(|(i, p)| (format!("peer{}", i + 1), p.clone()))
             .collect();
         Coordinator::start(
-            StoreActor::new(Arc::new(crate::version::Clock::new("local".into()))),
+            StoreActor::new(Arc::new(crate::version::Clock::new(
+                crate::version::NodeId::new("local").unwrap(),
+            ))),
             peers,
             CoordinatorConfig {
                 quorum,
@@ -678,7 +677,7 @@ mod tests {
             "the peer holds the tombstone"
         );
         let mut got = peers[0].received.lock().unwrap().clone();
-        got.sort_by(|a, b| a.entry.version.cmp(&b.entry.version));
+        got.sort_by_key(|w| w.entry.version);
         got.dedup();
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].entry.value.as_deref(), Some("v"));

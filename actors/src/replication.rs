@@ -636,7 +636,7 @@ pub(crate) mod tests {
         pub fn digest_now(&self, buckets: u32) -> Vec<u64> {
             let mut sums = vec![0; buckets as usize];
             for (k, e) in self.data.lock().unwrap().iter() {
-                antientropy::add_to_digest(&mut sums, k, e);
+                antientropy::add_to_digest(&mut sums, k, e.version, e.value.as_deref());
             }
             sums
         }
@@ -704,7 +704,7 @@ pub(crate) mod tests {
                 value: Some(format!("v{time}").into()),
                 version: Version {
                     time,
-                    node: "local".into(),
+                    node: crate::version::NodeId::new("local").unwrap(),
                 },
             },
         }
@@ -718,7 +718,9 @@ pub(crate) mod tests {
         Arc<PeerHealth>,
         ActorRef<StoreActor>,
     ) {
-        let store = StoreActor::new(Arc::new(Clock::new("local".into())));
+        let store = StoreActor::new(Arc::new(Clock::new(
+            crate::version::NodeId::new("local").unwrap(),
+        )));
         let reader = store.reader();
         let store = StoreActor::spawn(store);
         let health = Arc::new(PeerHealth::new("peer"));
@@ -769,7 +771,7 @@ pub(crate) mod tests {
                     value: Some(big.clone().into()),
                     version: Version {
                         time: i,
-                        node: "n".into(),
+                        node: crate::version::NodeId::new("n").unwrap(),
                     },
                 },
             })

@@ -1,17 +1,107 @@
-//! Versions of writes and the hybrid logical clock that issues them.
+//! Versions of writes, the node ids inside them, and the hybrid logical clock that issues them.
 
+use std::cmp::Ordering as CmpOrdering;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// A node's identity in versions. Shared, because every stored entry carries one.
-pub type NodeId = Arc<str>;
+use lasso::{Spur, ThreadedRodeo};
+
+/// Most distinct node ids a process interns. A cluster has a handful; the bound is there
+/// because interned ids are never freed, and a Replicate may carry any id.
+pub const MAX_NODE_IDS: usize = 1 << 20;
+
+/// The process-wide table of node ids. Every stored entry names the node that wrote it, and a
+/// million copies of a handful of ids is memory for nothing: an entry holds a 4-byte handle
+/// into this table instead (which is what brings a node under 250 bytes per key).
+fn node_ids() -> &'static ThreadedRodeo<Spur> {
+    static IDS: OnceLock<ThreadedRodeo<Spur>> = OnceLock::new();
+    IDS.get_or_init(ThreadedRodeo::new)
+}
+
+/// A node's identity in versions: an interned string, so it is `Copy`, four bytes, and equal
+/// exactly when the strings are. It orders by the string, since that order is the tie-break
+/// every node must agree on.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NodeId(Spur);
+
+/// More distinct node ids than [`MAX_NODE_IDS`] have been seen since the process started.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("too many distinct node ids (this node keeps at most {MAX_NODE_IDS})")]
+pub struct TooManyNodeIds;
+
+impl NodeId {
+    /// The id for `id`, interning it if it is new.
+    pub fn new(id: &str) -> Result<Self, TooManyNodeIds> {
+        let ids = node_ids();
+        if let Some(known) = ids.get(id) {
+            return Ok(Self(known));
+        }
+        if ids.len() >= MAX_NODE_IDS {
+            return Err(TooManyNodeIds);
+        }
+        ids.try_get_or_intern(id)
+            .map(Self)
+            .map_err(|_| TooManyNodeIds)
+    }
+
+    /// The id as text.
+    pub fn as_str(self) -> &'static str {
+        node_ids().resolve(&self.0)
+    }
+
+    /// The handle as stored inside an entry (meaningful only within this process).
+    pub(crate) fn to_bits(self) -> u32 {
+        lasso::Key::into_usize(self.0) as u32
+    }
+
+    /// The id from [`Self::to_bits`] of an id interned in this process.
+    pub(crate) fn from_bits(bits: u32) -> Self {
+        Self(lasso::Key::try_from_usize(bits as usize).expect("bits of an interned node id"))
+    }
+}
+
+impl std::ops::Deref for NodeId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl Ord for NodeId {
+    fn cmp(&self, other: &Self) -> CmpOrdering {
+        if self == other {
+            CmpOrdering::Equal
+        } else {
+            self.as_str().cmp(other.as_str())
+        }
+    }
+}
+
+impl PartialOrd for NodeId {
+    fn partial_cmp(&self, other: &Self) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
 
 /// The version of one write: hybrid logical clock time, then the writing node's id as the
 /// tie-break. The derived ordering compares `time` first, so versions are totally ordered, and
 /// two distinct writes never share a version as long as node ids are unique in the cluster.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {
     /// HLC reading as a 64-bit NTP timestamp (32 bits of seconds, 32 of fraction).
     pub time: u64,
@@ -62,8 +152,8 @@ impl Clock {
     }
 
     /// This node's id.
-    pub fn node(&self) -> &NodeId {
-        &self.node
+    pub fn node(&self) -> NodeId {
+        self.node
     }
 
     /// A fresh version, greater than every version this clock issued or observed before.
@@ -82,7 +172,7 @@ impl Clock {
         };
         Version {
             time,
-            node: self.node.clone(),
+            node: self.node,
         }
     }
 
@@ -128,8 +218,23 @@ mod tests {
     fn v(time: u64, node: &str) -> Version {
         Version {
             time,
-            node: node.into(),
+            node: id(node),
         }
+    }
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn node_ids_are_interned_and_order_by_their_text() {
+        let (a, b) = (id("node-b"), id("node-a"));
+        assert_eq!(a, id("node-b"));
+        assert_ne!(a, b);
+        // Interned first, but "node-a" < "node-b": the order is the text's, as on every node.
+        assert!(b < a);
+        assert_eq!(&*a, "node-b");
+        assert_eq!(NodeId::from_bits(a.to_bits()), a);
     }
 
     #[test]
@@ -141,7 +246,7 @@ mod tests {
 
     #[test]
     fn clock_is_strictly_increasing() {
-        let clock = Clock::new("n1".into());
+        let clock = Clock::new(id("n1"));
         let mut last = clock.now();
         for _ in 0..10_000 {
             let next = clock.now();
@@ -153,7 +258,7 @@ mod tests {
     #[test]
     fn clock_never_goes_below_a_restored_time() {
         // As if the machine's clock went back to zero while the node was down.
-        let clock = Clock::with_physical_clock("n1".into(), uhlc::zero_clock);
+        let clock = Clock::with_physical_clock(id("n1"), uhlc::zero_clock);
         let on_disk = 1u64 << 40;
         clock.restore(on_disk);
         let a = clock.now();
@@ -170,7 +275,7 @@ mod tests {
     #[test]
     fn clock_moves_past_observed_versions() {
         // A frozen physical clock: only observation can move this clock forward.
-        let clock = Clock::with_physical_clock("n1".into(), uhlc::zero_clock);
+        let clock = Clock::with_physical_clock(id("n1"), uhlc::zero_clock);
         let seen = v(1 << 20, "n2");
         assert!(clock.observe(&seen));
         assert!(clock.now() > seen);

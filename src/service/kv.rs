@@ -43,7 +43,7 @@ fn ack(outcome: &WriteOutcome, verb: &str) -> Ack {
         ok: outcome.ok(),
         message: outcome.message(verb),
         failed_peers: outcome.failures.iter().map(|(p, _)| p.clone()).collect(),
-        version: Some(outcome.version.clone().into()),
+        version: Some(outcome.version.into()),
     }
 }
 

@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::store::{Map, Write};
+use crate::store::{Map, Slot, Write};
 pub use wal::{Durable, SyncMode};
 
 /// Settings of a node's storage.
@@ -130,12 +130,12 @@ impl Storage {
             max_time = max_time.max(w.entry.version.time);
             match map.entry(w.key.into_boxed_str()) {
                 dashmap::Entry::Occupied(mut slot) => {
-                    if w.entry.version > slot.get().version {
-                        slot.insert(w.entry);
+                    if w.entry.version > slot.get().version() {
+                        slot.insert(Slot::new(&w.entry));
                     }
                 }
                 dashmap::Entry::Vacant(slot) => {
-                    slot.insert(w.entry);
+                    slot.insert(Slot::new(&w.entry));
                 }
             }
         };
@@ -334,7 +334,7 @@ mod tests {
         let mut r = Storage::open(config).unwrap();
         let map = Arc::new(std::mem::take(&mut r.map));
         for w in writes {
-            map.insert(w.key.as_str().into(), w.entry.clone());
+            map.insert(w.key.as_str().into(), Slot::new(&w.entry));
             r.storage.append(w, &map).wait().await.unwrap();
         }
         let Recovered { storage, .. } = r;
@@ -343,7 +343,7 @@ mod tests {
     }
 
     fn value(r: &Recovered, key: &str) -> Option<Option<String>> {
-        r.map.get(key).map(|e| e.value.as_deref().map(String::from))
+        r.map.get(key).map(|e| e.value_str().map(String::from))
     }
 
     #[tokio::test]
@@ -442,7 +442,7 @@ mod tests {
         let mut r = Storage::open(&cfg).unwrap();
         let map = Arc::new(std::mem::take(&mut r.map));
         for w in &writes {
-            map.insert(w.key.as_str().into(), w.entry.clone());
+            map.insert(w.key.as_str().into(), Slot::new(&w.entry));
             r.storage.append(w, &map).wait().await.unwrap();
         }
         // Compaction runs in the background: wait for it to settle.
@@ -485,7 +485,7 @@ mod tests {
     async fn a_damaged_snapshot_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let map = Map::new();
-        map.insert("k".into(), write("k", Some("v"), 1).entry);
+        map.insert("k".into(), Slot::new(&write("k", Some("v"), 1).entry));
         snapshot::write(dir.path(), 3, &map, None).unwrap();
         let path = snapshot::snapshot_path(dir.path(), 3);
         let mut data = std::fs::read(&path).unwrap();

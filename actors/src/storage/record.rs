@@ -5,7 +5,7 @@
 //! [`MAX_PAYLOAD`]. Every integer is little-endian.
 
 use crate::store::{Entry, Write};
-use crate::version::Version;
+use crate::version::{NodeId, Version};
 
 /// Format version written in every header. Bump on any incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
@@ -182,7 +182,7 @@ fn parse_payload(p: &[u8]) -> Result<Record, String> {
             value: value.map(String::into_boxed_str),
             version: Version {
                 time,
-                node: node.into(),
+                node: NodeId::new(&node).map_err(|e| e.to_string())?,
             },
         },
     }))
@@ -228,7 +228,7 @@ mod tests {
                 value: value.map(Into::into),
                 version: Version {
                     time: 0x0102_0304_0506_0708,
-                    node: "node-1".into(),
+                    node: NodeId::new("node-1").unwrap(),
                 },
             },
         }

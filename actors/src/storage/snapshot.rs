@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use super::record::{self, Record};
 use super::wal::{self, OnDamage};
 use crate::error::Error;
-use crate::store::{Entry, Map, Write};
+use crate::store::{Map, Write};
 
 /// Magic at the start of every snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSTSNP\n";
@@ -37,20 +37,18 @@ pub fn write(
     map: &Map,
     purge_before: Option<u64>,
 ) -> Result<SnapshotStats, Error> {
-    let purgeable =
-        |e: &Entry| e.value.is_none() && purge_before.is_some_and(|t| e.version.time < t);
     let mut buf = record::header(SNAPSHOT_MAGIC).to_vec();
     let mut stats = SnapshotStats::default();
     let mut purged = Vec::new();
     // Encode in memory, then write with no map lock held: writers never wait on the disk.
     for item in map.iter() {
-        if purgeable(item.value()) {
+        if item.value().is_expired(purge_before) {
             purged.push(item.key().clone());
             continue;
         }
         let write = Write {
             key: item.key().to_string(),
-            entry: item.value().clone(),
+            entry: item.value().entry(),
         };
         record::encode_write(&write, &mut buf);
         stats.entries += 1;
@@ -69,7 +67,10 @@ pub fn write(
 
     for key in purged {
         // Only if it is still that old tombstone: a write that landed meanwhile stays.
-        if map.remove_if(&key, |_, e| purgeable(e)).is_some() {
+        if map
+            .remove_if(&key, |_, e| e.is_expired(purge_before))
+            .is_some()
+        {
             stats.purged_tombstones += 1;
         }
     }

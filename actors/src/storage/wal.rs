@@ -436,7 +436,7 @@ mod tests {
                     value: Some("v".into()),
                     version: Version {
                         time: 1,
-                        node: "n".into(),
+                        node: crate::version::NodeId::new("n").unwrap(),
                     },
                 },
             },
