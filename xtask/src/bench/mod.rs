@@ -685,4 +685,40 @@ mod tests {
         let md = report::markdown(&results);
         assert!(md.contains("| put |") && md.contains("ours/echo"), "{md}");
     }
+
+    /// A/B mode runs every cell on both clusters, `rounds` times each, and reports B/A.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ab_smoke_run_alternates_both_clusters() {
+        let cli = Cli::parse_from([
+            "bench",
+            "--seconds",
+            "0.2",
+            "--keys",
+            "50",
+            "--workloads",
+            "put,get",
+            "--concurrency",
+            "4",
+            "--rounds",
+            "2",
+            "--b-node-args",
+            "",
+            "--no-etcd",
+        ]);
+        let results = measure(&cli.args, None).await.unwrap();
+        for w in [Workload::Put, Workload::Get] {
+            for target in ["kvstore", "kvstore-b"] {
+                let runs: Vec<_> = (results.cells.iter())
+                    .filter(|x| x.workload == w && x.target == target)
+                    .collect();
+                assert_eq!(runs.len(), 2, "{w:?} on {target}");
+                assert!(
+                    runs.iter()
+                        .all(|r| r.figures.ops > 0 && r.figures.errors == 0)
+                );
+            }
+        }
+        let md = report::markdown(&results);
+        assert!(md.contains("## A/B") && md.contains("| put | 4 |"), "{md}");
+    }
 }
