@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use lasso::{Spur, ThreadedRodeo};
 
-/// Most distinct node ids a process interns. A cluster has a handful; the bound is there
-/// because interned ids are never freed, and a Replicate may carry any id.
-pub const MAX_NODE_IDS: usize = 1 << 20;
+/// Most distinct node ids a process takes from the network. A cluster has a handful; the bound
+/// is there because interned ids are never freed, and a Replicate may carry any id. Ids read
+/// back from this node's own disk are not bounded: whatever was stored must load.
+pub const MAX_NODE_IDS: usize = 1 << 16;
 
 /// The process-wide table of node ids. Every stored entry names the node that wrote it, and a
 /// million copies of a handful of ids is memory for nothing: an entry holds a 4-byte handle
@@ -32,7 +33,8 @@ pub struct NodeId(Spur);
 pub struct TooManyNodeIds;
 
 impl NodeId {
-    /// The id for `id`, interning it if it is new.
+    /// The id for `id` as it arrives from elsewhere, interning it if it is new and the table
+    /// has room.
     pub fn new(id: &str) -> Result<Self, TooManyNodeIds> {
         let ids = node_ids();
         if let Some(known) = ids.get(id) {
@@ -44,6 +46,12 @@ impl NodeId {
         ids.try_get_or_intern(id)
             .map(Self)
             .map_err(|_| TooManyNodeIds)
+    }
+
+    /// The id for `id` as read from this node's own log or snapshot: always interned, past
+    /// [`MAX_NODE_IDS`] too, so a node that once stored an entry can always load it again.
+    pub fn from_disk(id: &str) -> Self {
+        Self(node_ids().get_or_intern(id))
     }
 
     /// The id as text.

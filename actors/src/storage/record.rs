@@ -182,7 +182,7 @@ fn parse_payload(p: &[u8]) -> Result<Record, String> {
             value: value.map(String::into_boxed_str),
             version: Version {
                 time,
-                node: NodeId::new(&node).map_err(|e| e.to_string())?,
+                node: NodeId::from_disk(&node),
             },
         },
     }))
