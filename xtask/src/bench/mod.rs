@@ -92,8 +92,9 @@ pub struct Args {
     /// A/B mode: node flags for the second cluster (its binary is --b-server, or the same).
     #[arg(long, allow_hyphen_values = true)]
     b_node_args: Option<String>,
-    /// A/B mode: how many times each cell runs on each cluster, alternating A, B, A, B...
-    #[arg(long, default_value_t = 3)]
+    /// How many times each cell runs on each target, the targets taking turns; the report
+    /// gives the median of each figure.
+    #[arg(long, default_value_t = 1)]
     rounds: usize,
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
@@ -121,6 +122,8 @@ pub struct Results {
     pub cores: usize,
     pub cpu: String,
     pub seconds_per_cell: f64,
+    /// Runs of each cell per target; figures in the report are medians over them.
+    pub rounds: usize,
     pub keys: u64,
     pub list_keys: u64,
     pub etcd_version: Option<String>,
@@ -228,6 +231,13 @@ impl Kvstore {
         })
     }
 
+    /// Its addresses; the cluster itself goes into `keep`, which holds it until the run ends.
+    fn addrs_into(self, keep: &mut Vec<Kvstore>) -> Vec<String> {
+        let addrs = self.addrs();
+        keep.push(self);
+        addrs
+    }
+
     fn addrs(&self) -> Vec<String> {
         match self {
             Self::Processes(c) => (0..c.len()).map(|i| c.addr(i)).collect(),
@@ -297,6 +307,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         cpu: cpu_model(),
         seconds_per_cell: args.seconds,
+        rounds: args.rounds.max(1),
         keys: args.keys,
         list_keys: args.list_keys,
         ..Results::default()
@@ -314,103 +325,113 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
             .map(String::from);
     }
     let cs = &args.concurrency;
-    let per_target = workloads.len() * cs.len();
-    let mut progress = Progress {
-        done: 0,
-        total: cs.len()
-            + per_target
-            + etcd.as_ref().map_or(0, |_| {
-                per_target
-                    + cs.len()
-                        * workloads
-                            .iter()
-                            .filter(|w| matches!(w, Workload::Get | Workload::Mixed))
-                            .count()
-            }),
-    };
     let root = target_dir()?.join("bench");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
 
-    // The wire's limit.
+    // Every target starts first and stays up; then each cell runs on every target in turn, round
+    // after round, so that the machine's drift (10-30 % here) hits all of them alike.
     let (echo_addr, echo_runtime) = targets::start_echo()?;
-    for &c in cs.iter().filter(|_| !workloads.is_empty()) {
-        progress.step(&format!("echo c={c}"));
-        let conns = connect(std::slice::from_ref(&echo_addr), c, Conn::echo).await?;
-        let figures = load::run(conns, Workload::Echo, args.keys, duration).await;
-        results.cells.push(Cell {
-            workload: Workload::Echo,
-            target: "echo".into(),
-            concurrency: c,
-            figures,
-        });
-    }
-    echo_runtime.shutdown_background();
-
-    // kvstore.
     let split = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
-    if args.b_server.is_some() || args.b_node_args.is_some() {
+    let mut kvstores = Vec::new();
+    let mut etcd_cluster = None;
+    let mut list = Vec::new();
+    if !workloads.is_empty() {
         let a = Kvstore::start(
             server.clone(),
             root.join("kvstore"),
             3,
             split(&args.node_args),
-        )
-        .await?;
-        let b_args = split(args.b_node_args.as_deref().unwrap_or(&args.node_args));
-        let b_server = args.b_server.clone().or(server.clone());
-        let b = Kvstore::start(b_server, root.join("kvstore-b"), 3, b_args).await?;
-        run_ab(args, &workloads, [a.addrs(), b.addrs()], &mut results).await?;
-        return Ok(results);
-    }
-    if !workloads.is_empty() {
-        let extra = split(&args.node_args);
-        let cluster = Kvstore::start(server.clone(), root.join("kvstore"), 3, extra).await?;
-        let addrs = cluster.addrs();
-        run_target(
-            args,
-            &workloads,
-            &addrs,
+        );
+        list.push(Target::kvstore(
             "kvstore",
-            &mut progress,
-            &mut results,
-            async |a: &str| Conn::kvstore(a).await,
-        )
-        .await?;
+            a.await?.addrs_into(&mut kvstores),
+        ));
+        if args.b_server.is_some() || args.b_node_args.is_some() {
+            let b_args = split(args.b_node_args.as_deref().unwrap_or(&args.node_args));
+            let b_server = args.b_server.clone().or(server.clone());
+            let b = Kvstore::start(b_server, root.join("kvstore-b"), 3, b_args).await?;
+            list.push(Target::kvstore("kvstore-b", b.addrs_into(&mut kvstores)));
+            results.notes.push(format!(
+                "A/B run: A = kvstore {:?}, B = {} {:?}",
+                args.node_args,
+                args.b_server
+                    .as_ref()
+                    .map_or("the same binary".into(), |p| p.display().to_string()),
+                args.b_node_args.as_deref().unwrap_or(&args.node_args),
+            ));
+        }
+        if let Some(binary) = &etcd {
+            let cluster = EtcdCluster::start(binary, &root.join("etcd")).await?;
+            for serializable in [false, true] {
+                list.push(Target::etcd(cluster.clients.clone(), serializable));
+            }
+            etcd_cluster = Some(cluster);
+        }
     }
-
-    // etcd, linearizable and serializable reads.
-    if let Some(binary) = etcd.as_ref().filter(|_| !workloads.is_empty()) {
-        let cluster = EtcdCluster::start(binary, &root.join("etcd")).await?;
-        let addrs = cluster.clients.clone();
-        run_target(
-            args,
-            &workloads,
-            &addrs,
-            "etcd",
-            &mut progress,
-            &mut results,
-            async |a: &str| Conn::etcd(a, false).await,
-        )
-        .await?;
-        let reads: Vec<Workload> = workloads
-            .iter()
-            .copied()
-            .filter(|w| matches!(w, Workload::Get | Workload::Mixed))
-            .collect();
-        run_target(
-            args,
-            &reads,
-            &addrs,
-            "etcd-serializable",
-            &mut progress,
-            &mut results,
-            async |a: &str| Conn::etcd(a, true).await,
-        )
-        .await?;
+    let rounds = args.rounds.max(1);
+    let per_round: usize = workloads
+        .iter()
+        .map(|&w| list.iter().filter(|t| t.runs(w)).count())
+        .sum::<usize>()
+        + usize::from(!workloads.is_empty());
+    let mut progress = Progress {
+        done: 0,
+        total: per_round * cs.len() * rounds,
+    };
+    let mut loaded: std::collections::HashMap<&str, u64> = Default::default();
+    for (i, &workload) in workloads.iter().enumerate() {
+        let keys = if workload == Workload::List {
+            args.list_keys
+        } else {
+            args.keys
+        };
+        for t in &list {
+            let have = loaded.entry(t.cluster).or_default();
+            if *have < keys {
+                eprint!("\r\x1b[2K{}: preloading {keys} keys", t.name);
+                load::preload(t.connect(64).await?, *have, keys).await?;
+                *have = keys;
+            }
+        }
+        for &c in cs {
+            for round in 1..=rounds {
+                let label = |name: &str| match rounds {
+                    1 => format!("{name} {workload:?} c={c}"),
+                    _ => format!("{name} {workload:?} c={c}, round {round}/{rounds}"),
+                };
+                // The wire's limit, measured in the rounds of the first workload.
+                if i == 0 {
+                    progress.step(&label("echo"));
+                    let conns = connect(std::slice::from_ref(&echo_addr), c, Conn::echo).await?;
+                    let figures = load::run(conns, Workload::Echo, args.keys, duration).await;
+                    results.cells.push(Cell {
+                        workload: Workload::Echo,
+                        target: "echo".into(),
+                        concurrency: c,
+                        figures,
+                    });
+                }
+                for t in list.iter().filter(|t| t.runs(workload)) {
+                    progress.step(&label(t.name));
+                    let figures = load::run(t.connect(c).await?, workload, keys, duration).await;
+                    results.cells.push(Cell {
+                        workload,
+                        target: t.name.into(),
+                        concurrency: c,
+                        figures,
+                    });
+                }
+            }
+        }
+        if workload == Workload::Delete {
+            loaded.clear(); // the keys are gone: reload before reading again
+        }
     }
+    echo_runtime.shutdown_background();
+    drop(etcd_cluster);
+    drop(kvstores);
     eprintln!();
-
     if args.memory || args.restart {
         big_node(args, server.clone(), &root, &mut results).await?;
     }
@@ -420,99 +441,52 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
     Ok(results)
 }
 
-/// Runs `workloads` at every concurrency against one target.
-#[allow(clippy::too_many_arguments)]
-async fn run_target(
-    args: &Args,
-    workloads: &[Workload],
-    addrs: &[String],
-    target: &str,
-    progress: &mut Progress,
-    results: &mut Results,
-    conn: impl AsyncFn(&str) -> anyhow::Result<Conn> + Copy,
-) -> anyhow::Result<()> {
-    let duration = Duration::from_secs_f64(args.seconds);
-    let mut loaded = 0;
-    for &workload in workloads {
-        let keys = if workload == Workload::List {
-            args.list_keys
-        } else {
-            args.keys
-        };
-        if loaded < keys {
-            eprint!("\r\x1b[2K{target}: preloading {keys} keys");
-            load::preload(connect(addrs, 64, conn).await?, loaded, keys).await?;
-            loaded = keys;
-        }
-        for &c in &args.concurrency {
-            progress.step(&format!("{target} {workload:?} c={c}"));
-            let conns = connect(addrs, c, conn).await?;
-            let figures = load::run(conns, workload, keys, duration).await;
-            results.cells.push(Cell {
-                workload,
-                target: target.into(),
-                concurrency: c,
-                figures,
-            });
-        }
-        if workload == Workload::Delete {
-            loaded = 0; // the keys are gone: reload before reading again
-        }
-    }
-    Ok(())
+/// One thing the load generator drives.
+struct Target {
+    /// Its name in the results: kvstore, kvstore-b, etcd or etcd-serializable.
+    name: &'static str,
+    /// The cluster whose keys it reads (etcd and etcd-serializable are one cluster).
+    cluster: &'static str,
+    addrs: Vec<String>,
+    /// For etcd: read from the member's local state rather than through Raft.
+    etcd_serializable: Option<bool>,
 }
 
-/// A/B mode: every kvstore cell on cluster A ("kvstore") and cluster B ("kvstore-b"),
-/// alternating, `rounds` times each, so that drift in the machine's speed hits both alike.
-async fn run_ab(
-    args: &Args,
-    workloads: &[Workload],
-    addrs: [Vec<String>; 2],
-    results: &mut Results,
-) -> anyhow::Result<()> {
-    let duration = Duration::from_secs_f64(args.seconds);
-    let names = ["kvstore", "kvstore-b"];
-    let mut progress = Progress {
-        done: 0,
-        total: workloads.len() * args.concurrency.len() * args.rounds * 2,
-    };
-    for &workload in workloads {
-        let keys = if workload == Workload::List {
-            args.list_keys
-        } else {
-            args.keys
-        };
-        for addrs in &addrs {
-            eprint!("\r\x1b[2Kpreloading {keys} keys");
-            load::preload(connect(addrs, 64, Conn::kvstore).await?, 0, keys).await?;
-        }
-        for &c in &args.concurrency {
-            for round in 0..args.rounds {
-                for (addrs, name) in addrs.iter().zip(names) {
-                    progress.step(&format!("{name} {workload:?} c={c} round {}", round + 1));
-                    let conns = connect(addrs, c, Conn::kvstore).await?;
-                    let figures = load::run(conns, workload, keys, duration).await;
-                    results.cells.push(Cell {
-                        workload,
-                        target: name.into(),
-                        concurrency: c,
-                        figures,
-                    });
-                }
-            }
+impl Target {
+    fn kvstore(name: &'static str, addrs: Vec<String>) -> Self {
+        Self {
+            name,
+            cluster: name,
+            addrs,
+            etcd_serializable: None,
         }
     }
-    eprintln!();
-    results.notes.push(format!(
-        "A/B run: A = kvstore {:?}, B = {} {:?}; {} rounds per cell, alternating",
-        args.node_args,
-        args.b_server
-            .as_ref()
-            .map_or("the same binary".into(), |p| p.display().to_string()),
-        args.b_node_args.as_deref().unwrap_or(&args.node_args),
-        args.rounds
-    ));
-    Ok(())
+
+    fn etcd(addrs: Vec<String>, serializable: bool) -> Self {
+        Self {
+            name: if serializable {
+                "etcd-serializable"
+            } else {
+                "etcd"
+            },
+            cluster: "etcd",
+            addrs,
+            etcd_serializable: Some(serializable),
+        }
+    }
+
+    /// Whether it runs `workload`: serializable etcd is only a way of reading.
+    fn runs(&self, workload: Workload) -> bool {
+        self.etcd_serializable != Some(true) || matches!(workload, Workload::Get | Workload::Mixed)
+    }
+
+    /// `n` connections of its own.
+    async fn connect(&self, n: usize) -> anyhow::Result<Vec<Conn>> {
+        match self.etcd_serializable {
+            None => connect(&self.addrs, n, Conn::kvstore).await,
+            Some(ser) => connect(&self.addrs, n, async |a: &str| Conn::etcd(a, ser).await).await,
+        }
+    }
 }
 
 /// RSS of a process, from /proc.
