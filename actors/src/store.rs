@@ -42,7 +42,14 @@ impl Slot {
     /// The slot holding `entry`.
     pub fn new(entry: &Entry) -> Self {
         let value = entry.value.as_deref().unwrap_or("");
-        let word = entry.version.node.to_bits() | if entry.value.is_none() { TOMBSTONE } else { 0 };
+        let bits = entry.version.node.to_bits();
+        // Would take 2^31 distinct node ids in one process: memory runs out long before.
+        debug_assert_eq!(
+            bits & TOMBSTONE,
+            0,
+            "node id handle collides with the tombstone bit"
+        );
+        let word = bits | if entry.value.is_none() { TOMBSTONE } else { 0 };
         let mut blob = Vec::with_capacity(SLOT_HEADER + value.len());
         blob.extend_from_slice(&word.to_le_bytes());
         blob.extend_from_slice(value.as_bytes());

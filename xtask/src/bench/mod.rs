@@ -107,6 +107,8 @@ pub struct Args {
 /// One measured cell.
 #[derive(Clone, Debug, Serialize)]
 pub struct Cell {
+    /// What the target ran; for the echo server (whose only call is an echo), the workload
+    /// whose cells it took turns with.
     pub workload: Workload,
     /// kvstore, etcd, etcd-serializable or echo.
     pub target: String,
@@ -374,13 +376,13 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
         .iter()
         .map(|&w| list.iter().filter(|t| t.runs(w)).count())
         .sum::<usize>()
-        + usize::from(!workloads.is_empty());
+        + workloads.iter().filter(|&&w| w != Workload::List).count();
     let mut progress = Progress {
         done: 0,
         total: per_round * cs.len() * rounds,
     };
     let mut loaded: std::collections::HashMap<&str, u64> = Default::default();
-    for (i, &workload) in workloads.iter().enumerate() {
+    for &workload in &workloads {
         let keys = if workload == Workload::List {
             args.list_keys
         } else {
@@ -400,13 +402,14 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                     1 => format!("{name} {workload:?} c={c}"),
                     _ => format!("{name} {workload:?} c={c}, round {round}/{rounds}"),
                 };
-                // The wire's limit, measured in the rounds of the first workload.
-                if i == 0 {
+                // The wire's limit, measured in turn with this workload's cells, so that its
+                // ratios compare figures from the same minutes.
+                if workload != Workload::List {
                     progress.step(&label("echo"));
                     let conns = connect(std::slice::from_ref(&echo_addr), c, Conn::echo).await?;
                     let figures = load::run(conns, Workload::Echo, args.keys, duration).await;
                     results.cells.push(Cell {
-                        workload: Workload::Echo,
+                        workload,
                         target: "echo".into(),
                         concurrency: c,
                         figures,
@@ -642,7 +645,9 @@ mod tests {
                 .unwrap_or_else(|| panic!("missing cell {w:?} {t} c={c}"))
         };
         for c in [1, 16, 64] {
-            assert!(cell(Workload::Echo, "echo", c).figures.ops > 0);
+            for w in [Workload::Put, Workload::Get] {
+                assert!(cell(w, "echo", c).figures.ops > 0);
+            }
             for w in [
                 Workload::Put,
                 Workload::Get,
