@@ -91,10 +91,22 @@ impl PeerClient for GrpcPeer {
             .map_err(peer_error)?
             .into_inner();
         let mut writes = Vec::new();
+        let mut refused = 0usize;
         while let Some(kv) = stream.next().await {
-            let write = Write::try_from(kv.map_err(peer_error)?)
-                .map_err(|e| PeerError::Rejected(format!("sent a bad entry: {e}")))?;
-            writes.push(write);
+            // One entry we cannot take (a node id past our bound, say) must not stop the rest
+            // of the repair: skip it, say so, and go on.
+            match Write::try_from(kv.map_err(peer_error)?) {
+                Ok(write) => writes.push(write),
+                Err(error) => {
+                    refused += 1;
+                    if refused == 1 {
+                        tracing::warn!(%error, "anti-entropy: skipped an entry a peer sent");
+                    }
+                }
+            }
+        }
+        if refused > 1 {
+            tracing::warn!(refused, "anti-entropy: skipped entries a peer sent");
         }
         Ok(writes)
     }

@@ -31,13 +31,12 @@ impl ReplicatorService {
     }
 
     /// A replicated write, checked like a client's: a Replicate is a public RPC like any other.
+    /// The limits are checked first: a write refused for its size must not use up one of the
+    /// node ids the node will ever accept (see `MAX_NODE_IDS`).
     fn check(&self, kv: KeyValue) -> Result<Write, Error> {
-        let write = Write::try_from(kv)?;
-        self.limits.check_key(&write.key)?;
-        if let Some(value) = &write.entry.value {
-            self.limits.check_value(value)?;
-        }
-        Ok(write)
+        self.limits.check_key(&kv.key)?;
+        self.limits.check_value(&kv.value)?;
+        Write::try_from(kv)
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<Response<Ack>, Status> {
