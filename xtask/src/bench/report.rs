@@ -7,26 +7,33 @@ use std::path::{Path, PathBuf};
 use super::load::{Figures, Workload};
 use super::{Cell, Results};
 
-/// The cell `w` on `target` at `c`: with several rounds, each figure is the median of the
-/// rounds (so p99 and ops/s may come from different rounds).
+/// The median of `values` (the mean of the middle two for an even count). Not empty.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The cell `w` on `target` at `c`. With several rounds, ops/s and each latency are the
+/// median over the rounds (so p99 and ops/s may come from different rounds); `ops` and
+/// `errors` are totals over them.
 fn find(r: &Results, w: Workload, target: &str, c: usize) -> Option<Cell> {
     let runs: Vec<&Cell> = (r.cells.iter())
         .filter(|x| x.workload == w && x.target == target && x.concurrency == c)
         .collect();
     let first = runs.first()?;
-    let median_u64 = |f: fn(&Figures) -> u64| {
-        let mut v: Vec<u64> = runs.iter().map(|x| f(&x.figures)).collect();
-        v.sort_unstable();
-        v[v.len() / 2]
-    };
-    let mut ops: Vec<f64> = runs.iter().map(|x| x.figures.ops_per_sec).collect();
-    ops.sort_by(f64::total_cmp);
+    let of = |f: &dyn Fn(&Figures) -> f64| median(runs.iter().map(|x| f(&x.figures)).collect());
+    let us = |f: fn(&Figures) -> u64| of(&|x| f(x) as f64).round() as u64;
     Some(Cell {
         figures: Figures {
-            ops_per_sec: ops[ops.len() / 2],
-            p50_us: median_u64(|f| f.p50_us),
-            p99_us: median_u64(|f| f.p99_us),
-            p999_us: median_u64(|f| f.p999_us),
+            ops_per_sec: of(&|f| f.ops_per_sec),
+            p50_us: us(|f| f.p50_us),
+            p99_us: us(|f| f.p99_us),
+            p999_us: us(|f| f.p999_us),
             ops: runs.iter().map(|x| x.figures.ops).sum(),
             errors: runs.iter().map(|x| x.figures.errors).sum(),
             first_error: runs.iter().find_map(|x| x.figures.first_error.clone()),
@@ -294,6 +301,7 @@ mod tests {
             100
         );
         assert!(find(&r, Workload::Get, "kvstore", 64).is_none());
+        assert_eq!(median(vec![4.0, 1.0]), 2.5);
         // And the table's ratio uses them: 200 / 50.
         assert!(markdown(&r).contains("| 4.00x |"), "{}", markdown(&r));
     }
