@@ -12,6 +12,43 @@ use common::TestCluster;
 const CLI: &str = env!("CARGO_BIN_EXE_kvstore-cli");
 const SERVER: &str = env!("CARGO_BIN_EXE_kvstore-server");
 
+/// Starts `kvstore-server` on a free port with `data` as its data dir and reads its stderr up
+/// to the "node started" line, which it returns with the rest of the stream.
+fn start_server(
+    data: &std::path::Path,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStderr>,
+    String,
+) {
+    let mut server = Command::new(SERVER)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("node started") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "server exited before starting"
+        );
+    }
+    (server, stderr, line)
+}
+
+/// Sends SIGTERM to `server` by its PID.
+fn sigterm(server: &std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
 /// Runs `kvstore-cli args...` with `stdin` piped in; returns (success, stdout, stderr).
 fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
     let mut child = Command::new(CLI)
@@ -111,23 +148,8 @@ async fn cli_against_a_dead_node_errors_and_keeps_going() {
 #[test]
 fn server_binary_serves_and_exits_zero_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
-    let mut server = Command::new(SERVER)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data.path())
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // The start line names the address it bound.
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("node started") {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "server exited before starting"
-        );
-    }
+    let (mut server, stderr, line) = start_server(data.path());
     let addr = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("listen="))
@@ -146,11 +168,7 @@ fn server_binary_serves_and_exits_zero_on_sigterm() {
     assert!(ok);
     assert_eq!(stdout, "Stored and replicated\n");
 
-    let status = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    sigterm(&server);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let exit = loop {
         if let Some(exit) = server.try_wait().unwrap() {
@@ -176,26 +194,8 @@ fn sigterm_right_after_start_is_a_clean_stop() {
     // moment it has started stops it gracefully (exit 0), not by the default disposition.
     for _ in 0..5 {
         let data = tempfile::tempdir().unwrap();
-        let mut server = Command::new(SERVER)
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data.path())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(server.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("node started") {
-            line.clear();
-            assert!(
-                stderr.read_line(&mut line).unwrap() > 0,
-                "server exited before starting"
-            );
-        }
-        let status = Command::new("kill")
-            .args(["-TERM", &server.id().to_string()])
-            .status();
-        assert!(status.unwrap().success());
+        let (mut server, mut stderr, _) = start_server(data.path());
+        sigterm(&server);
         let drain = std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
         let exit = server.wait().unwrap();
         let _ = drain.join();
