@@ -4,17 +4,26 @@
 //! while its peers are down and picks them up when they return): one for replication and reads,
 //! whose calls are bounded by the replication deadline, and one for anti-entropy, whose digests
 //! and bucket pulls may take longer and must not queue in front of replication.
+//!
+//! Batches go over one long-lived `ReplicateStream` per peer, a batch and then its ack, rather
+//! than one `ReplicateBatch` call each: a call costs the headers, a new HTTP/2 stream and a task
+//! on both sides, a stream message costs a frame. A stream that fails in any way is dropped and
+//! the next batch opens a new one. A batch that finds the stream busy (an anti-entropy push
+//! beside the actor's own batch) goes as a call of its own rather than wait.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kvstore_actors::{Entry, PeerClient, PeerError, Write};
+use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
-use tonic::{Code, Status};
+use tonic::{Code, Status, Streaming};
 
 use crate::error::{Error, status_reason};
 use crate::pb::replicator_client::ReplicatorClient;
-use crate::pb::{self, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::pb::{self, Ack, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
 
 /// Bound on one anti-entropy call (a digest or a bucket pull).
 const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -24,6 +33,17 @@ const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct GrpcPeer {
     client: ReplicatorClient<Channel>,
     bulk: ReplicatorClient<Channel>,
+    /// The open replication stream, if any. Shared by clones, like the channels.
+    stream: Arc<Mutex<Option<BatchStream>>>,
+    /// Bounds one batch's round trip over the stream, as the channel bounds a call.
+    call_timeout: Duration,
+}
+
+/// An open `ReplicateStream`: batches go in at one end, their acks come out of the other.
+#[derive(Debug)]
+struct BatchStream {
+    batches: mpsc::Sender<WriteBatch>,
+    acks: Streaming<Ack>,
 }
 
 fn client(
@@ -50,7 +70,58 @@ impl GrpcPeer {
         Ok(Self {
             client: client(addr, connect_timeout, call_timeout, max_message_bytes)?,
             bulk: client(addr, connect_timeout, BULK_CALL_TIMEOUT, max_message_bytes)?,
+            stream: Arc::new(Mutex::new(None)),
+            call_timeout,
         })
+    }
+
+    /// Sends `batch` over the replication stream, opening one if there is none, and waits for
+    /// its ack. The stream is taken out while the batch is out and put back only after its ack:
+    /// after a failure, a timeout or a cancelled call nothing says which ack the next message
+    /// would be, so such a stream is dropped, never trusted with another batch.
+    async fn over_stream(
+        &self,
+        slot: &mut Option<BatchStream>,
+        batch: WriteBatch,
+    ) -> Result<(), PeerError> {
+        let open = slot.take();
+        let exchange = async {
+            let mut open = match open {
+                Some(open) => open,
+                None => {
+                    // One batch in flight at a time (the replication actor's rule), so a buffer
+                    // of one never makes a sender wait.
+                    let (batches, rx) = mpsc::channel(1);
+                    let acks = (self.client.clone())
+                        .replicate_stream(ReceiverStream::new(rx))
+                        .await
+                        .map_err(peer_error)?
+                        .into_inner();
+                    BatchStream { batches, acks }
+                }
+            };
+            if open.batches.send(batch).await.is_err() {
+                return Err(PeerError::Unreachable("replication stream closed".into()));
+            }
+            match open.acks.message().await {
+                Ok(Some(ack)) => ack_result(ack).map(|()| open),
+                Ok(None) => Err(PeerError::Unreachable("replication stream ended".into())),
+                Err(status) => Err(peer_error(status)),
+            }
+        };
+        let open = tokio::time::timeout(self.call_timeout, exchange)
+            .await
+            .unwrap_or(Err(PeerError::TimedOut))?;
+        *slot = Some(open);
+        Ok(())
+    }
+}
+
+fn ack_result(ack: Ack) -> Result<(), PeerError> {
+    if ack.ok {
+        Ok(())
+    } else {
+        Err(PeerError::Rejected(ack.message))
     }
 }
 
@@ -69,10 +140,12 @@ impl PeerClient for GrpcPeer {
         let batch = WriteBatch {
             writes: writes.into_iter().map(KeyValue::from).collect(),
         };
-        match self.client.clone().replicate_batch(batch).await {
-            Ok(ack) if ack.get_ref().ok => Ok(()),
-            Ok(ack) => Err(PeerError::Rejected(ack.into_inner().message)),
-            Err(status) => Err(peer_error(status)),
+        match self.stream.try_lock() {
+            Ok(mut stream) => self.over_stream(&mut stream, batch).await,
+            Err(_busy) => match self.client.clone().replicate_batch(batch).await {
+                Ok(ack) => ack_result(ack.into_inner()),
+                Err(status) => Err(peer_error(status)),
+            },
         }
     }
 

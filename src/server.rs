@@ -104,7 +104,8 @@ pub async fn run(
         "node started"
     );
 
-    // The shutdown signal is observed twice: by tonic (stop accepting, finish in-flight calls)
+    // The shutdown signal is observed three times: by tonic (stop accepting, finish in-flight
+    // calls), by the replication streams peers hold open (end them, or "finish" never comes),
     // and by the grace timer that bounds how long "finish" may take.
     // A watch, not a Notify: a signal that fires before anyone waits is still seen.
     let (stop, stopped) = watch::channel(false);
@@ -127,9 +128,13 @@ pub async fn run(
             .max_encoding_message_size(max_message),
         )
         .add_service(
-            ReplicatorServer::new(ReplicatorService::new(node.clone(), limits))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
+            ReplicatorServer::new(ReplicatorService::new(
+                node.clone(),
+                limits,
+                stopped.clone(),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
             let mut stopped = stopped.clone();

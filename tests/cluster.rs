@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::TestCluster;
 use kvstore::config::{Limits, NodeConfig};
 use kvstore::pb::replicator_client::ReplicatorClient;
-use kvstore::pb::{Consistency, KeyValue, Version};
+use kvstore::pb::{Consistency, KeyValue, Version, WriteBatch};
 use kvstore_actors::WriteQuorum;
 use tokio::io::AsyncWriteExt;
 use tonic::Code;
@@ -436,6 +436,72 @@ async fn versionless_replicate_is_refused_not_applied() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("node_id"), "{}", err.message());
     assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_stream_acks_each_batch_and_ends_on_a_refusal_and_at_shutdown() {
+    // A grace period far above NO_HANG: a stop that waited for the open stream would show.
+    let mut cluster = TestCluster::start_with(1, |_| NodeConfig {
+        shutdown_grace: Duration::from_secs(600),
+        ..NodeConfig::default()
+    });
+    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
+        .await
+        .unwrap();
+    let write = |value: &str, hlc: u64| KeyValue {
+        key: "k".into(),
+        value: value.into(),
+        version: Some(Version {
+            hlc,
+            node_id: "other".into(),
+        }),
+        deleted: false,
+    };
+    let batch = |writes: Vec<KeyValue>| WriteBatch { writes };
+
+    // Each batch gets its own ack, in order; an older version is acked but not applied.
+    let (batches, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = replicator
+        .replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    batches.send(batch(vec![write("new", 200)])).await.unwrap();
+    batches.send(batch(vec![write("old", 100)])).await.unwrap();
+    let first = acks.message().await.unwrap().unwrap();
+    let second = acks.message().await.unwrap().unwrap();
+    assert!(first.ok && second.ok);
+    assert_eq!(first.message, "applied 1 of 1");
+    assert_eq!(second.message, "applied 0 of 1");
+    assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
+
+    // A batch with one bad write is refused whole, and the refusal ends the stream.
+    let mut versionless = write("blind", 300);
+    versionless.version = None;
+    batches
+        .send(batch(vec![write("newer", 300), versionless]))
+        .await
+        .unwrap();
+    let err = acks.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("version"), "{}", err.message());
+    assert!(matches!(acks.message().await, Ok(None) | Err(_)));
+    assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
+
+    // A stream left open does not hold up a graceful stop: the node ends it.
+    let (batches, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = replicator
+        .replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    batches.send(batch(vec![write("last", 400)])).await.unwrap();
+    assert!(acks.message().await.unwrap().unwrap().ok);
+    tokio::time::timeout(NO_HANG, cluster.nodes[0].stop())
+        .await
+        .expect("the stop waited for the open stream")
+        .unwrap();
+    assert!(matches!(acks.message().await, Ok(None) | Err(_)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

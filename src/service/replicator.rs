@@ -1,12 +1,14 @@
 //! `kvstore.v1.Replicator`: where peers deliver their writes, and the internal calls of
 //! anti-entropy (digests, bucket pulls) and quorum reads.
 
+use std::pin::Pin;
 use std::sync::Arc;
 
+use futures::{Stream, StreamExt};
 use kvstore_actors::Write;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::Node;
 use crate::config::Limits;
@@ -19,15 +21,23 @@ const MAX_BUCKETS: u32 = 65_536;
 /// Entries buffered between a bucket pull and the peer reading it.
 const PULL_BUFFER: usize = 256;
 
-/// The Replicator service: a handle to the node's actors and the input limits.
+/// The Replicator service: a handle to the node's actors, the input limits, and the node's
+/// shutdown signal (which ends the peers' replication streams).
+#[derive(Clone)]
 pub struct ReplicatorService {
     node: Arc<Node>,
     limits: Limits,
+    stopping: watch::Receiver<bool>,
 }
 
 impl ReplicatorService {
-    pub fn new(node: Arc<Node>, limits: Limits) -> Self {
-        Self { node, limits }
+    /// `stopping` turns true when the node begins to shut down.
+    pub fn new(node: Arc<Node>, limits: Limits, stopping: watch::Receiver<bool>) -> Self {
+        Self {
+            node,
+            limits,
+            stopping,
+        }
     }
 
     /// A replicated write, checked like a client's: a Replicate is a public RPC like any other.
@@ -39,14 +49,22 @@ impl ReplicatorService {
         Write::try_from(kv)
     }
 
-    async fn apply(&self, writes: Vec<Write>) -> Result<Response<Ack>, Status> {
+    async fn apply(&self, writes: Vec<Write>) -> Result<Ack, Status> {
         let n = writes.len();
         let changed = self.node.apply(writes).await.map_err(Error::from)?;
-        Ok(Response::new(Ack {
+        Ok(Ack {
             ok: true,
             message: format!("applied {changed} of {n}"),
             ..Ack::default()
-        }))
+        })
+    }
+
+    /// A batch is taken whole or not at all: one bad write refuses the batch.
+    async fn apply_batch(&self, batch: WriteBatch) -> Result<Ack, Status> {
+        let writes = (batch.writes.into_iter())
+            .map(|kv| self.check(kv))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.apply(writes).await
     }
 }
 
@@ -63,14 +81,35 @@ fn check_buckets(buckets: u32) -> Result<(), Error> {
 impl Replicator for ReplicatorService {
     async fn replicate(&self, request: Request<KeyValue>) -> Result<Response<Ack>, Status> {
         let write = self.check(request.into_inner())?;
-        self.apply(vec![write]).await
+        Ok(Response::new(self.apply(vec![write]).await?))
     }
 
     async fn replicate_batch(&self, request: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
-        let writes = (request.into_inner().writes.into_iter())
-            .map(|kv| self.check(kv))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.apply(writes).await
+        Ok(Response::new(self.apply_batch(request.into_inner()).await?))
+    }
+
+    type ReplicateStreamStream = Pin<Box<dyn Stream<Item = Result<Ack, Status>> + Send>>;
+
+    async fn replicate_stream(
+        &self,
+        request: Request<Streaming<WriteBatch>>,
+    ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
+        // Once the node begins to shut down it takes no new batch: the stream ends (the peer
+        // opens a new one when it next has a batch), and the graceful shutdown, which waits for every
+        // open call, does not wait for a stream the peer would keep open for ever. A batch
+        // being applied is still answered.
+        let mut stopping = self.stopping.clone();
+        let stopped = async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        };
+        let this = self.clone();
+        // `then` applies one batch at a time, in order, so the acks come back in order. The
+        // first error ends the stream (tonic sends it as the call's status).
+        let acks = (request.into_inner().take_until(stopped)).then(move |batch| {
+            let this = this.clone();
+            async move { this.apply_batch(batch?).await }
+        });
+        Ok(Response::new(Box::pin(acks)))
     }
 
     async fn digest(
