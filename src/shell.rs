@@ -66,6 +66,12 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
         if peer.backlog > 0 {
             line.push_str(&format!(", {} writes queued for handoff", peer.backlog));
         }
+        if peer.replicated_batches > 0 {
+            line.push_str(&format!(
+                ", {} writes replicated in {} batches",
+                peer.replicated_writes, peer.replicated_batches
+            ));
+        }
         if peer.resync_in_progress {
             line.push_str(", resync in progress");
         } else if peer.resync_pending {
@@ -199,6 +205,8 @@ mod tests {
                     address: "db2:5001".into(),
                     state: "up".into(),
                     last_contact_ms: Some(12),
+                    replicated_writes: 40,
+                    replicated_batches: 5,
                     ..PeerStatus::default()
                 },
                 PeerStatus {
@@ -214,7 +222,7 @@ mod tests {
             render_status(&status),
             [
                 "node node1: 3 keys, 1 tombstones, log 4096 bytes, data in /data/node1",
-                "peer db2:5001: up, last contact 12ms ago",
+                "peer db2:5001: up, 40 writes replicated in 5 batches, last contact 12ms ago",
                 "peer db3:5001: down, 7 writes queued for handoff, resync pending, never contacted",
             ]
         );

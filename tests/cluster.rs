@@ -677,8 +677,14 @@ async fn status_reports_keys_and_each_peers_state_and_backlog() {
     let up = peers[cluster.addr(1)];
     assert_eq!((up.state.as_str(), up.backlog), ("up", 0));
     assert!(up.last_contact_ms.is_some());
+    // Six writes, one after another, each confirmed by the live peer; batches can only join
+    // writes that wait together, so there are at most as many batches as writes.
+    assert_eq!(up.replicated_writes, 6, "{up:?}");
+    assert!((1..=6).contains(&up.replicated_batches), "{up:?}");
     let down = peers[cluster.addr(2)];
     assert_eq!((down.state.as_str(), down.backlog), ("down", 3), "{down:?}");
+    // Only the three writes made before it died were confirmed.
+    assert_eq!(down.replicated_writes, 3, "{down:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

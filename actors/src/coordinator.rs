@@ -214,6 +214,9 @@ pub struct PeerStatus {
     pub needs_resync: bool,
     pub resyncing: bool,
     pub last_contact: Option<Duration>,
+    /// Batches and writes the peer has confirmed since this node started.
+    pub confirmed_batches: u64,
+    pub confirmed_writes: u64,
 }
 
 impl<P: PeerClient> Coordinator<P> {
@@ -292,13 +295,18 @@ impl<P: PeerClient> Coordinator<P> {
         let peers = self
             .peers
             .iter()
-            .map(|p| PeerStatus {
-                addr: p.health.addr().to_string(),
-                state: p.health.state(),
-                backlog: p.health.backlog(),
-                needs_resync: p.health.needs_resync(),
-                resyncing: p.health.resyncing(),
-                last_contact: p.health.last_contact(),
+            .map(|p| {
+                let (confirmed_batches, confirmed_writes) = p.health.confirmed();
+                PeerStatus {
+                    addr: p.health.addr().to_string(),
+                    state: p.health.state(),
+                    backlog: p.health.backlog(),
+                    needs_resync: p.health.needs_resync(),
+                    resyncing: p.health.resyncing(),
+                    last_contact: p.health.last_contact(),
+                    confirmed_batches,
+                    confirmed_writes,
+                }
             })
             .collect();
         Ok(NodeStatus { store, peers })

@@ -159,6 +159,9 @@ pub struct PeerHealth {
     needs_resync: AtomicBool,
     resyncing: AtomicBool,
     backlog: AtomicU64,
+    /// Batches and writes the peer has confirmed, since this node started.
+    batches: AtomicU64,
+    writes: AtomicU64,
     /// Milliseconds after `born` of the last successful exchange, plus one (0: never).
     last_contact: AtomicU64,
     born: Instant,
@@ -173,6 +176,8 @@ impl PeerHealth {
             needs_resync: AtomicBool::new(false),
             resyncing: AtomicBool::new(false),
             backlog: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
             last_contact: AtomicU64::new(0),
             born: Instant::now(),
         }
@@ -181,6 +186,21 @@ impl PeerHealth {
     /// Writes waiting in the handoff backlog.
     pub fn backlog(&self) -> u64 {
         self.backlog.load(Ordering::Relaxed)
+    }
+
+    /// Batches and writes the peer has confirmed through replication and handoff since this
+    /// node started (anti-entropy repairs not counted). Their ratio is the mean batch size,
+    /// which says how much batching is saving under the current load.
+    pub fn confirmed(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn count_confirmed(&self, writes: usize) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
     }
 
     /// Whether an anti-entropy round with this peer is running.
@@ -497,6 +517,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
         self.in_flight = false;
         match msg.result {
             Ok(()) => {
+                self.health.count_confirmed(msg.writes.len());
                 for w in msg.waiters {
                     answer(w, Ok(()));
                 }
@@ -544,7 +565,7 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
             let n = batch_len(self.backlog.iter());
             let batch: Vec<Write> = self.backlog.iter().take(n).cloned().collect();
             match self.client.replicate(batch).await {
-                Ok(()) => {}
+                Ok(()) => self.health.count_confirmed(n),
                 Err(PeerError::Rejected(why)) => {
                     tracing::warn!(peer = %self.health.addr, %why, writes = n, "peer rejected held writes; dropped");
                 }
@@ -805,6 +826,9 @@ pub(crate) mod tests {
         }
         let calls = peer.calls.load(Ordering::Relaxed) - before;
         assert!(calls <= 3, "100 concurrent writes took {calls} calls");
+        let (batches, writes) = health.confirmed();
+        assert_eq!(writes, 100);
+        assert!((1..=3).contains(&batches), "{batches} batches");
         let mut keys = peer.received_keys();
         keys.sort();
         keys.dedup();
@@ -844,6 +868,8 @@ pub(crate) mod tests {
         // And new writes go straight through again.
         actor.ask(Replicate(write("d", 4))).await.unwrap();
         assert_eq!(peer.received_keys().last().map(String::as_str), Some("d"));
+        // The backlog went as one batch, then "d" as another.
+        assert_eq!(health.confirmed(), (2, 4));
     }
 
     #[tokio::test(start_paused = true)]

@@ -129,6 +129,8 @@ impl KvStore for KvService {
                     resync_pending: p.needs_resync,
                     resync_in_progress: p.resyncing,
                     last_contact_ms: p.last_contact.map(|d| d.as_millis() as u64),
+                    replicated_writes: p.confirmed_writes,
+                    replicated_batches: p.confirmed_batches,
                 })
                 .collect(),
         }))
