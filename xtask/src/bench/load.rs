@@ -24,7 +24,7 @@ pub fn value(seed: u64) -> String {
 }
 
 /// What a workload sends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
     Put,
@@ -39,6 +39,11 @@ pub enum Workload {
 }
 
 impl Workload {
+    /// Whether it writes, so that replication has something to batch.
+    pub fn writes(self) -> bool {
+        matches!(self, Self::Put | Self::Mixed | Self::Delete)
+    }
+
     fn next(self, rng: &mut StdRng, keys: u64) -> Op {
         let k = key(rng.random_range(0..keys));
         match self {

@@ -115,6 +115,10 @@ pub struct Cell {
     pub concurrency: usize,
     #[serde(flatten)]
     pub figures: Figures,
+    /// kvstore cells that write: writes per replication batch during the cell, over every
+    /// node and peer (from Status), which says how much batching saved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub writes_per_batch: Option<f64>,
 }
 
 /// Everything one run measured.
@@ -413,6 +417,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                         target: "echo".into(),
                         concurrency: c,
                         figures,
+                        writes_per_batch: None,
                     });
                 }
                 for t in list.iter().filter(|t| t.runs(workload)) {
@@ -422,12 +427,25 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                         load::preload(t.connect(64).await?, 0, keys).await?;
                     }
                     progress.step(&label(t.name));
+                    let batching = t.etcd_serializable.is_none() && workload.writes();
+                    let before = match batching {
+                        true => Some(replicated(&t.addrs).await?),
+                        false => None,
+                    };
                     let figures = load::run(t.connect(c).await?, workload, keys, duration).await;
+                    let writes_per_batch = match before {
+                        Some((writes, batches)) => {
+                            let (w, b) = replicated(&t.addrs).await?;
+                            Some((w - writes) as f64 / (b - batches).max(1) as f64)
+                        }
+                        None => None,
+                    };
                     results.cells.push(Cell {
                         workload,
                         target: t.name.into(),
                         concurrency: c,
                         figures,
+                        writes_per_batch,
                     });
                 }
             }
@@ -447,6 +465,22 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
         results.catchup_seconds = Some(catchup(args, server.clone(), &root).await?);
     }
     Ok(results)
+}
+
+/// Writes and batches the kvstore nodes at `addrs` have had confirmed by their peers, summed
+/// over every node and peer.
+async fn replicated(addrs: &[String]) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for addr in addrs {
+        let status = kvstore::client::Client::new(addr, Duration::from_secs(10))?
+            .status()
+            .await?;
+        for peer in status.peers {
+            total.0 += peer.replicated_writes;
+            total.1 += peer.replicated_batches;
+        }
+    }
+    Ok(total)
 }
 
 /// One thing the load generator drives.
@@ -665,9 +699,14 @@ mod tests {
                 assert_eq!(f.errors, 0, "{w:?} c={c}: {f:?}");
                 assert!(f.p50_us <= f.p99_us && f.p99_us <= f.p999_us);
             }
+            // A batch holds at least one write; reads have nothing to batch.
+            let per = cell(Workload::Put, "kvstore", c).writes_per_batch;
+            assert!(per.is_some_and(|p| p >= 1.0), "put c={c}: {per:?}");
+            assert_eq!(cell(Workload::Get, "kvstore", c).writes_per_batch, None);
         }
         let md = report::markdown(&results);
         assert!(md.contains("| put |") && md.contains("ours/echo"), "{md}");
+        assert!(md.contains("## Replication batching"), "{md}");
     }
 
     /// A/B mode runs every cell on both clusters, `rounds` times each, and reports B/A.

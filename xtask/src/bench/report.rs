@@ -38,6 +38,9 @@ fn find(r: &Results, w: Workload, target: &str, c: usize) -> Option<Cell> {
             errors: runs.iter().map(|x| x.figures.errors).sum(),
             first_error: runs.iter().find_map(|x| x.figures.first_error.clone()),
         },
+        writes_per_batch: (runs.iter().map(|x| x.writes_per_batch))
+            .collect::<Option<Vec<f64>>>()
+            .map(median),
         ..(*first).clone()
     })
 }
@@ -124,6 +127,7 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     ab_section(r, &mut s);
+    batching_section(r, &mut s);
     let _ = writeln!(s, "\n## Targets\n");
     let _ = writeln!(s, "| cell | target | measured | met |");
     let _ = writeln!(s, "|---|---|---|---|");
@@ -207,6 +211,35 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
+/// How many writes went in each replication batch, per kvstore cell that writes.
+fn batching_section(r: &Results, s: &mut String) {
+    let mut keys: Vec<(Workload, usize, &str)> = (r.cells.iter())
+        .filter(|c| c.writes_per_batch.is_some())
+        .map(|c| (c.workload, c.concurrency, c.target.as_str()))
+        .collect();
+    keys.dedup();
+    if keys.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Replication batching\n");
+    let _ = writeln!(
+        s,
+        "Writes per replication batch during each cell, over every node and peer (median of the rounds).\n"
+    );
+    let _ = writeln!(s, "| target | workload | c | writes per batch |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    let mut seen = std::collections::HashSet::new();
+    for (w, c, target) in keys {
+        if !seen.insert((w, c, target)) {
+            continue;
+        }
+        if let Some(per) = find(r, w, target, c).and_then(|cell| cell.writes_per_batch) {
+            let workload = format!("{w:?}").to_lowercase();
+            let _ = writeln!(s, "| {target} | {workload} | {c} | {per:.1} |");
+        }
+    }
+}
+
 /// The A/B table (when the run had a cluster B): medians over the rounds, and B/A.
 fn ab_section(r: &Results, s: &mut String) {
     if !r.cells.iter().any(|c| c.target == "kvstore-b") {
@@ -276,6 +309,7 @@ mod tests {
                 errors,
                 first_error: (errors > 0).then(|| "boom".into()),
             },
+            writes_per_batch: Some(ops_per_sec / 100.0),
         }
     }
 
@@ -296,6 +330,7 @@ mod tests {
         assert_eq!(c.figures.p50_us, 250);
         assert_eq!((c.figures.ops, c.figures.errors), (30, 1));
         assert_eq!(c.figures.first_error.as_deref(), Some("boom"));
+        assert_eq!(c.writes_per_batch, Some(2.0));
         assert_eq!(
             find(&r, Workload::Put, "etcd", 64).unwrap().figures.p99_us,
             100
