@@ -1,6 +1,11 @@
 //! The bound on distinct node ids. Interned ids live as long as the process, so this test runs
 //! alone in its own binary: it fills the table, which would break any test sharing the process.
 
+mod common;
+
+use common::TestCluster;
+use kvstore::config::Limits;
+use kvstore::pb::replicator_client::ReplicatorClient;
 use kvstore::pb::{KeyValue, Version};
 use kvstore_actors::version::MAX_NODE_IDS;
 use kvstore_actors::{NodeId, Write};
@@ -18,8 +23,24 @@ fn replicate_from(node_id: &str) -> KeyValue {
     }
 }
 
-#[test]
-fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
+    // A node of our own takes one id: its own.
+    let cluster = TestCluster::start(1);
+    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
+        .await
+        .unwrap();
+    // Writes refused for their size are refused before their node id is looked at, so they
+    // use up none of the bound (counted below).
+    let limits = Limits::default();
+    let mut big_key = replicate_from("sent-an-oversized-key");
+    big_key.key = "k".repeat(limits.max_key_bytes + 1);
+    let mut big_value = replicate_from("sent-an-oversized-value");
+    big_value.value = "v".repeat(limits.max_value_bytes + 1);
+    for kv in [big_key, big_value] {
+        let status = replicator.replicate(kv).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    }
     // Ids loaded from disk do not use up what the network may add.
     for i in 0..100 {
         NodeId::from_disk(&format!("on-disk-{i}"));
@@ -29,7 +50,11 @@ fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
         taken += 1;
         assert!(taken <= MAX_NODE_IDS, "the bound did not hold");
     }
-    assert_eq!(taken, MAX_NODE_IDS);
+    assert_eq!(
+        taken,
+        MAX_NODE_IDS - 1,
+        "the node's own id takes one, the refused writes none"
+    );
     let known = NodeId::new("node-0").unwrap();
     // Ids already known still resolve; a new one is refused with a status naming the bound.
     assert_eq!(NodeId::new("node-0").unwrap(), known);
