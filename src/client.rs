@@ -15,6 +15,13 @@ use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, Value};
 /// the client should not be the one to refuse a value the node agreed to store.
 const CLIENT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How often an HTTP/2 ping goes out while a call is open, and how long its answer may take
+/// before the connection is given up. Without them a connection whose other end vanished
+/// (a host gone, not a process) stays "open" until the kernel gives up on it, minutes later;
+/// the peer links' long-lived replication streams would sit on it.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A channel to `addr` (`host:port`) that connects on first use and reconnects by itself, so it
 /// can be made while the other side is down. Shared by the client and the node's peer links.
 pub fn lazy_channel(
@@ -30,6 +37,8 @@ pub fn lazy_channel(
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .timeout(call_timeout)
+        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .tcp_nodelay(true)
         .connect_lazy())
 }

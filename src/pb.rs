@@ -37,6 +37,21 @@ pub fn kv_to_entry(kv: KeyValue) -> Result<Option<Entry>, Error> {
     Write::try_from(kv).map(|w| Some(w.entry))
 }
 
+/// For sending a write the sender keeps (it may have to send it again).
+impl From<&Write> for KeyValue {
+    fn from(write: &Write) -> Self {
+        KeyValue {
+            key: write.key.clone(),
+            value: write.entry.value.as_deref().unwrap_or_default().to_string(),
+            version: Some(Version {
+                hlc: write.entry.version.time,
+                node_id: write.entry.version.node.to_string(),
+            }),
+            deleted: write.entry.value.is_none(),
+        }
+    }
+}
+
 impl From<Write> for KeyValue {
     fn from(write: Write) -> Self {
         let deleted = write.entry.value.is_none();

@@ -1,17 +1,25 @@
-//! Multi-node tests: real 3-node clusters on loopback, driven through the gRPC API.
+//! Multi-node tests: real clusters on loopback, driven through the gRPC API, and a node's
+//! peer client against scripted peers.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::TestCluster;
+use futures::StreamExt;
 use kvstore::config::{Limits, NodeConfig};
 use kvstore::pb::replicator_client::ReplicatorClient;
-use kvstore::pb::{Consistency, KeyValue, Version, WriteBatch};
-use kvstore_actors::WriteQuorum;
+use kvstore::pb::replicator_server::{Replicator, ReplicatorServer};
+use kvstore::pb::{
+    Ack, Consistency, DigestReply, DigestRequest, Key, KeyValue, PullRequest, Version, WriteBatch,
+};
+use kvstore::peer::GrpcPeer;
+use kvstore_actors::{PeerClient, WriteQuorum};
 use tokio::io::AsyncWriteExt;
-use tonic::Code;
+use tonic::{Code, Request, Response, Status};
 
 /// Upper bound for "this call did not hang": far above any deadline the tests configure.
 const NO_HANG: Duration = Duration::from_secs(20);
@@ -749,4 +757,162 @@ async fn a_peer_that_starts_later_is_seen_up_without_any_write() {
     }
     a.abort();
     b.abort();
+}
+
+/// A stand-in for a peer, scripted per test: what its bucket pulls answer, and how it takes
+/// replication (what each batch arrived by is recorded).
+#[derive(Clone, Default)]
+struct ScriptedPeer {
+    pull: Vec<KeyValue>,
+    /// `None`: no ReplicateStream (a node from before it). `Some(n)`: each stream answers `n`
+    /// batches and then ends, as a peer that restarts does.
+    batches_per_stream: Option<usize>,
+    received: Arc<Mutex<Vec<&'static str>>>,
+    streams: Arc<AtomicUsize>,
+}
+
+impl ScriptedPeer {
+    /// Serves it on a free loopback port; returns the address and the server task.
+    async fn serve(self) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(ReplicatorServer::new(self))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await
+                .unwrap();
+        });
+        (addr, server)
+    }
+
+    fn received(&self) -> Vec<&'static str> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn applied() -> Ack {
+    Ack {
+        ok: true,
+        ..Ack::default()
+    }
+}
+
+#[tonic::async_trait]
+impl Replicator for ScriptedPeer {
+    async fn replicate(&self, _: Request<KeyValue>) -> Result<Response<Ack>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+
+    async fn replicate_batch(&self, _: Request<WriteBatch>) -> Result<Response<Ack>, Status> {
+        self.received.lock().unwrap().push("call");
+        Ok(Response::new(applied()))
+    }
+
+    type ReplicateStreamStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<Ack, Status>> + Send>>;
+
+    async fn replicate_stream(
+        &self,
+        request: Request<tonic::Streaming<WriteBatch>>,
+    ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
+        let Some(n) = self.batches_per_stream else {
+            return Err(Status::unimplemented("scripted peer"));
+        };
+        self.streams.fetch_add(1, AtomicOrdering::Relaxed);
+        let received = self.received.clone();
+        let acks = request.into_inner().take(n).map(move |batch| {
+            batch?;
+            received.lock().unwrap().push("stream");
+            Ok(applied())
+        });
+        Ok(Response::new(Box::pin(acks)))
+    }
+
+    async fn digest(&self, _: Request<DigestRequest>) -> Result<Response<DigestReply>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+
+    type PullStream = tokio_stream::Iter<std::vec::IntoIter<Result<KeyValue, Status>>>;
+
+    async fn pull(&self, _: Request<PullRequest>) -> Result<Response<Self::PullStream>, Status> {
+        let entries: Vec<_> = self.pull.iter().cloned().map(Ok).collect();
+        Ok(Response::new(tokio_stream::iter(entries)))
+    }
+
+    async fn read(&self, _: Request<Key>) -> Result<Response<KeyValue>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+}
+
+fn peer_write(key: &str, value: &str, deleted: bool) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: value.into(),
+        version: Some(Version {
+            hlc: 100,
+            node_id: "peer".into(),
+        }),
+        deleted,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
+    // The middle one is a tombstone with a value, which no node may take.
+    let scripted = ScriptedPeer {
+        pull: vec![
+            peer_write("a", "1", false),
+            peer_write("b", "ghost", true),
+            peer_write("c", "", true),
+        ],
+        ..ScriptedPeer::default()
+    };
+    let (addr, server) = scripted.serve().await;
+    let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let pulled = tokio::time::timeout(NO_HANG, peer.pull(16, vec![0]))
+        .await
+        .expect("the pull hung")
+        .expect("one bad entry failed the whole pull");
+    let got: Vec<(&str, Option<&str>)> = pulled
+        .iter()
+        .map(|w| (w.key.as_str(), w.entry.value.as_deref()))
+        .collect();
+    assert_eq!(got, [("a", Some("1")), ("c", None)]);
+    server.abort();
+}
+
+/// Writes as a replication actor hands them to its peer client.
+fn writes(key: &str) -> Vec<kvstore_actors::Write> {
+    vec![kvstore_actors::Write::try_from(peer_write(key, "v", false)).unwrap()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch() {
+    // Every stream ends after one batch, as when the peer restarts between two batches: the
+    // next batch finds the old stream dead and must go out on a new one, not fail.
+    let scripted = ScriptedPeer {
+        batches_per_stream: Some(1),
+        ..ScriptedPeer::default()
+    };
+    let (addr, server) = scripted.clone().serve().await;
+    let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    for key in ["a", "b", "c"] {
+        peer.replicate(&writes(key)).await.unwrap();
+    }
+    assert_eq!(scripted.received(), ["stream", "stream", "stream"]);
+    assert_eq!(scripted.streams.load(AtomicOrdering::Relaxed), 3);
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_replicate_stream_gets_one_call_per_batch() {
+    let scripted = ScriptedPeer::default();
+    let (addr, server) = scripted.clone().serve().await;
+    let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    for key in ["a", "b"] {
+        peer.replicate(&writes(key)).await.unwrap();
+    }
+    assert_eq!(scripted.received(), ["call", "call"]);
+    server.abort();
 }

@@ -156,7 +156,7 @@ pub async fn sync<P: PeerClient>(
             .collect();
         report.pushed += newer.len();
         for batch in crate::replication::batches(newer) {
-            match peer.replicate(batch).await {
+            match peer.replicate(&batch).await {
                 Ok(()) => {}
                 // One write the peer will never take (its limits are smaller than ours, say)
                 // must not stop the repair of everything else.

@@ -361,7 +361,7 @@ impl<P: PeerClient> Coordinator<P> {
                     let client = peer.client.clone();
                     let repair = repair.clone();
                     tokio::spawn(async move {
-                        let _ = client.replicate(vec![repair]).await;
+                        let _ = client.replicate(std::slice::from_ref(&repair)).await;
                     });
                 }
             }

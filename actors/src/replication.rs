@@ -11,7 +11,7 @@
 //! # Batching
 //! The actor keeps at most one batch in flight per peer. Writes that arrive meanwhile wait in
 //! a pending queue, and when the batch is answered the whole queue goes out as the next batch
-//! (one RPC, one fsync on the peer through its group commit). Under load, batches grow by
+//! (one message to the peer, one fsync there through its group commit). Under load, batches grow by
 //! themselves; alone, a write goes out at once. Replies are delegated: each waiting Put is
 //! answered when its batch is.
 //!
@@ -53,7 +53,8 @@ const BACKLOG_BYTES: usize = 256 * 1024 * 1024;
 /// on their own; a call that fails is reported, not retried here. Clones share the connection.
 pub trait PeerClient: Clone + Send + Sync + 'static {
     /// Delivers writes. `Ok` means the peer has applied them (or already had newer versions).
-    fn replicate(&self, writes: Vec<Write>) -> impl Future<Output = Result<(), PeerError>> + Send;
+    /// Borrowed, so that the caller keeps them for a redelivery without copying them first.
+    fn replicate(&self, writes: &[Write]) -> impl Future<Output = Result<(), PeerError>> + Send;
     /// The peer's anti-entropy digest with `buckets` buckets.
     fn digest(&self, buckets: u32) -> impl Future<Output = Result<Vec<u64>, PeerError>> + Send;
     /// The peer's entries in buckets `which`, tombstones included.
@@ -189,7 +190,7 @@ impl PeerHealth {
     }
 
     /// Batches and writes the peer has confirmed through replication and handoff since this
-    /// node started (anti-entropy repairs not counted). Their ratio is the mean batch size,
+    /// node started (repairs, by anti-entropy or quorum reads, not counted). Their ratio is the mean batch size,
     /// which says how much batching is saving under the current load.
     pub fn confirmed(&self) -> (u64, u64) {
         (
@@ -380,7 +381,7 @@ impl<P: PeerClient> ReplicationActor<P> {
         self.in_flight = true;
         let client = self.client.clone();
         tokio::spawn(async move {
-            let result = client.replicate(writes.clone()).await;
+            let result = client.replicate(&writes).await;
             let _ = me
                 .tell(Delivered {
                     writes,
@@ -564,7 +565,7 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
         while !self.backlog.is_empty() {
             let n = batch_len(self.backlog.iter());
             let batch: Vec<Write> = self.backlog.iter().take(n).cloned().collect();
-            match self.client.replicate(batch).await {
+            match self.client.replicate(&batch).await {
                 Ok(()) => self.health.count_confirmed(n),
                 Err(PeerError::Rejected(why)) => {
                     tracing::warn!(peer = %self.health.addr, %why, writes = n, "peer rejected held writes; dropped");
@@ -681,16 +682,16 @@ pub(crate) mod tests {
     }
 
     impl PeerClient for FakePeer {
-        async fn replicate(&self, writes: Vec<Write>) -> Result<(), PeerError> {
+        async fn replicate(&self, writes: &[Write]) -> Result<(), PeerError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.gate().await?;
             if self.reject.load(Ordering::Relaxed) {
                 return Err(PeerError::Rejected("value too large".into()));
             }
-            for w in &writes {
+            for w in writes {
                 self.apply(w);
             }
-            self.received.lock().unwrap().extend(writes);
+            self.received.lock().unwrap().extend_from_slice(writes);
             Ok(())
         }
 

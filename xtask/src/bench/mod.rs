@@ -436,7 +436,9 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                     let writes_per_batch = match before {
                         Some((writes, batches)) => {
                             let (w, b) = replicated(&t.addrs).await?;
-                            Some((w - writes) as f64 / (b - batches).max(1) as f64)
+                            // Saturating: a node that restarted mid-cell starts counting anew.
+                            let (w, b) = (w.saturating_sub(writes), b.saturating_sub(batches));
+                            Some(w as f64 / b.max(1) as f64)
                         }
                         None => None,
                     };

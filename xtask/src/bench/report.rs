@@ -213,11 +213,10 @@ pub fn markdown(r: &Results) -> String {
 
 /// How many writes went in each replication batch, per kvstore cell that writes.
 fn batching_section(r: &Results, s: &mut String) {
-    let mut keys: Vec<(Workload, usize, &str)> = (r.cells.iter())
+    let keys: Vec<(Workload, usize, &str)> = (r.cells.iter())
         .filter(|c| c.writes_per_batch.is_some())
         .map(|c| (c.workload, c.concurrency, c.target.as_str()))
         .collect();
-    keys.dedup();
     if keys.is_empty() {
         return;
     }
