@@ -437,8 +437,9 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                         Some((writes, batches)) => {
                             let (w, b) = replicated(&t.addrs).await?;
                             // Saturating: a node that restarted mid-cell starts counting anew.
+                            // No batch at all: a build without the counters (an older B).
                             let (w, b) = (w.saturating_sub(writes), b.saturating_sub(batches));
-                            Some(w as f64 / b.max(1) as f64)
+                            (b > 0).then(|| w as f64 / b as f64)
                         }
                         None => None,
                     };
