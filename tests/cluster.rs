@@ -24,6 +24,19 @@ use tonic::{Code, Request, Response, Status};
 /// Upper bound for "this call did not hang": far above any deadline the tests configure.
 const NO_HANG: Duration = Duration::from_secs(20);
 
+/// A write as a peer sends it: with a version, made by node "other".
+fn versioned(key: &str, value: &str, hlc: u64) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value: value.into(),
+        version: Some(Version {
+            hlc,
+            node_id: "other".into(),
+        }),
+        deleted: false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_checklist_put_on_one_node_get_and_list_everywhere() {
     let cluster = TestCluster::start(3);
@@ -417,15 +430,7 @@ async fn versionless_replicate_is_refused_not_applied() {
     );
 
     // A versioned one is applied, and an older one after it is not.
-    let versioned = |value: &str, hlc: u64| KeyValue {
-        key: "k".into(),
-        value: value.into(),
-        version: Some(Version {
-            hlc,
-            node_id: "other".into(),
-        }),
-        deleted: false,
-    };
+    let versioned = |value: &str, hlc: u64| versioned("k", value, hlc);
     replicator.replicate(versioned("new", 200)).await.unwrap();
     replicator.replicate(versioned("old", 100)).await.unwrap();
     assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
@@ -446,6 +451,19 @@ async fn versionless_replicate_is_refused_not_applied() {
     assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
 }
 
+/// A `ReplicateStream` call: where its batches go in, and where their acks come out.
+async fn open_stream(
+    replicator: &mut ReplicatorClient<tonic::transport::Channel>,
+) -> (tokio::sync::mpsc::Sender<WriteBatch>, tonic::Streaming<Ack>) {
+    let (batches, rx) = tokio::sync::mpsc::channel(4);
+    let acks = replicator
+        .replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (batches, acks)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replication_stream_acks_each_batch_and_ends_on_a_refusal_and_at_shutdown() {
     // A grace period far above NO_HANG: a stop that waited for the open stream would show.
@@ -456,24 +474,11 @@ async fn a_replication_stream_acks_each_batch_and_ends_on_a_refusal_and_at_shutd
     let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
         .await
         .unwrap();
-    let write = |value: &str, hlc: u64| KeyValue {
-        key: "k".into(),
-        value: value.into(),
-        version: Some(Version {
-            hlc,
-            node_id: "other".into(),
-        }),
-        deleted: false,
-    };
+    let write = |value: &str, hlc: u64| versioned("k", value, hlc);
     let batch = |writes: Vec<KeyValue>| WriteBatch { writes };
 
     // Each batch gets its own ack, in order; an older version is acked but not applied.
-    let (batches, rx) = tokio::sync::mpsc::channel(4);
-    let mut acks = replicator
-        .replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (batches, mut acks) = open_stream(&mut replicator).await;
     batches.send(batch(vec![write("new", 200)])).await.unwrap();
     batches.send(batch(vec![write("old", 100)])).await.unwrap();
     let first = acks.message().await.unwrap().unwrap();
@@ -497,12 +502,7 @@ async fn a_replication_stream_acks_each_batch_and_ends_on_a_refusal_and_at_shutd
     assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
 
     // A stream left open does not hold up a graceful stop: the node ends it.
-    let (batches, rx) = tokio::sync::mpsc::channel(4);
-    let mut acks = replicator
-        .replicate_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (batches, mut acks) = open_stream(&mut replicator).await;
     batches.send(batch(vec![write("last", 400)])).await.unwrap();
     assert!(acks.message().await.unwrap().unwrap().ok);
     tokio::time::timeout(NO_HANG, cluster.nodes[0].stop())
@@ -847,13 +847,8 @@ impl Replicator for ScriptedPeer {
 
 fn peer_write(key: &str, value: &str, deleted: bool) -> KeyValue {
     KeyValue {
-        key: key.into(),
-        value: value.into(),
-        version: Some(Version {
-            hlc: 100,
-            node_id: "peer".into(),
-        }),
         deleted,
+        ..versioned(key, value, 100)
     }
 }
 
