@@ -585,6 +585,7 @@ async fn graceful_stop_finishes_and_returns_ok() {
 async fn a_quorum_read_returns_the_newest_version_and_repairs_stale_replicas() {
     let cluster = TestCluster::start(3);
     cluster.client(0).put("k", "old").await.unwrap();
+    cluster.settle().await;
     // Node 3 alone gets a newer version, as if the write's replication had not happened yet.
     let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(2)))
         .await

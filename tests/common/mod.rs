@@ -127,6 +127,32 @@ impl TestCluster {
         Client::new(&self.nodes[i].addr, Duration::from_secs(10)).unwrap()
     }
 
+    /// Waits until every node sees every peer up with no anti-entropy round running or pending.
+    /// A cluster runs a round with each peer at start (and after its first delivery if that
+    /// round failed); a test that plants a difference behind replication's back waits for
+    /// those first, or a round still running could repair the difference before it is read.
+    pub async fn settle(&self) {
+        let started = std::time::Instant::now();
+        loop {
+            let mut settled = true;
+            for i in 0..self.nodes.len() {
+                let status = self.client(i).status().await.unwrap();
+                settled &= status
+                    .peers
+                    .iter()
+                    .all(|p| p.state == "up" && !p.resync_pending && !p.resync_in_progress);
+            }
+            if settled {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "anti-entropy did not settle"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Replaces every node address in `text` with `[nodeN]` (1-based), for snapshots.
     pub fn redact(&self, text: &str) -> String {
         let mut text = text.to_string();
