@@ -11,7 +11,7 @@
 //! fails in any way is dropped and the next batch opens a new one; a batch that finds the
 //! stream busy (an anti-entropy push beside the actor's own batch) goes as a call of its own
 //! rather than wait; and a peer that does not know `ReplicateStream` (a node from before it)
-//! gets calls from then on.
+//! gets calls until it is next found unreachable (it may come back upgraded).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +38,8 @@ pub struct GrpcPeer {
     bulk: ReplicatorClient<Channel>,
     /// The open replication stream, if any. Shared by clones, like the channels.
     stream: Arc<Mutex<Option<BatchStream>>>,
-    /// Set when the peer answered `ReplicateStream` with UNIMPLEMENTED.
+    /// Set when the peer answered `ReplicateStream` with UNIMPLEMENTED; cleared when a call
+    /// finds the peer gone, since it may come back as a build that has the stream.
     calls_only: Arc<AtomicBool>,
     /// Bounds one batch's round trip over the stream, as the channel bounds a call.
     call_timeout: Duration,
@@ -149,7 +150,7 @@ impl GrpcPeer {
     }
 
     /// What a failed stream says about the peer. UNIMPLEMENTED means a peer from before
-    /// `ReplicateStream`: it gets calls from now on.
+    /// `ReplicateStream`: it gets calls until it is found gone.
     fn stream_error(&self, status: Status) -> PeerError {
         if status.code() == Code::Unimplemented && !self.calls_only.swap(true, Ordering::Relaxed) {
             tracing::info!(
@@ -164,7 +165,13 @@ impl GrpcPeer {
     async fn call(&self, batch: WriteBatch) -> Result<(), PeerError> {
         match self.client.clone().replicate_batch(batch).await {
             Ok(ack) => ack_result(ack.into_inner()),
-            Err(status) => Err(peer_error(status)),
+            Err(status) => {
+                let error = peer_error(status);
+                if matches!(error, PeerError::Unreachable(_)) {
+                    self.calls_only.store(false, Ordering::Relaxed);
+                }
+                Err(error)
+            }
         }
     }
 }

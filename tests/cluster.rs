@@ -17,7 +17,7 @@ use kvstore::pb::{
     Ack, Consistency, DigestReply, DigestRequest, Key, KeyValue, PullRequest, Version, WriteBatch,
 };
 use kvstore::peer::GrpcPeer;
-use kvstore_actors::{PeerClient, WriteQuorum};
+use kvstore_actors::{PeerClient, PeerError, WriteQuorum};
 use tokio::io::AsyncWriteExt;
 use tonic::{Code, Request, Response, Status};
 
@@ -773,22 +773,43 @@ struct ScriptedPeer {
 }
 
 impl ScriptedPeer {
-    /// Serves it on a free loopback port; returns the address and the server task.
-    async fn serve(self) -> (String, tokio::task::JoinHandle<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// Serves it on `addr` (a free loopback port if `None`), in a runtime of its own so that
+    /// stopping it takes every connection down at once, as a crash would.
+    fn serve(self, addr: Option<&str>) -> (String, ScriptedServer) {
+        let listener = std::net::TcpListener::bind(addr.unwrap_or("127.0.0.1:0")).unwrap();
+        listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let server = tokio::spawn(async move {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             tonic::transport::Server::builder()
                 .add_service(ReplicatorServer::new(self))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
                 .unwrap();
         });
-        (addr, server)
+        (addr, ScriptedServer(runtime))
     }
 
     fn received(&self) -> Vec<&'static str> {
         self.received.lock().unwrap().clone()
+    }
+}
+
+/// A running scripted peer.
+struct ScriptedServer(tokio::runtime::Runtime);
+
+impl ScriptedServer {
+    /// Drops every task and socket of the peer, its listener included, and waits until they
+    /// are gone.
+    async fn stop(self) {
+        tokio::task::spawn_blocking(move || self.0.shutdown_timeout(NO_HANG))
+            .await
+            .unwrap();
     }
 }
 
@@ -864,7 +885,7 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
         ],
         ..ScriptedPeer::default()
     };
-    let (addr, server) = scripted.serve().await;
+    let (addr, server) = scripted.serve(None);
     let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
     let pulled = tokio::time::timeout(NO_HANG, peer.pull(16, vec![0]))
         .await
@@ -875,7 +896,7 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
         .map(|w| (w.key.as_str(), w.entry.value.as_deref()))
         .collect();
     assert_eq!(got, [("a", Some("1")), ("c", None)]);
-    server.abort();
+    server.stop().await;
 }
 
 /// Writes as a replication actor hands them to its peer client.
@@ -891,24 +912,36 @@ async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch
         batches_per_stream: Some(1),
         ..ScriptedPeer::default()
     };
-    let (addr, server) = scripted.clone().serve().await;
+    let (addr, server) = scripted.clone().serve(None);
     let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
     for key in ["a", "b", "c"] {
         peer.replicate(&writes(key)).await.unwrap();
     }
     assert_eq!(scripted.received(), ["stream", "stream", "stream"]);
     assert_eq!(scripted.streams.load(AtomicOrdering::Relaxed), 3);
-    server.abort();
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_without_replicate_stream_gets_one_call_per_batch() {
     let scripted = ScriptedPeer::default();
-    let (addr, server) = scripted.clone().serve().await;
+    let (addr, server) = scripted.clone().serve(None);
     let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
     for key in ["a", "b"] {
         peer.replicate(&writes(key)).await.unwrap();
     }
     assert_eq!(scripted.received(), ["call", "call"]);
-    server.abort();
+
+    // Once the peer is found gone, it may come back as a build with the stream: try it again.
+    server.stop().await;
+    let gone = peer.replicate(&writes("c")).await;
+    assert!(matches!(gone, Err(PeerError::Unreachable(_))), "{gone:?}");
+    let upgraded = ScriptedPeer {
+        batches_per_stream: Some(16),
+        ..ScriptedPeer::default()
+    };
+    let (_, server) = upgraded.clone().serve(Some(&addr));
+    peer.replicate(&writes("d")).await.unwrap();
+    assert_eq!(upgraded.received(), ["stream"]);
+    server.stop().await;
 }
