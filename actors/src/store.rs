@@ -230,10 +230,17 @@ impl StoreActor {
 
     /// Logs a write that changed the map.
     fn persist(&mut self, write: &Write) -> Durable {
-        // Whatever was unlogged for this key is superseded by this write, which is logged now.
-        self.unlogged.remove(&write.key);
+        self.persist_all(&[write])
+    }
+
+    /// Logs `writes` as one append: one group commit for a peer's whole batch.
+    fn persist_all(&mut self, writes: &[&Write]) -> Durable {
+        // Whatever was unlogged for these keys is superseded by these writes, logged now.
+        for write in writes {
+            self.unlogged.remove(&write.key);
+        }
         match &mut self.storage {
-            Some(storage) => storage.append(write, &self.map),
+            Some(storage) => storage.append_all(writes.iter().copied(), &self.map),
             None => Durable::ready(),
         }
     }
@@ -303,8 +310,8 @@ pub struct Persisted {
 pub struct Applied {
     /// How many of the writes were newer than what we had.
     pub changed: usize,
-    /// One promise per logged write: a batch can span group commits, and any of them can fail.
-    pub durable: Vec<Durable>,
+    /// One promise for every write logged: they went to the log as one append.
+    pub durable: Durable,
     /// The writes, handed back (not copied) for the caller to report if the log fails.
     pub writes: Vec<Write>,
 }
@@ -313,17 +320,17 @@ impl Applied {
     /// Waits until every write of the batch is durable. On failure, hands back the writes'
     /// keys and versions, to be reported to the store as [`Unlogged`].
     pub async fn wait(self) -> Result<usize, (crate::Error, Vec<(String, Version)>)> {
-        for d in self.durable {
-            if let Err(e) = d.wait().await {
+        match self.durable.wait().await {
+            Ok(()) => Ok(self.changed),
+            Err(e) => {
                 let unlogged = self
                     .writes
                     .into_iter()
                     .map(|w| (w.key, w.entry.version))
                     .collect();
-                return Err((e, unlogged));
+                Err((e, unlogged))
             }
         }
-        Ok(self.changed)
     }
 }
 
@@ -421,16 +428,17 @@ impl Message<Apply> for StoreActor {
 
     async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Applied {
         let mut changed = 0;
-        let mut durable = Vec::new();
+        let mut to_log = Vec::new();
         for write in &msg.0 {
             if self.apply(write) {
                 changed += 1;
-                durable.push(self.persist(write));
+                to_log.push(write);
             } else if self.unlogged.get(&write.key) == Some(&write.entry.version) {
                 // The same write again, whose first append failed: log it this time.
-                durable.push(self.persist(write));
+                to_log.push(write);
             }
         }
+        let durable = self.persist_all(&to_log);
         Applied {
             changed,
             durable,
