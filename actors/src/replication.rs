@@ -11,9 +11,9 @@
 //! # Batching
 //! The actor keeps at most one batch in flight per peer. Writes that arrive meanwhile wait in
 //! a pending queue, and when the batch is answered the whole queue goes out as the next batch
-//! (one message to the peer, one fsync there through its group commit). Under load, batches grow by
-//! themselves; alone, a write goes out at once. Replies are delegated: each waiting Put is
-//! answered when its batch is.
+//! (one message to the peer, one fsync there through its group commit). Under load, batches
+//! grow by themselves; alone, a write goes out at once. Replies are delegated: each waiting Put
+//! is answered when its batch is.
 //!
 //! # Hinted handoff
 //! A write the peer did not confirm goes into a bounded backlog, in order. While the backlog
@@ -190,8 +190,8 @@ impl PeerHealth {
     }
 
     /// Batches and writes the peer has confirmed through replication and handoff since this
-    /// node started (repairs, by anti-entropy or quorum reads, not counted). Their ratio is the mean batch size,
-    /// which says how much batching is saving under the current load.
+    /// node started (repairs, by anti-entropy or quorum reads, not counted). Their ratio is the
+    /// mean batch size, which says how much batching is saving under the current load.
     pub fn confirmed(&self) -> (u64, u64) {
         (
             self.batches.load(Ordering::Relaxed),
@@ -564,8 +564,8 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
         self.redelivery_scheduled = false;
         while !self.backlog.is_empty() {
             let n = batch_len(self.backlog.iter());
-            let batch: Vec<Write> = self.backlog.iter().take(n).cloned().collect();
-            match self.client.replicate(&batch).await {
+            let batch = &self.backlog.make_contiguous()[..n];
+            match self.client.replicate(batch).await {
                 Ok(()) => self.health.count_confirmed(n),
                 Err(PeerError::Rejected(why)) => {
                     tracing::warn!(peer = %self.health.addr, %why, writes = n, "peer rejected held writes; dropped");

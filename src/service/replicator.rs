@@ -95,9 +95,9 @@ impl Replicator for ReplicatorService {
         request: Request<Streaming<WriteBatch>>,
     ) -> Result<Response<Self::ReplicateStreamStream>, Status> {
         // Once the node begins to shut down it takes no new batch: the stream ends (the peer
-        // opens a new one when it next has a batch), and the graceful shutdown, which waits for every
-        // open call, does not wait for a stream the peer would keep open for ever. A batch
-        // being applied is still answered.
+        // opens a new one when it next has a batch), and the graceful shutdown, which waits for
+        // every open call, does not wait for a stream the peer would keep open for ever. A
+        // batch being applied is still answered.
         let mut stopping = self.stopping.clone();
         let stopped = async move {
             let _ = stopping.wait_for(|s| *s).await;
