@@ -18,14 +18,20 @@ pub struct TestNode {
     done: Option<oneshot::Receiver<Result<(), String>>>,
 }
 
+/// A runtime for one server of a test: dropping it drops every task and socket of that server
+/// at once.
+pub fn own_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 impl TestNode {
     fn start(listener: std::net::TcpListener, config: NodeConfig) -> Self {
         let addr = listener.local_addr().unwrap().to_string();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = own_runtime();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel();
         runtime.spawn(async move {
