@@ -411,9 +411,7 @@ async fn bad_input_gets_invalid_argument_and_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn versionless_replicate_is_refused_not_applied() {
     let cluster = TestCluster::start(1);
-    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
-        .await
-        .unwrap();
+    let mut replicator = cluster.replicator(0).await;
     let err = replicator
         .replicate(KeyValue {
             key: "k".into(),
@@ -471,9 +469,7 @@ async fn a_replication_stream_acks_each_batch_and_ends_on_a_refusal_and_at_shutd
         shutdown_grace: Duration::from_secs(600),
         ..NodeConfig::default()
     });
-    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
-        .await
-        .unwrap();
+    let mut replicator = cluster.replicator(0).await;
     let write = |value: &str, hlc: u64| versioned("k", value, hlc);
     let batch = |writes: Vec<KeyValue>| WriteBatch { writes };
 
@@ -587,9 +583,7 @@ async fn a_quorum_read_returns_the_newest_version_and_repairs_stale_replicas() {
     cluster.client(0).put("k", "old").await.unwrap();
     cluster.settle().await;
     // Node 3 alone gets a newer version, as if the write's replication had not happened yet.
-    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(2)))
-        .await
-        .unwrap();
+    let mut replicator = cluster.replicator(2).await;
     // A minute ahead of now: newer than anything the cluster wrote.
     let newer = kvstore_actors::version::now_minus(Duration::ZERO) + (60 << 32);
     replicator

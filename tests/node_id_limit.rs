@@ -5,7 +5,6 @@ mod common;
 
 use common::TestCluster;
 use kvstore::config::Limits;
-use kvstore::pb::replicator_client::ReplicatorClient;
 use kvstore::pb::{KeyValue, Version};
 use kvstore_actors::version::MAX_NODE_IDS;
 use kvstore_actors::{NodeId, Write};
@@ -27,9 +26,7 @@ fn replicate_from(node_id: &str) -> KeyValue {
 async fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
     // A node of our own takes one id: its own.
     let cluster = TestCluster::start(1);
-    let mut replicator = ReplicatorClient::connect(format!("http://{}", cluster.addr(0)))
-        .await
-        .unwrap();
+    let mut replicator = cluster.replicator(0).await;
     // Writes refused for their size are refused before their node id is looked at, so they
     // use up none of the bound (counted below).
     let limits = Limits::default();

@@ -133,6 +133,17 @@ impl TestCluster {
         Client::new(&self.nodes[i].addr, Duration::from_secs(10)).unwrap()
     }
 
+    /// A client of node `i`'s Replicator service, for tests that speak as a peer.
+    pub async fn replicator(
+        &self,
+        i: usize,
+    ) -> kvstore::pb::replicator_client::ReplicatorClient<tonic::transport::Channel> {
+        let addr = format!("http://{}", self.nodes[i].addr);
+        kvstore::pb::replicator_client::ReplicatorClient::connect(addr)
+            .await
+            .unwrap()
+    }
+
     /// Waits until every node sees every peer up with no anti-entropy round running or pending.
     /// A cluster runs a round with each peer at start (and after its first delivery if that
     /// round failed); a test that plants a difference behind replication's back waits for

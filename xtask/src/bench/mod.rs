@@ -663,22 +663,20 @@ mod tests {
         args: Args,
     }
 
+    /// Smoke-mode settings (short cells, a tiny key space, no etcd) plus `extra` flags.
+    fn smoke_args(extra: &[&str]) -> Args {
+        let base = ["bench", "--seconds", "0.2", "--keys", "50", "--no-etcd"];
+        Cli::parse_from(base.iter().chain(extra)).args
+    }
+
     /// The harness in smoke mode: a tiny key space and short cells, against a real (in-process,
     /// durable) kvstore cluster and the echo server. Asserts only that it runs and reports every
     /// cell; speed is for the real run.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn smoke_run_reports_every_cell() {
-        let cli = Cli::parse_from([
-            "bench",
-            "--seconds",
-            "0.2",
-            "--keys",
-            "50",
-            "--list-keys",
-            "200",
-            "--no-etcd",
-        ]);
-        let results = measure(&cli.args, None).await.unwrap();
+        let results = measure(&smoke_args(&["--list-keys", "200"]), None)
+            .await
+            .unwrap();
         let cell = |w: Workload, t: &str, c: usize| {
             results
                 .cells
@@ -715,12 +713,7 @@ mod tests {
     /// A/B mode runs every cell on both clusters, `rounds` times each, and reports B/A.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ab_smoke_run_alternates_both_clusters() {
-        let cli = Cli::parse_from([
-            "bench",
-            "--seconds",
-            "0.2",
-            "--keys",
-            "50",
+        let args = smoke_args(&[
             "--workloads",
             "put,get",
             "--concurrency",
@@ -729,9 +722,8 @@ mod tests {
             "2",
             "--b-node-args",
             "",
-            "--no-etcd",
         ]);
-        let results = measure(&cli.args, None).await.unwrap();
+        let results = measure(&args, None).await.unwrap();
         for w in [Workload::Put, Workload::Get] {
             for target in ["kvstore", "kvstore-b"] {
                 let runs: Vec<_> = (results.cells.iter())
