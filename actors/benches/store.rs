@@ -1,13 +1,14 @@
 //! Micro-benchmarks of the write path's pieces: version comparison, the store actor's apply
 //! (one message, as a peer's batch arrives), and the log's append (encode, group commit, fsync
-//! on a real file). `cargo bench -p kvstore-actors`.
+//! on a real file), and a snapshot's encoding of the whole map. `cargo bench -p kvstore-actors`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kameo::actor::Spawn;
-use kvstore_actors::storage::record;
-use kvstore_actors::store::{Apply, Put};
+use kvstore_actors::storage::{record, snapshot};
+use kvstore_actors::store::{self, Apply, Put};
 use kvstore_actors::{
     Clock, Entry, NodeId, Storage, StorageConfig, StoreActor, SyncMode, Version, Write,
 };
@@ -144,5 +145,46 @@ fn log(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, versions, apply, log);
+/// A snapshot's encoding of a node's whole map, and what it costs a writer meanwhile. The
+/// encoding runs under the map's shard locks, one shard at a time, so a write to the shard being
+/// encoded waits for it (see `store::MAP_SHARDS`).
+fn snapshot(c: &mut Criterion) {
+    let mut group = c.benchmark_group("snapshot");
+    group.sample_size(10);
+    let keys = 1_000_000u64;
+    let map = Arc::new(store::new_map());
+    for i in 0..keys {
+        let w = write(i, "node1");
+        map.insert(w.key.into(), store::Slot::new(&w.entry));
+    }
+    group.throughput(Throughput::Elements(keys));
+    group.bench_function("encode 1M keys", |bench| {
+        bench.iter(|| snapshot::encode(&map, None).bytes.len())
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let snapshots = std::thread::spawn({
+        let (map, stop) = (map.clone(), stop.clone());
+        move || {
+            while !stop.load(Ordering::Relaxed) {
+                snapshot::encode(&map, None);
+            }
+        }
+    });
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("insert while snapshots of 1M keys run", |bench| {
+        let mut i = 0u64;
+        bench.iter(|| {
+            // Keys spread over the map (and so over its shards), as a workload's would be.
+            i = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let w = write(i % keys, "node2");
+            map.insert(w.key.into(), store::Slot::new(&w.entry));
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    snapshots.join().unwrap();
+    group.finish();
+}
+
+criterion_group!(benches, versions, apply, log, snapshot);
 criterion_main!(benches);

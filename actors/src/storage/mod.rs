@@ -124,7 +124,7 @@ impl Storage {
         logs.sort_unstable();
         snapshots.sort_unstable();
 
-        let map = Map::new();
+        let map = crate::store::new_map();
         let mut max_time = 0u64;
         let mut apply = |w: Write| {
             max_time = max_time.max(w.entry.version.time);

@@ -69,14 +69,25 @@ pub enum Record {
 /// [`MAX_NODE_ID_BYTES`](crate::version::MAX_NODE_ID_BYTES) (checked where writes enter a node),
 /// so their length always fits the format's 16 bits.
 pub fn encode_write(write: &Write, out: &mut Vec<u8>) {
-    let node = write.entry.version.node.as_bytes();
+    encode(
+        &write.key,
+        write.entry.version,
+        write.entry.value.as_deref(),
+        out,
+    );
+}
+
+/// [`encode_write`] from borrowed parts (`value = None` for a tombstone), for callers that
+/// hold a map entry and should not copy it into a [`Write`] first.
+pub fn encode(key: &str, version: Version, value: Option<&str>, out: &mut Vec<u8>) {
+    let node = version.node.as_bytes();
     assert!(
         node.len() <= crate::version::MAX_NODE_ID_BYTES,
         "node id of {} bytes reached the log",
         node.len()
     );
-    let value = write.entry.value.as_deref().map(str::as_bytes);
-    let payload_len = MIN_PAYLOAD + node.len() + write.key.len() + value.map_or(0, |v| 4 + v.len());
+    let value = value.map(str::as_bytes);
+    let payload_len = MIN_PAYLOAD + node.len() + key.len() + value.map_or(0, |v| 4 + v.len());
     let start = out.len();
     out.reserve(FRAME_LEN + payload_len);
     out.extend_from_slice(&(payload_len as u32).to_le_bytes());
@@ -86,11 +97,11 @@ pub fn encode_write(write: &Write, out: &mut Vec<u8>) {
     } else {
         KIND_TOMBSTONE
     });
-    out.extend_from_slice(&write.entry.version.time.to_le_bytes());
+    out.extend_from_slice(&version.time.to_le_bytes());
     out.extend_from_slice(&(node.len() as u16).to_le_bytes());
     out.extend_from_slice(node);
-    out.extend_from_slice(&(write.key.len() as u32).to_le_bytes());
-    out.extend_from_slice(write.key.as_bytes());
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key.as_bytes());
     if let Some(value) = value {
         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
         out.extend_from_slice(value);
