@@ -55,21 +55,34 @@ fn is_quorum_flag(word: &str) -> bool {
     matches!(word, "-q" | "--quorum")
 }
 
+/// `n` and its noun, `one` if `n` is 1 and `many` otherwise: "1 batch", "5 batches".
+fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// The `status` command's lines.
 fn render_status(status: &NodeStatus) -> Vec<String> {
     let mut lines = vec![format!(
-        "node {}: {} keys, {} tombstones, log {} bytes, data in {}",
-        status.node_id, status.keys, status.tombstones, status.log_bytes, status.data_dir
+        "node {}: {}, {}, log {}, data in {}",
+        status.node_id,
+        count(status.keys, "key", "keys"),
+        count(status.tombstones, "tombstone", "tombstones"),
+        count(status.log_bytes, "byte", "bytes"),
+        status.data_dir
     )];
     for peer in &status.peers {
         let mut line = format!("peer {}: {}", peer.address, peer.state);
         if peer.backlog > 0 {
-            line.push_str(&format!(", {} writes queued for handoff", peer.backlog));
+            line.push_str(&format!(
+                ", {} queued for handoff",
+                count(peer.backlog, "write", "writes")
+            ));
         }
         if peer.replicated_batches > 0 {
             line.push_str(&format!(
-                ", {} writes replicated in {} batches",
-                peer.replicated_writes, peer.replicated_batches
+                ", {} replicated in {}",
+                count(peer.replicated_writes, "write", "writes"),
+                count(peer.replicated_batches, "batch", "batches")
             ));
         }
         if peer.resync_in_progress {
@@ -216,14 +229,25 @@ mod tests {
                     resync_pending: true,
                     ..PeerStatus::default()
                 },
+                PeerStatus {
+                    address: "db4:5001".into(),
+                    state: "up".into(),
+                    backlog: 1,
+                    last_contact_ms: Some(3),
+                    replicated_writes: 1,
+                    replicated_batches: 1,
+                    ..PeerStatus::default()
+                },
             ],
         };
         assert_eq!(
             render_status(&status),
             [
-                "node node1: 3 keys, 1 tombstones, log 4096 bytes, data in /data/node1",
+                "node node1: 3 keys, 1 tombstone, log 4096 bytes, data in /data/node1",
                 "peer db2:5001: up, 40 writes replicated in 5 batches, last contact 12ms ago",
                 "peer db3:5001: down, 7 writes queued for handoff, resync pending, never contacted",
+                "peer db4:5001: up, 1 write queued for handoff, 1 write replicated in 1 batch, \
+                 last contact 3ms ago",
             ]
         );
     }
