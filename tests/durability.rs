@@ -325,6 +325,71 @@ async fn deletes_stay_deleted_through_restarts_handoff_and_quorum_reads() {
     }
 }
 
+/// A write applied in memory whose append failed (a full disk), with no caller left to report
+/// it, is logged as soon as a write of its key arrives again, even an older one, and before that
+/// write is acknowledged: the acknowledgement says this node holds the key durably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_log_refused_is_logged_before_an_older_one_is_acked() {
+    use kameo::actor::Spawn;
+    use kvstore_actors::store::{Apply, Put, StoreActor};
+    use kvstore_actors::{Clock, Entry, NodeId, Storage, StorageConfig, SyncMode, Version, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let _disk = SmallDisk::mount(&data, "256k");
+    let config = StorageConfig {
+        dir: data.clone(),
+        sync: SyncMode::Always,
+        compact_after_bytes: u64::MAX,
+        repair: false,
+        tombstone_grace: Duration::from_secs(3600),
+    };
+    let clock = std::sync::Arc::new(Clock::new(NodeId::new("node1").unwrap()));
+    let store = StoreActor::spawn(StoreActor::recovered(
+        clock,
+        Storage::open(&config).unwrap(),
+    ));
+
+    // No room left for the log; the value needs pages the log file does not have yet.
+    let filler = data.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut file, &[0; 4096]).is_ok() {}
+    drop(file);
+    let newest = "n".repeat(8192);
+    let put = store
+        .ask(Put {
+            key: "k".into(),
+            value: newest.clone(),
+        })
+        .await
+        .unwrap();
+    let version = put.write.entry.version;
+    // The Put's caller learns of the failure; here it has gone away and tells no one.
+    assert!(put.durable.wait().await.is_err(), "the disk is full");
+
+    // Room again, and a peer delivers an older write of the key.
+    std::fs::remove_file(&filler).unwrap();
+    let older = Write {
+        key: "k".into(),
+        entry: Entry {
+            value: Some("older".into()),
+            version: Version {
+                time: version.time - 1,
+                node: NodeId::new("node2").unwrap(),
+            },
+        },
+    };
+    let applied = store.ask(Apply(vec![older])).await.unwrap();
+    assert_eq!(applied.wait().await.unwrap(), 0, "not newer than ours");
+
+    store.stop_gracefully().await.unwrap();
+    store.wait_for_shutdown_result().await.unwrap();
+    let recovered = Storage::open(&config).unwrap();
+    let slot = recovered.map.get("k").expect("k is on disk");
+    assert_eq!(slot.version(), version);
+    assert_eq!(slot.value_str(), Some(newest.as_str()));
+}
+
 /// The log file with the highest generation in `dir`.
 fn newest_log(dir: &std::path::Path) -> std::path::PathBuf {
     let mut logs: Vec<_> = std::fs::read_dir(dir)

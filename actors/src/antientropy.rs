@@ -141,7 +141,7 @@ pub async fn sync<P: PeerClient>(
                 .ask(store::Apply(pulled))
                 .await
                 .map_err(|_| crate::Error::StoreStopped)?;
-            report.pulled += applied.wait().await.map_err(|(e, _)| e)?;
+            report.pulled += applied.wait().await?;
         }
         let mine = {
             let reader = reader.clone();

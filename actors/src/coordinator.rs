@@ -397,9 +397,9 @@ impl<P: PeerClient> Coordinator<P> {
     /// Waits for the local log and the peers together: the peers do not wait for our fsync.
     /// A write this node could not make durable is an error, whatever the peers said: the
     /// client is told so, though the write may still take effect through the peers that have
-    /// it (it is in this node's memory and theirs; anti-entropy brings it back to the log).
+    /// it. It is in this node's memory and theirs; it reaches this node's log with the next
+    /// delivery of any write of that key (the store re-logs what it holds) or the next snapshot.
     async fn finish_write(&self, persisted: store::Persisted) -> Result<WriteOutcome, Error> {
-        let written = (persisted.write.key.clone(), persisted.write.entry.version);
         let local = async {
             // Bounded, so a stalled disk cannot hang a Put.
             let limit = self.config.replication_deadline + LOCAL_SYNC_GRACE;
@@ -413,10 +413,8 @@ impl<P: PeerClient> Coordinator<P> {
             }
         };
         let (local, outcome) = futures::join!(local, self.replicate(persisted.write));
-        if let Err(e) = local {
-            let _ = self.store.tell(store::Unlogged(vec![written])).await;
-            return Err(e);
-        }
+        // A failed append is known to the store already: the log reports it there itself.
+        local?;
         Ok(outcome)
     }
 
@@ -427,13 +425,7 @@ impl<P: PeerClient> Coordinator<P> {
             .ask(store::Apply(writes))
             .await
             .map_err(|_| Error::StoreStopped)?;
-        match applied.wait().await {
-            Ok(changed) => Ok(changed),
-            Err((e, unlogged)) => {
-                let _ = self.store.tell(store::Unlogged(unlogged)).await;
-                Err(e)
-            }
-        }
+        applied.wait().await
     }
 
     /// The live value of `key`, from this node alone.

@@ -146,8 +146,10 @@ pub struct StoreActor {
     clock: Arc<Clock>,
     storage: Option<Storage>,
     /// Entries that are in the map but whose log append failed (a full disk). The map is
-    /// updated before the log answers, so this is how a retried delivery of the same version,
-    /// which is otherwise "not newer" and skipped, gets logged after all.
+    /// updated before the log answers, so a later delivery of that write, or of an older one,
+    /// would otherwise be "not newer", skipped and acknowledged with nothing on disk. The log
+    /// writer reports failed appends itself ([`Storage::take_unlogged`]), so a caller that
+    /// stopped waiting cannot lose the report.
     unlogged: std::collections::HashMap<String, Version>,
 }
 
@@ -261,6 +263,21 @@ impl StoreActor {
         }
     }
 
+    /// Learns from the log which appends failed since it last asked, and remembers the ones
+    /// whose version the map still holds (a newer write was logged by itself).
+    fn note_failed_appends(&mut self) {
+        let Some(storage) = &self.storage else { return };
+        for (key, version) in storage.take_unlogged() {
+            if self
+                .map
+                .get(key.as_str())
+                .is_some_and(|e| e.version() == version)
+            {
+                self.unlogged.insert(key, version);
+            }
+        }
+    }
+
     /// Whether `entry` is a tombstone past the grace period: it must not come back once purged.
     fn expired_tombstone(&self, entry: &Entry) -> bool {
         let before = (self.storage.as_ref())
@@ -326,27 +343,15 @@ pub struct Persisted {
 pub struct Applied {
     /// How many of the writes were newer than what we had.
     pub changed: usize,
-    /// One promise for every write logged: they went to the log as one append.
+    /// Resolves once the batch is durable here: the writes that changed the map are logged
+    /// (as one append), and what the map already held for the rest is too.
     pub durable: Durable,
-    /// The writes, handed back (not copied) for the caller to report if the log fails.
-    pub writes: Vec<Write>,
 }
 
 impl Applied {
-    /// Waits until every write of the batch is durable. On failure, hands back the writes'
-    /// keys and versions, to be reported to the store as [`Unlogged`].
-    pub async fn wait(self) -> Result<usize, (crate::Error, Vec<(String, Version)>)> {
-        match self.durable.wait().await {
-            Ok(()) => Ok(self.changed),
-            Err(e) => {
-                let unlogged = self
-                    .writes
-                    .into_iter()
-                    .map(|w| (w.key, w.entry.version))
-                    .collect();
-                Err((e, unlogged))
-            }
-        }
+    /// Waits until the batch is durable. Returns how many writes changed the map.
+    pub async fn wait(self) -> Result<usize, crate::Error> {
+        self.durable.wait().await.map(|()| self.changed)
     }
 }
 
@@ -390,27 +395,6 @@ pub struct GetEntry {
     pub key: String,
 }
 
-/// Record that these writes (key, version), applied to the map, did not reach the log.
-#[derive(Debug)]
-pub struct Unlogged(pub Vec<(String, Version)>);
-
-impl Message<Unlogged> for StoreActor {
-    type Reply = ();
-
-    async fn handle(&mut self, msg: Unlogged, _: &mut Context<Self, Self::Reply>) {
-        for (key, version) in msg.0 {
-            // Only if the map still holds that very version: a newer write was logged itself.
-            if self
-                .map
-                .get(key.as_str())
-                .is_some_and(|e| e.version() == version)
-            {
-                self.unlogged.insert(key, version);
-            }
-        }
-    }
-}
-
 /// Take a consistent snapshot of every live pair, in key order.
 #[derive(Debug)]
 pub struct Snapshot;
@@ -443,23 +427,38 @@ impl Message<Apply> for StoreActor {
     type Reply = Applied;
 
     async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Applied {
+        self.note_failed_appends();
         let mut changed = 0;
         let mut to_log = Vec::new();
+        let mut relog = Vec::new();
+        let mut held = false;
         for write in &msg.0 {
             if self.apply(write) {
                 changed += 1;
                 to_log.push(write);
-            } else if self.unlogged.get(&write.key) == Some(&write.entry.version) {
-                // The same write again, whose first append failed: log it this time.
-                to_log.push(write);
+            } else if let Some(version) = self.unlogged.remove(&write.key) {
+                // We hold this key at `version` (this write's or a newer one), but its append
+                // failed. Acknowledging this write says we hold it durably: log what we hold.
+                if let Some(slot) = self.map.get(write.key.as_str()) {
+                    debug_assert_eq!(slot.version(), version);
+                    relog.push(Write {
+                        key: write.key.clone(),
+                        entry: slot.entry(),
+                    });
+                }
+            } else {
+                held = true;
             }
         }
-        let durable = self.persist_all(&to_log);
-        Applied {
-            changed,
-            durable,
-            writes: msg.0,
-        }
+        to_log.extend(&relog);
+        let durable = match (&self.storage, to_log.is_empty()) {
+            // What we already held may itself still be on its way to the disk (a local Put
+            // waiting for its group commit): the acknowledgement waits for it. An append of
+            // our own does that too, being queued after it.
+            (Some(storage), true) if held => storage.barrier(),
+            _ => self.persist_all(&to_log),
+        };
+        Applied { changed, durable }
     }
 }
 

@@ -40,6 +40,7 @@ use std::time::Duration;
 
 use crate::error::Error;
 use crate::store::{Map, Slot, Write};
+use crate::version::Version;
 pub use wal::{Durable, SyncMode};
 
 /// Settings of a node's storage.
@@ -259,6 +260,28 @@ impl Storage {
         durable
     }
 
+    /// A promise that everything logged so far is durable (see [`wal::LogWriter::barrier`]).
+    pub fn barrier(&self) -> Durable {
+        self.writer.barrier()
+    }
+
+    /// The key and version of every write whose append failed since the last call: in the
+    /// map, perhaps, but not in the log.
+    pub fn take_unlogged(&self) -> Vec<(String, Version)> {
+        let mut unlogged = Vec::new();
+        for framed in self.writer.take_failed() {
+            let mut rest = &framed[..];
+            // These are our own encodings, so they decode; stop at anything that does not.
+            while let Ok((record, used)) = record::decode(rest) {
+                if let record::Record::Write(w) = record {
+                    unlogged.push((w.key, w.entry.version));
+                }
+                rest = &rest[used..];
+            }
+        }
+        unlogged
+    }
+
     /// Bytes in the current log.
     pub fn log_bytes(&self) -> u64 {
         self.writer.bytes()
@@ -325,12 +348,13 @@ fn remove_older_than(dir: &Path, generation: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write as _;
 
     use super::*;
 
-    fn config(dir: &Path) -> StorageConfig {
+    /// Durable settings on `dir`, with no compaction.
+    pub(crate) fn config(dir: &Path) -> StorageConfig {
         StorageConfig {
             dir: dir.to_path_buf(),
             sync: SyncMode::Always,

@@ -4,9 +4,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -103,6 +103,17 @@ pub struct LogWriter {
     tx: mpsc::Sender<Command>,
     bytes: Arc<AtomicU64>,
     stopped: Option<oneshot::Receiver<()>>,
+    failed: Arc<Failed>,
+}
+
+/// Appends that did not make it into the log, as the writer thread found them, kept for the
+/// log's owner. Whoever queued an append also hears of its failure through its [`Durable`], but
+/// may have stopped listening (a cancelled call); the owner must know regardless, since the
+/// writes are in its memory and not on disk.
+#[derive(Default)]
+struct Failed {
+    any: AtomicBool,
+    appends: Mutex<Vec<Vec<u8>>>,
 }
 
 /// A promise that a write is in the log (per the sync mode). Resolves to an error if the
@@ -142,7 +153,9 @@ impl LogWriter {
             bytes: bytes.clone(),
             poisoned: None,
             dirty_since: None,
+            failed: Arc::default(),
         };
+        let failed = thread.failed.clone();
         std::thread::Builder::new()
             .name("kvstore-log".into())
             .spawn(move || {
@@ -154,7 +167,24 @@ impl LogWriter {
             tx,
             bytes,
             stopped: Some(stopped),
+            failed,
         }
+    }
+
+    /// Takes the framed records of every append that failed since the last call, oldest first.
+    /// Cheap when there are none (an atomic load), so it can run before every use of the log.
+    pub fn take_failed(&self) -> Vec<Vec<u8>> {
+        if !self.failed.any.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        std::mem::take(&mut *self.failed.appends.lock().expect("log failure list"))
+    }
+
+    /// A promise that resolves once everything queued before it is durable, or with the
+    /// log's failure. For a write that needs no append because the map already holds it (or a
+    /// newer version), which may itself still be waiting for its group commit.
+    pub fn barrier(&self) -> Durable {
+        self.append(Vec::new())
     }
 
     /// Queues framed records for the log.
@@ -202,6 +232,7 @@ struct WriterThread<F: LogFile> {
     poisoned: Option<LogError>,
     /// When the first unsynced byte was written (interval mode).
     dirty_since: Option<Instant>,
+    failed: Arc<Failed>,
 }
 
 impl<F: LogFile> WriterThread<F> {
@@ -265,6 +296,16 @@ impl<F: LogFile> WriterThread<F> {
         sync: bool,
     ) {
         let result = self.write(buf, sync);
+        if result.is_err() && !buf.is_empty() {
+            // Recorded before any waiter hears of it: by the time a caller sees the error, the
+            // log's owner can find out which writes it concerned.
+            self.failed
+                .appends
+                .lock()
+                .expect("log failure list")
+                .push(buf.clone());
+            self.failed.any.store(true, Ordering::Release);
+        }
         buf.clear();
         for w in waiters.drain(..) {
             let _ = w.send(result.clone());
@@ -566,6 +607,9 @@ mod tests {
         file.fail_writes.store(true, Ordering::Relaxed);
         let err = w.append(framed("lost")).wait().await.unwrap_err();
         assert!(err.to_string().contains("no storage space"), "{err}");
+        // The writer kept what it could not write, for the log's owner to learn of.
+        assert_eq!(w.take_failed(), [framed("lost")]);
+        assert!(w.take_failed().is_empty(), "reported once");
         // Space comes back: writing resumes after the good data, no garbage in between.
         file.fail_writes.store(false, Ordering::Relaxed);
         w.append(framed("after")).wait().await.unwrap();
@@ -589,6 +633,28 @@ mod tests {
         file.fail_sync.store(false, Ordering::Relaxed);
         let err = w.append(framed("b")).wait().await.unwrap_err();
         assert!(err.to_string().contains("sync"), "{err}");
+        assert!(
+            w.barrier().wait().await.is_err(),
+            "a barrier reports it too"
+        );
+        assert_eq!(w.take_failed(), [framed("a"), framed("b")]);
+    }
+
+    #[tokio::test]
+    async fn a_barrier_resolves_once_what_was_queued_before_it_is_synced() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        let first = w.append(framed("a"));
+        w.barrier().wait().await.unwrap();
+        assert_eq!(
+            file.syncs.load(Ordering::Relaxed),
+            1,
+            "the append was synced"
+        );
+        first.wait().await.unwrap();
+        // With nothing unsynced, a barrier costs no fsync.
+        w.barrier().wait().await.unwrap();
+        assert_eq!(file.syncs.load(Ordering::Relaxed), 1);
     }
 
     fn log_of(keys: &[&str]) -> Vec<u8> {
