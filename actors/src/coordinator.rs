@@ -513,11 +513,14 @@ impl<P: PeerClient> Coordinator<P> {
         for peer in &self.peers {
             let _ = peer.actor.stop_gracefully().await;
         }
+        // `wait_for_shutdown_result`, not `wait_for_shutdown`: in kameo 0.22 the latter returns
+        // once the mailbox is closed, before `on_stop` has run, and the store's `on_stop` is
+        // what syncs and closes the log. The hooks cannot fail (`Infallible`).
         for peer in &self.peers {
-            peer.actor.wait_for_shutdown().await;
+            let _ = peer.actor.wait_for_shutdown_result().await;
         }
         let _ = self.store.stop_gracefully().await;
-        self.store.wait_for_shutdown().await;
+        let _ = self.store.wait_for_shutdown_result().await;
     }
 }
 
@@ -552,6 +555,33 @@ mod tests {
                 anti_entropy_interval: Duration::from_secs(3600),
             },
         )
+    }
+
+    /// A graceful stop returns only once the store has closed its log: the data dir is free
+    /// for the next node, and holds what was written.
+    #[tokio::test]
+    async fn shutdown_returns_once_the_log_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::storage::tests::config(dir.path());
+        let clock = Arc::new(crate::version::Clock::new(
+            crate::version::NodeId::new("local").unwrap(),
+        ));
+        let store = StoreActor::recovered(clock, crate::Storage::open(&config).unwrap());
+        let node = Coordinator::<FakePeer>::start(
+            store,
+            Vec::new(),
+            CoordinatorConfig {
+                quorum: WriteQuorum::Majority,
+                replication_deadline: Duration::from_secs(1),
+                peer_mailbox: 16,
+                handoff_capacity: 16,
+                anti_entropy_interval: Duration::from_secs(3600),
+            },
+        );
+        node.put("k".into(), "v".into()).await.unwrap();
+        node.shutdown().await;
+        let recovered = crate::Storage::open(&config).expect("the log was closed and unlocked");
+        assert_eq!(recovered.map.get("k").unwrap().value_str(), Some("v"));
     }
 
     #[test]
