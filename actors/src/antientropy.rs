@@ -96,7 +96,7 @@ pub struct SyncReport {
     pub pulled: usize,
     /// Entries we sent.
     pub pushed: usize,
-    /// Batches the peer refused for good.
+    /// Entries the peer refused for good.
     pub rejected: usize,
 }
 
@@ -156,15 +156,11 @@ pub async fn sync<P: PeerClient>(
             .collect();
         report.pushed += newer.len();
         for batch in crate::replication::batches(newer) {
-            match peer.replicate(&batch).await {
-                Ok(()) => {}
-                // One write the peer will never take (its limits are smaller than ours, say)
-                // must not stop the repair of everything else.
-                Err(PeerError::Rejected(why)) => {
-                    report.rejected += 1;
-                    tracing::warn!(%why, "peer rejected a repair batch; skipped");
-                }
-                Err(e) => return Err(e.into()),
+            // One write the peer will never take (its limits are smaller than ours, say) must
+            // not stop the repair of everything else: `deliver` isolates it.
+            for (i, why) in crate::replication::deliver(peer, &batch).await? {
+                report.rejected += 1;
+                tracing::warn!(key = %batch[i].key, %why, "peer rejected a repaired entry; skipped");
             }
         }
     }

@@ -95,6 +95,37 @@ fn write_size(w: &Write) -> usize {
     w.key.len() + w.entry.value.as_ref().map_or(0, |v| v.len()) + 64
 }
 
+/// A write the peer refused for good: its index in the delivered slice, and the reason.
+pub type Refused = (usize, String);
+
+/// Delivers `writes` to the peer. A peer refuses a whole batch for one write it will never
+/// take (a peer with smaller limits than ours, say), so a refused batch is split in halves and
+/// each delivered again, down to single writes: one such write costs only itself, never the
+/// rest of its batch. Returns the writes refused for good; any other error ends the delivery,
+/// whatever part of it the peer already has (applying a write twice changes nothing).
+pub async fn deliver<P: PeerClient>(
+    client: &P,
+    writes: &[Write],
+) -> Result<Vec<Refused>, PeerError> {
+    let mut refused = Vec::new();
+    // Ranges still to deliver, the next one on top, so the writes go out in order.
+    let mut todo = Vec::new();
+    todo.push(0..writes.len());
+    while let Some(range) = todo.pop() {
+        match client.replicate(&writes[range.clone()]).await {
+            Ok(()) => {}
+            Err(PeerError::Rejected(why)) if range.len() == 1 => refused.push((range.start, why)),
+            Err(PeerError::Rejected(_)) => {
+                let middle = range.start + range.len() / 2;
+                todo.push(middle..range.end);
+                todo.push(range.start..middle);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(refused)
+}
+
 /// Why a delivery to a peer failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PeerError {
@@ -381,7 +412,7 @@ impl<P: PeerClient> ReplicationActor<P> {
         self.in_flight = true;
         let client = self.client.clone();
         tokio::spawn(async move {
-            let result = client.replicate(&writes).await;
+            let result = deliver(&client, &writes).await;
             let _ = me
                 .tell(Delivered {
                     writes,
@@ -508,7 +539,7 @@ impl<P: PeerClient> Message<Replicate> for ReplicationActor<P> {
 struct Delivered {
     writes: Vec<Write>,
     waiters: Vec<Waiter>,
-    result: Result<(), PeerError>,
+    result: Result<Vec<Refused>, PeerError>,
 }
 
 impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
@@ -517,22 +548,22 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
     async fn handle(&mut self, msg: Delivered, ctx: &mut Context<Self, Self::Reply>) {
         self.in_flight = false;
         match msg.result {
-            Ok(()) => {
-                self.health.count_confirmed(msg.writes.len());
-                for w in msg.waiters {
-                    answer(w, Ok(()));
+            Ok(refused) => {
+                // The peer answered: it is up, even if it refused some writes. Those it would
+                // refuse again, so they are not retried.
+                self.health
+                    .count_confirmed(msg.writes.len() - refused.len());
+                let mut refused = refused.into_iter().peekable();
+                for (i, (write, waiter)) in msg.writes.iter().zip(msg.waiters).enumerate() {
+                    match refused.next_if(|(at, _)| *at == i) {
+                        None => answer(waiter, Ok(())),
+                        Some((_, why)) => {
+                            tracing::warn!(peer = %self.health.addr, key = %write.key, %why, "peer rejected a write; not retried");
+                            answer(waiter, Err(PeerError::Rejected(why)));
+                        }
+                    }
                 }
                 self.reached(ctx.actor_ref().downgrade());
-                self.flush(ctx.actor_ref().clone());
-            }
-            Err(PeerError::Rejected(why)) => {
-                // The peer answered and refused (a smaller limit than ours, say): resending
-                // would be refused again. The peer is up; the rest goes on.
-                tracing::warn!(peer = %self.health.addr, %why, writes = msg.writes.len(), "peer rejected writes; not retried");
-                self.health.mark_up();
-                for w in msg.waiters {
-                    answer(w, Err(PeerError::Rejected(why.clone())));
-                }
                 self.flush(ctx.actor_ref().clone());
             }
             Err(error) => {
@@ -565,10 +596,12 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
         while !self.backlog.is_empty() {
             let n = batch_len(self.backlog.iter());
             let batch = &self.backlog.make_contiguous()[..n];
-            match self.client.replicate(batch).await {
-                Ok(()) => self.health.count_confirmed(n),
-                Err(PeerError::Rejected(why)) => {
-                    tracing::warn!(peer = %self.health.addr, %why, writes = n, "peer rejected held writes; dropped");
+            match deliver(&self.client, batch).await {
+                Ok(refused) => {
+                    self.health.count_confirmed(n - refused.len());
+                    for (i, why) in refused {
+                        tracing::warn!(peer = %self.health.addr, key = %batch[i].key, %why, "peer rejected a held write; dropped");
+                    }
                 }
                 Err(error) => {
                     self.health.mark_down(&error);
@@ -622,6 +655,9 @@ pub(crate) mod tests {
         pub hang: Arc<AtomicBool>,
         /// Answer writes with a refusal (as a peer with smaller limits would).
         pub reject: Arc<AtomicBool>,
+        /// If not 0, refuse every batch holding a value longer than this, as a peer with a
+        /// smaller value limit does (it refuses the whole batch).
+        pub max_value_bytes: Arc<AtomicU64>,
         /// Replicate calls made, and how long each takes.
         pub calls: Arc<AtomicU64>,
         pub delay_ms: Arc<AtomicU64>,
@@ -685,7 +721,9 @@ pub(crate) mod tests {
         async fn replicate(&self, writes: &[Write]) -> Result<(), PeerError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.gate().await?;
-            if self.reject.load(Ordering::Relaxed) {
+            let max = self.max_value_bytes.load(Ordering::Relaxed);
+            let too_big = |w: &Write| w.entry.value.as_ref().is_some_and(|v| v.len() as u64 > max);
+            if self.reject.load(Ordering::Relaxed) || (max > 0 && writes.iter().any(too_big)) {
                 return Err(PeerError::Rejected("value too large".into()));
             }
             for w in writes {
@@ -894,6 +932,79 @@ pub(crate) mod tests {
         peer.reject.store(false, Ordering::Relaxed);
         actor.ask(Replicate(write("next", 2))).await.unwrap();
         assert_eq!(peer.received_keys(), ["next"]);
+    }
+
+    fn big(key: &str, time: u64) -> Write {
+        let mut w = write(key, time);
+        w.entry.value = Some("x".repeat(100).into());
+        w
+    }
+
+    #[tokio::test]
+    async fn a_write_the_peer_refuses_costs_only_itself_not_its_batch() {
+        let peer = FakePeer::default();
+        peer.max_value_bytes.store(10, Ordering::Relaxed);
+        let writes = [
+            write("a", 1),
+            big("b", 2),
+            write("c", 3),
+            big("d", 4),
+            write("e", 5),
+        ];
+        let refused = deliver(&peer, &writes).await.unwrap();
+        let refused: Vec<usize> = refused.into_iter().map(|(i, _)| i).collect();
+        assert_eq!(refused, [1, 3]);
+        assert_eq!(peer.received_keys(), ["a", "c", "e"], "the rest, in order");
+        // Any other error ends the delivery: the caller holds the batch for a retry.
+        peer.fail.store(true, Ordering::Relaxed);
+        assert!(matches!(
+            deliver(&peer, &writes).await,
+            Err(PeerError::Unreachable(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_batched_with_a_refused_one_are_delivered_and_acked() {
+        let peer = FakePeer::default();
+        let (actor, health, _store) = actor(&peer, 100);
+        settle_resync(&health).await;
+        peer.max_value_bytes.store(10, Ordering::Relaxed);
+        // A slow peer, so that the writes queue up behind the first and go out together.
+        peer.delay_ms.store(10, Ordering::Relaxed);
+        let asks: Vec<_> = (0..20)
+            .map(|i| {
+                let actor = actor.clone();
+                let w = if i == 7 {
+                    big("k07", 8)
+                } else {
+                    write(&format!("k{i:02}"), i + 1)
+                };
+                tokio::spawn(async move { actor.ask(Replicate(w)).await })
+            })
+            .collect();
+        for (i, a) in asks.into_iter().enumerate() {
+            let r = a.await.unwrap();
+            if i == 7 {
+                assert!(
+                    matches!(
+                        r,
+                        Err(kameo::error::SendError::HandlerError(PeerError::Rejected(
+                            _
+                        )))
+                    ),
+                    "{r:?}"
+                );
+            } else {
+                r.unwrap();
+            }
+        }
+        assert_eq!(health.confirmed().1, 19);
+        assert_eq!(health.backlog(), 0);
+        let mut keys = peer.received_keys();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), 19);
+        assert!(!keys.contains(&"k07".to_string()));
     }
 
     #[tokio::test(start_paused = true)]
