@@ -66,9 +66,14 @@ pub fn log_path(dir: &Path, generation: u64) -> PathBuf {
 /// Creates generation `g`'s log with a fresh header. The header is written and synced under a
 /// temporary name first, so a crash or a full disk never leaves a log without a header (which
 /// recovery would have to refuse); a leftover `.tmp` is deleted at the next start.
+///
+/// On failure nothing is left behind, not even a renamed file whose directory entry could not
+/// be synced: the writer goes on appending to the old log, which must stay the newest one, since
+/// recovery reads only the newest log's damaged tail as torn and refuses one in any other.
 pub fn create_log(dir: &Path, generation: u64) -> io::Result<File> {
     let path = log_path(dir, generation);
     let tmp = path.with_extension("wal.tmp");
+    let mut renamed = false;
     let result = (|| {
         let mut file = OpenOptions::new()
             .create(true)
@@ -78,11 +83,12 @@ pub fn create_log(dir: &Path, generation: u64) -> io::Result<File> {
         file.write_all(&record::header(LOG_MAGIC))?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
+        renamed = true;
         sync_dir(dir)?;
         Ok(file)
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = std::fs::remove_file(if renamed { &path } else { &tmp });
     }
     result
 }
