@@ -161,9 +161,20 @@ impl Clock {
         }
     }
 
-    /// Makes every later version newer than `time` (the newest version recovered from disk).
+    /// At a node's start: makes every later version newer than `time` (the newest version
+    /// recovered from disk) and than any version this node may have issued before it stopped.
+    ///
+    /// The second is not on disk if the node crashed before its fsync, and its peers may hold
+    /// it: a write goes to them while the local log syncs. This clock only ever ran ahead of the
+    /// physical clock by what it observed, and uhlc observes nothing more than its drift bound
+    /// ahead (500 ms). So starting from physical time plus that bound orders every new version
+    /// after anything issued before the restart, which was earlier by the physical clock. New
+    /// versions run up to that bound ahead of physical time for a while, which peers accept.
     pub fn restore(&self, time: u64) {
-        self.last.fetch_max(time, Ordering::AcqRel);
+        let now = self.hlc.new_timestamp().get_time().as_u64();
+        let bound = self.hlc.get_delta().as_u64();
+        self.last
+            .fetch_max(time.max(now.saturating_add(bound)), Ordering::AcqRel);
     }
 
     /// This node's id.
@@ -279,6 +290,35 @@ mod tests {
         let a = clock.now();
         assert!(a.time > on_disk);
         assert!(clock.now() > a);
+    }
+
+    /// Physical times for a node that crashed and restarted 100 ms later.
+    const BEFORE_CRASH: u64 = 1 << 40;
+    fn before_crash() -> uhlc::NTP64 {
+        uhlc::NTP64(BEFORE_CRASH)
+    }
+    fn after_restart() -> uhlc::NTP64 {
+        uhlc::NTP64(BEFORE_CRASH + ntp_duration(Duration::from_millis(100)))
+    }
+
+    #[test]
+    fn after_a_restart_versions_order_after_any_issued_before_it() {
+        // Before the crash the clock ran ahead: it saw a peer 400 ms ahead, and issued a write
+        // after that, which reached the peers but not this node's disk.
+        let clock = Clock::with_physical_clock(id("n1"), before_crash);
+        assert!(clock.observe(&Version {
+            time: BEFORE_CRASH + ntp_duration(Duration::from_millis(400)),
+            node: id("n2"),
+        }));
+        let lost = clock.now();
+        let on_disk = BEFORE_CRASH - 1;
+
+        let clock = Clock::with_physical_clock(id("n1"), after_restart);
+        clock.restore(on_disk);
+        assert!(
+            clock.now() > lost,
+            "a new write would lose to the older one"
+        );
     }
 
     #[test]
