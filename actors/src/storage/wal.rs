@@ -180,7 +180,10 @@ impl LogWriter {
     /// Takes the framed records of every append that failed since the last call, oldest first.
     /// Cheap when there are none (an atomic load), so it can run before every use of the log.
     pub fn take_failed(&self) -> Vec<Vec<u8>> {
-        if !self.failed.any.swap(false, Ordering::AcqRel) {
+        // A load first: the common case (no failure) then writes nothing to the shared line.
+        if !self.failed.any.load(Ordering::Acquire)
+            || !self.failed.any.swap(false, Ordering::AcqRel)
+        {
             return Vec::new();
         }
         std::mem::take(&mut *self.failed.appends.lock().expect("log failure list"))
