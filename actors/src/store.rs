@@ -435,12 +435,13 @@ impl Message<Apply> for StoreActor {
         for write in &msg.0 {
             if self.apply(write) {
                 changed += 1;
+                // Logged below, so whatever was unlogged for the key no longer matters.
+                self.unlogged.remove(&write.key);
                 to_log.push(write);
-            } else if let Some(version) = self.unlogged.remove(&write.key) {
-                // We hold this key at `version` (this write's or a newer one), but its append
-                // failed. Acknowledging this write says we hold it durably: log what we hold.
+            } else if self.unlogged.remove(&write.key).is_some() {
+                // What we hold for this key (this write or a newer one) is in the map but its
+                // append failed. Acknowledging this write says we hold it durably: log it.
                 if let Some(slot) = self.map.get(write.key.as_str()) {
-                    debug_assert_eq!(slot.version(), version);
                     relog.push(Write {
                         key: write.key.clone(),
                         entry: slot.entry(),
