@@ -231,6 +231,10 @@ impl PeerHealth {
     }
 
     fn count_confirmed(&self, writes: usize) {
+        // A batch whose every write was refused confirmed nothing.
+        if writes == 0 {
+            return;
+        }
         self.batches.fetch_add(1, Ordering::Relaxed);
         self.writes.fetch_add(writes as u64, Ordering::Relaxed);
     }
@@ -929,6 +933,7 @@ pub(crate) mod tests {
             0,
             "nothing held for a retry that would fail again"
         );
+        assert_eq!(health.confirmed(), (0, 0), "a refusal confirms nothing");
         peer.reject.store(false, Ordering::Relaxed);
         actor.ask(Replicate(write("next", 2))).await.unwrap();
         assert_eq!(peer.received_keys(), ["next"]);
