@@ -407,6 +407,9 @@ impl Message<Put> for StoreActor {
     type Reply = Persisted;
 
     async fn handle(&mut self, msg: Put, _: &mut Context<Self, Self::Reply>) -> Persisted {
+        // Taken on every write, so failures never pile up in the log writer unread (a node
+        // that only takes local writes, on a log that keeps failing).
+        self.note_failed_appends();
         let write = self.write_local(msg.key, Some(msg.value));
         let durable = self.persist(&write);
         Persisted { write, durable }
@@ -417,6 +420,7 @@ impl Message<Delete> for StoreActor {
     type Reply = Persisted;
 
     async fn handle(&mut self, msg: Delete, _: &mut Context<Self, Self::Reply>) -> Persisted {
+        self.note_failed_appends();
         let write = self.write_local(msg.key, None);
         let durable = self.persist(&write);
         Persisted { write, durable }
