@@ -688,6 +688,67 @@ mod tests {
         assert_eq!(get(&s, "k").await.as_deref(), Some("mine"));
     }
 
+    /// Copies every file of `from` into `to` (a data dir as it was at that moment).
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        for file in std::fs::read_dir(from).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+        }
+    }
+
+    async fn stop(s: ActorRef<StoreActor>) {
+        s.stop_gracefully().await.unwrap();
+        let _ = s.wait_for_shutdown_result().await;
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_a_bumped_write_does_not_reuse_the_lost_ones_version() {
+        // A key holds a peer's version an hour ahead of our clock (too far to observe), so a
+        // local write of it is bumped just above that version. Such a write reaches the peers
+        // while our log syncs; if we crash first, it is lost here only. The write after the
+        // restart must not get its version: with another value, replicas holding one would
+        // never take the other.
+        let life = tempfile::tempdir().unwrap();
+        let before_the_put = tempfile::tempdir().unwrap();
+        let config = crate::storage::tests::config(life.path());
+        let open = |config: &crate::StorageConfig| {
+            let clock = Arc::new(Clock::new(NodeId::new("n1").unwrap()));
+            StoreActor::spawn(StoreActor::recovered(
+                clock,
+                crate::Storage::open(config).unwrap(),
+            ))
+        };
+        let far = crate::version::latest_acceptable()
+            - crate::version::ntp_duration(std::time::Duration::from_secs(23 * 3600));
+
+        let s = open(&config);
+        s.ask(Apply(vec![write("k", Some("peer"), far, "n2")]))
+            .await
+            .unwrap()
+            .wait()
+            .await
+            .unwrap();
+        copy_dir(life.path(), before_the_put.path());
+        let lost = put(&s, "k", "lost").await;
+        assert_eq!(
+            lost.entry.version.time,
+            far + 1,
+            "bumped just above the peer's"
+        );
+        stop(s).await;
+
+        // Restart from the data dir as it was before the lost write.
+        let s = open(&crate::storage::tests::config(before_the_put.path()));
+        let next = put(&s, "k", "after the restart").await;
+        assert!(
+            next.entry.version > lost.entry.version,
+            "{} does not order after the lost {}",
+            next.entry.version,
+            lost.entry.version
+        );
+        stop(s).await;
+    }
+
     #[tokio::test]
     async fn snapshot_is_in_key_order() {
         let s = store("n1");

@@ -165,16 +165,30 @@ impl Clock {
     /// recovered from disk) and than any version this node may have issued before it stopped.
     ///
     /// The second is not on disk if the node crashed before its fsync, and its peers may hold
-    /// it: a write goes to them while the local log syncs. This clock only ever ran ahead of the
-    /// physical clock by what it observed, and uhlc observes nothing more than its drift bound
-    /// ahead (500 ms). So starting from physical time plus that bound orders every new version
-    /// after anything issued before the restart, which was earlier by the physical clock. New
-    /// versions run up to that bound ahead of physical time for a while, which peers accept.
+    /// it: a write goes to them while the local log syncs. Such a lost version is one of two
+    /// kinds, and the start covers both:
+    /// - A clock reading. This clock only ever ran ahead of the physical clock by what it
+    ///   observed, and uhlc observes nothing more than its drift bound ahead (500 ms). So
+    ///   starting from physical time plus that bound orders every new version after it, since
+    ///   it was earlier by the physical clock.
+    /// - A per-key bump (see `StoreActor::write_local`): a write of a key holding a peer's
+    ///   version too far ahead to observe gets that version's time plus one, above any clock
+    ///   reading. The version it was bumped from came from a peer and is on disk (or a peer
+    ///   re-sends it, and then we lose nothing of ours), so the lost bump is at most `time`
+    ///   plus the number of writes of that key lost in the crash. Without a margin, the next
+    ///   write of the key would get the very same version as the lost one, with another value:
+    ///   replicas that hold one would never take the other, and never converge.
+    ///
+    /// New versions run up to the larger of the two ahead of physical time for a while, which
+    /// peers accept.
     pub fn restore(&self, time: u64) {
         let now = self.hlc.new_timestamp().get_time().as_u64();
         let bound = self.hlc.get_delta().as_u64();
-        self.last
-            .fetch_max(time.max(now.saturating_add(bound)), Ordering::AcqRel);
+        self.last.fetch_max(
+            time.saturating_add(LOST_BUMPS_MARGIN)
+                .max(now.saturating_add(bound)),
+            Ordering::AcqRel,
+        );
     }
 
     /// This node's id.
@@ -211,6 +225,12 @@ impl Clock {
         self.hlc.update_with_timestamp(&ts).is_ok()
     }
 }
+
+/// How far above the newest version on disk a restarted node's clock starts: more writes of
+/// one key than a crash can lose (2^24, about 16.8 million: at 100k writes a second to one key,
+/// a log that did not sync for 2.8 minutes), yet only 3.9 ms of clock time, so versions after a
+/// restart stay close to physical time. See [`Clock::restore`].
+pub const LOST_BUMPS_MARGIN: u64 = 1 << 24;
 
 /// Longest node id, in bytes (it is stored with every entry).
 pub const MAX_NODE_ID_BYTES: usize = 255;
