@@ -446,10 +446,15 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// Every live pair, in key order, as of one instant.
     pub async fn snapshot(&self) -> Result<Vec<(String, String)>, Error> {
-        self.store
+        let view = self
+            .store
             .ask(store::Snapshot)
             .await
-            .map_err(|_| Error::StoreStopped)
+            .map_err(|_| Error::StoreStopped)?;
+        // The copy is the slow part (a second at 1M keys), and runs while the store goes on.
+        Ok(tokio::task::spawn_blocking(move || view.collect())
+            .await
+            .expect("a List's copy panicked"))
     }
 
     /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.

@@ -2,10 +2,11 @@
 //!
 //! Every change to the map goes through this actor's mailbox, so writes are applied one at a
 //! time and a version decision (is this entry newer?) never races another write of the same key.
-//! The map itself is a `DashMap` so that taking a snapshot for `List` is a cheap, lock-striped
-//! walk rather than a copy under one big lock.
+//! The map itself is a `DashMap` so that a `List`'s copy and log compaction can walk it from
+//! other threads, one lock stripe at a time, while the actor goes on writing ([`ListView`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use dashmap::DashMap;
 use kameo::Actor;
@@ -151,6 +152,56 @@ pub struct StoreActor {
     /// writer reports failed appends itself ([`Storage::take_unlogged`]), so a caller that
     /// stopped waiting cannot lose the report.
     unlogged: std::collections::HashMap<String, Version>,
+    /// The `List`s whose copy of the map is still running: each gets the pre-image of every
+    /// key written until it is done. Weak, so a copy that finished (or was dropped) stops
+    /// costing anything at the next write.
+    views: Vec<Weak<PreImages>>,
+}
+
+/// What keys held when a [`ListView`] was taken, for those written since: `None` if absent.
+type PreImages = Mutex<HashMap<Box<str>, Option<Slot>>>;
+
+/// A `List`'s view of the map as of the moment the store actor took it, copied outside the
+/// actor.
+///
+/// Copying a million keys takes about a second. Done inside the actor, as it once was, that
+/// stalled every write and read of the node (and the peers replicating to it) for as long.
+/// Now the actor only registers the view, and until the copy is done it saves, before it
+/// writes a key for the first time since, what the key held. The copy walks the map one lock
+/// stripe at a time and takes a key's saved pre-image where there is one:
+/// - a key written before the copy reached it has a pre-image, saved before the write;
+/// - a key written after has none yet when the copy reads it, and the write waits for the
+///   copy to leave the key's stripe (the copy holds the stripe's read lock while it reads the
+///   slot and looks for a pre-image), so what the copy read is what the key held.
+///
+/// Either way the copy is the map at the instant of registration, a consistent cut, and the
+/// actor waits at most for one stripe's worth of copying (1/64 of the map), not the whole map.
+#[derive(kameo::Reply)]
+pub struct ListView {
+    map: Arc<Map>,
+    before: Arc<PreImages>,
+}
+
+impl ListView {
+    /// Every live pair of the view, in key order. Blocking work (a second at 1M keys): run it
+    /// off the async workers.
+    pub fn collect(self) -> Vec<(String, String)> {
+        let mut pairs = Vec::with_capacity(self.map.len());
+        for item in self.map.iter() {
+            let before = self.before.lock().expect("pre-images lock poisoned");
+            let slot = match before.get(item.key()) {
+                Some(saved) => saved.as_ref(),
+                None => Some(item.value()),
+            };
+            if let Some(value) = slot.and_then(Slot::value_str) {
+                pairs.push((item.key().to_string(), value.to_string()));
+            }
+        }
+        // Done reading: dropping `before` (with `self`) ends the actor's saving.
+        drop(self);
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pairs
+    }
 }
 
 impl Actor for StoreActor {
@@ -223,6 +274,7 @@ impl StoreActor {
             clock,
             storage: None,
             unlogged: std::collections::HashMap::new(),
+            views: Vec::new(),
         }
     }
 
@@ -235,6 +287,7 @@ impl StoreActor {
             clock,
             storage: Some(recovered.storage),
             unlogged: std::collections::HashMap::new(),
+            views: Vec::new(),
         }
     }
 
@@ -286,8 +339,36 @@ impl StoreActor {
         is_expired(entry, before)
     }
 
+    /// A view of the map as of now, registered so that writes save pre-images for it.
+    fn list_view(&mut self) -> ListView {
+        let before = Arc::new(Mutex::new(HashMap::new()));
+        self.views.push(Arc::downgrade(&before));
+        ListView {
+            map: self.map.clone(),
+            before,
+        }
+    }
+
+    /// Call before writing `key`: saves what it holds for every [`ListView`] still copying
+    /// that has not seen it written yet.
+    fn save_pre_image(&mut self, key: &str) {
+        if self.views.is_empty() {
+            return;
+        }
+        self.views.retain(|view| view.strong_count() > 0);
+        // Read before taking a view's lock: the copy takes the two the other way round.
+        let current = self.map.get(key).map(|slot| slot.clone());
+        for view in self.views.iter().filter_map(Weak::upgrade) {
+            let mut before = view.lock().expect("pre-images lock poisoned");
+            if !before.contains_key(key) {
+                before.insert(key.into(), current.clone());
+            }
+        }
+    }
+
     /// Stores a local write (`value = None` deletes) under a fresh version and returns it.
     fn write_local(&mut self, key: String, value: Option<String>) -> Write {
+        self.save_pre_image(&key);
         let mut version = self.clock.now();
         if let Some(current) = self.map.get(key.as_str()) {
             // The clock has normally moved past every version we applied. It has not if a peer's
@@ -309,6 +390,7 @@ impl StoreActor {
     /// Applies `write` if it is newer than what the map holds. Returns whether it changed the map.
     fn apply(&mut self, write: &Write) -> bool {
         self.clock.observe(&write.entry.version);
+        self.save_pre_image(&write.key);
         match self.map.entry(write.key.as_str().into()) {
             dashmap::Entry::Occupied(mut slot) => {
                 if write.entry.version > slot.get().version() {
@@ -395,7 +477,8 @@ pub struct GetEntry {
     pub key: String,
 }
 
-/// Take a consistent snapshot of every live pair, in key order.
+/// Take a [`ListView`]: the map as of now, for a consistent copy of every live pair made
+/// outside the actor.
 #[derive(Debug)]
 pub struct Snapshot;
 
@@ -486,19 +569,10 @@ impl Message<GetEntry> for StoreActor {
 }
 
 impl Message<Snapshot> for StoreActor {
-    type Reply = Vec<(String, String)>;
+    type Reply = ListView;
 
-    async fn handle(&mut self, _: Snapshot, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        // The actor handles one message at a time, so no write lands while we walk the map:
-        // the copy is a consistent cut. Writers wait only for the walk, never for the client
-        // that then reads the copy at its own pace.
-        let mut pairs: Vec<(String, String)> = self
-            .map
-            .iter()
-            .filter_map(|e| e.value_str().map(|v| (e.key().to_string(), v.to_string())))
-            .collect();
-        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        pairs
+    async fn handle(&mut self, _: Snapshot, _: &mut Context<Self, Self::Reply>) -> ListView {
+        self.list_view()
     }
 }
 
@@ -658,7 +732,7 @@ mod tests {
         // A Put older than the delete arrives late: the key stays deleted.
         assert!(!apply(&s, write("k", Some("late"), 15, "n3")).await);
         assert_eq!(get(&s, "k").await, None);
-        assert!(s.ask(Snapshot).await.unwrap().is_empty());
+        assert!(s.ask(Snapshot).await.unwrap().collect().is_empty());
         assert_eq!(s.ask(Stats).await.unwrap().keys, 0);
         // A newer Put does bring the key back: delete is not forever, it is ordered.
         assert!(apply(&s, write("k", Some("again"), 30, "n3")).await);
@@ -759,9 +833,84 @@ mod tests {
             .ask(Snapshot)
             .await
             .unwrap()
+            .collect()
             .into_iter()
             .map(|p| p.0)
             .collect();
         assert_eq!(keys, ["a", "aa", "b", "c"]);
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_list_view_is_the_map_as_of_when_it_was_taken() {
+        let s = store("n1");
+        for k in ["a", "b", "c", "d"] {
+            put(&s, k, "old").await;
+        }
+        s.ask(Delete { key: "d".into() }).await.unwrap();
+        let first = s.ask(Snapshot).await.unwrap();
+
+        // The store goes on while the view is not yet copied: every kind of write.
+        put(&s, "a", "new").await;
+        s.ask(Delete { key: "b".into() }).await.unwrap();
+        assert!(apply(&s, write("c", Some("peer"), u64::MAX - 1, "n2")).await);
+        put(&s, "d", "back").await;
+        put(&s, "e", "added").await;
+        let second = s.ask(Snapshot).await.unwrap();
+        put(&s, "a", "newer").await;
+        put(&s, "f", "added later").await;
+
+        assert_eq!(
+            first.collect(),
+            pairs(&[("a", "old"), ("b", "old"), ("c", "old")])
+        );
+        assert_eq!(
+            second.collect(),
+            pairs(&[("a", "new"), ("c", "peer"), ("d", "back"), ("e", "added")])
+        );
+        put(&s, "g", "after").await;
+        assert_eq!(s.ask(Snapshot).await.unwrap().collect().len(), 6);
+    }
+
+    #[test]
+    fn a_view_that_is_done_costs_writes_nothing() {
+        let mut store = StoreActor::new(Arc::new(Clock::new(NodeId::new("n1").unwrap())));
+        let copied = store.list_view();
+        let dropped = store.list_view();
+        store.write_local("k".into(), Some("v".into()));
+        assert_eq!(copied.before.lock().unwrap().len(), 1);
+        assert_eq!(dropped.before.lock().unwrap().len(), 1);
+        assert_eq!(copied.collect(), []);
+        drop(dropped);
+        store.write_local("k".into(), Some("w".into()));
+        assert!(store.views.is_empty(), "the next write forgets both");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_list_copied_while_the_store_writes_is_still_a_consistent_cut() {
+        // The copy runs on another thread while the actor overwrites every key and adds new
+        // ones: whatever the interleaving, the copy holds exactly the map as of the view.
+        const KEYS: usize = 20_000;
+        let s = store("n1");
+        let old: Vec<Write> = (0..KEYS)
+            .map(|i| write(&format!("k{i:05}"), Some("old"), 10, "n2"))
+            .collect();
+        assert_eq!(s.ask(Apply(old)).await.unwrap().changed, KEYS);
+        let view = s.ask(Snapshot).await.unwrap();
+        let copy = tokio::task::spawn_blocking(move || view.collect());
+        for i in (0..KEYS).rev() {
+            let overwrite = write(&format!("k{i:05}"), Some("new"), 20, "n2");
+            let added = write(&format!("n{i:05}"), Some("new"), 20, "n2");
+            s.tell(Apply(vec![overwrite, added])).await.unwrap();
+        }
+        let copy = copy.await.unwrap();
+        assert_eq!(copy.len(), KEYS);
+        assert!(copy.iter().all(|(k, v)| k.starts_with('k') && v == "old"));
+        assert_eq!(s.ask(Stats).await.unwrap().keys, 2 * KEYS);
     }
 }
