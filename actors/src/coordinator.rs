@@ -183,6 +183,10 @@ pub struct Coordinator<P: PeerClient> {
     peers: Vec<Peer<P>>,
     config: CoordinatorConfig,
     ticker: tokio::task::JoinHandle<()>,
+    /// One permit per CPU for the copies of `List`s: more copies at once only share the CPUs
+    /// and the caches, each holding its memory for longer (64 concurrent copies of 100k keys
+    /// were 0.83x as many Lists a second as when they took turns).
+    list_copies: tokio::sync::Semaphore,
 }
 
 /// Why a quorum read could not answer.
@@ -266,6 +270,9 @@ impl<P: PeerClient> Coordinator<P> {
             peers,
             config,
             ticker,
+            list_copies: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, usize::from),
+            ),
         }
     }
 
@@ -446,6 +453,14 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// Every live pair, in key order, as of one instant.
     pub async fn snapshot(&self) -> Result<Vec<(String, String)>, Error> {
+        // The permit comes first, so that the view (and the pre-images the store saves for it)
+        // lives only while it is being copied. The List's instant is then when its copy
+        // starts: still between its request and its first pair.
+        let _permit = self
+            .list_copies
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         let view = self
             .store
             .ask(store::Snapshot)
