@@ -11,15 +11,17 @@
 //! matter.
 //!
 //! # Files
-//! - `log-G.wal`: generation G's log. Header (magic `KVSTLOG\n`, format version), then framed
-//!   records (`len | crc32 | payload`), one per applied write.
+//! - `log-G.wal`: generation G's log. Header (magic `KVSTLOG\n`, format version, nonce), then
+//!   one group frame per group commit, holding framed records (`len | crc32 | payload`), one per
+//!   applied write. Logs written before group frames hold bare records; they are read as such,
+//!   and a node that finds one as its newest log starts a new one.
 //! - `snapshot-G.snap`: every entry (tombstones included) as of some instant after log G
 //!   began. Complete by construction (written to `.tmp`, synced, renamed).
 //! - `LOCK`: held (flock) while a node runs, so two nodes never share a data dir.
 //!
 //! # Recovery
 //! Load the newest snapshot S, then replay every log with G >= S in order, keeping the newest
-//! version per key. Only the last log may end in a torn record (a crash mid-append); it is cut
+//! version per key. Only the last log may end in a torn group (a crash mid-append); it is cut
 //! off with a warning. Damage anywhere else stops the node with the file and offset, unless
 //! the operator asks for `--repair-truncate`.
 //!
@@ -189,29 +191,37 @@ impl Storage {
                     .map_err(Error::io(format!("truncating {}", path.display())))?;
             }
             if last {
-                tail = Some((g, end.good_len));
+                let header = record::check_header(&data, wal::LOG_MAGIC)
+                    .expect("the scan checked the header");
+                tail = Some((g, end.good_len, header));
             }
         }
 
-        let (generation, file, len) = match tail {
-            Some((g, len)) => {
+        let create = |g| {
+            wal::create_log(dir, g)
+                .map(|(file, nonce)| (g, file, record::HEADER_LEN as u64, nonce))
+                .map_err(Error::io(format!("creating a log in {}", dir.display())))
+        };
+        let (generation, file, len, nonce) = match tail {
+            Some((g, len, header)) if header.version == record::GROUPED_FORMAT_VERSION => {
                 let path = wal::log_path(dir, g);
                 let file = std::fs::OpenOptions::new()
                     .append(true)
                     .open(&path)
                     .map_err(Error::io(format!("opening {}", path.display())))?;
-                (g, file, len)
+                (g, file, len, header.nonce)
             }
-            None => {
-                let file = wal::create_log(dir, base)
-                    .map_err(Error::io(format!("creating a log in {}", dir.display())))?;
-                (base, file, record::HEADER_LEN as u64)
-            }
+            // A log of bare records, from before group frames: it stays as it is (its torn
+            // tail, if any, was cut above), and writing goes on in a new one, so that no file
+            // mixes the formats.
+            Some((g, _, _)) => create(g + 1)?,
+            None => create(base)?,
         };
         let opener_dir = dir.clone();
         let writer = wal::LogWriter::start(
             file,
             len,
+            nonce,
             Box::new(move |g| wal::create_log(&opener_dir, g)),
             config.sync,
         );
@@ -461,6 +471,34 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_of_bare_records_is_read_and_writing_goes_on_in_a_new_one() {
+        // A data dir from a build before group frames: one log of format 1, torn at its end.
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let old = wal::log_path(dir.path(), 0);
+        let mut data = record::header(wal::LOG_MAGIC).to_vec();
+        record::encode_write(&write("a", Some("1"), 1), &mut data);
+        let good = data.len();
+        record::encode_write(&write("b", Some("2"), 2), &mut data);
+        data.truncate(data.len() - 3);
+        std::fs::write(&old, &data).unwrap();
+
+        let r = append_all(&cfg, &[write("c", Some("3"), 3)]).await;
+        assert_eq!(value(&r, "a"), Some(Some("1".into())));
+        assert_eq!(value(&r, "b"), None, "the torn record was cut");
+        assert_eq!(value(&r, "c"), Some(Some("3".into())));
+        assert_eq!(std::fs::metadata(&old).unwrap().len(), good as u64);
+        let new = std::fs::read(wal::log_path(dir.path(), 1)).unwrap();
+        let header = record::check_header(&new, wal::LOG_MAGIC).unwrap();
+        assert_eq!(header.version, record::GROUPED_FORMAT_VERSION);
+        drop(r);
+        // And a third start reads both: the old log is no longer the newest, and is whole.
+        let r = Storage::open(&cfg).unwrap();
+        assert_eq!(r.map.len(), 2);
+        assert_eq!(r.report.torn_bytes, 0);
+    }
+
+    #[tokio::test]
     async fn mid_log_damage_refuses_to_start_until_repaired() {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(dir.path());
@@ -472,7 +510,8 @@ pub(crate) mod tests {
         let mut data = std::fs::read(&log).unwrap();
         let mut one = Vec::new();
         record::encode_write(&writes[0], &mut one);
-        let second = record::HEADER_LEN + one.len();
+        // One group per append (each waited for its sync).
+        let second = record::HEADER_LEN + record::GROUP_HEADER_LEN + one.len();
         data[second + 12] ^= 0x55;
         std::fs::write(&log, &data).unwrap();
 

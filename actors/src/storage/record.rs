@@ -3,14 +3,29 @@
 //!
 //! The checksum covers the payload; the length is checked against the file and against
 //! [`MAX_PAYLOAD`]. Every integer is little-endian.
+//!
+//! Logs of format 2 (every log written since) wrap each group commit's records in a group frame,
+//! `len: u32 | header crc: u32 | crc: u32 | records`, whose checksums are salted with a random
+//! nonce kept in the file's header. Recovery needs to tell a torn last append (cut it off) from
+//! damage to data that was synced and acknowledged (refuse), and does it by asking whether
+//! anything valid follows the damage. With bare records, the answer could be yes for a torn
+//! append: its own later records, if its pages reached the disk out of order, or a record
+//! inside a value that a client wrote. Nothing inside a group is a group, and no client can
+//! write one, not knowing the nonce. Snapshots keep format 1: they are synced whole before they
+//! are renamed into place, so any damage in one is damage.
 
 use crate::store::{Entry, Write};
 use crate::version::{NodeId, Version};
 
-/// Format version written in every header. Bump on any incompatible change.
+/// Format of snapshots, and of logs written before group frames: bare records. Bump on any
+/// incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
-/// Bytes of a file header: 8 of magic, 4 of version, 4 reserved.
+/// Format of logs written now: records in group frames (see the module's doc).
+pub const GROUPED_FORMAT_VERSION: u32 = 2;
+/// Bytes of a file header: 8 of magic, 4 of version, 4 of nonce (format 2; zero in format 1).
 pub const HEADER_LEN: usize = 16;
+/// Bytes of a group frame before its records.
+pub const GROUP_HEADER_LEN: usize = 12;
 /// Bytes of a frame before its payload.
 pub const FRAME_LEN: usize = 8;
 /// Smallest valid payload: kind, time, node length, key length. Zero-filled space never
@@ -25,7 +40,7 @@ const KIND_TOMBSTONE: u8 = 2;
 /// Last record of a snapshot: the number of entries before it, proving the file is whole.
 const KIND_END: u8 = 0xEE;
 
-/// A file header for `magic`.
+/// A format 1 file header for `magic` (snapshots).
 pub fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(magic);
@@ -33,8 +48,39 @@ pub fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
     h
 }
 
+/// A format 2 file header for `magic` with the nonce that salts its groups' checksums (logs).
+pub fn grouped_header(magic: &[u8; 8], nonce: u32) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..8].copy_from_slice(magic);
+    h[8..12].copy_from_slice(&GROUPED_FORMAT_VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&nonce.to_le_bytes());
+    h
+}
+
+/// A nonce for a new log. Not secret in any cryptographic sense, only unknowable to clients:
+/// `RandomState` draws its keys from the OS's randomness, and each call moves them on.
+pub fn new_nonce() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish() as u32
+}
+
+/// What a file header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// [`FORMAT_VERSION`] or [`GROUPED_FORMAT_VERSION`].
+    pub version: u32,
+    /// The salt of a format 2 file's group checksums.
+    pub nonce: u32,
+}
+
 /// Checks a header. Errors say what is wrong, for the caller to attach the file name.
-pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<(), String> {
+pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
     if bytes.len() < HEADER_LEN {
         return Err(format!(
             "file too short for a header ({} bytes)",
@@ -49,12 +95,60 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<(), String> {
         ));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != GROUPED_FORMAT_VERSION {
         return Err(format!(
-            "format version {version}, this build reads version {FORMAT_VERSION}"
+            "format version {version}, this build reads versions {FORMAT_VERSION} and \
+             {GROUPED_FORMAT_VERSION}"
         ));
     }
-    Ok(())
+    let nonce = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
+    Ok(Header { version, nonce })
+}
+
+/// The frame header of a group holding `records` (framed records, back to back).
+pub fn group_header(nonce: u32, records: &[u8]) -> [u8; GROUP_HEADER_LEN] {
+    let len = u32::try_from(records.len()).expect("a group commit over 4 GiB");
+    let mut h = [0u8; GROUP_HEADER_LEN];
+    h[..4].copy_from_slice(&len.to_le_bytes());
+    h[4..8].copy_from_slice(&group_header_crc(nonce, len).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&nonce.to_le_bytes());
+    crc.update(records);
+    h[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
+    h
+}
+
+/// The header's own checksum, over the nonce and the length: a search for the next group
+/// after damage rejects almost every offset after hashing 8 bytes, not the length it reads.
+fn group_header_crc(nonce: u32, len: u32) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&nonce.to_le_bytes());
+    crc.update(&len.to_le_bytes());
+    crc.finalize()
+}
+
+/// Reads the group frame at the start of `data`: its records and the bytes it took.
+pub fn decode_group(data: &[u8], nonce: u32) -> Result<(&[u8], usize), FrameError> {
+    if data.len() < GROUP_HEADER_LEN {
+        return Err(FrameError::Truncated);
+    }
+    let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+    let len = word(0);
+    if group_header_crc(nonce, len) != word(4) {
+        return Err(FrameError::BadGroupHeader);
+    }
+    let end = GROUP_HEADER_LEN + len as usize;
+    if data.len() < end {
+        return Err(FrameError::Truncated);
+    }
+    let records = &data[GROUP_HEADER_LEN..end];
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&nonce.to_le_bytes());
+    crc.update(records);
+    if crc.finalize() != word(8) {
+        return Err(FrameError::BadChecksum);
+    }
+    Ok((records, end))
 }
 
 /// What a record holds.
@@ -129,6 +223,8 @@ pub enum FrameError {
     BadLength(usize),
     /// The checksum does not match.
     BadChecksum,
+    /// A group frame's header does not match its own checksum.
+    BadGroupHeader,
     /// The checksum matches but the payload does not parse.
     BadPayload(String),
 }
@@ -139,6 +235,7 @@ impl std::fmt::Display for FrameError {
             Self::Truncated => f.write_str("record runs past the end of the file"),
             Self::BadLength(n) => write!(f, "impossible record length {n}"),
             Self::BadChecksum => f.write_str("checksum mismatch"),
+            Self::BadGroupHeader => f.write_str("bad group header"),
             Self::BadPayload(why) => write!(f, "malformed record: {why}"),
         }
     }
@@ -274,9 +371,47 @@ mod tests {
     }
 
     #[test]
+    fn groups_round_trip_and_damage_is_detected() {
+        let mut records = Vec::new();
+        encode_write(&write("a", Some("1")), &mut records);
+        encode_write(&write("b", None), &mut records);
+        let mut group = group_header(7, &records).to_vec();
+        group.extend(&records);
+        assert_eq!(decode_group(&group, 7), Ok((&records[..], group.len())));
+        // Another file's nonce: not a group of this file, from its first 8 bytes on.
+        assert_eq!(decode_group(&group, 8), Err(FrameError::BadGroupHeader));
+        assert_eq!(
+            decode_group(&group[..group.len() - 1], 7),
+            Err(FrameError::Truncated)
+        );
+        let mut flipped = group.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert_eq!(decode_group(&flipped, 7), Err(FrameError::BadChecksum));
+        let mut longer = group.clone();
+        longer[0] ^= 1;
+        assert_eq!(decode_group(&longer, 7), Err(FrameError::BadGroupHeader));
+        // A bare record is not a group.
+        assert!(decode_group(&records, 7).is_err());
+    }
+
+    #[test]
     fn headers() {
         let h = header(b"KVSTLOG\n");
-        assert!(check_header(&h, b"KVSTLOG\n").is_ok());
+        assert_eq!(
+            check_header(&h, b"KVSTLOG\n"),
+            Ok(Header {
+                version: FORMAT_VERSION,
+                nonce: 0
+            })
+        );
+        assert_eq!(
+            check_header(&grouped_header(b"KVSTLOG\n", 42), b"KVSTLOG\n"),
+            Ok(Header {
+                version: GROUPED_FORMAT_VERSION,
+                nonce: 42
+            })
+        );
+        assert_ne!(new_nonce(), new_nonce());
         assert!(
             check_header(&h, b"KVSTSNP\n")
                 .unwrap_err()

@@ -1,5 +1,7 @@
 //! The write-ahead log: a writer thread with group commit, and the scan that replays a log (or
 //! a snapshot) and tells a torn tail from damage in the middle.
+//!
+//! Each group commit is one group frame (see [`record`]): one `write`, then one fsync.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write as _};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::record::{self, FrameError, HEADER_LEN, Record};
+use super::record::{self, FrameError, GROUP_HEADER_LEN, HEADER_LEN, Record};
 use crate::error::{Error, LogError};
 
 /// Magic at the start of every log file.
@@ -55,8 +57,9 @@ impl LogFile for File {
     }
 }
 
-/// Opens the log file of a generation, ready for appending after its header.
-pub type Opener<F> = Box<dyn FnMut(u64) -> io::Result<F> + Send>;
+/// Opens the log file of a generation, ready for appending after its header, and says the
+/// nonce its header holds.
+pub type Opener<F> = Box<dyn FnMut(u64) -> io::Result<(F, u32)> + Send>;
 
 /// The path of generation `g`'s log in `dir`.
 pub fn log_path(dir: &Path, generation: u64) -> PathBuf {
@@ -70,8 +73,9 @@ pub fn log_path(dir: &Path, generation: u64) -> PathBuf {
 /// On failure nothing is left behind, not even a renamed file whose directory entry could not
 /// be synced: the writer goes on appending to the old log, which must stay the newest one, since
 /// recovery reads only the newest log's damaged tail as torn and refuses one in any other.
-pub fn create_log(dir: &Path, generation: u64) -> io::Result<File> {
+pub fn create_log(dir: &Path, generation: u64) -> io::Result<(File, u32)> {
     let path = log_path(dir, generation);
+    let nonce = record::new_nonce();
     let tmp = path.with_extension("wal.tmp");
     let mut renamed = false;
     let result = (|| {
@@ -80,12 +84,12 @@ pub fn create_log(dir: &Path, generation: u64) -> io::Result<File> {
             .write(true)
             .truncate(true)
             .open(&tmp)?;
-        file.write_all(&record::header(LOG_MAGIC))?;
+        file.write_all(&record::grouped_header(LOG_MAGIC, nonce))?;
         file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         renamed = true;
         sync_dir(dir)?;
-        Ok(file)
+        Ok((file, nonce))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(if renamed { &path } else { &tmp });
@@ -146,14 +150,23 @@ impl Durable {
 }
 
 impl LogWriter {
-    /// Starts the writer thread on `file`, currently `len` bytes long.
-    pub fn start<F: LogFile>(file: F, len: u64, opener: Opener<F>, sync: SyncMode) -> Self {
+    /// Starts the writer thread on `file`, a format 2 log currently `len` bytes long whose
+    /// header holds `nonce`.
+    pub fn start<F: LogFile>(
+        file: F,
+        len: u64,
+        nonce: u32,
+        opener: Opener<F>,
+        sync: SyncMode,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
         let bytes = Arc::new(AtomicU64::new(len));
         let (stopped_tx, stopped) = oneshot::channel();
         let mut thread = WriterThread {
             file,
             len,
+            nonce,
+            group: Vec::new(),
             opener,
             sync,
             bytes: bytes.clone(),
@@ -233,6 +246,10 @@ struct WriterThread<F: LogFile> {
     file: F,
     /// Length of the file up to the last good append.
     len: u64,
+    /// The current file's nonce, which salts its groups' checksums.
+    nonce: u32,
+    /// The group frame being written, kept to reuse its allocation.
+    group: Vec<u8>,
     opener: Opener<F>,
     sync: SyncMode,
     bytes: Arc<AtomicU64>,
@@ -326,7 +343,11 @@ impl<F: LogFile> WriterThread<F> {
             return Err(poisoned.clone());
         }
         if !buf.is_empty() {
-            if let Err(e) = self.file.append(buf) {
+            self.group.clear();
+            self.group
+                .extend_from_slice(&record::group_header(self.nonce, buf));
+            self.group.extend_from_slice(buf);
+            if let Err(e) = self.file.append(&self.group) {
                 let error = LogError::from_io("appending to the log", &e);
                 tracing::error!(error = %error, bytes = buf.len(), "log write failed");
                 // Cut off whatever part of the batch made it, so the log stays a clean prefix
@@ -339,7 +360,7 @@ impl<F: LogFile> WriterThread<F> {
                 }
                 return Err(error);
             }
-            self.len += buf.len() as u64;
+            self.len += self.group.len() as u64;
             self.bytes.store(self.len, Ordering::Relaxed);
             self.dirty_since.get_or_insert_with(Instant::now);
         }
@@ -372,8 +393,9 @@ impl<F: LogFile> WriterThread<F> {
             return Err(poisoned.clone());
         }
         match (self.opener)(generation) {
-            Ok(file) => {
+            Ok((file, nonce)) => {
                 self.file = file;
+                self.nonce = nonce;
                 self.len = HEADER_LEN as u64;
                 self.bytes.store(self.len, Ordering::Relaxed);
                 self.dirty_since = None;
@@ -416,42 +438,45 @@ pub fn scan(
     on_damage: OnDamage,
     mut f: impl FnMut(Record),
 ) -> Result<ScanEnd, Error> {
-    let corrupt = |offset: u64, reason: String| Error::Corrupt {
+    let header = record::check_header(data, magic).map_err(|reason| Error::Corrupt {
         file: path.to_path_buf(),
-        offset,
+        offset: 0,
         reason,
-    };
-    record::check_header(data, magic).map_err(|reason| corrupt(0, reason))?;
+    })?;
     let mut offset = HEADER_LEN;
     let mut records = 0;
     while offset < data.len() {
-        match record::decode(&data[offset..]) {
-            Ok((record, used)) => {
+        let found = if header.version == record::FORMAT_VERSION {
+            record::decode(&data[offset..]).map(|(record, used)| {
                 f(record);
                 records += 1;
-                offset += used;
-            }
+                used
+            })
+        } else {
+            read_group(&data[offset..], header.nonce, |record| {
+                f(record);
+                records += 1;
+            })
+        };
+        match found {
+            Ok(used) => offset += used,
             Err(error) => {
-                let good_after = good_record_after(&data[offset + 1..]);
-                let reason = match (&error, good_after) {
-                    (_, Some(at)) => format!(
-                        "{error}; a valid record follows at offset {}",
-                        offset + 1 + at
-                    ),
-                    (FrameError::Truncated, None) => error.to_string(),
-                    (_, None) => format!("{error}, and nothing valid after it"),
+                let after = &data[offset + 1..];
+                let good_after = if header.version == record::FORMAT_VERSION {
+                    (0..after.len()).find(|&at| record::decode(&after[at..]).is_ok())
+                } else {
+                    (0..after.len())
+                        .find(|&at| record::decode_group(&after[at..], header.nonce).is_ok())
                 };
-                let torn = (offset as u64, (data.len() - offset) as u64, reason.clone());
-                match on_damage {
-                    OnDamage::Truncate => {}
-                    OnDamage::TornTailOnly if good_after.is_none() => {}
-                    _ => return Err(corrupt(offset as u64, reason)),
-                }
-                return Ok(ScanEnd {
+                return damaged(
+                    path,
+                    data,
+                    offset,
+                    &error,
+                    good_after.map(|at| offset + 1 + at),
+                    on_damage,
                     records,
-                    good_len: offset as u64,
-                    torn: Some(torn),
-                });
+                );
             }
         }
     }
@@ -462,10 +487,61 @@ pub fn scan(
     })
 }
 
-/// Offset of the first decodable record in `data`, if any. Only runs after damage was found,
-/// so its cost (a try at every offset) is paid once, on a broken file.
-fn good_record_after(data: &[u8]) -> Option<usize> {
-    (0..data.len()).find(|&at| record::decode(&data[at..]).is_ok())
+/// Reads the group frame at the start of `data`, handing its records to `f`; returns the bytes
+/// it took. A group is read whole or not at all: nothing of a damaged group reaches `f`.
+fn read_group(data: &[u8], nonce: u32, mut f: impl FnMut(Record)) -> Result<usize, FrameError> {
+    let (bytes, used) = record::decode_group(data, nonce)?;
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        // A group whose checksum matches holds what the writer framed: a record in it that
+        // does not parse is a bug or tampering, never a torn write.
+        let (record, n) = record::decode(&bytes[at..]).map_err(|e| {
+            FrameError::BadPayload(format!(
+                "{e}, at byte {} of a group whose checksum matches",
+                GROUP_HEADER_LEN + at
+            ))
+        })?;
+        found.push(record);
+        at += n;
+    }
+    found.into_iter().for_each(&mut f);
+    Ok(used)
+}
+
+/// The end of a scan that found damage at `offset`: a torn tail (damage with nothing valid
+/// after it, in the file that may have one), the operator's cut, or the refusal.
+fn damaged(
+    path: &Path,
+    data: &[u8],
+    offset: usize,
+    error: &FrameError,
+    good_after: Option<usize>,
+    on_damage: OnDamage,
+    records: u64,
+) -> Result<ScanEnd, Error> {
+    let reason = match (error, good_after) {
+        (_, Some(at)) => format!("{error}; a valid record follows at offset {at}"),
+        (FrameError::Truncated, None) => error.to_string(),
+        (_, None) => format!("{error}, and nothing valid after it"),
+    };
+    let torn = (offset as u64, (data.len() - offset) as u64, reason.clone());
+    match on_damage {
+        OnDamage::Truncate => {}
+        OnDamage::TornTailOnly if good_after.is_none() => {}
+        _ => {
+            return Err(Error::Corrupt {
+                file: path.to_path_buf(),
+                offset: offset as u64,
+                reason,
+            });
+        }
+    }
+    Ok(ScanEnd {
+        records,
+        good_len: offset as u64,
+        torn: Some(torn),
+    })
 }
 
 #[cfg(test)]
@@ -530,11 +606,117 @@ mod tests {
         }
     }
 
+    const NONCE: u32 = 0x5eed;
+
     fn writer(file: &MemFile, sync: SyncMode) -> LogWriter {
         let mut f = file.clone();
-        f.append(&record::header(LOG_MAGIC)).unwrap();
-        let opener: Opener<MemFile> = Box::new(|_| Ok(MemFile::default()));
-        LogWriter::start(f, HEADER_LEN as u64, opener, sync)
+        f.append(&record::grouped_header(LOG_MAGIC, NONCE)).unwrap();
+        let opener: Opener<MemFile> = Box::new(|_| Ok((MemFile::default(), NONCE + 1)));
+        LogWriter::start(f, HEADER_LEN as u64, NONCE, opener, sync)
+    }
+
+    /// A log of format 2 holding one group per entry of `groups`, as the writer makes it.
+    fn grouped_log_of(groups: &[&[&str]]) -> Vec<u8> {
+        let mut data = record::grouped_header(LOG_MAGIC, NONCE).to_vec();
+        for keys in groups {
+            let records: Vec<u8> = keys.iter().flat_map(|k| framed(k)).collect();
+            data.extend(record::group_header(NONCE, &records));
+            data.extend(records);
+        }
+        data
+    }
+
+    fn keys_of(data: &[u8], on_damage: OnDamage) -> Result<(Vec<String>, ScanEnd), Error> {
+        let mut keys = Vec::new();
+        let end = scan(Path::new("log"), data, LOG_MAGIC, on_damage, |r| {
+            if let Record::Write(w) = r {
+                keys.push(w.key);
+            }
+        })?;
+        Ok((keys, end))
+    }
+
+    #[tokio::test]
+    async fn each_group_commit_is_one_group_frame() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        w.append(framed("a")).wait().await.unwrap();
+        let both = [framed("b"), framed("c")].concat();
+        w.append(both).wait().await.unwrap();
+        w.close().await;
+        let data = file.data.lock().unwrap().clone();
+        assert_eq!(data, grouped_log_of(&[&["a"], &["b", "c"]]));
+        let (keys, end) = keys_of(&data, OnDamage::Refuse).unwrap();
+        assert_eq!(
+            (keys, end.records),
+            (vec!["a".into(), "b".into(), "c".into()], 3)
+        );
+    }
+
+    #[test]
+    fn a_torn_last_group_is_cut_off_whatever_survived_of_it() {
+        let good = grouped_log_of(&[&["a"], &["b"]]);
+        let last: Vec<&str> = vec!["c"; 200];
+        let whole = grouped_log_of(&[&["a"], &["b"], &last]);
+        // Its pages reached the disk out of order: one in the middle is zeros, and the records
+        // after it are intact. With bare records those would be "valid records after damage",
+        // and the node would refuse to start.
+        let mut torn = whole.clone();
+        torn[good.len() + 2000..good.len() + 2000 + 512].fill(0);
+        let (keys, end) = keys_of(&torn, OnDamage::TornTailOnly).unwrap();
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(end.good_len, good.len() as u64);
+        assert_eq!(end.torn.unwrap().0, good.len() as u64);
+        let mut bare = log_of(&[&["a", "b"][..], &last].concat());
+        let start = log_of(&["a", "b"]).len();
+        bare[start + 2000..start + 2000 + 512].fill(0);
+        assert!(
+            keys_of(&bare, OnDamage::TornTailOnly).is_err(),
+            "format 1 refuses the same tear"
+        );
+        // Its header did not make it, or only its first part did.
+        for cut in [good.len() + 6, good.len() + 100, whole.len() - 1] {
+            let (keys, end) = keys_of(&whole[..cut], OnDamage::TornTailOnly).unwrap();
+            assert_eq!(
+                (keys.len(), end.good_len),
+                (2, good.len() as u64),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn log_bytes_inside_a_torn_group_cannot_pass_for_data_after_damage() {
+        // What a client's value could hold: a whole record, and a group frame salted with a
+        // nonce it guessed. The append carrying it is torn after them.
+        let mut inside = vec![b'x'; 20];
+        inside.extend(framed("inner"));
+        inside.extend(record::group_header(NONCE + 1, &framed("inner")));
+        inside.extend(framed("inner"));
+        inside.extend([b'x'; 20]);
+        let good = grouped_log_of(&[&["a"]]);
+        let mut data = good.clone();
+        data.extend(record::group_header(NONCE, &inside));
+        data.extend(&inside[..inside.len() - 10]);
+        let (keys, end) = keys_of(&data, OnDamage::TornTailOnly).unwrap();
+        assert_eq!((keys, end.good_len), (vec!["a".into()], good.len() as u64));
+        // With bare records (format 1), the same bytes read as a valid record after damage.
+        let mut bare = log_of(&["a"]);
+        bare.extend(&inside[..inside.len() - 10]);
+        assert!(keys_of(&bare, OnDamage::TornTailOnly).is_err());
+    }
+
+    #[test]
+    fn damage_to_a_group_with_groups_after_it_is_refused() {
+        let mut data = grouped_log_of(&[&["a"], &["b"], &["c"]]);
+        let second = grouped_log_of(&[&["a"]]).len();
+        data[second + GROUP_HEADER_LEN + 10] ^= 0xFF;
+        let err = keys_of(&data, OnDamage::TornTailOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("offset {second}")), "{err}");
+        let (keys, end) = keys_of(&data, OnDamage::Truncate).unwrap();
+        assert_eq!((keys, end.good_len), (vec!["a".into()], second as u64));
     }
 
     #[tokio::test]
