@@ -186,7 +186,7 @@ pub struct Coordinator<P: PeerClient> {
     /// One permit per CPU for the copies of `List`s: more copies at once only share the CPUs
     /// and the caches, each holding its memory for longer (64 concurrent copies of 100k keys
     /// were 0.83x as many Lists a second as when they took turns).
-    list_copies: tokio::sync::Semaphore,
+    list_copies: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a quorum read could not answer.
@@ -270,9 +270,9 @@ impl<P: PeerClient> Coordinator<P> {
             peers,
             config,
             ticker,
-            list_copies: tokio::sync::Semaphore::new(
+            list_copies: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, usize::from),
-            ),
+            )),
         }
     }
 
@@ -456,9 +456,8 @@ impl<P: PeerClient> Coordinator<P> {
         // The permit comes first, so that the view (and the pre-images the store saves for it)
         // lives only while it is being copied. The List's instant is then when its copy
         // starts: still between its request and its first pair.
-        let _permit = self
-            .list_copies
-            .acquire()
+        let permit = (self.list_copies.clone())
+            .acquire_owned()
             .await
             .expect("the semaphore is never closed");
         let view = self
@@ -467,9 +466,15 @@ impl<P: PeerClient> Coordinator<P> {
             .await
             .map_err(|_| Error::StoreStopped)?;
         // The copy is the slow part (a second at 1M keys), and runs while the store goes on.
-        Ok(tokio::task::spawn_blocking(move || view.collect())
-            .await
-            .expect("a List's copy panicked"))
+        // The permit goes with the copy: a List whose client went away while it ran (this
+        // future dropped) still holds it until the copy is done.
+        Ok(tokio::task::spawn_blocking(move || {
+            let pairs = view.collect();
+            drop(permit);
+            pairs
+        })
+        .await
+        .expect("a List's copy panicked"))
     }
 
     /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.

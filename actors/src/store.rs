@@ -6,7 +6,7 @@
 //! other threads, one lock stripe at a time, while the actor goes on writing ([`ListView`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use dashmap::DashMap;
 use kameo::Actor;
@@ -188,7 +188,7 @@ impl ListView {
     pub fn collect(self) -> Vec<(String, String)> {
         let mut pairs = Vec::with_capacity(self.map.len());
         for item in self.map.iter() {
-            let before = self.before.lock().expect("pre-images lock poisoned");
+            let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
             let slot = match before.get(item.key()) {
                 Some(saved) => saved.as_ref(),
                 None => Some(item.value()),
@@ -359,7 +359,8 @@ impl StoreActor {
         // Read before taking a view's lock: the copy takes the two the other way round.
         let current = self.map.get(key).map(|slot| slot.clone());
         for view in self.views.iter().filter_map(Weak::upgrade) {
-            let mut before = view.lock().expect("pre-images lock poisoned");
+            // Poisoned only if a copy panicked: the store must go on regardless.
+            let mut before = view.lock().unwrap_or_else(PoisonError::into_inner);
             if !before.contains_key(key) {
                 before.insert(key.into(), current.clone());
             }

@@ -173,11 +173,16 @@ impl Clock {
     ///   it was earlier by the physical clock.
     /// - A per-key bump (see `StoreActor::write_local`): a write of a key holding a peer's
     ///   version too far ahead to observe gets that version's time plus one, above any clock
-    ///   reading. The version it was bumped from came from a peer and is on disk (or a peer
-    ///   re-sends it, and then we lose nothing of ours), so the lost bump is at most `time`
+    ///   reading. If the version it was bumped from is on disk, the lost bump is at most `time`
     ///   plus the number of writes of that key lost in the crash. Without a margin, the next
     ///   write of the key would get the very same version as the lost one, with another value:
     ///   replicas that hold one would never take the other, and never converge.
+    ///
+    /// Not covered: the peer's far-ahead version and our bump above it both lost in the crash
+    /// (the peer's still unsynced here, ours sent on). Then nothing on disk says how far ahead
+    /// that key was; our next write of it orders below the lost bump, which wins once a peer
+    /// sends it back. Versions still differ, so replicas converge, on the older write: the
+    /// price of a peer clock more than the drift bound ahead, and a crash inside a sync.
     ///
     /// New versions run up to the larger of the two ahead of physical time for a while, which
     /// peers accept.

@@ -22,7 +22,9 @@
 //! # Recovery
 //! Load the newest snapshot S, then replay every log with G >= S in order, keeping the newest
 //! version per key. Only the last log may end in a torn group (a crash mid-append); it is cut
-//! off with a warning. Damage anywhere else stops the node with the file and offset, unless
+//! off with a warning. With `SyncMode::Always` only the last group can be unsynced, so that
+//! is every tear a power cut can make; with the other modes several can be, and a damaged one
+//! with an intact one after it is refused like any damage. Damage anywhere else stops the node with the file and offset, unless
 //! the operator asks for `--repair-truncate`.
 //!
 //! # Compaction
@@ -199,7 +201,7 @@ impl Storage {
 
         let create = |g| {
             wal::create_log(dir, g)
-                .map(|(file, nonce)| (g, file, record::HEADER_LEN as u64, nonce))
+                .map(|(file, nonce)| (g, file, record::GROUPED_HEADER_LEN as u64, nonce))
                 .map_err(Error::io(format!("creating a log in {}", dir.display())))
         };
         let (generation, file, len, nonce) = match tail {
@@ -511,7 +513,7 @@ pub(crate) mod tests {
         let mut one = Vec::new();
         record::encode_write(&writes[0], &mut one);
         // One group per append (each waited for its sync).
-        let second = record::HEADER_LEN + record::GROUP_HEADER_LEN + one.len();
+        let second = record::GROUPED_HEADER_LEN + record::GROUP_HEADER_LEN + one.len();
         data[second + 12] ^= 0x55;
         std::fs::write(&log, &data).unwrap();
 

@@ -6,7 +6,7 @@
 //!
 //! Logs of format 2 (every log written since) wrap each group commit's records in a group frame,
 //! `len: u32 | header crc: u32 | crc: u32 | records`, whose checksums are salted with a random
-//! nonce kept in the file's header. Recovery needs to tell a torn last append (cut it off) from
+//! nonce kept in the file's header (itself checksummed). Recovery needs to tell a torn last append (cut it off) from
 //! damage to data that was synced and acknowledged (refuse), and does it by asking whether
 //! anything valid follows the damage. With bare records, the answer could be yes for a torn
 //! append: its own later records, if its pages reached the disk out of order, or a record
@@ -22,8 +22,12 @@ use crate::version::{NodeId, Version};
 pub const FORMAT_VERSION: u32 = 1;
 /// Format of logs written now: records in group frames (see the module's doc).
 pub const GROUPED_FORMAT_VERSION: u32 = 2;
-/// Bytes of a file header: 8 of magic, 4 of version, 4 of nonce (format 2; zero in format 1).
+/// Bytes of a format 1 file header: 8 of magic, 4 of version, 4 reserved.
 pub const HEADER_LEN: usize = 16;
+/// Bytes of a format 2 file header: 8 of magic, 4 of version, 4 of nonce, 4 of checksum (of the
+/// 16 before), 4 reserved. The checksum guards the nonce: with a damaged nonce no group of the
+/// file would check out, and the whole log would look like one torn tail.
+pub const GROUPED_HEADER_LEN: usize = 24;
 /// Bytes of a group frame before its records.
 pub const GROUP_HEADER_LEN: usize = 12;
 /// Bytes of a frame before its payload.
@@ -49,11 +53,13 @@ pub fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
 }
 
 /// A format 2 file header for `magic` with the nonce that salts its groups' checksums (logs).
-pub fn grouped_header(magic: &[u8; 8], nonce: u32) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
+pub fn grouped_header(magic: &[u8; 8], nonce: u32) -> [u8; GROUPED_HEADER_LEN] {
+    let mut h = [0u8; GROUPED_HEADER_LEN];
     h[..8].copy_from_slice(magic);
     h[8..12].copy_from_slice(&GROUPED_FORMAT_VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&nonce.to_le_bytes());
+    let crc = crc32fast::hash(&h[..16]);
+    h[16..20].copy_from_slice(&crc.to_le_bytes());
     h
 }
 
@@ -77,6 +83,8 @@ pub struct Header {
     pub version: u32,
     /// The salt of a format 2 file's group checksums.
     pub nonce: u32,
+    /// Bytes of the header: where the first record or group starts.
+    pub len: usize,
 }
 
 /// Checks a header. Errors say what is wrong, for the caller to attach the file name.
@@ -101,8 +109,29 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
              {GROUPED_FORMAT_VERSION}"
         ));
     }
+    if version == FORMAT_VERSION {
+        return Ok(Header {
+            version,
+            nonce: 0,
+            len: HEADER_LEN,
+        });
+    }
+    if bytes.len() < GROUPED_HEADER_LEN {
+        return Err(format!(
+            "file too short for a format {version} header ({} bytes)",
+            bytes.len()
+        ));
+    }
+    let crc = u32::from_le_bytes(bytes[16..20].try_into().unwrap());
+    if crc32fast::hash(&bytes[..16]) != crc {
+        return Err("header checksum mismatch".into());
+    }
     let nonce = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
-    Ok(Header { version, nonce })
+    Ok(Header {
+        version,
+        nonce,
+        len: GROUPED_HEADER_LEN,
+    })
 }
 
 /// The frame header of a group holding `records` (framed records, back to back).
@@ -225,6 +254,8 @@ pub enum FrameError {
     BadChecksum,
     /// A group frame's header does not match its own checksum.
     BadGroupHeader,
+    /// A record inside a group whose checksum matches does not read.
+    InGroup(String),
     /// The checksum matches but the payload does not parse.
     BadPayload(String),
 }
@@ -236,6 +267,7 @@ impl std::fmt::Display for FrameError {
             Self::BadLength(n) => write!(f, "impossible record length {n}"),
             Self::BadChecksum => f.write_str("checksum mismatch"),
             Self::BadGroupHeader => f.write_str("bad group header"),
+            Self::InGroup(why) => f.write_str(why),
             Self::BadPayload(why) => write!(f, "malformed record: {why}"),
         }
     }
@@ -401,15 +433,26 @@ mod tests {
             check_header(&h, b"KVSTLOG\n"),
             Ok(Header {
                 version: FORMAT_VERSION,
-                nonce: 0
+                nonce: 0,
+                len: HEADER_LEN
             })
         );
+        let grouped = grouped_header(b"KVSTLOG\n", 42);
         assert_eq!(
-            check_header(&grouped_header(b"KVSTLOG\n", 42), b"KVSTLOG\n"),
+            check_header(&grouped, b"KVSTLOG\n"),
             Ok(Header {
                 version: GROUPED_FORMAT_VERSION,
-                nonce: 42
+                nonce: 42,
+                len: GROUPED_HEADER_LEN
             })
+        );
+        // A damaged nonce is a damaged header, never a log whose groups all fail.
+        let mut flipped = grouped;
+        flipped[13] ^= 4;
+        assert!(
+            check_header(&flipped, b"KVSTLOG\n")
+                .unwrap_err()
+                .contains("checksum")
         );
         assert_ne!(new_nonce(), new_nonce());
         assert!(

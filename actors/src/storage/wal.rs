@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::record::{self, FrameError, GROUP_HEADER_LEN, HEADER_LEN, Record};
+use super::record::{self, FrameError, GROUP_HEADER_LEN, GROUPED_HEADER_LEN, Record};
 use crate::error::{Error, LogError};
 
 /// Magic at the start of every log file.
@@ -396,7 +396,7 @@ impl<F: LogFile> WriterThread<F> {
             Ok((file, nonce)) => {
                 self.file = file;
                 self.nonce = nonce;
-                self.len = HEADER_LEN as u64;
+                self.len = GROUPED_HEADER_LEN as u64;
                 self.bytes.store(self.len, Ordering::Relaxed);
                 self.dirty_since = None;
                 Ok(())
@@ -443,7 +443,7 @@ pub fn scan(
         offset: 0,
         reason,
     })?;
-    let mut offset = HEADER_LEN;
+    let mut offset = header.len;
     let mut records = 0;
     while offset < data.len() {
         let found = if header.version == record::FORMAT_VERSION {
@@ -460,6 +460,15 @@ pub fn scan(
         };
         match found {
             Ok(used) => offset += used,
+            // Inside a group whose checksum matches: written whole and as it is, so this is not
+            // a tear (a record kind from a newer build, say). Only the operator's cut goes on.
+            Err(error @ FrameError::InGroup(_)) if on_damage != OnDamage::Truncate => {
+                return Err(Error::Corrupt {
+                    file: path.to_path_buf(),
+                    offset: offset as u64,
+                    reason: error.to_string(),
+                });
+            }
             Err(error) => {
                 let after = &data[offset + 1..];
                 let good_after = if header.version == record::FORMAT_VERSION {
@@ -495,9 +504,9 @@ fn read_group(data: &[u8], nonce: u32, mut f: impl FnMut(Record)) -> Result<usiz
     let mut at = 0;
     while at < bytes.len() {
         // A group whose checksum matches holds what the writer framed: a record in it that
-        // does not parse is a bug or tampering, never a torn write.
+        // does not parse is not a torn write (see the caller).
         let (record, n) = record::decode(&bytes[at..]).map_err(|e| {
-            FrameError::BadPayload(format!(
+            FrameError::InGroup(format!(
                 "{e}, at byte {} of a group whose checksum matches",
                 GROUP_HEADER_LEN + at
             ))
@@ -612,7 +621,7 @@ mod tests {
         let mut f = file.clone();
         f.append(&record::grouped_header(LOG_MAGIC, NONCE)).unwrap();
         let opener: Opener<MemFile> = Box::new(|_| Ok((MemFile::default(), NONCE + 1)));
-        LogWriter::start(f, HEADER_LEN as u64, NONCE, opener, sync)
+        LogWriter::start(f, GROUPED_HEADER_LEN as u64, NONCE, opener, sync)
     }
 
     /// A log of format 2 holding one group per entry of `groups`, as the writer makes it.
@@ -704,6 +713,29 @@ mod tests {
         let mut bare = log_of(&["a"]);
         bare.extend(&inside[..inside.len() - 10]);
         assert!(keys_of(&bare, OnDamage::TornTailOnly).is_err());
+    }
+
+    #[test]
+    fn a_whole_group_that_does_not_read_is_refused_even_at_the_end() {
+        // Its checksum matches, so it was written whole: not a tear, though nothing follows.
+        let good = grouped_log_of(&[&["a"]]);
+        let mut data = good.clone();
+        let unreadable = [framed("b"), vec![0xEE; 30]].concat();
+        data.extend(record::group_header(NONCE, &unreadable));
+        data.extend(&unreadable);
+        let err = keys_of(&data, OnDamage::TornTailOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("offset {}", good.len())), "{err}");
+        let (keys, end) = keys_of(&data, OnDamage::Truncate).unwrap();
+        assert_eq!((keys, end.good_len), (vec!["a".into()], good.len() as u64));
+        // And a damaged nonce is a damaged header, not a log of torn groups.
+        let mut data = grouped_log_of(&[&["a"], &["b"]]);
+        data[12] ^= 1;
+        let err = keys_of(&data, OnDamage::TornTailOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("offset 0") && err.contains("header"), "{err}");
     }
 
     #[test]
@@ -894,7 +926,7 @@ mod tests {
     #[test]
     fn damage_in_the_middle_is_refused_with_file_and_offset() {
         let mut data = log_of(&["a", "b", "c"]);
-        let second = HEADER_LEN + framed("a").len();
+        let second = record::HEADER_LEN + framed("a").len();
         data[second + 10] ^= 0xFF;
         let err = scan(
             Path::new("/data/log-1.wal"),
