@@ -186,6 +186,12 @@ impl ListView {
     /// Every live pair of the view, in key order. Blocking work (a second at 1M keys): run it
     /// off the async workers.
     pub fn collect(self) -> Vec<(String, String)> {
+        self.collect_pausing(|_| ())
+    }
+
+    /// [`collect`](Self::collect), calling `after` with each key read, the key's stripe still
+    /// locked (tests stop the copy there and write around it).
+    fn collect_pausing(self, mut after: impl FnMut(&str)) -> Vec<(String, String)> {
         let mut pairs = Vec::with_capacity(self.map.len());
         for item in self.map.iter() {
             let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
@@ -196,6 +202,8 @@ impl ListView {
             if let Some(value) = slot.and_then(Slot::value_str) {
                 pairs.push((item.key().to_string(), value.to_string()));
             }
+            drop(before);
+            after(item.key());
         }
         // Done reading: dropping `before` (with `self`) ends the actor's saving.
         drop(self);
@@ -876,6 +884,56 @@ mod tests {
         );
         put(&s, "g", "after").await;
         assert_eq!(s.ask(Snapshot).await.unwrap().collect().len(), 6);
+    }
+
+    #[test]
+    fn a_copy_stopped_midway_while_keys_change_on_both_sides_of_it_returns_the_old_map() {
+        // The copy stops in the middle of the map; the store then overwrites and adds keys in
+        // the stripes it has read (their slots now differ from what it read) and in those it
+        // has not (it must take their pre-images), but not in the stripe it holds locked.
+        const KEYS: usize = 2000;
+        let mut store = StoreActor::new(Arc::new(Clock::new(NodeId::new("n1").unwrap())));
+        for i in 0..KEYS {
+            store.apply(&write(&format!("k{i:04}"), Some("old"), 10, "n2"));
+        }
+        let map = store.map.clone();
+        let view = store.list_view();
+        let (stopped_at, at) = std::sync::mpsc::channel::<String>();
+        let (go, resume) = std::sync::mpsc::channel::<()>();
+        let copier = std::thread::spawn(move || {
+            let mut read = 0;
+            view.collect_pausing(|key| {
+                read += 1;
+                if read == KEYS / 2 {
+                    stopped_at.send(key.to_string()).unwrap();
+                    resume.recv().unwrap();
+                }
+            })
+        });
+        let held = map.determine_map(at.recv().unwrap().as_str());
+        let (mut behind, mut ahead) = (0, 0);
+        for i in 0..KEYS {
+            for key in [format!("k{i:04}"), format!("new{i:04}")] {
+                let stripe = map.determine_map(key.as_str());
+                if stripe == held {
+                    continue;
+                }
+                if stripe < held {
+                    behind += 1;
+                } else {
+                    ahead += 1;
+                }
+                store.apply(&write(&key, Some("new"), 20, "n2"));
+            }
+        }
+        go.send(()).unwrap();
+        let copy = copier.join().unwrap();
+        assert!(
+            behind > 0 && ahead > 0,
+            "{behind} keys behind, {ahead} ahead"
+        );
+        assert_eq!(copy.len(), KEYS);
+        assert!(copy.iter().all(|(k, v)| k.starts_with('k') && v == "old"));
     }
 
     #[test]
