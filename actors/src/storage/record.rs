@@ -140,11 +140,16 @@ pub fn group_header(nonce: u32, records: &[u8]) -> [u8; GROUP_HEADER_LEN] {
     let mut h = [0u8; GROUP_HEADER_LEN];
     h[..4].copy_from_slice(&len.to_le_bytes());
     h[4..8].copy_from_slice(&group_header_crc(nonce, len).to_le_bytes());
+    h[8..12].copy_from_slice(&group_crc(nonce, records).to_le_bytes());
+    h
+}
+
+/// The checksum of a group's records, salted with the file's nonce.
+fn group_crc(nonce: u32, records: &[u8]) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&nonce.to_le_bytes());
     crc.update(records);
-    h[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
-    h
+    crc.finalize()
 }
 
 /// The header's own checksum, over the nonce and the length: a search for the next group
@@ -171,10 +176,7 @@ pub fn decode_group(data: &[u8], nonce: u32) -> Result<(&[u8], usize), FrameErro
         return Err(FrameError::Truncated);
     }
     let records = &data[GROUP_HEADER_LEN..end];
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&nonce.to_le_bytes());
-    crc.update(records);
-    if crc.finalize() != word(8) {
+    if group_crc(nonce, records) != word(8) {
         return Err(FrameError::BadChecksum);
     }
     Ok((records, end))
