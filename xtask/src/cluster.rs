@@ -138,7 +138,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for (i, child) in children.iter_mut().enumerate() {
             if let Some(status) = child.try_wait()? {
                 say!("node{} exited ({status}); stopping the others", i + 1);
-                failed = true;
+                // A node that exits cleanly was stopped on purpose (someone sent it SIGTERM):
+                // the cluster is incomplete, so it stops, but nothing failed.
+                failed = !status.success();
                 break 'supervise;
             }
         }
