@@ -13,19 +13,21 @@
 //! # Files
 //! - `log-G.wal`: generation G's log. Header (magic `KVSTLOG\n`, format version, nonce), then
 //!   one group frame per group commit, holding framed records (`len | crc32 | payload`), one per
-//!   applied write. Logs written before group frames hold bare records; they are read as such,
-//!   and a node that finds one as its newest log starts a new one.
+//!   applied write, and saying how much of the file was synced when it was written. Logs of
+//!   older formats (bare records; groups without that mark) are read as such, and a node that
+//!   finds one as its newest log starts a new one.
 //! - `snapshot-G.snap`: every entry (tombstones included) as of some instant after log G
 //!   began. Complete by construction (written to `.tmp`, synced, renamed).
 //! - `LOCK`: held (flock) while a node runs, so two nodes never share a data dir.
 //!
 //! # Recovery
 //! Load the newest snapshot S, then replay every log with G >= S in order, keeping the newest
-//! version per key. Only the last log may end in a torn group (a crash mid-append); it is cut
-//! off with a warning. With `SyncMode::Always` only the last group can be unsynced, so that
-//! is every tear a power cut can make; with the other modes several can be, and a damaged one
-//! with an intact one after it is refused like any damage. Damage anywhere else stops the node with the file and offset, unless
-//! the operator asks for `--repair-truncate`.
+//! version per key. Only the last log may end in torn groups (a crash mid-append); they are cut
+//! off with a warning. With `SyncMode::Always` only the last group can be unsynced; with the
+//! other modes several can be, in any state after a power cut, intact ones after torn ones. A
+//! damaged group is cut off, with everything after it, when no later group says it had been
+//! synced. Damage to synced data stops the node with the file and offset, unless the operator
+//! asks for `--repair-truncate`.
 //!
 //! # Compaction
 //! When the current log passes a size, the writer rotates to generation G+1 (everything before
@@ -181,7 +183,8 @@ impl Storage {
                     offset,
                     dropped_bytes = len,
                     reason = %reason,
-                    "cut off a damaged log tail (never acknowledged if torn by a crash)"
+                    "cut off a damaged log tail that was never synced (torn by a crash; \
+                     acknowledged only under --sync interval or never)"
                 );
                 report.torn_bytes += len;
                 let f = std::fs::OpenOptions::new()
@@ -205,17 +208,21 @@ impl Storage {
                 .map_err(Error::io(format!("creating a log in {}", dir.display())))
         };
         let (generation, file, len, nonce) = match tail {
-            Some((g, len, header)) if header.version == record::GROUPED_FORMAT_VERSION => {
+            Some((g, len, header)) if header.version == record::LOG_FORMAT_VERSION => {
                 let path = wal::log_path(dir, g);
                 let file = std::fs::OpenOptions::new()
                     .append(true)
                     .open(&path)
                     .map_err(Error::io(format!("opening {}", path.display())))?;
+                // The writer's groups say the file is synced up to where it starts: make it so.
+                // After a process crash (not a power cut) the last appends may be only in the
+                // page cache.
+                file.sync_data()
+                    .map_err(Error::io(format!("syncing {}", path.display())))?;
                 (g, file, len, header.nonce)
             }
-            // A log of bare records, from before group frames: it stays as it is (its torn
-            // tail, if any, was cut above), and writing goes on in a new one, so that no file
-            // mixes the formats.
+            // A log of an older format: it stays as it is (its torn tail, if any, was cut
+            // above), and writing goes on in a new one, so that no file mixes the formats.
             Some((g, _, _)) => create(g + 1)?,
             None => create(base)?,
         };
@@ -492,12 +499,90 @@ pub(crate) mod tests {
         assert_eq!(std::fs::metadata(&old).unwrap().len(), good as u64);
         let new = std::fs::read(wal::log_path(dir.path(), 1)).unwrap();
         let header = record::check_header(&new, wal::LOG_MAGIC).unwrap();
-        assert_eq!(header.version, record::GROUPED_FORMAT_VERSION);
+        assert_eq!(header.version, record::LOG_FORMAT_VERSION);
         drop(r);
         // And a third start reads both: the old log is no longer the newest, and is whole.
         let r = Storage::open(&cfg).unwrap();
         assert_eq!(r.map.len(), 2);
         assert_eq!(r.report.torn_bytes, 0);
+    }
+
+    #[tokio::test]
+    async fn after_a_power_cut_under_interval_sync_the_unsynced_groups_are_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        cfg.sync = SyncMode::Interval(Duration::from_secs(3600));
+        let writes: Vec<Write> = ["a", "b", "c", "d"]
+            .iter()
+            .zip(1..)
+            .map(|(k, t)| write(k, Some("v"), t))
+            .collect();
+        let mut r = Storage::open(&cfg).unwrap();
+        let map = Arc::new(std::mem::take(&mut r.map));
+        for w in &writes {
+            r.storage.append(w, &map).wait().await.unwrap();
+        }
+        // What the disk holds after the power cut: none of the four was synced (the interval
+        // never came), and the page cache reached the disk for all but part of "b".
+        let log = wal::log_path(dir.path(), 0);
+        let mut on_disk = std::fs::read(&log).unwrap();
+        r.storage.close().await;
+        let mut one = Vec::new();
+        record::encode_write(&writes[0], &mut one);
+        let group = record::GROUP_HEADER_LEN + one.len();
+        let second = record::GROUPED_HEADER_LEN + group;
+        on_disk[second + 25..second + 30].fill(0);
+        std::fs::write(&log, &on_disk).unwrap();
+
+        // The node starts, with what precedes the tear; "c" and "d" were never synced either.
+        let r = Storage::open(&cfg).unwrap();
+        assert_eq!(r.map.len(), 1);
+        assert_eq!(value(&r, "a"), Some(Some("v".into())));
+        assert_eq!(r.report.torn_bytes, 3 * group as u64);
+        drop(r);
+
+        // A restart syncs the log before writing on, and groups written from then on say so:
+        // damage to "a" is now damage to synced data.
+        let r = append_all(&cfg, &[write("e", Some("v"), 5)]).await;
+        assert_eq!(r.map.len(), 2);
+        drop(r);
+        let mut data = std::fs::read(&log).unwrap();
+        data[record::GROUPED_HEADER_LEN + 25] ^= 0xFF;
+        std::fs::write(&log, &data).unwrap();
+        let err = Storage::open(&cfg).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("offset {}", record::GROUPED_HEADER_LEN)),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_log_of_groups_without_sync_marks_is_read_and_writing_goes_on_in_a_new_one() {
+        // A data dir from a build whose groups did not say what was synced (format 2).
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path());
+        let old = wal::log_path(dir.path(), 0);
+        let nonce = 99;
+        let mut data =
+            record::grouped_header_of(record::GROUPED_FORMAT_VERSION, wal::LOG_MAGIC, nonce)
+                .to_vec();
+        let mut records = Vec::new();
+        record::encode_write(&write("a", Some("1"), 1), &mut records);
+        data.extend(record::v2_group_header(nonce, &records));
+        data.extend(&records);
+        std::fs::write(&old, &data).unwrap();
+
+        let r = append_all(&cfg, &[write("b", Some("2"), 2)]).await;
+        assert_eq!(value(&r, "a"), Some(Some("1".into())));
+        assert_eq!(value(&r, "b"), Some(Some("2".into())));
+        assert_eq!(
+            std::fs::read(&old).unwrap(),
+            data,
+            "the old log is left as it was"
+        );
+        let new = std::fs::read(wal::log_path(dir.path(), 1)).unwrap();
+        let header = record::check_header(&new, wal::LOG_MAGIC).unwrap();
+        assert_eq!(header.version, record::LOG_FORMAT_VERSION);
     }
 
     #[tokio::test]

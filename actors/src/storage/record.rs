@@ -4,15 +4,24 @@
 //! The checksum covers the payload; the length is checked against the file and against
 //! [`MAX_PAYLOAD`]. Every integer is little-endian.
 //!
-//! Logs of format 2 (every log written since) wrap each group commit's records in a group frame,
-//! `len: u32 | header crc: u32 | crc: u32 | records`, whose checksums are salted with a random
-//! nonce kept in the file's header (itself checksummed). Recovery needs to tell a torn last append (cut it off) from
-//! damage to data that was synced and acknowledged (refuse), and does it by asking whether
-//! anything valid follows the damage. With bare records, the answer could be yes for a torn
+//! Logs of format 2 and later wrap each group commit's records in a group frame,
+//! `len: u32 | header crc: u32 | crc: u32 | records` in format 2, whose checksums are salted
+//! with a random nonce kept in the file's header (itself checksummed). Recovery needs to tell a
+//! torn last append (cut it off) from damage to data that was synced and acknowledged (refuse),
+//! and does it by asking whether anything valid follows the damage. With bare records, the answer could be yes for a torn
 //! append: its own later records, if its pages reached the disk out of order, or a record
 //! inside a value that a client wrote. Nothing inside a group is a group, and no client can
 //! write one, not knowing the nonce. Snapshots keep format 1: they are synced whole before they
 //! are renamed into place, so any damage in one is damage.
+//!
+//! Logs of format 3 (every log written since) add to each group frame how much of the file was
+//! synced when the group was written: `len: u32 | synced: u64 | header crc: u32 | crc: u32`.
+//! With fsync before every ack, that is everything before the group, and damage with a valid
+//! group after it is damage to synced data. With a sync only now and then (`--sync interval`,
+//! `never`), a power cut can leave several unsynced groups in any state, and an intact group
+//! after a torn one proves nothing: its mark says whether the torn bytes had been synced. So
+//! the scan cuts damage that no later group vouches for, and refuses only damage to bytes that
+//! a later group says were synced.
 
 use crate::store::{Entry, Write};
 use crate::version::{NodeId, Version};
@@ -20,16 +29,21 @@ use crate::version::{NodeId, Version};
 /// Format of snapshots, and of logs written before group frames: bare records. Bump on any
 /// incompatible change.
 pub const FORMAT_VERSION: u32 = 1;
-/// Format of logs written now: records in group frames (see the module's doc).
+/// Format of logs written before group frames carried a sync mark: records in group frames.
 pub const GROUPED_FORMAT_VERSION: u32 = 2;
+/// Format of logs written now: records in group frames that say how much of the file was synced
+/// when they were written (see the module's doc).
+pub const LOG_FORMAT_VERSION: u32 = 3;
 /// Bytes of a format 1 file header: 8 of magic, 4 of version, 4 reserved.
 pub const HEADER_LEN: usize = 16;
-/// Bytes of a format 2 file header: 8 of magic, 4 of version, 4 of nonce, 4 of checksum (of the
-/// 16 before), 4 reserved. The checksum guards the nonce: with a damaged nonce no group of the
+/// Bytes of a format 2 or 3 file header: 8 of magic, 4 of version, 4 of nonce, 4 of checksum (of
+/// the 16 before), 4 reserved. The checksum guards the nonce: with a damaged nonce no group of the
 /// file would check out, and the whole log would look like one torn tail.
 pub const GROUPED_HEADER_LEN: usize = 24;
-/// Bytes of a group frame before its records.
-pub const GROUP_HEADER_LEN: usize = 12;
+/// Bytes of a format 3 group frame before its records.
+pub const GROUP_HEADER_LEN: usize = 20;
+/// Bytes of a format 2 group frame before its records (no sync mark).
+pub const V2_GROUP_HEADER_LEN: usize = 12;
 /// Bytes of a frame before its payload.
 pub const FRAME_LEN: usize = 8;
 /// Smallest valid payload: kind, time, node length, key length. Zero-filled space never
@@ -52,11 +66,21 @@ pub fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
     h
 }
 
-/// A format 2 file header for `magic` with the nonce that salts its groups' checksums (logs).
+/// A file header of the current log format for `magic`, with the nonce that salts its groups'
+/// checksums.
 pub fn grouped_header(magic: &[u8; 8], nonce: u32) -> [u8; GROUPED_HEADER_LEN] {
+    grouped_header_of(LOG_FORMAT_VERSION, magic, nonce)
+}
+
+/// A format 2 or 3 file header (format 2 only for tests that read old logs).
+pub(crate) fn grouped_header_of(
+    version: u32,
+    magic: &[u8; 8],
+    nonce: u32,
+) -> [u8; GROUPED_HEADER_LEN] {
     let mut h = [0u8; GROUPED_HEADER_LEN];
     h[..8].copy_from_slice(magic);
-    h[8..12].copy_from_slice(&GROUPED_FORMAT_VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&nonce.to_le_bytes());
     let crc = crc32fast::hash(&h[..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
@@ -79,9 +103,9 @@ pub fn new_nonce() -> u32 {
 /// What a file header says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
-    /// [`FORMAT_VERSION`] or [`GROUPED_FORMAT_VERSION`].
+    /// [`FORMAT_VERSION`], [`GROUPED_FORMAT_VERSION`] or [`LOG_FORMAT_VERSION`].
     pub version: u32,
-    /// The salt of a format 2 file's group checksums.
+    /// The salt of a format 2 or 3 file's group checksums.
     pub nonce: u32,
     /// Bytes of the header: where the first record or group starts.
     pub len: usize,
@@ -103,10 +127,10 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
         ));
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if version != FORMAT_VERSION && version != GROUPED_FORMAT_VERSION {
+    if !(FORMAT_VERSION..=LOG_FORMAT_VERSION).contains(&version) {
         return Err(format!(
-            "format version {version}, this build reads versions {FORMAT_VERSION} and \
-             {GROUPED_FORMAT_VERSION}"
+            "format version {version}, this build reads versions {FORMAT_VERSION} to \
+             {LOG_FORMAT_VERSION}"
         ));
     }
     if version == FORMAT_VERSION {
@@ -134,12 +158,25 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
     })
 }
 
-/// The frame header of a group holding `records` (framed records, back to back).
-pub fn group_header(nonce: u32, records: &[u8]) -> [u8; GROUP_HEADER_LEN] {
+/// The frame header of a group holding `records` (framed records, back to back), written when
+/// the file's first `synced` bytes were known to be on disk.
+pub fn group_header(nonce: u32, synced: u64, records: &[u8]) -> [u8; GROUP_HEADER_LEN] {
     let len = u32::try_from(records.len()).expect("a group commit over 4 GiB");
     let mut h = [0u8; GROUP_HEADER_LEN];
     h[..4].copy_from_slice(&len.to_le_bytes());
-    h[4..8].copy_from_slice(&group_header_crc(nonce, len).to_le_bytes());
+    h[4..12].copy_from_slice(&synced.to_le_bytes());
+    h[12..16].copy_from_slice(&group_header_crc(nonce, len, Some(synced)).to_le_bytes());
+    h[16..20].copy_from_slice(&group_crc(nonce, records).to_le_bytes());
+    h
+}
+
+/// A format 2 group's frame header (only for tests that read old logs).
+#[cfg(test)]
+pub(crate) fn v2_group_header(nonce: u32, records: &[u8]) -> [u8; V2_GROUP_HEADER_LEN] {
+    let len = u32::try_from(records.len()).expect("a group commit over 4 GiB");
+    let mut h = [0u8; V2_GROUP_HEADER_LEN];
+    h[..4].copy_from_slice(&len.to_le_bytes());
+    h[4..8].copy_from_slice(&group_header_crc(nonce, len, None).to_le_bytes());
     h[8..12].copy_from_slice(&group_crc(nonce, records).to_le_bytes());
     h
 }
@@ -152,34 +189,67 @@ fn group_crc(nonce: u32, records: &[u8]) -> u32 {
     crc.finalize()
 }
 
-/// The header's own checksum, over the nonce and the length: a search for the next group
-/// after damage rejects almost every offset after hashing 8 bytes, not the length it reads.
-fn group_header_crc(nonce: u32, len: u32) -> u32 {
+/// The header's own checksum, over the nonce, the length and the sync mark (format 3): a search
+/// for the next group after damage rejects almost every offset after hashing a few bytes, not
+/// the length it reads, and a damaged mark is a damaged group.
+fn group_header_crc(nonce: u32, len: u32, synced: Option<u64>) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&nonce.to_le_bytes());
     crc.update(&len.to_le_bytes());
+    if let Some(synced) = synced {
+        crc.update(&synced.to_le_bytes());
+    }
     crc.finalize()
 }
 
-/// Reads the group frame at the start of `data`: its records and the bytes it took.
-pub fn decode_group(data: &[u8], nonce: u32) -> Result<(&[u8], usize), FrameError> {
-    if data.len() < GROUP_HEADER_LEN {
+/// A group frame, as read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group<'a> {
+    /// Its records, framed, back to back.
+    pub records: &'a [u8],
+    /// Bytes it took, header included.
+    pub used: usize,
+    /// Bytes of the file that were synced when it was written (format 3; format 2 does not
+    /// say).
+    pub synced: Option<u64>,
+}
+
+/// Reads the group frame at the start of `data`, in a log of format `version` (2 or 3) whose
+/// header holds `nonce`.
+pub fn decode_group(data: &[u8], version: u32, nonce: u32) -> Result<Group<'_>, FrameError> {
+    let marked = version >= LOG_FORMAT_VERSION;
+    let header_len = if marked {
+        GROUP_HEADER_LEN
+    } else {
+        V2_GROUP_HEADER_LEN
+    };
+    if data.len() < header_len {
         return Err(FrameError::Truncated);
     }
     let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
     let len = word(0);
-    if group_header_crc(nonce, len) != word(4) {
+    let (synced, header_crc, crc) = if marked {
+        let synced = u64::from_le_bytes(data[4..12].try_into().unwrap());
+        (Some(synced), word(12), word(16))
+    } else {
+        (None, word(4), word(8))
+    };
+    if group_header_crc(nonce, len, synced) != header_crc {
         return Err(FrameError::BadGroupHeader);
     }
-    let end = GROUP_HEADER_LEN + len as usize;
+    let end = header_len + len as usize;
     if data.len() < end {
         return Err(FrameError::Truncated);
     }
-    let records = &data[GROUP_HEADER_LEN..end];
-    if group_crc(nonce, records) != word(8) {
+    let records = &data[header_len..end];
+    if group_crc(nonce, records) != crc {
         return Err(FrameError::BadChecksum);
     }
-    Ok((records, end))
+    Ok(Group {
+        records,
+        used: end,
+        synced,
+    })
 }
 
 /// What a record holds.
@@ -409,23 +479,54 @@ mod tests {
         let mut records = Vec::new();
         encode_write(&write("a", Some("1")), &mut records);
         encode_write(&write("b", None), &mut records);
-        let mut group = group_header(7, &records).to_vec();
+        let v3 = LOG_FORMAT_VERSION;
+        let mut group = group_header(7, 1234, &records).to_vec();
         group.extend(&records);
-        assert_eq!(decode_group(&group, 7), Ok((&records[..], group.len())));
-        // Another file's nonce: not a group of this file, from its first 8 bytes on.
-        assert_eq!(decode_group(&group, 8), Err(FrameError::BadGroupHeader));
         assert_eq!(
-            decode_group(&group[..group.len() - 1], 7),
+            decode_group(&group, v3, 7),
+            Ok(Group {
+                records: &records[..],
+                used: group.len(),
+                synced: Some(1234)
+            })
+        );
+        // Another file's nonce: not a group of this file, from its header on.
+        assert_eq!(decode_group(&group, v3, 8), Err(FrameError::BadGroupHeader));
+        assert_eq!(
+            decode_group(&group[..group.len() - 1], v3, 7),
             Err(FrameError::Truncated)
         );
         let mut flipped = group.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert_eq!(decode_group(&flipped, 7), Err(FrameError::BadChecksum));
+        assert_eq!(decode_group(&flipped, v3, 7), Err(FrameError::BadChecksum));
         let mut longer = group.clone();
         longer[0] ^= 1;
-        assert_eq!(decode_group(&longer, 7), Err(FrameError::BadGroupHeader));
+        assert_eq!(
+            decode_group(&longer, v3, 7),
+            Err(FrameError::BadGroupHeader)
+        );
+        // A damaged sync mark could vouch for bytes that were never synced: it fails the header.
+        let mut marked = group.clone();
+        marked[5] ^= 1;
+        assert_eq!(
+            decode_group(&marked, v3, 7),
+            Err(FrameError::BadGroupHeader)
+        );
         // A bare record is not a group.
-        assert!(decode_group(&records, 7).is_err());
+        assert!(decode_group(&records, v3, 7).is_err());
+        // Format 2 groups have no mark, and the formats do not read each other's groups.
+        let mut old = v2_group_header(7, &records).to_vec();
+        old.extend(&records);
+        assert_eq!(
+            decode_group(&old, GROUPED_FORMAT_VERSION, 7),
+            Ok(Group {
+                records: &records[..],
+                used: old.len(),
+                synced: None
+            })
+        );
+        assert!(decode_group(&old, v3, 7).is_err());
+        assert!(decode_group(&group, GROUPED_FORMAT_VERSION, 7).is_err());
     }
 
     #[test]
@@ -443,10 +544,15 @@ mod tests {
         assert_eq!(
             check_header(&grouped, b"KVSTLOG\n"),
             Ok(Header {
-                version: GROUPED_FORMAT_VERSION,
+                version: LOG_FORMAT_VERSION,
                 nonce: 42,
                 len: GROUPED_HEADER_LEN
             })
+        );
+        let old = grouped_header_of(GROUPED_FORMAT_VERSION, b"KVSTLOG\n", 42);
+        assert_eq!(
+            check_header(&old, b"KVSTLOG\n").map(|h| h.version),
+            Ok(GROUPED_FORMAT_VERSION)
         );
         // A damaged nonce is a damaged header, never a log whose groups all fail.
         let mut flipped = grouped;

@@ -1,7 +1,10 @@
 //! The write-ahead log: a writer thread with group commit, and the scan that replays a log (or
 //! a snapshot) and tells a torn tail from damage in the middle.
 //!
-//! Each group commit is one group frame (see [`record`]): one `write`, then one fsync.
+//! Each group commit is one group frame (see [`record`]): one `write`, then one fsync. Each
+//! frame also says how much of the file had been synced when it was written, which is what lets
+//! recovery tell unsynced groups that a power cut tore (cut them off) from damage to synced data
+//! (refuse) in every sync mode.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write as _};
@@ -13,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::record::{self, FrameError, GROUP_HEADER_LEN, GROUPED_HEADER_LEN, Record};
+use super::record::{self, FrameError, GROUPED_HEADER_LEN, Header, Record};
 use crate::error::{Error, LogError};
 
 /// Magic at the start of every log file.
@@ -150,8 +153,8 @@ impl Durable {
 }
 
 impl LogWriter {
-    /// Starts the writer thread on `file`, a format 2 log currently `len` bytes long whose
-    /// header holds `nonce`.
+    /// Starts the writer thread on `file`, a log of the current format whose header holds
+    /// `nonce`, currently `len` bytes long, all of them synced.
     pub fn start<F: LogFile>(
         file: F,
         len: u64,
@@ -165,6 +168,7 @@ impl LogWriter {
         let mut thread = WriterThread {
             file,
             len,
+            synced: len,
             nonce,
             group: Vec::new(),
             opener,
@@ -246,6 +250,8 @@ struct WriterThread<F: LogFile> {
     file: F,
     /// Length of the file up to the last good append.
     len: u64,
+    /// Length of the file as of its last sync: what the next group says is on disk.
+    synced: u64,
     /// The current file's nonce, which salts its groups' checksums.
     nonce: u32,
     /// The group frame being written, kept to reuse its allocation.
@@ -345,7 +351,7 @@ impl<F: LogFile> WriterThread<F> {
         if !buf.is_empty() {
             self.group.clear();
             self.group
-                .extend_from_slice(&record::group_header(self.nonce, buf));
+                .extend_from_slice(&record::group_header(self.nonce, self.synced, buf));
             self.group.extend_from_slice(buf);
             if let Err(e) = self.file.append(&self.group) {
                 let error = LogError::from_io("appending to the log", &e);
@@ -378,7 +384,10 @@ impl<F: LogFile> WriterThread<F> {
             return;
         }
         match self.file.sync() {
-            Ok(()) => self.dirty_since = None,
+            Ok(()) => {
+                self.dirty_since = None;
+                self.synced = self.len;
+            }
             Err(e) => self.poison(LogError::from_io("syncing the log", &e)),
         }
     }
@@ -396,7 +405,9 @@ impl<F: LogFile> WriterThread<F> {
             Ok((file, nonce)) => {
                 self.file = file;
                 self.nonce = nonce;
+                // `create_log` synced the header before handing the file over.
                 self.len = GROUPED_HEADER_LEN as u64;
+                self.synced = self.len;
                 self.bytes.store(self.len, Ordering::Relaxed);
                 self.dirty_since = None;
                 Ok(())
@@ -421,8 +432,9 @@ pub struct ScanEnd {
 /// What to do with damage found by a scan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnDamage {
-    /// Damage followed by good records is corruption: refuse. Damage with nothing good after it
-    /// is a torn tail (a crash mid-write): drop it.
+    /// Damage with nothing good after it is a torn tail (a crash mid-write): drop it. So is
+    /// damage that the groups after it say was never synced (format 3). Damage followed by good
+    /// records that do not say so is corruption: refuse.
     TornTailOnly,
     /// Refuse on any damage (a file that was complete before it was last closed).
     Refuse,
@@ -453,7 +465,7 @@ pub fn scan(
                 used
             })
         } else {
-            read_group(&data[offset..], header.nonce, |record| {
+            read_group(&data[offset..], &header, |record| {
                 f(record);
                 records += 1;
             })
@@ -474,15 +486,21 @@ pub fn scan(
                 let good_after = if header.version == record::FORMAT_VERSION {
                     (0..after.len()).find(|&at| record::decode(&after[at..]).is_ok())
                 } else {
-                    (0..after.len())
-                        .find(|&at| record::decode_group(&after[at..], header.nonce).is_ok())
-                };
+                    (0..after.len()).find(|&at| {
+                        record::decode_group(&after[at..], header.version, header.nonce).is_ok()
+                    })
+                }
+                .map(|at| offset + 1 + at);
+                let vouched = good_after.and_then(|at| highest_sync_mark(&data[at..], &header));
                 return damaged(
                     path,
                     data,
-                    offset,
-                    &error,
-                    good_after.map(|at| offset + 1 + at),
+                    Damage {
+                        offset,
+                        error: &error,
+                        good_after,
+                        vouched,
+                    },
                     on_damage,
                     records,
                 );
@@ -496,10 +514,34 @@ pub fn scan(
     })
 }
 
+/// The highest sync mark among the groups in `data` (which starts with one), skipping damage
+/// between them; `None` in a format without marks. Marks only grow through a file, but the
+/// groups after the first may be damaged too, so every one is read.
+fn highest_sync_mark(data: &[u8], header: &Header) -> Option<u64> {
+    let mut highest = None;
+    let mut at = 0;
+    while at < data.len() {
+        match record::decode_group(&data[at..], header.version, header.nonce) {
+            Ok(group) => {
+                highest = highest.max(group.synced);
+                at += group.used;
+            }
+            Err(_) => at += 1,
+        }
+    }
+    highest
+}
+
 /// Reads the group frame at the start of `data`, handing its records to `f`; returns the bytes
 /// it took. A group is read whole or not at all: nothing of a damaged group reaches `f`.
-fn read_group(data: &[u8], nonce: u32, mut f: impl FnMut(Record)) -> Result<usize, FrameError> {
-    let (bytes, used) = record::decode_group(data, nonce)?;
+fn read_group(
+    data: &[u8],
+    header: &Header,
+    mut f: impl FnMut(Record),
+) -> Result<usize, FrameError> {
+    let group = record::decode_group(data, header.version, header.nonce)?;
+    let (bytes, used) = (group.records, group.used);
+    let records_start = used - bytes.len();
     let mut found = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
@@ -508,7 +550,7 @@ fn read_group(data: &[u8], nonce: u32, mut f: impl FnMut(Record)) -> Result<usiz
         let (record, n) = record::decode(&bytes[at..]).map_err(|e| {
             FrameError::InGroup(format!(
                 "{e}, at byte {} of a group whose checksum matches",
-                GROUP_HEADER_LEN + at
+                records_start + at
             ))
         })?;
         found.push(record);
@@ -518,26 +560,50 @@ fn read_group(data: &[u8], nonce: u32, mut f: impl FnMut(Record)) -> Result<usiz
     Ok(used)
 }
 
-/// The end of a scan that found damage at `offset`: a torn tail (damage with nothing valid
-/// after it, in the file that may have one), the operator's cut, or the refusal.
+/// Damage a scan found, and what it found after it.
+struct Damage<'a> {
+    offset: usize,
+    error: &'a FrameError,
+    /// Where the first valid record or group after the damage starts.
+    good_after: Option<usize>,
+    /// The highest sync mark of the groups after the damage (format 3).
+    vouched: Option<u64>,
+}
+
+/// The end of a scan that found damage: a torn tail (damage with nothing valid after it, or
+/// that nothing after it says was synced, in the file that may have one), the operator's cut,
+/// or the refusal.
 fn damaged(
     path: &Path,
     data: &[u8],
-    offset: usize,
-    error: &FrameError,
-    good_after: Option<usize>,
+    damage: Damage<'_>,
     on_damage: OnDamage,
     records: u64,
 ) -> Result<ScanEnd, Error> {
-    let reason = match (error, good_after) {
-        (_, Some(at)) => format!("{error}; a valid record follows at offset {at}"),
-        (FrameError::Truncated, None) => error.to_string(),
-        (_, None) => format!("{error}, and nothing valid after it"),
+    let Damage {
+        offset,
+        error,
+        good_after,
+        vouched,
+    } = damage;
+    let unsynced = vouched.is_some_and(|synced| synced <= offset as u64);
+    let reason = match (error, good_after, vouched) {
+        (_, Some(at), Some(synced)) if unsynced => format!(
+            "{error}; the valid groups after it (from offset {at}) were written when only \
+             {synced} bytes were synced, so it was never synced, and neither were they"
+        ),
+        (_, Some(at), Some(synced)) => format!(
+            "{error}; a valid group follows at offset {at}, and says the file was synced up \
+             to byte {synced}"
+        ),
+        (_, Some(at), None) => format!("{error}; a valid record follows at offset {at}"),
+        (FrameError::Truncated, None, _) => error.to_string(),
+        (_, None, _) => format!("{error}, and nothing valid after it"),
     };
     let torn = (offset as u64, (data.len() - offset) as u64, reason.clone());
     match on_damage {
         OnDamage::Truncate => {}
-        OnDamage::TornTailOnly if good_after.is_none() => {}
+        OnDamage::TornTailOnly if good_after.is_none() || unsynced => {}
         _ => {
             return Err(Error::Corrupt {
                 file: path.to_path_buf(),
@@ -585,6 +651,8 @@ mod tests {
     struct MemFile {
         data: Arc<Mutex<Vec<u8>>>,
         syncs: Arc<AtomicU64>,
+        /// The file's length at each sync.
+        synced_at: Arc<Mutex<Vec<u64>>>,
         fail_writes: Arc<AtomicBool>,
         fail_sync: Arc<AtomicBool>,
     }
@@ -606,6 +674,8 @@ mod tests {
             if self.fail_sync.load(Ordering::Relaxed) {
                 return Err(io::Error::other("sync failed"));
             }
+            let len = self.data.lock().unwrap().len() as u64;
+            self.synced_at.lock().unwrap().push(len);
             self.syncs.fetch_add(1, Ordering::Relaxed);
             Ok(())
         }
@@ -624,15 +694,39 @@ mod tests {
         LogWriter::start(f, GROUPED_HEADER_LEN as u64, NONCE, opener, sync)
     }
 
-    /// A log of format 2 holding one group per entry of `groups`, as the writer makes it.
+    /// A log holding one group per entry of `groups`, as the writer makes it with fsync before
+    /// every ack: each group says everything before it was synced.
     fn grouped_log_of(groups: &[&[&str]]) -> Vec<u8> {
+        marked_log_of(groups, |start| start)
+    }
+
+    /// A log holding one group per entry of `groups`, the one starting at byte `start` saying
+    /// that `mark(start)` bytes were synced.
+    fn marked_log_of(groups: &[&[&str]], mark: impl Fn(u64) -> u64) -> Vec<u8> {
         let mut data = record::grouped_header(LOG_MAGIC, NONCE).to_vec();
         for keys in groups {
             let records: Vec<u8> = keys.iter().flat_map(|k| framed(k)).collect();
-            data.extend(record::group_header(NONCE, &records));
+            data.extend(record::group_header(
+                NONCE,
+                mark(data.len() as u64),
+                &records,
+            ));
             data.extend(records);
         }
         data
+    }
+
+    /// The sync marks of every group of a whole log, in order.
+    fn marks_of(data: &[u8]) -> Vec<u64> {
+        let header = record::check_header(data, LOG_MAGIC).unwrap();
+        let mut at = header.len;
+        let mut marks = Vec::new();
+        while at < data.len() {
+            let group = record::decode_group(&data[at..], header.version, header.nonce).unwrap();
+            marks.push(group.synced.unwrap());
+            at += group.used;
+        }
+        marks
     }
 
     fn keys_of(data: &[u8], on_damage: OnDamage) -> Result<(Vec<String>, ScanEnd), Error> {
@@ -700,12 +794,12 @@ mod tests {
         // nonce it guessed. The append carrying it is torn after them.
         let mut inside = vec![b'x'; 20];
         inside.extend(framed("inner"));
-        inside.extend(record::group_header(NONCE + 1, &framed("inner")));
+        inside.extend(record::group_header(NONCE + 1, 0, &framed("inner")));
         inside.extend(framed("inner"));
         inside.extend([b'x'; 20]);
         let good = grouped_log_of(&[&["a"]]);
         let mut data = good.clone();
-        data.extend(record::group_header(NONCE, &inside));
+        data.extend(record::group_header(NONCE, good.len() as u64, &inside));
         data.extend(&inside[..inside.len() - 10]);
         let (keys, end) = keys_of(&data, OnDamage::TornTailOnly).unwrap();
         assert_eq!((keys, end.good_len), (vec!["a".into()], good.len() as u64));
@@ -721,7 +815,7 @@ mod tests {
         let good = grouped_log_of(&[&["a"]]);
         let mut data = good.clone();
         let unreadable = [framed("b"), vec![0xEE; 30]].concat();
-        data.extend(record::group_header(NONCE, &unreadable));
+        data.extend(record::group_header(NONCE, good.len() as u64, &unreadable));
         data.extend(&unreadable);
         let err = keys_of(&data, OnDamage::TornTailOnly)
             .unwrap_err()
@@ -742,13 +836,132 @@ mod tests {
     fn damage_to_a_group_with_groups_after_it_is_refused() {
         let mut data = grouped_log_of(&[&["a"], &["b"], &["c"]]);
         let second = grouped_log_of(&[&["a"]]).len();
-        data[second + GROUP_HEADER_LEN + 10] ^= 0xFF;
+        data[second + record::GROUP_HEADER_LEN + 10] ^= 0xFF;
         let err = keys_of(&data, OnDamage::TornTailOnly)
             .unwrap_err()
             .to_string();
         assert!(err.contains(&format!("offset {second}")), "{err}");
+        assert!(err.contains("synced up to byte"), "{err}");
         let (keys, end) = keys_of(&data, OnDamage::Truncate).unwrap();
         assert_eq!((keys, end.good_len), (vec!["a".into()], second as u64));
+    }
+
+    #[test]
+    fn unsynced_groups_torn_with_intact_ones_after_them_are_cut_off() {
+        // `--sync interval`: "a" was synced, then "b", "c" and "d" were written and a power cut
+        // took "c"'s pages but not "d"'s. "d" says only "a" was synced when it was written.
+        let groups: &[&[&str]] = &[&["a"], &["b"], &["c"], &["d"]];
+        let first_end = grouped_log_of(&groups[..1]).len() as u64;
+        let whole = marked_log_of(groups, |start| start.min(first_end));
+        let third = grouped_log_of(&groups[..2]).len();
+        let mut data = whole.clone();
+        data[third + 30..third + 40].fill(0);
+        let (keys, end) = keys_of(&data, OnDamage::TornTailOnly).unwrap();
+        assert_eq!(keys, ["a", "b"]);
+        assert_eq!(end.good_len, third as u64);
+        let (offset, len, reason) = end.torn.unwrap();
+        assert_eq!((offset, len), (third as u64, (data.len() - third) as u64));
+        assert!(reason.contains("never synced"), "{reason}");
+
+        // The same damage to "a", which "b" and everything after say was synced: refused.
+        let mut data = whole.clone();
+        let first = record::GROUPED_HEADER_LEN;
+        data[first + 30] ^= 0xFF;
+        let err = keys_of(&data, OnDamage::TornTailOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("offset {first}")), "{err}");
+
+        // Damage to "b" with a damaged "c" between it and "d": "d" still speaks for it.
+        let mut data = whole.clone();
+        let second = first_end as usize;
+        data[second + 30] ^= 0xFF;
+        data[third + 30] ^= 0xFF;
+        let (keys, end) = keys_of(&data, OnDamage::TornTailOnly).unwrap();
+        assert_eq!((keys, end.good_len), (vec!["a".into()], first_end));
+        // ...and when a later group says "b" was synced, it is refused however far away it is.
+        let all_synced = grouped_log_of(groups);
+        let mut data = all_synced.clone();
+        data[second + 30] ^= 0xFF;
+        data[third + 30] ^= 0xFF;
+        assert!(keys_of(&data, OnDamage::TornTailOnly).is_err());
+    }
+
+    #[test]
+    fn logs_of_format_2_are_read_and_their_damage_is_judged_as_before() {
+        let mut data =
+            record::grouped_header_of(record::GROUPED_FORMAT_VERSION, LOG_MAGIC, NONCE).to_vec();
+        let mut starts = Vec::new();
+        for key in ["a", "b", "c"] {
+            starts.push(data.len());
+            let records = framed(key);
+            data.extend(record::v2_group_header(NONCE, &records));
+            data.extend(records);
+        }
+        let (keys, end) = keys_of(&data, OnDamage::TornTailOnly).unwrap();
+        assert_eq!(
+            (keys, end.good_len),
+            (vec!["a".into(), "b".into(), "c".into()], data.len() as u64)
+        );
+        // A torn last group is cut off.
+        let (keys, _) = keys_of(&data[..data.len() - 2], OnDamage::TornTailOnly).unwrap();
+        assert_eq!(keys, ["a", "b"]);
+        // With no sync marks, damage with a group after it is refused, whatever the sync mode was.
+        data[starts[1] + 20] ^= 0xFF;
+        let err = keys_of(&data, OnDamage::TornTailOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("offset {}", starts[1])), "{err}");
+    }
+
+    #[tokio::test]
+    async fn each_group_says_how_much_of_the_file_was_synced_before_it() {
+        let header = GROUPED_HEADER_LEN as u64;
+        // With fsync before every ack: everything before it.
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        for k in ["a", "b", "c"] {
+            w.append(framed(k)).wait().await.unwrap();
+        }
+        w.close().await;
+        let data = file.data.lock().unwrap().clone();
+        let group = (data.len() as u64 - header) / 3;
+        assert_eq!(
+            marks_of(&data),
+            [header, header + group, header + 2 * group]
+        );
+
+        // Never synced: only the header, which was synced when the file was made.
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Never);
+        for k in ["a", "b", "c"] {
+            w.append(framed(k)).wait().await.unwrap();
+        }
+        w.close().await;
+        assert_eq!(marks_of(&file.data.lock().unwrap()), [header; 3]);
+
+        // Synced now and then: a group written after a sync says so, one before it does not.
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Interval(Duration::from_millis(20)));
+        w.append(framed("a")).wait().await.unwrap();
+        w.append(framed("b")).wait().await.unwrap();
+        let (after_a, after_b) = (header + group, header + 2 * group);
+        // Wait (bounded) for an interval's sync to cover "b", then write "c".
+        let waited = Instant::now();
+        while !file.synced_at.lock().unwrap().contains(&after_b) {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "no interval sync"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        w.append(framed("c")).wait().await.unwrap();
+        w.close().await;
+        let marks = marks_of(&file.data.lock().unwrap());
+        // A sync may also have come between "a" and "b".
+        let synced_a_alone = file.synced_at.lock().unwrap().contains(&after_a);
+        let b_mark = if synced_a_alone { after_a } else { header };
+        assert_eq!(marks, [header, b_mark, after_b]);
     }
 
     #[tokio::test]
