@@ -26,8 +26,11 @@
 //! off with a warning. With `SyncMode::Always` only the last group can be unsynced; with the
 //! other modes several can be, in any state after a power cut, intact ones after torn ones. A
 //! damaged group is cut off, with everything after it, when no later group says it had been
-//! synced. Damage to synced data stops the node with the file and offset, unless the operator
-//! asks for `--repair-truncate`.
+//! synced. Every sync is recorded, by the next group or by an empty one written for it, so
+//! damage to synced data stops the node with the file and offset, unless the operator asks for
+//! `--repair-truncate`. (The exception needs two faults: a power cut that takes the empty group
+//! recording the last sync, and damage to the synced groups before it, which then reads like a
+//! torn tail, as damage to the last group always has.)
 //!
 //! # Compaction
 //! When the current log passes a size, the writer rotates to generation G+1 (everything before
@@ -178,13 +181,18 @@ impl Storage {
             })?;
             report.log_records += end.records;
             if let Some((offset, len, reason)) = &end.torn {
+                let what = if config.repair {
+                    "cut the log at the damage, as --repair-truncate asked"
+                } else {
+                    "cut off a damaged log tail that nothing after it says was synced (torn by \
+                     a crash; acknowledged only under --sync interval or never)"
+                };
                 tracing::warn!(
                     file = %path.display(),
                     offset,
                     dropped_bytes = len,
                     reason = %reason,
-                    "cut off a damaged log tail that was never synced (torn by a crash; \
-                     acknowledged only under --sync interval or never)"
+                    "{what}"
                 );
                 report.torn_bytes += len;
                 let f = std::fs::OpenOptions::new()
@@ -222,8 +230,15 @@ impl Storage {
                 (g, file, len, header.nonce)
             }
             // A log of an older format: it stays as it is (its torn tail, if any, was cut
-            // above), and writing goes on in a new one, so that no file mixes the formats.
-            Some((g, _, _)) => create(g + 1)?,
+            // above), and writing goes on in a new one, so that no file mixes the formats. It
+            // is synced first: from now on it is an earlier log, whose damage is refused.
+            Some((g, _, _)) => {
+                let path = wal::log_path(dir, g);
+                File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(Error::io(format!("syncing {}", path.display())))?;
+                create(g + 1)?
+            }
             None => create(base)?,
         };
         let opener_dir = dir.clone();
@@ -554,6 +569,35 @@ pub(crate) mod tests {
             err.contains(&format!("offset {}", record::GROUPED_HEADER_LEN)),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn damage_to_groups_a_clean_close_synced_is_refused_in_every_sync_mode() {
+        for sync in [
+            SyncMode::Interval(Duration::from_secs(3600)),
+            SyncMode::Never,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = config(dir.path());
+            cfg.sync = sync;
+            let mut r = Storage::open(&cfg).unwrap();
+            let map = Arc::new(std::mem::take(&mut r.map));
+            for w in [write("a", Some("1"), 1), write("b", Some("2"), 2)] {
+                r.storage.append(&w, &map).wait().await.unwrap();
+            }
+            // No group after "a" was written after a sync: only the close's own mark says
+            // that "a" reached the disk.
+            r.storage.close().await;
+            let log = wal::log_path(dir.path(), 0);
+            let mut data = std::fs::read(&log).unwrap();
+            data[record::GROUPED_HEADER_LEN + 25] ^= 0xFF;
+            std::fs::write(&log, &data).unwrap();
+            let err = Storage::open(&cfg).err().unwrap().to_string();
+            assert!(
+                err.contains(&format!("offset {}", record::GROUPED_HEADER_LEN)),
+                "{sync:?}: {err}"
+            );
+        }
     }
 
     #[tokio::test]

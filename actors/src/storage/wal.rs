@@ -4,7 +4,8 @@
 //! Each group commit is one group frame (see [`record`]): one `write`, then one fsync. Each
 //! frame also says how much of the file had been synced when it was written, which is what lets
 //! recovery tell unsynced groups that a power cut tore (cut them off) from damage to synced data
-//! (refuse) in every sync mode.
+//! (refuse). A sync that no group would record, because nothing was written after it (an
+//! interval's sync, the one at start, the last one before close), is recorded by an empty group.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write as _};
@@ -169,6 +170,7 @@ impl LogWriter {
             file,
             len,
             synced: len,
+            marked: GROUPED_HEADER_LEN as u64,
             nonce,
             group: Vec::new(),
             opener,
@@ -252,6 +254,9 @@ struct WriterThread<F: LogFile> {
     len: u64,
     /// Length of the file as of its last sync: what the next group says is on disk.
     synced: u64,
+    /// The highest sync mark written into the file: when `synced` is past it, a crash now would
+    /// leave no proof that the bytes between were synced.
+    marked: u64,
     /// The current file's nonce, which salts its groups' checksums.
     nonce: u32,
     /// The group frame being written, kept to reuse its allocation.
@@ -269,6 +274,8 @@ struct WriterThread<F: LogFile> {
 
 impl<F: LogFile> WriterThread<F> {
     fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        // The file was synced before it was handed over; its last group may not say so.
+        self.mark_synced();
         loop {
             let first = match (self.sync, self.dirty_since) {
                 (SyncMode::Interval(every), Some(since)) => {
@@ -276,6 +283,7 @@ impl<F: LogFile> WriterThread<F> {
                         Ok(cmd) => cmd,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             self.sync_now();
+                            self.mark_synced();
                             continue;
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -313,11 +321,48 @@ impl<F: LogFile> WriterThread<F> {
                 && since.elapsed() >= every
             {
                 self.sync_now();
+                self.mark_synced();
             }
         }
         let mut none = Vec::new();
         self.flush(&mut Vec::new(), &mut none, true);
         self.sync_now();
+        // A clean close leaves a log whose every byte a later group vouches for, and whose last
+        // group (the mark that does) is synced too.
+        if self.mark_synced() || self.len > self.synced {
+            self.dirty_since.get_or_insert_with(Instant::now);
+            self.sync_now();
+        }
+    }
+
+    /// Writes an empty group whose mark records the last sync, if no group records it yet.
+    /// Recovery cuts damage that no later group says was synced, so without it a sync after
+    /// the last group (an interval's, the one at start) would leave synced data that damage
+    /// could cost rather than stop the node. The group does not make the log dirty: it is
+    /// synced with whatever comes next, and an idle log is not synced again for it. Returns
+    /// whether it was written. In fsync-before-ack mode the next group records each sync, so
+    /// this runs only at start, on the interval's syncs and at close.
+    fn mark_synced(&mut self) -> bool {
+        if self.poisoned.is_some() || self.synced <= self.marked {
+            return false;
+        }
+        let marker = record::group_header(self.nonce, self.synced, &[]);
+        if let Err(e) = self.file.append(&marker) {
+            // Nothing waits on it: the next group carries the same mark, or a newer one.
+            let error = LogError::from_io("appending a sync mark to the log", &e);
+            tracing::warn!(error = %error, "could not record a log sync");
+            if let Err(e) = self.file.truncate(self.len) {
+                self.poison(LogError::from_io(
+                    "truncating the log after a failed write",
+                    &e,
+                ));
+            }
+            return false;
+        }
+        self.len += marker.len() as u64;
+        self.marked = self.synced;
+        self.bytes.store(self.len, Ordering::Relaxed);
+        true
     }
 
     /// Writes `buf`, syncs if asked, and answers the waiters.
@@ -367,6 +412,7 @@ impl<F: LogFile> WriterThread<F> {
                 return Err(error);
             }
             self.len += self.group.len() as u64;
+            self.marked = self.synced;
             self.bytes.store(self.len, Ordering::Relaxed);
             self.dirty_since.get_or_insert_with(Instant::now);
         }
@@ -408,6 +454,7 @@ impl<F: LogFile> WriterThread<F> {
                 // `create_log` synced the header before handing the file over.
                 self.len = GROUPED_HEADER_LEN as u64;
                 self.synced = self.len;
+                self.marked = self.len;
                 self.bytes.store(self.len, Ordering::Relaxed);
                 self.dirty_since = None;
                 Ok(())
@@ -716,6 +763,12 @@ mod tests {
         data
     }
 
+    /// `log` with the empty group a clean close appends, saying all of it was synced.
+    fn with_close_mark(mut log: Vec<u8>) -> Vec<u8> {
+        log.extend(record::group_header(NONCE, log.len() as u64, &[]));
+        log
+    }
+
     /// The sync marks of every group of a whole log, in order.
     fn marks_of(data: &[u8]) -> Vec<u64> {
         let header = record::check_header(data, LOG_MAGIC).unwrap();
@@ -748,7 +801,10 @@ mod tests {
         w.append(both).wait().await.unwrap();
         w.close().await;
         let data = file.data.lock().unwrap().clone();
-        assert_eq!(data, grouped_log_of(&[&["a"], &["b", "c"]]));
+        assert_eq!(
+            data,
+            with_close_mark(grouped_log_of(&[&["a"], &["b", "c"]]))
+        );
         let (keys, end) = keys_of(&data, OnDamage::Refuse).unwrap();
         assert_eq!(
             (keys, end.records),
@@ -884,7 +940,50 @@ mod tests {
         let mut data = all_synced.clone();
         data[second + 30] ^= 0xFF;
         data[third + 30] ^= 0xFF;
-        assert!(keys_of(&data, OnDamage::TornTailOnly).is_err());
+        let err = keys_of(&data, OnDamage::TornTailOnly)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("offset {second}")), "{err}");
+        let synced_by_d = third + grouped_log_of(&[&["c"]]).len() - GROUPED_HEADER_LEN;
+        assert!(
+            err.contains(&format!("synced up to byte {synced_by_d}")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_log_file_starts_with_only_its_header_synced() {
+        let (first, second) = (MemFile::default(), MemFile::default());
+        let mut f = first.clone();
+        f.append(&record::grouped_header(LOG_MAGIC, NONCE)).unwrap();
+        let next = second.clone();
+        let opener: Opener<MemFile> = Box::new(move |_| {
+            let mut f = next.clone();
+            f.append(&record::grouped_header(LOG_MAGIC, NONCE + 1))?;
+            Ok((f, NONCE + 1))
+        });
+        let w = LogWriter::start(
+            f,
+            GROUPED_HEADER_LEN as u64,
+            NONCE,
+            opener,
+            SyncMode::Always,
+        );
+        w.append(framed("a long key, longer than the next"))
+            .wait()
+            .await
+            .unwrap();
+        w.rotate(1).wait().await.unwrap();
+        w.append(framed("b")).wait().await.unwrap();
+        w.close().await;
+        let header = GROUPED_HEADER_LEN as u64;
+        assert_eq!(marks_of(&first.data.lock().unwrap()), [header]);
+        let after_b = header + grouped_log_of(&[&["b"]]).len() as u64 - header;
+        assert_eq!(
+            marks_of(&second.data.lock().unwrap()),
+            [header, after_b],
+            "the old file's synced length does not carry over"
+        );
     }
 
     #[test]
@@ -917,7 +1016,9 @@ mod tests {
     #[tokio::test]
     async fn each_group_says_how_much_of_the_file_was_synced_before_it() {
         let header = GROUPED_HEADER_LEN as u64;
-        // With fsync before every ack: everything before it.
+        let mark = record::GROUP_HEADER_LEN as u64;
+        // With fsync before every ack: everything before it. A clean close adds an empty group
+        // for the last sync.
         let file = MemFile::default();
         let w = writer(&file, SyncMode::Always);
         for k in ["a", "b", "c"] {
@@ -925,43 +1026,58 @@ mod tests {
         }
         w.close().await;
         let data = file.data.lock().unwrap().clone();
-        let group = (data.len() as u64 - header) / 3;
-        assert_eq!(
-            marks_of(&data),
-            [header, header + group, header + 2 * group]
-        );
+        let group = (data.len() as u64 - header - mark) / 3;
+        let ends: Vec<u64> = (0..4).map(|i| header + i * group).collect();
+        assert_eq!(marks_of(&data), ends);
 
-        // Never synced: only the header, which was synced when the file was made.
+        // Never synced while running: only the header, which was synced when the file was made.
         let file = MemFile::default();
         let w = writer(&file, SyncMode::Never);
         for k in ["a", "b", "c"] {
             w.append(framed(k)).wait().await.unwrap();
         }
         w.close().await;
-        assert_eq!(marks_of(&file.data.lock().unwrap()), [header; 3]);
+        assert_eq!(
+            marks_of(&file.data.lock().unwrap()),
+            [header, header, header, ends[3]]
+        );
 
-        // Synced now and then: a group written after a sync says so, one before it does not.
+        // Synced now and then: each sync is recorded right away by an empty group, and the
+        // groups after it say so too.
         let file = MemFile::default();
         let w = writer(&file, SyncMode::Interval(Duration::from_millis(20)));
+        let settled = |want: &[u64]| {
+            let (file, want) = (file.clone(), want.to_vec());
+            async move {
+                let waited = Instant::now();
+                loop {
+                    let marks = marks_of(&file.data.lock().unwrap());
+                    if marks == want {
+                        return;
+                    }
+                    assert!(
+                        waited.elapsed() < Duration::from_secs(10),
+                        "marks {marks:?}, expected {want:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
         w.append(framed("a")).wait().await.unwrap();
+        let after_a = header + group;
+        settled(&[header, after_a]).await;
         w.append(framed("b")).wait().await.unwrap();
-        let (after_a, after_b) = (header + group, header + 2 * group);
-        // Wait (bounded) for an interval's sync to cover "b", then write "c".
-        let waited = Instant::now();
-        while !file.synced_at.lock().unwrap().contains(&after_b) {
-            assert!(
-                waited.elapsed() < Duration::from_secs(10),
-                "no interval sync"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        w.append(framed("c")).wait().await.unwrap();
+        let after_b = after_a + mark + group;
+        settled(&[header, after_a, after_a, after_b]).await;
+        // The empty groups do not make the log dirty: an idle log is not synced for them.
+        let syncs = file.syncs.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(file.syncs.load(Ordering::Relaxed), syncs);
+        assert_eq!(syncs, 2);
         w.close().await;
-        let marks = marks_of(&file.data.lock().unwrap());
-        // A sync may also have come between "a" and "b".
-        let synced_a_alone = file.synced_at.lock().unwrap().contains(&after_a);
-        let b_mark = if synced_a_alone { after_a } else { header };
-        assert_eq!(marks, [header, b_mark, after_b]);
+        // The close syncs the last empty group, and needs no other.
+        assert_eq!(file.syncs.load(Ordering::Relaxed), 3);
+        assert_eq!(marks_of(&file.data.lock().unwrap()).len(), 4);
     }
 
     #[tokio::test]
@@ -1030,8 +1146,8 @@ mod tests {
         w.close().await;
         assert_eq!(
             file.syncs.load(Ordering::Relaxed),
-            1,
-            "a clean stop syncs what is there"
+            2,
+            "a clean stop syncs what is there, then the group that says so"
         );
     }
 
