@@ -349,15 +349,17 @@ impl<P: PeerClient> Coordinator<P> {
             .flatten()
             .chain(std::iter::once(&local))
             .flatten()
-            .max_by(|a, b| a.version.cmp(&b.version))
+            .max_by(|a, b| a.precedence().cmp(&b.precedence()))
             .cloned();
         if let Some(newest) = &newest {
             let repair = Write {
                 key,
                 entry: newest.clone(),
             };
-            let stale =
-                |seen: &Option<Entry>| seen.as_ref().is_none_or(|e| e.version < newest.version);
+            let stale = |seen: &Option<Entry>| {
+                seen.as_ref()
+                    .is_none_or(|e| e.precedence() < newest.precedence())
+            };
             if stale(&local) {
                 let _ = self.apply(vec![repair.clone()]).await;
             }

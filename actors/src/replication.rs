@@ -690,7 +690,10 @@ pub(crate) mod tests {
 
         fn apply(&self, w: &Write) {
             let mut data = self.data.lock().unwrap();
-            if data.get(&w.key).is_none_or(|e| w.entry.version > e.version) {
+            if data
+                .get(&w.key)
+                .is_none_or(|e| w.entry.precedence() > e.precedence())
+            {
                 data.insert(w.key.clone(), w.entry.clone());
             }
         }

@@ -110,6 +110,17 @@ impl Slot {
         }
     }
 
+    /// Whether `entry` wins over this slot in last-writer-wins order ([`precedence`]). The
+    /// value is looked at only on a tie of versions, which a correct cluster never makes.
+    pub fn loses_to(&self, entry: &Entry) -> bool {
+        match entry.version.cmp(&self.version()) {
+            std::cmp::Ordering::Equal => {
+                entry.precedence() > precedence(self.version(), self.value_str())
+            }
+            order => order.is_gt(),
+        }
+    }
+
     /// Whether this is a tombstone older than `before` (a version time): past its grace.
     pub fn is_expired(&self, before: Option<u64>) -> bool {
         self.is_tombstone() && before.is_some_and(|t| self.time < t)
@@ -130,6 +141,22 @@ pub struct Entry {
     pub value: Option<Box<str>>,
     /// The version of the write that produced this entry.
     pub version: Version,
+}
+
+impl Entry {
+    /// Where this entry stands in last-writer-wins order (see [`precedence`]).
+    pub fn precedence(&self) -> (Version, bool, Option<&str>) {
+        precedence(self.version, self.value.as_deref())
+    }
+}
+
+/// The order of last-writer-wins: the newer version wins. Two different writes under one
+/// version should not exist: it takes two nodes sharing an id, a forged Replicate, or a bug.
+/// If they do, a tombstone beats a value and the greater value beats the smaller (as in
+/// Cassandra), so that every replica keeps the same one, whatever order they reach it in, and
+/// anti-entropy, whose digests include values, converges them rather than trading them for ever.
+pub fn precedence(version: Version, value: Option<&str>) -> (Version, bool, Option<&str>) {
+    (version, value.is_none(), value)
 }
 
 /// One versioned write of one key: what replicates between nodes.
@@ -396,13 +423,14 @@ impl StoreActor {
         Write { key, entry }
     }
 
-    /// Applies `write` if it is newer than what the map holds. Returns whether it changed the map.
+    /// Applies `write` if it wins over what the map holds ([`precedence`]). Returns whether it
+    /// changed the map.
     fn apply(&mut self, write: &Write) -> bool {
         self.clock.observe(&write.entry.version);
         self.save_pre_image(&write.key);
         match self.map.entry(write.key.as_str().into()) {
             dashmap::Entry::Occupied(mut slot) => {
-                if write.entry.version > slot.get().version() {
+                if slot.get().loses_to(&write.entry) {
                     slot.insert(Slot::new(&write.entry));
                     true
                 } else {
@@ -689,6 +717,29 @@ mod tests {
         assert!(w2.entry.version > w1.entry.version);
         assert_eq!(&*w2.entry.version.node, "n1");
         assert_eq!(get(&s, "k").await.as_deref(), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn two_writes_under_one_version_end_the_same_on_every_replica() {
+        // What two nodes sharing an id (or a forged Replicate) can make. Whichever arrives
+        // first, every replica keeps the same one: the tombstone, else the greater value.
+        for (a, b, winner) in [
+            (Some("apple"), Some("banana"), Some("banana")),
+            (Some("zebra"), None, None),
+        ] {
+            let first = write("k", a, 15, "n1");
+            let second = write("k", b, 15, "n1");
+            for order in [[&first, &second], [&second, &first]] {
+                let s = store("n3");
+                for w in order {
+                    apply(&s, w.clone()).await;
+                }
+                assert_eq!(get(&s, "k").await.as_deref(), winner, "{order:?}");
+                for w in order {
+                    assert!(!apply(&s, w.clone()).await, "decided writes change nothing");
+                }
+            }
+        }
     }
 
     #[tokio::test]

@@ -140,7 +140,7 @@ impl Storage {
             max_time = max_time.max(w.entry.version.time);
             match map.entry(w.key.into_boxed_str()) {
                 dashmap::Entry::Occupied(mut slot) => {
-                    if w.entry.version > slot.get().version() {
+                    if slot.get().loses_to(&w.entry) {
                         slot.insert(Slot::new(&w.entry));
                     }
                 }
@@ -436,6 +436,17 @@ pub(crate) mod tests {
         assert_eq!(value(&r, "b"), Some(Some("2".into())));
         assert_eq!(r.max_time, 12);
         assert_eq!(r.report.log_records, 3);
+    }
+
+    #[tokio::test]
+    async fn recovery_settles_two_writes_under_one_version_as_apply_does() {
+        let (apple, banana) = (write("k", Some("apple"), 7), write("k", Some("banana"), 7));
+        for order in [[&apple, &banana], [&banana, &apple]] {
+            let dir = tempfile::tempdir().unwrap();
+            let writes: Vec<Write> = order.into_iter().cloned().collect();
+            let r = append_all(&config(dir.path()), &writes).await;
+            assert_eq!(value(&r, "k"), Some(Some("banana".into())), "{order:?}");
+        }
     }
 
     #[tokio::test]
