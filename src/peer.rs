@@ -43,6 +43,9 @@ pub struct GrpcPeer {
     calls_only: Arc<AtomicBool>,
     /// Bounds one batch's round trip over the stream, as the channel bounds a call.
     call_timeout: Duration,
+    /// Most bytes of writes per batch: half the message limit, so that a batch always fits it
+    /// (a batch's writes take less room encoded than `write_size` counts).
+    max_batch_bytes: usize,
 }
 
 /// An open `ReplicateStream`: batches go in at one end, their acks come out of the other.
@@ -79,6 +82,7 @@ impl GrpcPeer {
             stream: Arc::new(Mutex::new(None)),
             calls_only: Arc::new(AtomicBool::new(false)),
             call_timeout,
+            max_batch_bytes: (max_message_bytes / 2).min(kvstore_actors::replication::BATCH_BYTES),
         })
     }
 
@@ -202,6 +206,10 @@ fn peer_error(status: Status) -> PeerError {
 }
 
 impl PeerClient for GrpcPeer {
+    fn max_batch_bytes(&self) -> usize {
+        self.max_batch_bytes
+    }
+
     async fn replicate(&self, writes: &[Write]) -> Result<(), PeerError> {
         let batch = || WriteBatch {
             writes: writes.iter().map(KeyValue::from).collect(),
@@ -263,5 +271,29 @@ impl PeerClient for GrpcPeer {
             .map_err(peer_error)?
             .into_inner();
         pb::kv_to_entry(kv).map_err(|e| PeerError::Rejected(format!("sent a bad entry: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batches_fit_the_message_limit() {
+        let peer = |max| {
+            GrpcPeer::new(
+                "127.0.0.1:9",
+                Duration::from_secs(1),
+                Duration::from_secs(1),
+                max,
+            )
+            .unwrap()
+            .max_batch_bytes()
+        };
+        // A node with `--max-value-bytes 1000`: its messages hold 66 KiB at most.
+        assert_eq!(peer(66_560), 33_280);
+        // The default limits allow the full batch size.
+        let default = crate::config::Limits::default().max_message_bytes();
+        assert_eq!(peer(default), kvstore_actors::replication::BATCH_BYTES);
     }
 }

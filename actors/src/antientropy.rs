@@ -155,7 +155,7 @@ pub async fn sync<P: PeerClient>(
             .filter(|w| theirs.get(&w.key).is_none_or(|v| *v < w.entry.version))
             .collect();
         report.pushed += newer.len();
-        for batch in crate::replication::batches(newer) {
+        for batch in crate::replication::batches(newer, peer.max_batch_bytes()) {
             // One write the peer will never take (its limits are smaller than ours, say) must
             // not stop the repair of everything else: `deliver` isolates it.
             for (i, why) in crate::replication::deliver(peer, &batch).await? {

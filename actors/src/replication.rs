@@ -43,8 +43,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Wait before retrying a failed anti-entropy round.
 const RESYNC_RETRY: Duration = Duration::from_secs(2);
-/// Bytes per replication batch: well under the gRPC message limit, whatever the values.
-const BATCH_BYTES: usize = 512 * 1024;
+/// Most bytes per replication batch, when the peer's message limit allows it: big enough that
+/// a batch's cost per write is small, small enough that one batch does not hold a stream long.
+pub const BATCH_BYTES: usize = 512 * 1024;
 /// Most bytes a handoff backlog holds, whatever `--handoff-capacity` says: a down peer must not
 /// cost a healthy node its memory when values are large.
 const BACKLOG_BYTES: usize = 256 * 1024 * 1024;
@@ -65,25 +66,30 @@ pub trait PeerClient: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<Write>, PeerError>> + Send;
     /// The peer's entry for `key`, tombstone included (for quorum reads).
     fn read(&self, key: String) -> impl Future<Output = Result<Option<Entry>, PeerError>> + Send;
+    /// Most bytes (as [`write_size`] counts them) to send in one batch: a batch over the
+    /// transport's message limit would be refused whole, and found out only by splitting it.
+    fn max_batch_bytes(&self) -> usize {
+        BATCH_BYTES
+    }
 }
 
-/// Splits writes into batches of about [`BATCH_BYTES`] (at least one write each).
-pub fn batches(writes: Vec<Write>) -> impl Iterator<Item = Vec<Write>> {
+/// Splits writes into batches of at most `limit` bytes (at least one write each).
+pub fn batches(writes: Vec<Write>, limit: usize) -> impl Iterator<Item = Vec<Write>> {
     let mut writes = std::collections::VecDeque::from(writes);
     std::iter::from_fn(move || {
-        let n = batch_len(writes.iter());
+        let n = batch_len(writes.iter(), limit);
         (n > 0).then(|| writes.drain(..n).collect())
     })
 }
 
-/// How many of the leading `writes` make one batch: as many as fit in [`BATCH_BYTES`], and at
+/// How many of the leading `writes` make one batch: as many as fit in `limit` bytes, and at
 /// least one (a single write bigger than that still goes, alone). Zero only when there are none.
-fn batch_len<'a>(writes: impl Iterator<Item = &'a Write>) -> usize {
+fn batch_len<'a>(writes: impl Iterator<Item = &'a Write>, limit: usize) -> usize {
     let mut bytes = 0;
     let mut n = 0;
     for w in writes {
         bytes += write_size(w);
-        if n > 0 && bytes > BATCH_BYTES {
+        if n > 0 && bytes > limit {
             break;
         }
         n += 1;
@@ -91,8 +97,13 @@ fn batch_len<'a>(writes: impl Iterator<Item = &'a Write>) -> usize {
     n
 }
 
-fn write_size(w: &Write) -> usize {
-    w.key.len() + w.entry.value.as_ref().map_or(0, |v| v.len()) + 64
+/// Bytes a write takes in a batch, rounded up: its key, value and node id, and 64 for the
+/// version's time, the tombstone flag and the framing (the encoding needs about 30).
+pub fn write_size(w: &Write) -> usize {
+    w.key.len()
+        + w.entry.value.as_ref().map_or(0, |v| v.len())
+        + w.entry.version.node.as_str().len()
+        + 64
 }
 
 /// A write the peer refused for good: its index in the delivered slice, and the reason.
@@ -417,7 +428,10 @@ impl<P: PeerClient> ReplicationActor<P> {
         if self.in_flight || self.pending.is_empty() {
             return;
         }
-        let n = batch_len(self.pending.iter().map(|(w, _)| w));
+        let n = batch_len(
+            self.pending.iter().map(|(w, _)| w),
+            self.client.max_batch_bytes(),
+        );
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = self.pending.drain(..n).unzip();
         self.in_flight = true;
         let client = self.client.clone();
@@ -604,7 +618,7 @@ impl<P: PeerClient> Message<Redeliver> for ReplicationActor<P> {
     async fn handle(&mut self, _: Redeliver, ctx: &mut Context<Self, Self::Reply>) {
         self.redelivery_scheduled = false;
         while !self.backlog.is_empty() {
-            let n = batch_len(self.backlog.iter());
+            let n = batch_len(self.backlog.iter(), self.client.max_batch_bytes());
             let batch = &self.backlog.make_contiguous()[..n];
             match deliver(&self.client, batch).await {
                 Ok(refused) => {
@@ -849,11 +863,22 @@ pub(crate) mod tests {
                 },
             })
             .collect();
-        let sizes: Vec<usize> = batches(writes.clone()).map(|b| b.len()).collect();
+        let sizes: Vec<usize> = batches(writes.clone(), BATCH_BYTES)
+            .map(|b| b.len())
+            .collect();
         assert_eq!(sizes, [1, 1, 1, 1, 1]);
         let small: Vec<Write> = (0..1000).map(|i| write(&format!("k{i}"), i)).collect();
-        let flat: Vec<Write> = batches(small.clone()).flatten().collect();
+        let flat: Vec<Write> = batches(small.clone(), BATCH_BYTES).flatten().collect();
         assert_eq!(flat, small);
+        // A smaller limit (a peer client with a small message limit) makes smaller batches,
+        // none over it.
+        let limit = 10 * write_size(&small[0]);
+        let split: Vec<Vec<Write>> = batches(small.clone(), limit).collect();
+        assert!(split.len() >= 100, "{} batches", split.len());
+        for b in &split {
+            assert!(b.iter().map(write_size).sum::<usize>() <= limit);
+        }
+        assert_eq!(split.concat(), small);
     }
 
     #[tokio::test(start_paused = true)]
