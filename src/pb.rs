@@ -70,47 +70,64 @@ impl From<Write> for KeyValue {
 impl TryFrom<KeyValue> for Write {
     type Error = Error;
 
-    /// A replicated write must carry its version: applying a versionless one would be the
-    /// seed's blind overwrite, the very thing that made replicas diverge.
     fn try_from(kv: KeyValue) -> Result<Self, Error> {
-        let version = kv.version.ok_or_else(|| {
-            Error::InvalidArgument("Replicate requires a version (field 3); none was sent".into())
-        })?;
-        if version.node_id.is_empty()
-            || version.node_id.len() > kvstore_actors::version::MAX_NODE_ID_BYTES
-        {
-            return Err(Error::InvalidArgument(format!(
-                "version.node_id must be 1 to {} bytes, got {}",
-                kvstore_actors::version::MAX_NODE_ID_BYTES,
-                version.node_id.len()
-            )));
-        }
-        // A version far in the future would pin every later write of the key (and, through
-        // restart, the clock) behind it: refuse what no honest clock could have made.
-        let limit = kvstore_actors::version::latest_acceptable();
-        if version.hlc > limit {
-            return Err(Error::InvalidArgument(format!(
-                "version.hlc {} is too far in the future (limit {limit})",
-                version.hlc
-            )));
-        }
-        if kv.deleted && !kv.value.is_empty() {
-            return Err(Error::InvalidArgument(
-                "a deleted entry must not carry a value".into(),
-            ));
-        }
-        Ok(Write {
-            key: kv.key,
-            entry: Entry {
-                value: (!kv.deleted).then(|| kv.value.into_boxed_str()),
-                version: ActorVersion {
-                    time: version.hlc,
-                    node: NodeId::new(&version.node_id)
-                        .map_err(|e| Error::ResourceExhausted(e.to_string()))?,
-                },
-            },
-        })
+        check_replicated(&kv)?;
+        checked_into_write(kv)
     }
+}
+
+/// Checks a replicated write without converting it. Conversion interns the node id, which
+/// uses up one of the ids a node will ever accept: a batch is checked whole first, so that a
+/// refused batch uses up none.
+///
+/// A replicated write must carry its version: applying a versionless one would be the seed's
+/// blind overwrite, the very thing that made replicas diverge.
+pub fn check_replicated(kv: &KeyValue) -> Result<(), Error> {
+    let version = kv.version.as_ref().ok_or_else(|| {
+        Error::InvalidArgument("Replicate requires a version (field 3); none was sent".into())
+    })?;
+    if version.node_id.is_empty()
+        || version.node_id.len() > kvstore_actors::version::MAX_NODE_ID_BYTES
+    {
+        return Err(Error::InvalidArgument(format!(
+            "version.node_id must be 1 to {} bytes, got {}",
+            kvstore_actors::version::MAX_NODE_ID_BYTES,
+            version.node_id.len()
+        )));
+    }
+    // A version far in the future would pin every later write of the key (and, through
+    // restart, the clock) behind it: refuse what no honest clock could have made.
+    let limit = kvstore_actors::version::latest_acceptable();
+    if version.hlc > limit {
+        return Err(Error::InvalidArgument(format!(
+            "version.hlc {} is too far in the future (limit {limit})",
+            version.hlc
+        )));
+    }
+    if kv.deleted && !kv.value.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a deleted entry must not carry a value".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Converts a write that passed [`check_replicated`].
+pub fn checked_into_write(kv: KeyValue) -> Result<Write, Error> {
+    let version = kv
+        .version
+        .expect("checked: a replicated write has a version");
+    Ok(Write {
+        key: kv.key,
+        entry: Entry {
+            value: (!kv.deleted).then(|| kv.value.into_boxed_str()),
+            version: ActorVersion {
+                time: version.hlc,
+                node: NodeId::new(&version.node_id)
+                    .map_err(|e| Error::ResourceExhausted(e.to_string()))?,
+            },
+        },
+    })
 }
 
 #[cfg(test)]

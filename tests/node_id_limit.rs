@@ -34,10 +34,16 @@ async fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
     big_key.key = "k".repeat(limits.max_key_bytes + 1);
     let mut big_value = replicate_from("sent-an-oversized-value");
     big_value.value = "v".repeat(limits.max_value_bytes + 1);
-    for kv in [big_key, big_value] {
+    for kv in [big_key, big_value.clone()] {
         let status = replicator.replicate(kv).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     }
+    // Nor does a good write in a batch refused for another write.
+    let batch = kvstore::pb::WriteBatch {
+        writes: vec![replicate_from("sent-in-a-refused-batch"), big_value],
+    };
+    let status = replicator.replicate_batch(batch).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     // Ids loaded from disk do not use up what the network may add.
     for i in 0..100 {
         NodeId::from_disk(&format!("on-disk-{i}"));

@@ -43,10 +43,10 @@ impl ReplicatorService {
     /// A replicated write, checked like a client's: a Replicate is a public RPC like any other.
     /// The limits are checked first: a write refused for its size must not use up one of the
     /// node ids the node will ever accept (see `MAX_NODE_IDS`).
-    fn check(&self, kv: KeyValue) -> Result<Write, Error> {
+    fn check(&self, kv: &KeyValue) -> Result<(), Error> {
         self.limits.check_key(&kv.key)?;
         self.limits.check_value(&kv.value)?;
-        Write::try_from(kv)
+        pb::check_replicated(kv)
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<Ack, Status> {
@@ -59,10 +59,14 @@ impl ReplicatorService {
         })
     }
 
-    /// A batch is taken whole or not at all: one bad write refuses the batch.
+    /// A batch is taken whole or not at all: one bad write refuses the batch, and every write
+    /// is checked before any is converted (see `check`).
     async fn apply_batch(&self, batch: WriteBatch) -> Result<Ack, Status> {
+        for kv in &batch.writes {
+            self.check(kv)?;
+        }
         let writes = (batch.writes.into_iter())
-            .map(|kv| self.check(kv))
+            .map(pb::checked_into_write)
             .collect::<Result<Vec<_>, _>>()?;
         self.apply(writes).await
     }
@@ -80,7 +84,9 @@ fn check_buckets(buckets: u32) -> Result<(), Error> {
 #[tonic::async_trait]
 impl Replicator for ReplicatorService {
     async fn replicate(&self, request: Request<KeyValue>) -> Result<Response<Ack>, Status> {
-        let write = self.check(request.into_inner())?;
+        let kv = request.into_inner();
+        self.check(&kv)?;
+        let write = pb::checked_into_write(kv)?;
         Ok(Response::new(self.apply(vec![write]).await?))
     }
 
