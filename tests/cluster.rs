@@ -388,6 +388,33 @@ async fn bad_input_gets_invalid_argument_and_stores_nothing() {
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("missing"));
 
+    // Fields that only a replicated write carries are refused on a Put, not ignored.
+    let mut raw =
+        kvstore::pb::kv_store_client::KvStoreClient::connect(format!("http://{}", cluster.addr(0)))
+            .await
+            .unwrap();
+    let deleted = kvstore::pb::KeyValue {
+        key: "deleted".into(),
+        value: "v".into(),
+        deleted: true,
+        ..Default::default()
+    };
+    let err = raw.put(deleted).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("use Delete"), "{}", err.message());
+    let versioned = kvstore::pb::KeyValue {
+        key: "versioned".into(),
+        value: "v".into(),
+        version: Some(kvstore::pb::Version {
+            hlc: 1,
+            node_id: "elsewhere".into(),
+        }),
+        ..Default::default()
+    };
+    let err = raw.put(versioned).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("version"), "{}", err.message());
+
     // Nothing of the refused writes was stored, anywhere.
     for i in 0..3 {
         let keys: Vec<String> = cluster

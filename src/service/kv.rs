@@ -53,6 +53,19 @@ impl KvStore for KvService {
         let kv = request.into_inner();
         self.limits.check_key(&kv.key)?;
         self.limits.check_value(&kv.value)?;
+        // Fields that only a replicated write carries: a client setting them wants something a
+        // Put does not do, and should hear so rather than have them ignored.
+        if kv.deleted {
+            return Err(
+                Error::InvalidArgument("Put does not take `deleted`; use Delete".into()).into(),
+            );
+        }
+        if kv.version.is_some() {
+            return Err(Error::InvalidArgument(
+                "Put does not take a version; the node gives each write its own".into(),
+            )
+            .into());
+        }
         let outcome = self.node.put(kv.key, kv.value).await.map_err(Error::from)?;
         Ok(Response::new(ack(&outcome, "Stored")))
     }
