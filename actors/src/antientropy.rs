@@ -98,6 +98,9 @@ pub struct SyncReport {
     pub pushed: usize,
     /// Entries the peer refused for good.
     pub rejected: usize,
+    /// Buckets the peer could not send (an entry in them is over our message limit, say): left
+    /// to the peer's own rounds, which push to us write by write.
+    pub skipped: usize,
 }
 
 /// Why a round stopped.
@@ -129,12 +132,30 @@ pub async fn sync<P: PeerClient>(
         buckets: differing.len(),
         ..SyncReport::default()
     };
-    for chunk in differing.chunks(PULL_CHUNK) {
-        let pulled = peer.pull(BUCKETS, chunk.to_vec()).await?;
-        // What the peer holds in these buckets: we push only what it lacks or has older.
-        let theirs: std::collections::HashMap<String, crate::version::Version> = pulled
+    // Chunks of buckets, and single buckets of a chunk the peer refused to send.
+    let mut chunks: std::collections::VecDeque<Vec<u32>> =
+        differing.chunks(PULL_CHUNK).map(<[u32]>::to_vec).collect();
+    while let Some(chunk) = chunks.pop_front() {
+        let pulled = match peer.pull(BUCKETS, chunk.clone()).await {
+            Ok(pulled) => pulled,
+            // Refused, not unreachable: one bucket's entries may not fit a message here (a
+            // peer whose value limit is bigger than ours). Narrow it down to the bucket, and
+            // skip that one rather than give up the whole round every time.
+            Err(PeerError::Rejected(why)) => {
+                if chunk.len() > 1 {
+                    chunks.extend(chunk.iter().map(|&b| vec![b]));
+                } else {
+                    report.skipped += 1;
+                    tracing::warn!(bucket = chunk[0], %why, "peer could not send a bucket; skipped");
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // What the peer holds in these buckets: we push only what would win over it.
+        let theirs: std::collections::HashMap<String, store::Entry> = pulled
             .iter()
-            .map(|w| (w.key.clone(), w.entry.version))
+            .map(|w| (w.key.clone(), w.entry.clone()))
             .collect();
         if !pulled.is_empty() {
             let applied = store
@@ -152,7 +173,7 @@ pub async fn sync<P: PeerClient>(
         };
         let newer: Vec<Write> = mine
             .into_iter()
-            .filter(|w| theirs.get(&w.key).is_none_or(|v| *v < w.entry.version))
+            .filter(|w| (theirs.get(&w.key)).is_none_or(|e| e.precedence() < w.entry.precedence()))
             .collect();
         report.pushed += newer.len();
         for batch in crate::replication::batches(newer, peer.max_batch_bytes()) {
@@ -242,5 +263,57 @@ mod tests {
         assert_eq!(get("k2").await.unwrap().unwrap().value, None);
         assert_eq!(peer.value("k1"), Some(Some("newer-here".into())));
         assert_eq!(peer.value("only-mine"), Some(Some("m".into())));
+    }
+
+    #[tokio::test]
+    async fn a_round_settles_two_writes_under_one_version_on_both_sides() {
+        // Two keys, each written twice under one version; the greater value wins everywhere.
+        let (store, reader) =
+            store_with(&[write("a", Some("banana"), 5), write("b", Some("apple"), 5)]).await;
+        let peer = FakePeer::default();
+        peer.set_data(&[write("a", Some("apple"), 5), write("b", Some("banana"), 5)]);
+        let report = sync(&peer, &store, &reader).await.unwrap();
+        assert_eq!((report.pulled, report.pushed), (1, 1), "{report:?}");
+        for key in ["a", "b"] {
+            assert_eq!(peer.value(key), Some(Some("banana".into())), "{key}");
+            let here = store
+                .ask(store::GetEntry { key: key.into() })
+                .await
+                .unwrap();
+            assert_eq!(here.unwrap().value.as_deref(), Some("banana"), "{key}");
+        }
+        assert_eq!(digest(&reader, BUCKETS), peer.digest_now(BUCKETS));
+    }
+
+    #[tokio::test]
+    async fn a_bucket_the_peer_cannot_send_is_skipped_and_the_rest_repaired() {
+        let (store, reader) = store_with(&[write("only-mine", Some("m"), 3)]).await;
+        let peer = FakePeer::default();
+        let huge = "h".repeat(1000);
+        let mut theirs = vec![write("huge", Some(&huge), 4)];
+        theirs.extend((0..50).map(|i| write(&format!("t{i}"), Some("t"), 4)));
+        peer.set_data(&theirs);
+        // Its answers may hold no value over 100 bytes: the bucket of "huge" cannot come.
+        (peer.max_pull_value_bytes).store(100, std::sync::atomic::Ordering::Relaxed);
+        let report = sync(&peer, &store, &reader).await.unwrap();
+        assert_eq!(report.skipped, 1, "{report:?}");
+        let huge_bucket = bucket_of("huge", BUCKETS);
+        let sharing = (0..50)
+            .filter(|i| bucket_of(&format!("t{i}"), BUCKETS) == huge_bucket)
+            .count();
+        assert_eq!(report.pulled, 50 - sharing, "{report:?}");
+        assert_eq!(peer.value("only-mine"), Some(Some("m".into())));
+        for i in 0..50 {
+            let key = format!("t{i}");
+            let here = store
+                .ask(store::GetEntry { key: key.clone() })
+                .await
+                .unwrap();
+            assert_eq!(
+                here.is_some(),
+                bucket_of(&key, BUCKETS) != huge_bucket,
+                "{key} is repaired unless it shares the skipped bucket"
+            );
+        }
     }
 }

@@ -494,7 +494,10 @@ impl<P: PeerClient> ReplicationActor<P> {
                 }
                 Err(error) => {
                     health.mark_needs_resync();
-                    if let antientropy::SyncError::Peer(e) = &error {
+                    // A peer that refused something answered: it is not down.
+                    if let antientropy::SyncError::Peer(e) = &error
+                        && !matches!(e, PeerError::Rejected(_))
+                    {
                         health.mark_down(e);
                     }
                     tracing::debug!(peer = %health.addr, %error, "anti-entropy round failed");
@@ -682,6 +685,9 @@ pub(crate) mod tests {
         /// If not 0, refuse every batch holding a value longer than this, as a peer with a
         /// smaller value limit does (it refuses the whole batch).
         pub max_value_bytes: Arc<AtomicU64>,
+        /// If not 0, refuse to send a pull holding a value longer than this, as a peer does
+        /// whose response would be over our message limit.
+        pub max_pull_value_bytes: Arc<AtomicU64>,
         /// Replicate calls made, and how long each takes.
         pub calls: Arc<AtomicU64>,
         pub delay_ms: Arc<AtomicU64>,
@@ -768,14 +774,22 @@ pub(crate) mod tests {
         async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Vec<Write>, PeerError> {
             self.gate().await?;
             let data = self.data.lock().unwrap();
-            Ok(data
+            let pulled: Vec<Write> = data
                 .iter()
                 .filter(|(k, _)| which.contains(&antientropy::bucket_of(k, buckets)))
                 .map(|(k, e)| Write {
                     key: k.clone(),
                     entry: e.clone(),
                 })
-                .collect())
+                .collect();
+            let max = self.max_pull_value_bytes.load(Ordering::Relaxed);
+            let too_big = |w: &Write| w.entry.value.as_ref().is_some_and(|v| v.len() as u64 > max);
+            if max > 0 && pulled.iter().any(too_big) {
+                return Err(PeerError::Rejected(
+                    "OutOfRange: decoded message length too large".into(),
+                ));
+            }
+            Ok(pulled)
         }
 
         async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {
