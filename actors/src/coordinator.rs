@@ -240,7 +240,8 @@ impl<P: PeerClient> Coordinator<P> {
                         reader.clone(),
                         config.handoff_capacity,
                         config.peer_mailbox,
-                    ),
+                    )
+                    .with_drain_limit(config.replication_deadline),
                     mailbox::bounded(config.peer_mailbox),
                 );
                 Peer {
@@ -543,8 +544,18 @@ impl<P: PeerClient> Coordinator<P> {
         // `wait_for_shutdown_result`, not `wait_for_shutdown`: in kameo 0.22 the latter returns
         // once the mailbox is closed, before `on_stop` has run, and the store's `on_stop` is
         // what syncs and closes the log. The hooks cannot fail (`Infallible`).
+        //
+        // Bounded: a handler still running (a redelivery of a long backlog to a slow peer) could
+        // otherwise hold the node's stop for minutes. Past the bound the actor is killed, which
+        // ends that handler; its `on_stop` still runs, and bounds itself.
+        let limit = 2 * self.config.replication_deadline;
         for peer in &self.peers {
-            let _ = peer.actor.wait_for_shutdown_result().await;
+            let stopped = peer.actor.wait_for_shutdown_result();
+            if tokio::time::timeout(limit, stopped).await.is_err() {
+                tracing::warn!(peer = %peer.health.addr(), "replication did not stop in time; cut short");
+                peer.actor.kill();
+                let _ = peer.actor.wait_for_shutdown_result().await;
+            }
         }
         let _ = self.store.stop_gracefully().await;
         let _ = self.store.wait_for_shutdown_result().await;
@@ -609,6 +620,82 @@ mod tests {
         node.shutdown().await;
         let recovered = crate::Storage::open(&config).expect("the log was closed and unlocked");
         assert_eq!(recovered.map.get("k").unwrap().value_str(), Some("v"));
+    }
+
+    #[tokio::test]
+    async fn a_graceful_shutdown_delivers_the_writes_queued_behind_a_batch_in_flight() {
+        let peer = FakePeer::default();
+        let node = Arc::new(coordinator(
+            std::slice::from_ref(&peer),
+            WriteQuorum::One,
+            Duration::from_secs(5),
+            1024,
+        ));
+        // Let the startup anti-entropy round finish before the peer turns slow.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        peer.delay_ms.store(300, Ordering::Relaxed);
+        // The first write's batch is in flight for 300 ms; the others queue behind it.
+        let puts: Vec<_> = (0..10)
+            .map(|i| {
+                let node = node.clone();
+                tokio::spawn(async move { node.put(format!("k{i}"), "v".into()).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        node.shutdown().await;
+        let mut stored = Vec::new();
+        for (i, put) in puts.into_iter().enumerate() {
+            if put.await.unwrap().is_ok() {
+                stored.push(format!("k{i}"));
+            }
+        }
+        assert!(
+            stored.len() >= 2,
+            "writes queued behind the first: {stored:?}"
+        );
+        // Every write stored here reaches the peer: those behind the batch in flight from the
+        // stopping actor, that batch on its own (waited for, bounded).
+        let waited = std::time::Instant::now();
+        loop {
+            let received: std::collections::HashSet<String> =
+                (peer.received.lock().unwrap().iter())
+                    .map(|w| w.key.clone())
+                    .collect();
+            let missing: Vec<&String> = stored.iter().filter(|k| !received.contains(*k)).collect();
+            if missing.is_empty() {
+                break;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(5),
+                "stored here, never sent: {missing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_peer_that_hangs() {
+        let peer = FakePeer::default();
+        let node = coordinator(
+            std::slice::from_ref(&peer),
+            WriteQuorum::One,
+            Duration::from_millis(200),
+            1024,
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The write's delivery fails, so it is held for redelivery; by the time that runs
+        // (after a 100 ms backoff), every call to the peer hangs for an hour, inside the
+        // actor's handler.
+        peer.fail.store(true, Ordering::Relaxed);
+        let out = node.put("k".into(), "v".into()).await.unwrap();
+        assert_eq!(out.acks, 1, "{out:?}");
+        peer.hang.store(true, Ordering::Relaxed);
+        peer.fail.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Liveness, not speed: without the bound this waits for the hour.
+        tokio::time::timeout(Duration::from_secs(30), node.shutdown())
+            .await
+            .expect("shutdown waited for the hanging peer");
     }
 
     #[test]

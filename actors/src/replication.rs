@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use kameo::Actor;
 use kameo::actor::{ActorRef, WeakActorRef};
+use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 use kameo::reply::{DelegatedReply, ReplySender};
 
@@ -366,6 +367,8 @@ pub struct ReplicationActor<P: PeerClient> {
     backlog_capacity: usize,
     backoff: Duration,
     redelivery_scheduled: bool,
+    /// How long the last deliveries may take when the actor stops.
+    drain_limit: Duration,
 }
 
 impl<P: PeerClient> ReplicationActor<P> {
@@ -390,7 +393,59 @@ impl<P: PeerClient> ReplicationActor<P> {
             backlog_capacity,
             backoff: BACKOFF_MIN,
             redelivery_scheduled: false,
+            drain_limit: Duration::from_secs(1),
         }
+    }
+
+    /// Sets how long the last deliveries may take when the actor stops (default 1 s).
+    pub fn with_drain_limit(mut self, limit: Duration) -> Self {
+        self.drain_limit = limit;
+        self
+    }
+
+    /// Delivers what is left when the actor stops: the writes waiting behind the batch in
+    /// flight, and the handoff backlog if the peer is up, within `drain_limit`. The mailbox is
+    /// closed by then, so the answer to the batch in flight can no longer come back as a
+    /// message, and without this the writes behind it would be dropped. Returns how many
+    /// writes did not go out.
+    async fn drain(&mut self) -> usize {
+        let mut queue: VecDeque<(Write, Waiter)> = std::mem::take(&mut self.pending).into();
+        if self.health.state() == PeerState::Up {
+            queue.extend(self.backlog.drain(..).map(|w| (w, None)));
+        }
+        let left_behind = self.backlog.len();
+        self.backlog.clear();
+        let (client, limit) = (self.client.clone(), self.client.max_batch_bytes());
+        let health = self.health.clone();
+        let delivered = tokio::time::timeout(self.drain_limit, async {
+            while !queue.is_empty() {
+                let n = batch_len(queue.iter().map(|(w, _)| w), limit);
+                let (writes, waiters): (Vec<Write>, Vec<Waiter>) = queue.drain(..n).unzip();
+                match deliver(&client, &writes).await {
+                    Ok(refused) => {
+                        health.count_confirmed(writes.len() - refused.len());
+                        let mut refused = refused.into_iter().peekable();
+                        for (i, waiter) in waiters.into_iter().enumerate() {
+                            match refused.next_if(|(at, _)| *at == i) {
+                                None => answer(waiter, Ok(())),
+                                Some((_, why)) => answer(waiter, Err(PeerError::Rejected(why))),
+                            }
+                        }
+                    }
+                    Err(error) => {
+                        health.mark_down(&error);
+                        for waiter in waiters {
+                            answer(waiter, Err(error.clone()));
+                        }
+                        return writes.len();
+                    }
+                }
+            }
+            0
+        })
+        .await;
+        // Whatever is still queued is answered by dropping its waiter: "replication stopped".
+        left_behind + queue.len() + delivered.unwrap_or(0)
     }
 
     /// Keeps `write` for redelivery, or, if the backlog is full, gives the backlog up for an
@@ -530,6 +585,24 @@ impl<P: PeerClient> Actor for ReplicationActor<P> {
         args.health.mark_needs_resync();
         args.start_resync(actor_ref.downgrade());
         Ok(args)
+    }
+
+    async fn on_stop(
+        &mut self,
+        _: WeakActorRef<Self>,
+        _: ActorStopReason,
+    ) -> Result<(), Self::Error> {
+        let undelivered = self.drain().await;
+        if undelivered > 0 {
+            // Not lost: the node runs an anti-entropy round with every peer when it starts
+            // again, and so does the peer with us.
+            tracing::warn!(
+                peer = %self.health.addr,
+                undelivered,
+                "stopped with writes not delivered to the peer; anti-entropy repairs them"
+            );
+        }
+        Ok(())
     }
 }
 
