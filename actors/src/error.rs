@@ -66,6 +66,17 @@ impl LogError {
         }
     }
 
+    /// For an append that relied on earlier ones, one of which failed after it was queued.
+    pub fn earlier_append_failed() -> Self {
+        Self {
+            kind: io::ErrorKind::Other,
+            context: "log".into(),
+            message: "an earlier append failed, so what this write relied on is not on disk; \
+                      it is logged again on the next delivery"
+                .into(),
+        }
+    }
+
     pub fn stopped() -> Self {
         Self {
             kind: io::ErrorKind::BrokenPipe,

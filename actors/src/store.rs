@@ -551,6 +551,8 @@ impl Message<Apply> for StoreActor {
     type Reply = Applied;
 
     async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Applied {
+        // Read before the failures are taken: one that lands after this is not accounted for.
+        let failures = self.storage.as_ref().map_or(0, Storage::failures);
         self.note_failed_appends();
         let mut changed = 0;
         let mut to_log = Vec::new();
@@ -576,11 +578,15 @@ impl Message<Apply> for StoreActor {
             }
         }
         to_log.extend(&relog);
-        let durable = match (&self.storage, to_log.is_empty()) {
+        let durable = match &mut self.storage {
             // What we already held may itself still be on its way to the disk (a local Put
-            // waiting for its group commit): the acknowledgement waits for it. An append of
-            // our own does that too, being queued after it.
-            (Some(storage), true) if held => storage.barrier(),
+            // waiting for its group commit): the acknowledgement waits for it, since our append
+            // is queued after it, and fails if any append fails meanwhile, since a failed one
+            // does not fail those queued behind it. Failures before were taken above: what they
+            // left unlogged is in `relog`.
+            Some(storage) if held => {
+                storage.append_all_after(to_log.iter().copied(), &self.map, failures)
+            }
             _ => self.persist_all(&to_log),
         };
         Applied { changed, durable }

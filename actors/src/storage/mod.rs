@@ -278,25 +278,47 @@ impl Storage {
         writes: impl IntoIterator<Item = &'a Write>,
         map: &Arc<Map>,
     ) -> Durable {
+        self.append_framed(writes, map, None)
+    }
+
+    /// [`Storage::append_all`] for a caller that also relies on earlier appends, having
+    /// accounted for `failures` failed ones (see [`wal::LogWriter::append_after`]). With no
+    /// writes it is a barrier.
+    pub fn append_all_after<'a>(
+        &mut self,
+        writes: impl IntoIterator<Item = &'a Write>,
+        map: &Arc<Map>,
+        failures: u64,
+    ) -> Durable {
+        self.append_framed(writes, map, Some(failures))
+    }
+
+    /// How many appends have failed so far.
+    pub fn failures(&self) -> u64 {
+        self.writer.failures()
+    }
+
+    fn append_framed<'a>(
+        &mut self,
+        writes: impl IntoIterator<Item = &'a Write>,
+        map: &Arc<Map>,
+        relied_on: Option<u64>,
+    ) -> Durable {
         let mut framed = Vec::new();
         for write in writes {
             record::encode_write(write, &mut framed);
         }
-        if framed.is_empty() {
-            return Durable::ready();
-        }
-        let durable = self.writer.append(framed);
+        let durable = match relied_on {
+            Some(failures) => self.writer.append_after(framed, failures),
+            None if framed.is_empty() => return Durable::ready(),
+            None => self.writer.append(framed),
+        };
         if self.writer.bytes() > self.compact_after_bytes
             && !self.compacting.swap(true, Ordering::AcqRel)
         {
             self.compact(map.clone());
         }
         durable
-    }
-
-    /// A promise that everything logged so far is durable (see [`wal::LogWriter::barrier`]).
-    pub fn barrier(&self) -> Durable {
-        self.writer.barrier()
     }
 
     /// The key and version of every write whose append failed since the last call: in the

@@ -107,9 +107,14 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 enum Command {
-    Append(Vec<u8>, oneshot::Sender<Result<(), LogError>>),
+    /// Framed records (or none, for a barrier), and, if the caller relies on earlier appends
+    /// too, how many appends had failed when it looked (see [`LogWriter::append_after`]).
+    Append(Vec<u8>, Waiter),
     Rotate(u64, oneshot::Sender<Result<(), LogError>>),
 }
+
+/// Who waits for an append, and the failure count it relies on, if any.
+type Waiter = (oneshot::Sender<Result<(), LogError>>, Option<u64>);
 
 /// Handle to the log writer thread. Dropping every handle stops the thread after it has
 /// written and synced what it was given.
@@ -128,6 +133,8 @@ pub struct LogWriter {
 struct Failed {
     any: AtomicBool,
     appends: Mutex<Vec<Vec<u8>>>,
+    /// Appends that have failed since the writer started.
+    count: AtomicU64,
 }
 
 /// A promise that a write is in the log (per the sync mode). Resolves to an error if the
@@ -217,8 +224,30 @@ impl LogWriter {
 
     /// Queues framed records for the log.
     pub fn append(&self, framed: Vec<u8>) -> Durable {
+        self.send_append(framed, None)
+    }
+
+    /// How many appends have failed so far: for [`LogWriter::append_after`].
+    pub fn failures(&self) -> u64 {
+        self.failed.count.load(Ordering::Acquire)
+    }
+
+    /// Queues framed records (or none: a barrier) for a caller that relies on earlier appends
+    /// too, and had accounted for `failures` failed ones when it looked. If another fails
+    /// before this one is synced, this one fails too, though its own bytes made it: what the
+    /// caller relied on is not on disk. An append that fails is otherwise not told to the
+    /// appends queued behind it, which go on to succeed (a full disk frees up, say).
+    pub fn append_after(&self, framed: Vec<u8>, failures: u64) -> Durable {
+        self.send_append(framed, Some(failures))
+    }
+
+    fn send_append(&self, framed: Vec<u8>, failures: Option<u64>) -> Durable {
         let (done, rx) = oneshot::channel();
-        if self.tx.send(Command::Append(framed, done)).is_err() {
+        if self
+            .tx
+            .send(Command::Append(framed, (done, failures)))
+            .is_err()
+        {
             let (done, rx) = oneshot::channel();
             let _ = done.send(Err(LogError::stopped()));
             return Durable(Some(rx));
@@ -366,12 +395,7 @@ impl<F: LogFile> WriterThread<F> {
     }
 
     /// Writes `buf`, syncs if asked, and answers the waiters.
-    fn flush(
-        &mut self,
-        buf: &mut Vec<u8>,
-        waiters: &mut Vec<oneshot::Sender<Result<(), LogError>>>,
-        sync: bool,
-    ) {
+    fn flush(&mut self, buf: &mut Vec<u8>, waiters: &mut Vec<Waiter>, sync: bool) {
         let result = self.write(buf, sync);
         if result.is_err() && !buf.is_empty() {
             // Recorded before any waiter hears of it: by the time a caller sees the error, the
@@ -382,10 +406,16 @@ impl<F: LogFile> WriterThread<F> {
                 .expect("log failure list")
                 .push(buf.clone());
             self.failed.any.store(true, Ordering::Release);
+            self.failed.count.fetch_add(1, Ordering::AcqRel);
         }
         buf.clear();
-        for w in waiters.drain(..) {
-            let _ = w.send(result.clone());
+        let failures = self.failed.count.load(Ordering::Acquire);
+        for (w, relied_on) in waiters.drain(..) {
+            let result = match (&result, relied_on) {
+                (Ok(()), Some(seen)) if failures > seen => Err(LogError::earlier_append_failed()),
+                _ => result.clone(),
+            };
+            let _ = w.send(result);
         }
     }
 
@@ -700,12 +730,20 @@ mod tests {
         syncs: Arc<AtomicU64>,
         /// The file's length at each sync.
         synced_at: Arc<Mutex<Vec<u64>>>,
+        /// While set, appends wait (the writer thread is then inside one); `appending` counts
+        /// the appends that have started.
+        block: Arc<AtomicBool>,
+        appending: Arc<AtomicU64>,
         fail_writes: Arc<AtomicBool>,
         fail_sync: Arc<AtomicBool>,
     }
 
     impl LogFile for MemFile {
         fn append(&mut self, data: &[u8]) -> io::Result<()> {
+            self.appending.fetch_add(1, Ordering::SeqCst);
+            while self.block.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             if self.fail_writes.load(Ordering::Relaxed) {
                 // A partial write, then the failure: what a full disk does.
                 self.data
@@ -1078,6 +1116,41 @@ mod tests {
         // The close syncs the last empty group, and needs no other.
         assert_eq!(file.syncs.load(Ordering::Relaxed), 3);
         assert_eq!(marks_of(&file.data.lock().unwrap()).len(), 4);
+    }
+
+    #[tokio::test]
+    async fn an_append_that_relies_on_earlier_ones_fails_if_one_of_them_does() {
+        let file = MemFile::default();
+        let w = writer(&file, SyncMode::Always);
+        // An append is being written when the disk fills up.
+        file.block.store(true, Ordering::SeqCst);
+        file.fail_writes.store(true, Ordering::SeqCst);
+        let before = file.appending.load(Ordering::SeqCst);
+        let first = w.append(framed("a"));
+        let waited = Instant::now();
+        while file.appending.load(Ordering::SeqCst) == before {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "the append never started"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Queued behind it: one that relies on it (a peer's older write of a key whose newest
+        // version is in "a"), and a plain barrier.
+        let relying = w.append_after(Vec::new(), w.failures());
+        let plain = w.barrier();
+        file.block.store(false, Ordering::SeqCst);
+        assert!(first.wait().await.is_err(), "the disk was full");
+        let err = relying.wait().await.unwrap_err().to_string();
+        assert!(err.contains("earlier append failed"), "{err}");
+        // With nothing of its own to write, a plain barrier succeeds: the gap the other closes.
+        assert!(plain.wait().await.is_ok());
+        // A failure it had accounted for does not fail it.
+        file.fail_writes.store(false, Ordering::SeqCst);
+        w.append_after(framed("b"), w.failures())
+            .wait()
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
