@@ -50,6 +50,11 @@ pub const BATCH_BYTES: usize = 512 * 1024;
 /// Most bytes a handoff backlog holds, whatever `--handoff-capacity` says: a down peer must not
 /// cost a healthy node its memory when values are large.
 const BACKLOG_BYTES: usize = 256 * 1024 * 1024;
+/// Most bytes of writes waiting behind the batch in flight, whatever the pending capacity (a
+/// count) says: a peer that hangs holds the batch for a whole call timeout, and with large
+/// values a thousand pending writes would be a gigabyte per peer. Past it, writes are answered
+/// "lagging", and the peer catches up by anti-entropy.
+const PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 /// How a replication actor reaches its peer. Implementations own the connection and reconnect
 /// on their own; a call that fails is reported, not retried here. Clones share the connection.
@@ -357,6 +362,8 @@ pub struct ReplicationActor<P: PeerClient> {
     in_flight: bool,
     /// Most writes pending before new ones are refused as lagging.
     pending_capacity: usize,
+    /// Bytes of the pending writes ([`write_size`]).
+    pending_bytes: usize,
     health: Arc<PeerHealth>,
     /// The local store, for anti-entropy rounds.
     store: ActorRef<StoreActor>,
@@ -385,6 +392,7 @@ impl<P: PeerClient> ReplicationActor<P> {
             pending: Vec::new(),
             in_flight: false,
             pending_capacity,
+            pending_bytes: 0,
             health,
             store,
             reader,
@@ -410,6 +418,7 @@ impl<P: PeerClient> ReplicationActor<P> {
     /// writes did not go out.
     async fn drain(&mut self) -> usize {
         let mut queue: VecDeque<(Write, Waiter)> = std::mem::take(&mut self.pending).into();
+        self.pending_bytes = 0;
         if self.health.state() == PeerState::Up {
             queue.extend(self.backlog.drain(..).map(|w| (w, None)));
         }
@@ -488,6 +497,7 @@ impl<P: PeerClient> ReplicationActor<P> {
             self.client.max_batch_bytes(),
         );
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = self.pending.drain(..n).unzip();
+        self.pending_bytes -= writes.iter().map(write_size).sum::<usize>();
         self.in_flight = true;
         let client = self.client.clone();
         tokio::spawn(async move {
@@ -624,10 +634,13 @@ impl<P: PeerClient> Message<Replicate> for ReplicationActor<P> {
             // Known down: queue behind the backlog without waiting on the network.
             self.hold(msg.0);
             answer(waiter, Err(PeerError::Backlogged(self.backlog.len())));
-        } else if self.pending.len() >= self.pending_capacity {
+        } else if self.pending.len() >= self.pending_capacity
+            || self.pending_bytes + write_size(&msg.0) > PENDING_BYTES
+        {
             self.health.mark_lagging();
             answer(waiter, Err(PeerError::Lagging));
         } else {
+            self.pending_bytes += write_size(&msg.0);
             self.pending.push((msg.0, waiter));
             self.flush(ctx.actor_ref().clone());
         }
@@ -674,6 +687,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
                     answer(waiter, Err(error.clone()));
                 }
                 // What was waiting behind the failed batch joins the backlog too, in order.
+                self.pending_bytes = 0;
                 for (write, waiter) in std::mem::take(&mut self.pending) {
                     self.hold(write);
                     answer(waiter, Err(PeerError::Backlogged(self.backlog.len())));
@@ -997,6 +1011,48 @@ pub(crate) mod tests {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), 100, "every write delivered once or more");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_waiting_behind_a_slow_batch_are_bounded_by_bytes_too() {
+        let peer = FakePeer::default();
+        let (actor, health, _store) = actor(&peer, 100);
+        settle_resync(&health).await;
+        // The peer takes a minute per batch: the first is in flight, the rest wait.
+        peer.delay_ms.store(60_000, Ordering::Relaxed);
+        let value = "v".repeat(1024 * 1024);
+        let big = |i: u64| {
+            let mut w = write(&format!("big{i}"), i + 1);
+            w.entry.value = Some(value.clone().into());
+            w
+        };
+        let first = actor.clone();
+        let w = big(0);
+        tokio::spawn(async move { first.ask(Replicate(w)).await });
+        // Asks that would wait are spawned; the first one refused ends the loop.
+        let mut waiting = 0u64;
+        let refused = loop {
+            assert!(waiting < 1024, "never refused: the count bound alone held");
+            let actor = actor.clone();
+            let w = big(waiting + 1);
+            let ask = tokio::spawn(async move { actor.ask(Replicate(w)).await });
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if ask.is_finished() {
+                break ask.await.unwrap();
+            }
+            waiting += 1;
+        };
+        assert!(
+            matches!(
+                refused,
+                Err(kameo::error::SendError::HandlerError(PeerError::Lagging))
+            ),
+            "{refused:?}"
+        );
+        // About 64 MiB of 1 MiB values, far below the 1024 writes the count allows.
+        assert!((60..=64).contains(&waiting), "{waiting} writes waited");
+        assert!(health.needs_resync());
     }
 
     #[tokio::test(start_paused = true)]
