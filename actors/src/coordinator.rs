@@ -183,9 +183,11 @@ pub struct Coordinator<P: PeerClient> {
     peers: Vec<Peer<P>>,
     config: CoordinatorConfig,
     ticker: tokio::task::JoinHandle<()>,
-    /// One permit per CPU for the copies of `List`s: more copies at once only share the CPUs
+    /// One permit per CPU for whole-map scans on a caller's behalf: the copies of `List`s,
+    /// and the digests and bucket pulls that peers ask for. More at once only share the CPUs
     /// and the caches, each holding its memory for longer (64 concurrent copies of 100k keys
-    /// were 0.83x as many Lists a second as when they took turns).
+    /// were 0.83x as many Lists a second as when they took turns), and callers could pile up
+    /// copies of the whole map without bound.
     list_copies: Arc<tokio::sync::Semaphore>,
 }
 
@@ -277,20 +279,35 @@ impl<P: PeerClient> Coordinator<P> {
         }
     }
 
-    /// This node's anti-entropy digest. Scans the map off the async threads.
+    /// This node's anti-entropy digest, for a peer. Scans the map off the async threads, one
+    /// scan per CPU at a time (with `List`s' copies).
     pub async fn digest(&self, buckets: u32) -> Vec<u64> {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || antientropy::digest(&reader, buckets))
+        self.scan(move || antientropy::digest(&reader, buckets))
             .await
-            .expect("digest panicked")
     }
 
-    /// Every entry in buckets `which` (of `buckets`).
+    /// Every entry in buckets `which` (of `buckets`), for a peer; bounded as [`Self::digest`].
     pub async fn entries_in(&self, buckets: u32, which: Vec<u32>) -> Vec<Write> {
         let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || antientropy::entries_in(&reader, buckets, &which))
+        self.scan(move || antientropy::entries_in(&reader, buckets, &which))
             .await
-            .expect("bucket scan panicked")
+    }
+
+    /// Runs `scan` on the blocking pool once a permit is free. The permit goes with the scan:
+    /// a caller that goes away meanwhile does not free it while the scan still runs.
+    async fn scan<T: Send + 'static>(&self, scan: impl FnOnce() -> T + Send + 'static) -> T {
+        let permit = (self.list_copies.clone())
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        tokio::task::spawn_blocking(move || {
+            let result = scan();
+            drop(permit);
+            result
+        })
+        .await
+        .expect("a map scan panicked")
     }
 
     /// The node's state: its store and every peer's health.
@@ -696,6 +713,27 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), node.shutdown())
             .await
             .expect("shutdown waited for the hanging peer");
+    }
+
+    #[tokio::test]
+    async fn peers_scans_take_turns_with_lists() {
+        let c = coordinator(&[], WriteQuorum::One, Duration::from_secs(1), 8);
+        c.put("k".into(), "v".into()).await.unwrap();
+        let cpus = c.list_copies.available_permits() as u32;
+        // Every permit taken, as by that many Lists being copied.
+        let held = c
+            .list_copies
+            .clone()
+            .acquire_many_owned(cpus)
+            .await
+            .unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(100), c.digest(16)).await;
+        assert!(waited.is_err(), "a digest ran beside {cpus} copies");
+        let pull = tokio::time::timeout(Duration::from_millis(100), c.entries_in(1, vec![0]));
+        assert!(pull.await.is_err(), "a pull ran beside {cpus} copies");
+        drop(held);
+        assert_eq!(c.entries_in(1, vec![0]).await.len(), 1);
+        assert_eq!(c.digest(16).await.len(), 16);
     }
 
     #[test]
