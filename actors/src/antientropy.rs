@@ -132,25 +132,41 @@ pub async fn sync<P: PeerClient>(
         buckets: differing.len(),
         ..SyncReport::default()
     };
-    // Chunks of buckets, and single buckets of a chunk the peer refused to send.
+    // Chunks of buckets, and halves of a chunk the peer refused to send.
     let mut chunks: std::collections::VecDeque<Vec<u32>> =
         differing.chunks(PULL_CHUNK).map(<[u32]>::to_vec).collect();
     while let Some(chunk) = chunks.pop_front() {
         let pulled = match peer.pull(BUCKETS, chunk.clone()).await {
-            Ok(pulled) => pulled,
+            Ok(pulled) => Some(pulled),
             // Refused, not unreachable: one bucket's entries may not fit a message here (a
-            // peer whose value limit is bigger than ours). Narrow it down to the bucket, and
-            // skip that one rather than give up the whole round every time.
-            Err(PeerError::Rejected(why)) => {
-                if chunk.len() > 1 {
-                    chunks.extend(chunk.iter().map(|&b| vec![b]));
-                } else {
-                    report.skipped += 1;
-                    tracing::warn!(bucket = chunk[0], %why, "peer could not send a bucket; skipped");
-                }
+            // peer whose value limit is bigger than ours). Narrow it down to the bucket by
+            // halves (each pull is a scan of the peer's map), and skip pulling that one rather
+            // than give up the whole round every time.
+            Err(PeerError::Rejected(why)) if chunk.len() > 1 => {
+                let (left, right) = chunk.split_at(chunk.len() / 2);
+                chunks.push_front(right.to_vec());
+                chunks.push_front(left.to_vec());
+                tracing::debug!(%why, buckets = chunk.len(), "peer could not send a chunk; halved");
                 continue;
             }
+            Err(PeerError::Rejected(why)) => {
+                report.skipped += 1;
+                tracing::warn!(bucket = chunk[0], %why, "peer could not send a bucket; skipped");
+                None
+            }
             Err(e) => return Err(e.into()),
+        };
+        // A bucket we could not pull: push all of ours in it. The peer keeps only what wins.
+        let Some(pulled) = pulled else {
+            let mine = {
+                let reader = reader.clone();
+                let chunk = chunk.clone();
+                tokio::task::spawn_blocking(move || entries_in(&reader, BUCKETS, &chunk))
+                    .await
+                    .expect("bucket scan panicked")
+            };
+            report.pushed += push(peer, mine, &mut report.rejected).await?;
+            continue;
         };
         // What the peer holds in these buckets: we push only what would win over it.
         let theirs: std::collections::HashMap<String, store::Entry> = pulled
@@ -175,17 +191,28 @@ pub async fn sync<P: PeerClient>(
             .into_iter()
             .filter(|w| (theirs.get(&w.key)).is_none_or(|e| e.precedence() < w.entry.precedence()))
             .collect();
-        report.pushed += newer.len();
-        for batch in crate::replication::batches(newer, peer.max_batch_bytes()) {
-            // One write the peer will never take (its limits are smaller than ours, say) must
-            // not stop the repair of everything else: `deliver` isolates it.
-            for (i, why) in crate::replication::deliver(peer, &batch).await? {
-                report.rejected += 1;
-                tracing::warn!(key = %batch[i].key, %why, "peer rejected a repaired entry; skipped");
-            }
-        }
+        report.pushed += push(peer, newer, &mut report.rejected).await?;
     }
     Ok(report)
+}
+
+/// Sends `writes` to `peer` in batches; returns how many were sent, counting the ones it
+/// refused for good in `rejected`.
+async fn push<P: PeerClient>(
+    peer: &P,
+    writes: Vec<Write>,
+    rejected: &mut usize,
+) -> Result<usize, PeerError> {
+    let sent = writes.len();
+    for batch in crate::replication::batches(writes, peer.max_batch_bytes()) {
+        // One write the peer will never take (its limits are smaller than ours, say) must not
+        // stop the repair of everything else: `deliver` isolates it.
+        for (i, why) in crate::replication::deliver(peer, &batch).await? {
+            *rejected += 1;
+            tracing::warn!(key = %batch[i].key, %why, "peer rejected a repaired entry; skipped");
+        }
+    }
+    Ok(sent)
 }
 
 #[cfg(test)]
@@ -287,7 +314,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_bucket_the_peer_cannot_send_is_skipped_and_the_rest_repaired() {
-        let (store, reader) = store_with(&[write("only-mine", Some("m"), 3)]).await;
+        let huge_bucket = bucket_of("huge", BUCKETS);
+        // Ours in the bucket that cannot come is pushed all the same.
+        let beside = (0..)
+            .map(|i| format!("mine-{i}"))
+            .find(|k| bucket_of(k, BUCKETS) == huge_bucket)
+            .unwrap();
+        let (store, reader) = store_with(&[
+            write("only-mine", Some("m"), 3),
+            write(&beside, Some("b"), 3),
+        ])
+        .await;
         let peer = FakePeer::default();
         let huge = "h".repeat(1000);
         let mut theirs = vec![write("huge", Some(&huge), 4)];
@@ -297,7 +334,7 @@ mod tests {
         (peer.max_pull_value_bytes).store(100, std::sync::atomic::Ordering::Relaxed);
         let report = sync(&peer, &store, &reader).await.unwrap();
         assert_eq!(report.skipped, 1, "{report:?}");
-        let huge_bucket = bucket_of("huge", BUCKETS);
+        assert_eq!(peer.value(&beside), Some(Some("b".into())));
         let sharing = (0..50)
             .filter(|i| bucket_of(&format!("t{i}"), BUCKETS) == huge_bucket)
             .count();

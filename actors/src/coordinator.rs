@@ -555,9 +555,6 @@ impl<P: PeerClient> Coordinator<P> {
     /// then the store.
     pub async fn shutdown(&self) {
         self.ticker.abort();
-        for peer in &self.peers {
-            let _ = peer.actor.stop_gracefully().await;
-        }
         // `wait_for_shutdown_result`, not `wait_for_shutdown`: in kameo 0.22 the latter returns
         // once the mailbox is closed, before `on_stop` has run, and the store's `on_stop` is
         // what syncs and closes the log. The hooks cannot fail (`Infallible`).
@@ -565,9 +562,13 @@ impl<P: PeerClient> Coordinator<P> {
         // Bounded: a handler still running (a redelivery of a long backlog to a slow peer) could
         // otherwise hold the node's stop for minutes. Past the bound the actor is killed, which
         // ends that handler; its `on_stop` still runs, and bounds itself.
+        // The stop signal itself waits for room in a full mailbox, so it is under the bound too.
         let limit = 2 * self.config.replication_deadline;
         for peer in &self.peers {
-            let stopped = peer.actor.wait_for_shutdown_result();
+            let stopped = async {
+                let _ = peer.actor.stop_gracefully().await;
+                peer.actor.wait_for_shutdown_result().await
+            };
             if tokio::time::timeout(limit, stopped).await.is_err() {
                 tracing::warn!(peer = %peer.health.addr(), "replication did not stop in time; cut short");
                 peer.actor.kill();
@@ -651,6 +652,7 @@ mod tests {
         // Let the startup anti-entropy round finish before the peer turns slow.
         tokio::time::sleep(Duration::from_millis(50)).await;
         peer.delay_ms.store(300, Ordering::Relaxed);
+        let calls = peer.calls.load(Ordering::Relaxed);
         // The first write's batch is in flight for 300 ms; the others queue behind it.
         let puts: Vec<_> = (0..10)
             .map(|i| {
@@ -666,10 +668,9 @@ mod tests {
                 stored.push(format!("k{i}"));
             }
         }
-        assert!(
-            stored.len() >= 2,
-            "writes queued behind the first: {stored:?}"
-        );
+        assert_eq!(stored.len(), 10, "{stored:?}");
+        // More than the one batch went out: the writes that waited behind it.
+        assert!(peer.calls.load(Ordering::Relaxed) - calls >= 2);
         // Every write stored here reaches the peer: those behind the batch in flight from the
         // stopping actor, that batch on its own (waited for, bounded).
         let waited = std::time::Instant::now();
@@ -697,7 +698,7 @@ mod tests {
             std::slice::from_ref(&peer),
             WriteQuorum::One,
             Duration::from_millis(200),
-            1024,
+            4,
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
         // The write's delivery fails, so it is held for redelivery; by the time that runs
@@ -709,6 +710,11 @@ mod tests {
         peer.hang.store(true, Ordering::Relaxed);
         peer.fail.store(false, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_millis(300)).await;
+        // Writes meanwhile fill the actor's mailbox (4 messages), behind the hung handler.
+        for i in 0..8 {
+            let out = node.put(format!("k{i}"), "v".into()).await.unwrap();
+            assert_eq!(out.acks, 1, "{out:?}");
+        }
         // Liveness, not speed: without the bound this waits for the hour.
         tokio::time::timeout(Duration::from_secs(30), node.shutdown())
             .await

@@ -426,10 +426,13 @@ impl<P: PeerClient> ReplicationActor<P> {
         self.backlog.clear();
         let (client, limit) = (self.client.clone(), self.client.max_batch_bytes());
         let health = self.health.clone();
+        // The batch being sent when the time runs out is neither in the queue nor delivered.
+        let mut sending = 0;
         let delivered = tokio::time::timeout(self.drain_limit, async {
             while !queue.is_empty() {
                 let n = batch_len(queue.iter().map(|(w, _)| w), limit);
                 let (writes, waiters): (Vec<Write>, Vec<Waiter>) = queue.drain(..n).unzip();
+                sending = writes.len();
                 match deliver(&client, &writes).await {
                     Ok(refused) => {
                         health.count_confirmed(writes.len() - refused.len());
@@ -449,12 +452,13 @@ impl<P: PeerClient> ReplicationActor<P> {
                         return writes.len();
                     }
                 }
+                sending = 0;
             }
             0
         })
         .await;
         // Whatever is still queued is answered by dropping its waiter: "replication stopped".
-        left_behind + queue.len() + delivered.unwrap_or(0)
+        left_behind + queue.len() + delivered.unwrap_or(sending)
     }
 
     /// Keeps `write` for redelivery, or, if the backlog is full, gives the backlog up for an
@@ -635,7 +639,9 @@ impl<P: PeerClient> Message<Replicate> for ReplicationActor<P> {
             self.hold(msg.0);
             answer(waiter, Err(PeerError::Backlogged(self.backlog.len())));
         } else if self.pending.len() >= self.pending_capacity
-            || self.pending_bytes + write_size(&msg.0) > PENDING_BYTES
+            // One write bigger than the budget still waits, alone, as it goes in a batch alone.
+            || (!self.pending.is_empty()
+                && self.pending_bytes + write_size(&msg.0) > PENDING_BYTES)
         {
             self.health.mark_lagging();
             answer(waiter, Err(PeerError::Lagging));
@@ -1053,6 +1059,34 @@ pub(crate) mod tests {
         // About 64 MiB of 1 MiB values, far below the 1024 writes the count allows.
         assert!((60..=64).contains(&waiting), "{waiting} writes waited");
         assert!(health.needs_resync());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_write_over_the_byte_budget_still_waits_alone() {
+        let peer = FakePeer::default();
+        let (actor, health, _store) = actor(&peer, 100);
+        settle_resync(&health).await;
+        peer.delay_ms.store(60_000, Ordering::Relaxed);
+        let send = |key: &str, len: usize| {
+            let actor = actor.clone();
+            let mut w = write(key, 1);
+            w.entry.value = Some("v".repeat(len).into());
+            tokio::spawn(async move { actor.ask(Replicate(w)).await })
+        };
+        let _in_flight = send("first", 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        // Nothing is waiting: a write over the whole budget waits (and goes in a batch alone).
+        let big = send("big", PENDING_BYTES + 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!big.is_finished(), "refused: {:?}", big.await);
+        // Behind it, the budget is spent.
+        let next = send("next", 1);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(next.is_finished());
+        assert!(matches!(
+            next.await.unwrap(),
+            Err(kameo::error::SendError::HandlerError(PeerError::Lagging))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
