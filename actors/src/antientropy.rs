@@ -156,24 +156,15 @@ pub async fn sync<P: PeerClient>(
             }
             Err(e) => return Err(e.into()),
         };
-        // A bucket we could not pull: push all of ours in it. The peer keeps only what wins.
-        let Some(pulled) = pulled else {
-            let mine = {
-                let reader = reader.clone();
-                let chunk = chunk.clone();
-                tokio::task::spawn_blocking(move || entries_in(&reader, BUCKETS, &chunk))
-                    .await
-                    .expect("bucket scan panicked")
-            };
-            report.pushed += push(peer, mine, &mut report.rejected).await?;
-            continue;
-        };
-        // What the peer holds in these buckets: we push only what would win over it.
-        let theirs: std::collections::HashMap<String, store::Entry> = pulled
-            .iter()
-            .map(|w| (w.key.clone(), w.entry.clone()))
-            .collect();
-        if !pulled.is_empty() {
+        // What the peer holds in these buckets: we push only what would win over it. Of a
+        // bucket it could not send, we push all we hold; it keeps only what wins.
+        let theirs: Option<std::collections::HashMap<String, store::Entry>> =
+            pulled.as_ref().map(|pulled| {
+                (pulled.iter())
+                    .map(|w| (w.key.clone(), w.entry.clone()))
+                    .collect()
+            });
+        if let Some(pulled) = pulled.filter(|pulled| !pulled.is_empty()) {
             let applied = store
                 .ask(store::Apply(pulled))
                 .await
@@ -189,7 +180,11 @@ pub async fn sync<P: PeerClient>(
         };
         let newer: Vec<Write> = mine
             .into_iter()
-            .filter(|w| (theirs.get(&w.key)).is_none_or(|e| e.precedence() < w.entry.precedence()))
+            .filter(|w| {
+                theirs.as_ref().is_none_or(|theirs| {
+                    (theirs.get(&w.key)).is_none_or(|e| e.precedence() < w.entry.precedence())
+                })
+            })
             .collect();
         report.pushed += push(peer, newer, &mut report.rejected).await?;
     }

@@ -354,6 +354,21 @@ fn answer(waiter: Waiter, result: Result<(), PeerError>) {
     }
 }
 
+/// Answers the waiters of a batch the peer took: each write's own, or the peer's refusal of it
+/// (which it would give again, so the write is not retried).
+fn answer_batch(peer: &str, writes: &[Write], waiters: Vec<Waiter>, refused: Vec<Refused>) {
+    let mut refused = refused.into_iter().peekable();
+    for (i, (write, waiter)) in writes.iter().zip(waiters).enumerate() {
+        match refused.next_if(|(at, _)| *at == i) {
+            None => answer(waiter, Ok(())),
+            Some((_, why)) => {
+                tracing::warn!(peer, key = %write.key, %why, "peer rejected a write; not retried");
+                answer(waiter, Err(PeerError::Rejected(why)));
+            }
+        }
+    }
+}
+
 /// The replication actor for one peer.
 pub struct ReplicationActor<P: PeerClient> {
     client: P,
@@ -436,13 +451,7 @@ impl<P: PeerClient> ReplicationActor<P> {
                 match deliver(&client, &writes).await {
                     Ok(refused) => {
                         health.count_confirmed(writes.len() - refused.len());
-                        let mut refused = refused.into_iter().peekable();
-                        for (i, waiter) in waiters.into_iter().enumerate() {
-                            match refused.next_if(|(at, _)| *at == i) {
-                                None => answer(waiter, Ok(())),
-                                Some((_, why)) => answer(waiter, Err(PeerError::Rejected(why))),
-                            }
-                        }
+                        answer_batch(&health.addr, &writes, waiters, refused);
                     }
                     Err(error) => {
                         health.mark_down(&error);
@@ -672,16 +681,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
                 // refuse again, so they are not retried.
                 self.health
                     .count_confirmed(msg.writes.len() - refused.len());
-                let mut refused = refused.into_iter().peekable();
-                for (i, (write, waiter)) in msg.writes.iter().zip(msg.waiters).enumerate() {
-                    match refused.next_if(|(at, _)| *at == i) {
-                        None => answer(waiter, Ok(())),
-                        Some((_, why)) => {
-                            tracing::warn!(peer = %self.health.addr, key = %write.key, %why, "peer rejected a write; not retried");
-                            answer(waiter, Err(PeerError::Rejected(why)));
-                        }
-                    }
-                }
+                answer_batch(&self.health.addr, &msg.writes, msg.waiters, refused);
                 self.reached(ctx.actor_ref().downgrade());
                 self.flush(ctx.actor_ref().clone());
             }

@@ -594,13 +594,20 @@ pub(crate) mod tests {
         let r = append_all(&cfg, &[write("e", Some("v"), 5)]).await;
         assert_eq!(r.map.len(), 2);
         drop(r);
-        let mut data = std::fs::read(&log).unwrap();
+        refuses_damage_to_its_first_group(&cfg, &log);
+    }
+
+    /// Flips a byte inside the first group of `log` and checks that opening `cfg` refuses it,
+    /// naming the group's offset.
+    fn refuses_damage_to_its_first_group(cfg: &StorageConfig, log: &Path) {
+        let mut data = std::fs::read(log).unwrap();
         data[record::GROUPED_HEADER_LEN + 25] ^= 0xFF;
-        std::fs::write(&log, &data).unwrap();
-        let err = Storage::open(&cfg).err().unwrap().to_string();
+        std::fs::write(log, &data).unwrap();
+        let err = Storage::open(cfg).err().unwrap().to_string();
         assert!(
             err.contains(&format!("offset {}", record::GROUPED_HEADER_LEN)),
-            "{err}"
+            "{:?}: {err}",
+            cfg.sync
         );
     }
 
@@ -621,15 +628,7 @@ pub(crate) mod tests {
             // No group after "a" was written after a sync: only the close's own mark says
             // that "a" reached the disk.
             r.storage.close().await;
-            let log = wal::log_path(dir.path(), 0);
-            let mut data = std::fs::read(&log).unwrap();
-            data[record::GROUPED_HEADER_LEN + 25] ^= 0xFF;
-            std::fs::write(&log, &data).unwrap();
-            let err = Storage::open(&cfg).err().unwrap().to_string();
-            assert!(
-                err.contains(&format!("offset {}", record::GROUPED_HEADER_LEN)),
-                "{sync:?}: {err}"
-            );
+            refuses_damage_to_its_first_group(&cfg, &wal::log_path(dir.path(), 0));
         }
     }
 
