@@ -48,7 +48,18 @@ async fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
     for i in 0..100 {
         NodeId::from_disk(&format!("on-disk-{i}"));
     }
+    // Fill the table up to one free id (the node's own id takes one).
     let mut taken = 0;
+    while taken < MAX_NODE_IDS - 2 {
+        NodeId::new(&format!("node-{taken}")).expect("room for it");
+        taken += 1;
+    }
+    // A batch with two new ids does not fit: it is refused whole, and takes neither.
+    let two_new = kvstore::pb::WriteBatch {
+        writes: vec![replicate_from("new-a"), replicate_from("new-b")],
+    };
+    let status = replicator.replicate_batch(two_new).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     while NodeId::new(&format!("node-{taken}")).is_ok() {
         taken += 1;
         assert!(taken <= MAX_NODE_IDS, "the bound did not hold");

@@ -55,6 +55,23 @@ impl NodeId {
             .map_err(|_| TooManyNodeIds)
     }
 
+    /// Whether every id in `ids` that is not known yet fits the bound now: a batch of writes
+    /// checks this first, so that one refused for the bound takes none of its new ids. Racing
+    /// callers may still overshoot by a few (see [`NodeId::new`]).
+    pub fn room_for<'a>(ids: impl IntoIterator<Item = &'a str>) -> Result<(), TooManyNodeIds> {
+        let known = node_ids();
+        let mut new: Vec<&str> = ids
+            .into_iter()
+            .filter(|id| known.get(id).is_none())
+            .collect();
+        new.sort_unstable();
+        new.dedup();
+        if NEW_IDS.load(Ordering::Relaxed) + new.len() > MAX_NODE_IDS {
+            return Err(TooManyNodeIds);
+        }
+        Ok(())
+    }
+
     /// The id for `id` as read from this node's own log or snapshot: always interned, past
     /// [`MAX_NODE_IDS`] too, so a node that once stored an entry can always load it again.
     pub fn from_disk(id: &str) -> Self {

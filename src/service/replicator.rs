@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use kvstore_actors::Write;
+use kvstore_actors::{NodeId, Write};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -65,6 +65,9 @@ impl ReplicatorService {
         for kv in &batch.writes {
             self.check(kv)?;
         }
+        let node_ids =
+            (batch.writes.iter()).filter_map(|kv| Some(kv.version.as_ref()?.node_id.as_str()));
+        NodeId::room_for(node_ids).map_err(|e| Error::ResourceExhausted(e.to_string()))?;
         let writes = (batch.writes.into_iter())
             .map(pb::checked_into_write)
             .collect::<Result<Vec<_>, _>>()?;
