@@ -15,7 +15,7 @@ use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 
 use crate::storage::{Durable, Recovered, Storage};
-use crate::version::{self, Clock, NodeId, Version};
+use crate::version::{self, Clock, LOST_BUMPS_MARGIN, NodeId, Version};
 
 /// The map a store keeps: key to [`Slot`]. Keys are boxed `str`s rather than `String`s, 8
 /// bytes less each.
@@ -183,6 +183,11 @@ pub struct StoreActor {
     /// key written until it is done. Weak, so a copy that finished (or was dropped) stops
     /// costing anything at the next write.
     views: Vec<Weak<PreImages>>,
+    /// Keys that local writes have bumped above a recovered version the clock does not cover,
+    /// since the start (few: it takes a peer clock beyond the drift bound).
+    bumped: std::collections::HashSet<Box<str>>,
+    /// The newest version time recovered from disk at the start.
+    recovered_max: u64,
 }
 
 /// What keys held when a [`ListView`] was taken, for those written since: `None` if absent.
@@ -310,19 +315,25 @@ impl StoreActor {
             storage: None,
             unlogged: std::collections::HashMap::new(),
             views: Vec::new(),
+            bumped: std::collections::HashSet::new(),
+            recovered_max: 0,
         }
     }
 
-    /// A store on recovered storage. The clock is moved past every version recovered, so it
-    /// never issues a version below one it issued before the restart.
+    /// A store on recovered storage. The clock is moved past every version this node issued
+    /// before the restart, and past the others as far as it can observe ([`Clock::restore`]);
+    /// keys beyond that are covered when they are written ([`StoreActor::write_local`]).
     pub fn recovered(clock: Arc<Clock>, recovered: Recovered) -> Self {
-        clock.restore(recovered.max_time);
+        let own = (recovered.newest_by_node.get(&clock.node())).map_or(0, |&t| t);
+        clock.restore(own, recovered.max_time);
         Self {
             map: Arc::new(recovered.map),
             clock,
             storage: Some(recovered.storage),
             unlogged: std::collections::HashMap::new(),
             views: Vec::new(),
+            bumped: std::collections::HashSet::new(),
+            recovered_max: recovered.max_time,
         }
     }
 
@@ -377,6 +388,9 @@ impl StoreActor {
     /// A view of the map as of now, registered so that writes save pre-images for it.
     fn list_view(&mut self) -> ListView {
         let before = Arc::new(Mutex::new(HashMap::new()));
+        // Dropped views are also cleared here, not only on writes: a node that serves Lists
+        // and takes no writes would otherwise keep a husk per List.
+        self.views.retain(|view| view.strong_count() > 0);
         self.views.push(Arc::downgrade(&before));
         ListView {
             map: self.map.clone(),
@@ -412,7 +426,18 @@ impl StoreActor {
             // a local write the user just made must not be shadowed by one they made earlier.
             let current = current.version();
             if current >= version {
-                version.time = current.time.saturating_add(1);
+                // The first bump since the start of a key whose version may have been on disk
+                // then takes a margin: bumps of it lost in a crash (sent to peers, not synced
+                // here) must not be issued again, and the clock does not cover versions this
+                // far ahead (see `Clock::restore`).
+                let step = if current.time <= self.recovered_max
+                    && self.bumped.insert(key.as_str().into())
+                {
+                    LOST_BUMPS_MARGIN
+                } else {
+                    1
+                };
+                version.time = current.time.saturating_add(step);
             }
         }
         let entry = Entry {
@@ -886,6 +911,18 @@ mod tests {
             next.entry.version,
             lost.entry.version
         );
+        // The peer's version 23 hours ahead did not move the clock: other keys' writes get
+        // versions near physical time, not beyond the far one.
+        let other = put(&s, "other", "v").await;
+        let soon = crate::version::latest_acceptable()
+            - crate::version::ntp_duration(std::time::Duration::from_secs(24 * 3600 - 60));
+        assert!(
+            other.entry.version.time < soon,
+            "the clock jumped to the far version"
+        );
+        // And the key's later writes go on ordering after each other.
+        let again = put(&s, "k", "again").await;
+        assert!(again.entry.version > next.entry.version);
         stop(s).await;
     }
 
@@ -1005,6 +1042,11 @@ mod tests {
         drop(dropped);
         store.write_local("k".into(), Some("w".into()));
         assert!(store.views.is_empty(), "the next write forgets both");
+        // Without writes, the next List forgets them.
+        for _ in 0..100 {
+            drop(store.list_view());
+        }
+        assert_eq!(store.views.len(), 1, "one husk at most, the last List's");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

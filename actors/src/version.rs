@@ -178,37 +178,37 @@ impl Clock {
         }
     }
 
-    /// At a node's start: makes every later version newer than `time` (the newest version
-    /// recovered from disk) and than any version this node may have issued before it stopped.
+    /// At a node's start: makes every later version newer than any this node issued before it
+    /// stopped (`own`, the newest of them on disk, and the ones lost in a crash), and than the
+    /// versions of other nodes on disk (newest `any`) as far as the drift bound reaches.
     ///
-    /// The second is not on disk if the node crashed before its fsync, and its peers may hold
-    /// it: a write goes to them while the local log syncs. Such a lost version is one of two
-    /// kinds, and the start covers both:
-    /// - A clock reading. This clock only ever ran ahead of the physical clock by what it
-    ///   observed, and uhlc observes nothing more than its drift bound ahead (500 ms). So
-    ///   starting from physical time plus that bound orders every new version after it, since
-    ///   it was earlier by the physical clock.
-    /// - A per-key bump (see `StoreActor::write_local`): a write of a key holding a peer's
-    ///   version too far ahead to observe gets that version's time plus one, above any clock
-    ///   reading. If the version it was bumped from is on disk, the lost bump is at most `time`
-    ///   plus the number of writes of that key lost in the crash. Without a margin, the next
-    ///   write of the key would get the very same version as the lost one, with another value:
-    ///   replicas that hold one would never take the other, and never converge.
+    /// A version this node issued may not be on disk if the node crashed before its fsync, and
+    /// its peers may hold it: a write goes to them while the local log syncs. This clock only
+    /// ever ran ahead of the physical clock by what it observed, and uhlc observes nothing more
+    /// than its drift bound ahead (500 ms), so starting from physical time plus that bound
+    /// orders every new version after it. The newest time on disk, plus [`LOST_BUMPS_MARGIN`]
+    /// for writes lost after it, covers a physical clock that has gone back since.
+    ///
+    /// Other nodes' times beyond the drift bound are versions too far ahead to observe, and do
+    /// not move the clock: one peer write from a clock 20 hours fast would otherwise put every
+    /// later write of this node 20 hours ahead, beating writes made after it through other
+    /// nodes. Their keys are covered key by key: a local write of such a key is bumped above
+    /// its version (see `StoreActor::write_local`), and the first bump of a key after a start
+    /// takes the margin, so it orders after bumps of it lost in the crash. (A bump of ours
+    /// that is on disk does move the clock, being our own version: to tell it from a reading of
+    /// a clock that has gone back since, nothing is recorded.)
     ///
     /// Not covered: the peer's far-ahead version and our bump above it both lost in the crash
     /// (the peer's still unsynced here, ours sent on). Then nothing on disk says how far ahead
     /// that key was; our next write of it orders below the lost bump, which wins once a peer
     /// sends it back. Versions still differ, so replicas converge, on the older write: the
     /// price of a peer clock more than the drift bound ahead, and a crash inside a sync.
-    ///
-    /// New versions run up to the larger of the two ahead of physical time for a while, which
-    /// peers accept.
-    pub fn restore(&self, time: u64) {
+    pub fn restore(&self, own: u64, any: u64) {
         let now = self.hlc.new_timestamp().get_time().as_u64();
-        let bound = self.hlc.get_delta().as_u64();
+        let reach = now.saturating_add(self.hlc.get_delta().as_u64());
+        let newest = own.max(any.min(reach));
         self.last.fetch_max(
-            time.saturating_add(LOST_BUMPS_MARGIN)
-                .max(now.saturating_add(bound)),
+            newest.saturating_add(LOST_BUMPS_MARGIN).max(reach),
             Ordering::AcqRel,
         );
     }
@@ -328,10 +328,30 @@ mod tests {
         // As if the machine's clock went back to zero while the node was down.
         let clock = Clock::with_physical_clock(id("n1"), uhlc::zero_clock);
         let on_disk = 1u64 << 40;
-        clock.restore(on_disk);
+        clock.restore(on_disk, on_disk);
         let a = clock.now();
         assert!(a.time > on_disk);
         assert!(clock.now() > a);
+    }
+
+    #[test]
+    fn a_peers_version_beyond_the_drift_bound_does_not_move_the_clock() {
+        // On disk: our own versions up to the crash, and one peer write from a clock 20 hours
+        // fast.
+        let clock = Clock::with_physical_clock(id("n1"), after_restart);
+        let far = BEFORE_CRASH + ntp_duration(Duration::from_secs(20 * 3600));
+        clock.restore(BEFORE_CRASH, far);
+        let next = clock.now();
+        assert!(next.time > BEFORE_CRASH);
+        assert!(
+            next.time < BEFORE_CRASH + ntp_duration(Duration::from_secs(1)),
+            "the clock followed the far version"
+        );
+        // One within the bound is followed, with the margin.
+        let clock = Clock::with_physical_clock(id("n1"), after_restart);
+        let near = BEFORE_CRASH + ntp_duration(Duration::from_millis(300));
+        clock.restore(BEFORE_CRASH, near);
+        assert!(clock.now().time > near + LOST_BUMPS_MARGIN);
     }
 
     /// Physical times for a node that crashed and restarted 100 ms later.
@@ -356,7 +376,7 @@ mod tests {
         let on_disk = BEFORE_CRASH - 1;
 
         let clock = Clock::with_physical_clock(id("n1"), after_restart);
-        clock.restore(on_disk);
+        clock.restore(on_disk, on_disk);
         assert!(
             clock.now() > lost,
             "a new write would lose to the older one"

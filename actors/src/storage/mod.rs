@@ -87,11 +87,13 @@ pub struct Storage {
     _lock: File,
 }
 
-/// What [`Storage::open`] returns: the recovered map, the newest version time in it (the clock
-/// must start past it), and the storage ready for appends.
+/// What [`Storage::open`] returns: the recovered map, the newest version times in it (the clock
+/// starts from them), and the storage ready for appends.
 pub struct Recovered {
     pub map: Map,
     pub max_time: u64,
+    /// The newest version time of each node that wrote what was recovered.
+    pub newest_by_node: std::collections::HashMap<crate::version::NodeId, u64>,
     pub storage: Storage,
     pub report: RecoveryReport,
 }
@@ -136,8 +138,11 @@ impl Storage {
 
         let map = crate::store::new_map();
         let mut max_time = 0u64;
+        let mut newest_by_node = std::collections::HashMap::new();
         let mut apply = |w: Write| {
             max_time = max_time.max(w.entry.version.time);
+            let newest = newest_by_node.entry(w.entry.version.node).or_insert(0);
+            *newest = w.entry.version.time.max(*newest);
             match map.entry(w.key.into_boxed_str()) {
                 dashmap::Entry::Occupied(mut slot) => {
                     if slot.get().loses_to(&w.entry) {
@@ -253,6 +258,7 @@ impl Storage {
         Ok(Recovered {
             map,
             max_time,
+            newest_by_node,
             storage: Storage {
                 dir: dir.clone(),
                 writer,

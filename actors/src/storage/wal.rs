@@ -336,6 +336,11 @@ impl<F: LogFile> WriterThread<F> {
                     }
                     Command::Rotate(generation, done) => {
                         self.flush(&mut buf, &mut waiters, true);
+                        // A failed flush returns before it syncs, and what was written before
+                        // it (under interval sync) must be synced before this log becomes an
+                        // earlier one, whose damage is refused. A failed sync poisons the log,
+                        // and `rotate` then refuses.
+                        self.sync_now();
                         let _ = done.send(self.rotate(generation));
                     }
                 }
