@@ -191,6 +191,22 @@ pub struct Coordinator<P: PeerClient> {
     list_copies: Arc<tokio::sync::Semaphore>,
 }
 
+/// Runs `scan` on the blocking pool, holding `permit` until it is done: a caller that goes away
+/// meanwhile (a List whose client left, its future dropped) does not free the turn while the
+/// scan still runs.
+async fn run_holding<T: Send + 'static>(
+    permit: tokio::sync::OwnedSemaphorePermit,
+    scan: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    tokio::task::spawn_blocking(move || {
+        let result = scan();
+        drop(permit);
+        result
+    })
+    .await
+    .expect("a map scan panicked")
+}
+
 /// Why a quorum read could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -294,20 +310,18 @@ impl<P: PeerClient> Coordinator<P> {
             .await
     }
 
-    /// Runs `scan` on the blocking pool once a permit is free. The permit goes with the scan:
-    /// a caller that goes away meanwhile does not free it while the scan still runs.
+    /// Runs `scan` on the blocking pool once it is this caller's turn ([`run_holding`]).
     async fn scan<T: Send + 'static>(&self, scan: impl FnOnce() -> T + Send + 'static) -> T {
-        let permit = (self.list_copies.clone())
+        let permit = self.scan_permit().await;
+        run_holding(permit, scan).await
+    }
+
+    /// A turn at scanning the whole map (see `list_copies`).
+    async fn scan_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
+        (self.list_copies.clone())
             .acquire_owned()
             .await
-            .expect("the semaphore is never closed");
-        tokio::task::spawn_blocking(move || {
-            let result = scan();
-            drop(permit);
-            result
-        })
-        .await
-        .expect("a map scan panicked")
+            .expect("the semaphore is never closed")
     }
 
     /// The node's state: its store and every peer's health.
@@ -476,25 +490,14 @@ impl<P: PeerClient> Coordinator<P> {
         // The permit comes first, so that the view (and the pre-images the store saves for it)
         // lives only while it is being copied. The List's instant is then when its copy
         // starts: still between its request and its first pair.
-        let permit = (self.list_copies.clone())
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
+        let permit = self.scan_permit().await;
         let view = self
             .store
             .ask(store::Snapshot)
             .await
             .map_err(|_| Error::StoreStopped)?;
         // The copy is the slow part (a second at 1M keys), and runs while the store goes on.
-        // The permit goes with the copy: a List whose client went away while it ran (this
-        // future dropped) still holds it until the copy is done.
-        Ok(tokio::task::spawn_blocking(move || {
-            let pairs = view.collect();
-            drop(permit);
-            pairs
-        })
-        .await
-        .expect("a List's copy panicked"))
+        Ok(run_holding(permit, move || view.collect()).await)
     }
 
     /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.
