@@ -12,7 +12,7 @@ use crate::pb::{Ack, Consistency, NodeStatus};
 /// What the REPL prints for `help`.
 pub const HELP: &str = "\
 commands:
-  put KEY VALUE   store VALUE under KEY (VALUE may hold spaces; quote to keep them exact)
+  put KEY VALUE   store VALUE under KEY (VALUE is the rest of the line, as typed)
   get KEY         print KEY's value, as this node has it
   get -q KEY      read KEY from a majority of nodes (newest wins, stale copies repaired)
   delete KEY      delete KEY
@@ -99,6 +99,82 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
     lines
 }
 
+/// Splits a REPL line into words: a command, then its arguments.
+///
+/// Words are separated by spaces. `'...'` quotes literally; `"..."` quotes too, with `\"` and
+/// `\\` its only escapes. Nothing else is special: a backslash or a `#` inside a line is kept
+/// as typed (a line that starts with `#` is a comment). A `put`'s value is the rest of the line
+/// after the key, exactly as typed, so `put note call me #1 fan` and `put path C:\tmp` store
+/// what they show; a value that starts with a quote must be one quoted string, and is
+/// unquoted (`put k "  padded  "`). This is deliberately not a POSIX shell's grammar, whose
+/// comments and escapes would silently change values.
+pub fn split_line(line: &str) -> Result<Vec<String>, String> {
+    let line = line.trim();
+    if line.starts_with('#') {
+        return Ok(Vec::new());
+    }
+    let mut words = Vec::new();
+    let mut rest = line;
+    while let Some((word, after)) = next_word(rest)? {
+        words.push(word);
+        rest = after;
+        if words.len() == 2 && words[0] == "put" {
+            let value = rest.trim();
+            if !value.is_empty() {
+                words.push(put_value(value)?);
+            }
+            break;
+        }
+    }
+    Ok(words)
+}
+
+/// A `put`'s value from the rest of its line (trimmed, not empty).
+fn put_value(rest: &str) -> Result<String, String> {
+    if !rest.starts_with(['"', '\'']) {
+        return Ok(rest.to_string());
+    }
+    match next_word(rest)? {
+        Some((value, after)) if after.trim().is_empty() => Ok(value),
+        _ => Err("a quoted value must be the whole value: quote all of it, or none of it".into()),
+    }
+}
+
+/// The first word of `s` and what follows it, or `None` if `s` is blank.
+fn next_word(s: &str) -> Result<Option<(String, &str)>, String> {
+    let s = s.trim_start();
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let mut word = String::new();
+    let mut chars = s.char_indices().peekable();
+    while let Some((at, c)) = chars.next() {
+        match c {
+            c if c.is_whitespace() => return Ok(Some((word, &s[at..]))),
+            '\'' => loop {
+                match chars.next() {
+                    Some((_, '\'')) => break,
+                    Some((_, c)) => word.push(c),
+                    None => return Err("unclosed ' quote".into()),
+                }
+            },
+            '"' => loop {
+                match chars.next() {
+                    Some((_, '"')) => break,
+                    Some((_, '\\')) => match chars.next_if(|&(_, c)| c == '"' || c == '\\') {
+                        Some((_, escaped)) => word.push(escaped),
+                        None => word.push('\\'),
+                    },
+                    Some((_, c)) => word.push(c),
+                    None => return Err("unclosed \" quote".into()),
+                }
+            },
+            c => word.push(c),
+        }
+    }
+    Ok(Some((word, "")))
+}
+
 /// A REPL session against one node.
 pub struct Shell {
     client: Client,
@@ -111,14 +187,16 @@ impl Shell {
 
     /// Runs one line. Never fails: every problem becomes a line of `stderr`.
     pub async fn execute(&mut self, line: &str) -> Output {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            return Output::default();
+        match split_line(line) {
+            Ok(words) => self.execute_words(&words).await,
+            Err(problem) => Output::error(problem),
         }
-        let words = match shell_words::split(line) {
-            Ok(words) => words,
-            Err(_) => return Output::error("unbalanced quotes"),
-        };
+    }
+
+    /// Runs one command given as words already split (by the user's shell, for
+    /// `kvstore-cli 5001 put k v`): a `put`'s words after the key are its value, joined by
+    /// spaces. Nothing is unquoted again.
+    pub async fn execute_words(&mut self, words: &[String]) -> Output {
         let Some((command, args)) = words.split_first() else {
             return Output::default();
         };
@@ -127,14 +205,14 @@ impl Shell {
                 let value = value.join(" ");
                 self.write(self.client.put(key, &value).await)
             }
-            ("get", [key]) => match self.client.get(key).await {
+            ("get", [key]) if !is_quorum_flag(key) => match self.client.get(key).await {
                 Ok(value) => Output::out(format!("{key} = {value}")),
-                Err(status) => self.failure(&status),
+                Err(status) => self.failure(&status, false),
             },
             ("get", [flag, key]) | ("get", [key, flag]) if is_quorum_flag(flag) => {
                 match self.client.get_with(key, Consistency::Quorum).await {
                     Ok(value) => Output::out(format!("{key} = {}", value.value)),
-                    Err(status) => self.failure(&status),
+                    Err(status) => self.failure(&status, false),
                 }
             }
             ("status", []) => match self.client.status().await {
@@ -142,7 +220,7 @@ impl Shell {
                     stdout: render_status(&status),
                     ..Output::default()
                 },
-                Err(status) => self.failure(&status),
+                Err(status) => self.failure(&status, false),
             },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
             ("list", []) => match self.client.list().await {
@@ -151,7 +229,7 @@ impl Shell {
                     stdout: pairs.iter().map(|(k, v)| format!("{k} = {v}")).collect(),
                     ..Output::default()
                 },
-                Err(status) => self.failure(&status),
+                Err(status) => self.failure(&status, false),
             },
             ("help", _) => Output {
                 stdout: HELP.lines().map(String::from).collect(),
@@ -179,11 +257,13 @@ impl Shell {
                 ..Output::default()
             },
             Ok(ack) => Output::error(ack.message),
-            Err(status) => self.failure(&status),
+            Err(status) => self.failure(&status, true),
         }
     }
 
-    fn failure(&self, status: &Status) -> Output {
+    /// Output for a failed call; `write` says whether it was a Put or Delete, whose outcome
+    /// is unknown when the node did not answer.
+    fn failure(&self, status: &Status, write: bool) -> Output {
         let addr = self.client.addr();
         Output::error(match status.code() {
             // A transport failure carries its cause; an UNAVAILABLE the node sent does not.
@@ -191,6 +271,11 @@ impl Shell {
                 format!("cannot reach node {addr} ({})", status_reason(status))
             }
             Code::Unavailable => format!("unavailable: {}", status.message()),
+            // The node may have stored and replicated the write before its answer was lost:
+            // calling it failed would be wrong as often as right.
+            Code::DeadlineExceeded | Code::Cancelled if write => format!(
+                "node {addr} did not answer in time; the write may or may not have been stored"
+            ),
             Code::DeadlineExceeded | Code::Cancelled => {
                 format!("node {addr} did not answer in time")
             }
@@ -204,6 +289,56 @@ impl Shell {
 mod tests {
     use super::*;
     use crate::pb::PeerStatus;
+
+    fn split(line: &str) -> Vec<String> {
+        split_line(line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+    }
+
+    #[test]
+    fn a_put_value_is_kept_as_typed() {
+        for (line, value) in [
+            ("put k call me #1 fan", "call me #1 fan"),
+            ("put k #x", "#x"),
+            (r"put k a\d+", r"a\d+"),
+            (r"put k C:\tmp\new", r"C:\tmp\new"),
+            ("put k it's", "it's"),
+            (r#"put k say "hi" now"#, r#"say "hi" now"#),
+            ("put k two  spaces   kept  ", "two  spaces   kept"),
+            (r#"put k "  padded  ""#, "  padded  "),
+            (r#"put k 'say "hi"'"#, r#"say "hi""#),
+            (r#"put k "a \"b\" \\ c\d""#, r#"a "b" \ c\d"#),
+            ("put k 🦀 Grüße", "🦀 Grüße"),
+        ] {
+            assert_eq!(split(line), ["put", "k", value], "{line}");
+        }
+    }
+
+    #[test]
+    fn keys_and_other_words_may_be_quoted() {
+        assert_eq!(split("put 'my key' v"), ["put", "my key", "v"]);
+        assert_eq!(split(r#"get "my key""#), ["get", "my key"]);
+        assert_eq!(split("get #tag"), ["get", "#tag"]);
+        assert_eq!(split(r#"get """#), ["get", ""]);
+        assert_eq!(split("  get   -q   k  "), ["get", "-q", "k"]);
+        assert_eq!(split("put k"), ["put", "k"]);
+        assert_eq!(split("# put k v"), Vec::<String>::new());
+        assert_eq!(split("   "), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unclosed_or_partial_quotes_are_refused() {
+        for (line, problem) in [
+            (r#"put k "unclosed"#, r#"unclosed " quote"#),
+            ("get 'unclosed", "unclosed ' quote"),
+            ("put 'it's' v", "unclosed ' quote"),
+            (
+                r#"put k "a b" c"#,
+                "a quoted value must be the whole value: quote all of it, or none of it",
+            ),
+        ] {
+            assert_eq!(split_line(line), Err(problem.to_string()), "{line}");
+        }
+    }
 
     #[test]
     fn status_lines_name_every_peer_and_what_is_pending() {

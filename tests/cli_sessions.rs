@@ -101,6 +101,8 @@ async fn spaces_and_unicode_session() {
             "put 'key with spaces' value\n",
             "get 'key with spaces'\n",
             "put crab 🦀 Grüße 日本語\n",
+            "put note call me #1, or C:\\tmp\\new's owner\n",
+            "get note\n",
             "@node2\n",
             "get crab\n",
             "list",
@@ -118,7 +120,7 @@ async fn bad_input_session() {
             max_key_bytes: 8,
             max_value_bytes: 16,
         },
-        ..NodeConfig::default()
+        ..common::patient()
     });
     let t = session(
         &cluster,
@@ -131,6 +133,7 @@ async fn bad_input_session() {
             "put k this value is too long\n",
             "put k \"unbalanced\n",
             "get a b\n",
+            "get -q\n",
             "frobnicate\n",
             "list extra\n",
             "# a comment does nothing\n",

@@ -1,7 +1,7 @@
 //! `kvstore-cli`: the REPL. Interactive with line editing and history on a terminal; reads
 //! commands from stdin without a prompt otherwise; runs one command when given one.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ struct Args {
     addr: Option<String>,
 
     /// How long to wait for each call.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = kvstore::config::at_least_1ms)]
     timeout: Duration,
 
     /// The node (a port on 127.0.0.1, or host:port) unless --addr is given, then optionally one
@@ -40,6 +40,8 @@ struct Args {
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(code) => code,
+        // The reader went away (`kvstore-cli 5001 list | head -1`): nothing left to say.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -63,28 +65,42 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .build()?;
     let _guard = runtime.enter();
     let mut shell = Shell::new(Client::new(&node, args.timeout)?);
-    let mut execute = |line: &str| {
-        let output = runtime.block_on(shell.execute(line));
-        print(&output);
-        output
-    };
 
     if !command.is_empty() {
-        let output = execute(&shell_words::join(&command));
+        // Already split by the user's shell: the words go through as they are.
+        let output = runtime.block_on(shell.execute_words(&command));
+        print(&output)?;
         return Ok(if output.failed {
             ExitCode::FAILURE
         } else {
             ExitCode::SUCCESS
         });
     }
+    let mut execute = |line: &str| -> std::io::Result<Output> {
+        let output = runtime.block_on(shell.execute(line));
+        print(&output)?;
+        Ok(output)
+    };
     if std::io::stdin().is_terminal() {
         interactive(&mut execute)?;
         return Ok(ExitCode::SUCCESS);
     }
     // A script: no prompt, every line runs even after a failure, the exit status tells.
     let mut failed = false;
-    for line in std::io::stdin().lock().lines() {
-        let output = execute(&line?);
+    for (number, line) in std::io::stdin().lock().split(b'\n').enumerate() {
+        let mut line = line?;
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let output = match String::from_utf8(line) {
+            Ok(line) => execute(&line)?,
+            Err(_) => {
+                // Keys and values are UTF-8 on the wire: say which line, and go on.
+                eprintln!("error: line {} is not UTF-8; skipped", number + 1);
+                failed = true;
+                continue;
+            }
+        };
         failed |= output.failed;
         if output.exit {
             break;
@@ -97,7 +113,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn interactive(execute: &mut impl FnMut(&str) -> Output) -> anyhow::Result<()> {
+fn interactive(execute: &mut impl FnMut(&str) -> std::io::Result<Output>) -> anyhow::Result<()> {
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = std::env::var_os("HOME")
         .map(|home| std::path::Path::new(&home).join(".kvstore_cli_history"));
@@ -110,7 +126,7 @@ fn interactive(execute: &mut impl FnMut(&str) -> Output) -> anyhow::Result<()> {
                 if !line.trim().is_empty() {
                     let _ = editor.add_history_entry(line.as_str());
                 }
-                if execute(&line).exit {
+                if execute(&line)?.exit {
                     break;
                 }
             }
@@ -126,11 +142,23 @@ fn interactive(execute: &mut impl FnMut(&str) -> Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print(output: &Output) {
+/// Results to stdout, problems to stderr. A closed stdout is an error (not a panic, as
+/// `println!` would make it), which `main` ends on quietly.
+fn print(output: &Output) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
     for line in &output.stdout {
-        println!("{line}");
+        writeln!(stdout, "{line}")?;
     }
+    stdout.flush()?;
+    let mut stderr = std::io::stderr().lock();
     for line in &output.stderr {
-        eprintln!("{line}");
+        writeln!(stderr, "{line}")?;
     }
+    Ok(())
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .downcast_ref::<std::io::Error>()
+        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
 }
