@@ -37,6 +37,24 @@ pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 /// Default fsync interval for `--sync interval`.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Most a key and a value may hold together, whatever the flags say. A log record holds one
+/// write, and recovery takes a record longer than [`MAX_PAYLOAD`] for damage: a write past it
+/// would be acknowledged, then refuse the node's restart. The gRPC message limit (key and value
+/// plus [`MESSAGE_OVERHEAD_BYTES`]) then stays within the same 64 MiB, which `kvstore-cli`
+/// accepts.
+///
+/// [`MAX_PAYLOAD`]: kvstore_actors::storage::record::MAX_PAYLOAD
+pub const MAX_KEY_AND_VALUE_BYTES: usize =
+    kvstore_actors::storage::record::MAX_PAYLOAD - MESSAGE_OVERHEAD_BYTES;
+// A record's own fields (kind, time, lengths, node id) must fit in the overhead left over.
+const _: () = assert!(
+    kvstore_actors::storage::record::MIN_PAYLOAD + kvstore_actors::version::MAX_NODE_ID_BYTES
+        < MESSAGE_OVERHEAD_BYTES
+);
+/// Longest duration any flag takes. Far beyond any sensible setting, and far enough from the
+/// clock's limits that adding one to an instant can never overflow.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Limits on what a client may store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -182,28 +200,29 @@ pub struct ServerArgs {
 
     /// How long a write waits for its peers before answering (e.g. 500ms, 2s). A peer that has
     /// not confirmed by then is named in the Ack as timed out.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = at_least_1ms)]
     pub replication_deadline: Duration,
 
     /// How long to try connecting to a peer before calling it unreachable.
-    #[arg(long, default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = at_least_1ms)]
     pub peer_connect_timeout: Duration,
 
-    /// Writes queued per peer before that peer is reported lagging and marked for resync.
-    #[arg(long, default_value_t = DEFAULT_PEER_MAILBOX, value_parser = parse_nonzero)]
+    /// Writes queued per peer before that peer is reported lagging and marked for resync
+    /// (1 to 1,000,000).
+    #[arg(long, default_value_t = DEFAULT_PEER_MAILBOX, value_parser = parse_count)]
     pub peer_mailbox: usize,
 
-    /// Largest key accepted, in bytes.
-    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES)]
+    /// Largest key accepted, in bytes (at least 1).
+    #[arg(long, default_value_t = DEFAULT_MAX_KEY_BYTES, value_parser = parse_nonzero)]
     pub max_key_bytes: usize,
 
     /// Largest value accepted, in bytes. The gRPC message limit is set from this and
-    /// --max-key-bytes.
+    /// --max-key-bytes, which together may not pass 64 MiB - 64 KiB.
     #[arg(long, default_value_t = DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
 
-    /// How long in-flight calls get to finish after SIGTERM or Ctrl-C.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// How long in-flight calls get to finish after SIGTERM or Ctrl-C (0 abandons them).
+    #[arg(long, default_value = "10s", value_parser = any_duration)]
     pub shutdown_grace: Duration,
 
     /// Directory for this node's log and snapshots. Defaults to kvstore-data/<node id> in the
@@ -219,11 +238,12 @@ pub struct ServerArgs {
     pub sync: SyncArg,
 
     /// How often `--sync interval` fsyncs.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "100ms", value_parser = at_least_1ms)]
     pub sync_interval: Duration,
 
-    /// Log size, in bytes, at which the node writes a snapshot and starts a new log.
-    #[arg(long, default_value_t = DEFAULT_COMPACT_AFTER_BYTES)]
+    /// Log size, in bytes, at which the node writes a snapshot and starts a new log (at least
+    /// 64 KiB: each snapshot writes the whole map).
+    #[arg(long, default_value_t = DEFAULT_COMPACT_AFTER_BYTES, value_parser = parse_compact_after)]
     pub compact_after_bytes: u64,
 
     /// Recovery for a damaged data dir: cut a damaged log or snapshot at the damage instead of
@@ -234,21 +254,22 @@ pub struct ServerArgs {
     /// How long deletes are remembered (as tombstones) before they may be purged. A node that
     /// was down longer than this and still holds a deleted key can bring it back; keep it
     /// longer than any outage you would repair rather than rebuild (e.g. 7d, 36h).
-    #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "7d", value_parser = at_least_1s)]
     pub tombstone_grace: Duration,
 
-    /// Writes kept per unreachable peer for redelivery when it returns (hinted handoff). Past
-    /// this the backlog is dropped and the peer is repaired by anti-entropy instead.
-    #[arg(long, default_value_t = DEFAULT_HANDOFF_CAPACITY, value_parser = parse_nonzero)]
+    /// Writes kept per unreachable peer for redelivery when it returns (hinted handoff; 1 to
+    /// 1,000,000). Past this the backlog is dropped and the peer is repaired by anti-entropy
+    /// instead.
+    #[arg(long, default_value_t = DEFAULT_HANDOFF_CAPACITY, value_parser = parse_count)]
     pub handoff_capacity: usize,
 
     /// Threads serving requests (the async runtime's workers). Defaults to one per CPU.
-    #[arg(long, value_parser = parse_nonzero)]
+    #[arg(long, value_parser = parse_count)]
     pub worker_threads: Option<usize>,
 
     /// Time between anti-entropy rounds with each peer (digest comparison and repair). Rounds
     /// also run at start and when a peer that missed writes comes back.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = at_least_1s)]
     pub anti_entropy_interval: Duration,
 }
 
@@ -274,9 +295,23 @@ impl ServerArgs {
                     reason: "a node cannot be its own peer".into(),
                 });
             }
-            if !peers.contains(&peer) {
-                peers.push(peer);
+            // Refused rather than dropped: a peer list with a typo in it (5002,5002 for
+            // 5002,5003) would otherwise make a smaller cluster than the operator meant.
+            if peers.contains(&peer) {
+                return Err(Error::InvalidAddress {
+                    addr: peer,
+                    reason: "given twice as a peer".into(),
+                });
             }
+            peers.push(peer);
+        }
+        let key_and_value = self.max_key_bytes.checked_add(self.max_value_bytes);
+        if key_and_value.is_none_or(|n| n > MAX_KEY_AND_VALUE_BYTES) {
+            return Err(Error::InvalidArgument(format!(
+                "--max-key-bytes ({}) and --max-value-bytes ({}) may hold at most {} bytes \
+                 together: a log record holds one write",
+                self.max_key_bytes, self.max_value_bytes, MAX_KEY_AND_VALUE_BYTES
+            )));
         }
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > kvstore_actors::version::MAX_NODE_ID_BYTES)
@@ -345,6 +380,55 @@ fn parse_nonzero(s: &str) -> Result<usize, String> {
         Ok(n) => Ok(n),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// A count of queued writes or threads: 1 to a million. Each is preallocated or spawned, so
+/// an absurd one fails at start (or panics deep in tokio) rather than being a setting.
+fn parse_count(s: &str) -> Result<usize, String> {
+    match parse_nonzero(s)? {
+        n if n > 1_000_000 => Err("must be at most 1000000".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_compact_after(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n) if n < 64 * 1024 => Err("must be at least 65536 (64 KiB)".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A duration from `min` to ten years (e.g. 500ms, 2s, 7d).
+pub fn duration_from(s: &str, min: Duration) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < min {
+        return Err(format!(
+            "must be at least {}",
+            humantime::format_duration(min)
+        ));
+    }
+    if d > MAX_FLAG_DURATION {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_FLAG_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+fn any_duration(s: &str) -> Result<Duration, String> {
+    duration_from(s, Duration::ZERO)
+}
+
+/// For waits and intervals that 0 would break: a deadline nothing meets, an interval that
+/// spins.
+pub fn at_least_1ms(s: &str) -> Result<Duration, String> {
+    duration_from(s, Duration::from_millis(1))
+}
+
+fn at_least_1s(s: &str) -> Result<Duration, String> {
+    duration_from(s, Duration::from_secs(1))
 }
 
 /// A peer given as a bare port means 127.0.0.1 (the seed's convention); otherwise it must be
@@ -433,6 +517,75 @@ mod tests {
             ServerArgs::try_parse_from(["kvstore-server", "5001", "--write-quorum", "most"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn duplicate_peers_are_refused() {
+        let err = parse(&["5001", "5002,5002"]).unwrap_err().to_string();
+        assert!(
+            err.contains("127.0.0.1:5002") && err.contains("twice"),
+            "{err}"
+        );
+        let err = parse(&["5001", "5002", "--peer", "127.0.0.1:5002"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("twice"), "{err}");
+    }
+
+    #[test]
+    fn limits_a_log_record_cannot_hold_are_refused() {
+        let max = MAX_KEY_AND_VALUE_BYTES.to_string();
+        let at_max = (MAX_KEY_AND_VALUE_BYTES - DEFAULT_MAX_KEY_BYTES).to_string();
+        let (_, config) = parse(&["5001", "--max-value-bytes", &at_max]).unwrap();
+        assert_eq!(config.limits.max_message_bytes(), 64 * 1024 * 1024);
+        for args in [
+            &["5001", "--max-value-bytes", &max][..],
+            &["5001", "--max-key-bytes", &max, "--max-value-bytes", "1"],
+            // Their sum overflows: refused, not wrapped round to a tiny message limit.
+            &[
+                "5001",
+                "--max-key-bytes",
+                "2",
+                "--max-value-bytes",
+                &usize::MAX.to_string(),
+            ],
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(
+                err.contains("at most") && err.contains(&max),
+                "{args:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn zero_or_absurd_settings_are_refused_by_name() {
+        for (flag, value, problem) in [
+            ("--replication-deadline", "0s", "at least 1ms"),
+            ("--peer-connect-timeout", "0ms", "at least 1ms"),
+            ("--sync-interval", "0s", "at least 1ms"),
+            ("--anti-entropy-interval", "0s", "at least 1s"),
+            ("--tombstone-grace", "0s", "at least 1s"),
+            ("--replication-deadline", "300000000000y", "at most"),
+            ("--shutdown-grace", "11years", "at most"),
+            ("--max-key-bytes", "0", "at least 1"),
+            ("--peer-mailbox", "0", "at least 1"),
+            ("--peer-mailbox", "1000001", "at most 1000000"),
+            ("--handoff-capacity", "99999999999", "at most 1000000"),
+            ("--compact-after-bytes", "0", "at least 65536"),
+        ] {
+            let err = ServerArgs::try_parse_from(["kvstore-server", "5001", flag, value])
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(flag) && err.contains(problem),
+                "{flag} {value}: {err}"
+            );
+        }
+        // The lower bounds themselves are settings.
+        let args = ["kvstore-server", "5001", "--shutdown-grace", "0s"];
+        assert!(ServerArgs::try_parse_from(args).is_ok());
     }
 
     #[test]

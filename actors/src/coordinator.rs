@@ -663,7 +663,19 @@ mod tests {
                 tokio::spawn(async move { node.put(format!("k{i}"), "v".into()).await })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Every put has been through the store before the stop (a put the stop beat would be
+        // refused, rightly, and prove nothing); a wall-clock sleep would not say so on a busy
+        // machine. From the store each goes straight on to its replication actor.
+        let waited = std::time::Instant::now();
+        for i in 0..10 {
+            while node.get(format!("k{i}")).await.unwrap().is_none() {
+                assert!(
+                    waited.elapsed() < Duration::from_secs(10),
+                    "k{i} never stored"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         node.shutdown().await;
         let mut stored = Vec::new();
         for (i, put) in puts.into_iter().enumerate() {
