@@ -18,9 +18,15 @@ async fn a_short_chaos_run_finds_no_violation() {
     .unwrap();
     println!("{report}");
     assert!(report.violations.is_empty(), "{report}");
-    assert!(
-        report.events.len() >= 4,
-        "the schedule injected faults: {report}"
-    );
-    assert!(report.acked > 100, "the workload made progress: {report}");
+    // Faults, not the restarts and heals that end them: with a fault at most every 1.2-3 s,
+    // 8 s hold at least two.
+    let faults = report
+        .events
+        .iter()
+        .filter(|e| e.contains("kill -9") || e.contains("partition"))
+        .count();
+    assert!(faults >= 2, "the schedule injected faults: {report}");
+    // Progress, whatever the machine's speed: some writes were acknowledged, so the check
+    // that none was lost checked something.
+    assert!(report.acked > 0, "the workload made progress: {report}");
 }

@@ -12,21 +12,41 @@ use common::TestCluster;
 const CLI: &str = env!("CARGO_BIN_EXE_kvstore-cli");
 const SERVER: &str = env!("CARGO_BIN_EXE_kvstore-server");
 
+/// A `kvstore-server` process, killed by its PID when dropped: a test that fails halfway must
+/// not leave it running.
+struct Server(std::process::Child);
+
+impl std::ops::Deref for Server {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Once the process has been waited for, std sends no signal (its PID may be reused).
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `kvstore-server` on a free port with `data` as its data dir and reads its stderr up
 /// to the "node started" line, which it returns with the rest of the stream.
-fn start_server(
-    data: &std::path::Path,
-) -> (
-    std::process::Child,
-    BufReader<std::process::ChildStderr>,
-    String,
-) {
+fn start_server(data: &std::path::Path) -> (Server, BufReader<std::process::ChildStderr>, String) {
     let mut server = Command::new(SERVER)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
+        .map(Server)
         .unwrap();
     let mut stderr = BufReader::new(server.stderr.take().unwrap());
     let mut line = String::new();
@@ -125,11 +145,9 @@ async fn cli_runs_one_command_and_reports_failure_in_its_exit_status() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_against_a_dead_node_errors_and_keeps_going() {
-    // A port that was free a moment ago: nothing listens there.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port().to_string()
-    };
+    // A port bound but not listening: it refuses connections, and no one else can take it.
+    let (_closed, addr) = common::closed_port();
+    let port = addr.rsplit_once(':').unwrap().1.to_string();
     let (ok, stdout, stderr) =
         tokio::task::spawn_blocking(move || cli(&["--timeout", "2s", &port], "get a\nhelp\n"))
             .await
@@ -201,4 +219,31 @@ fn sigterm_right_after_start_is_a_clean_stop() {
         let _ = drain.join();
         assert!(exit.success(), "exit status {exit}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_output_into_a_closed_pipe_ends_quietly() {
+    // `kvstore-cli 5001 list | head -1`: the reader goes away before the output is written.
+    let cluster = TestCluster::start(3);
+    for k in ["a", "b", "c"] {
+        cluster.client(0).put(k, "v").await.unwrap();
+    }
+    let addr = cluster.addr(0).to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(CLI)
+            .args([&addr, "list"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the call can have answered: the list meets a broken pipe.
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {stderr}", out.status);
+    assert_eq!(stderr, "", "nothing to say when the reader has gone");
 }

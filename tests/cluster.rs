@@ -175,10 +175,8 @@ fn with_deadline(deadline: Duration, quorum: WriteQuorum) -> impl Fn(usize) -> N
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_peer_is_named_and_the_quorum_decides_ok() {
-    let mut cluster = TestCluster::start_with(
-        3,
-        with_deadline(Duration::from_millis(500), WriteQuorum::Majority),
-    );
+    let mut cluster =
+        TestCluster::start_with(3, with_deadline(common::PATIENT, WriteQuorum::Majority));
     cluster.client(0).put("before", "1").await.unwrap();
     cluster.nodes[2].kill().await;
     let dead = cluster.addr(2).to_string();
@@ -212,7 +210,7 @@ async fn killed_peer_is_named_and_the_quorum_decides_ok() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_quorum_all_fails_with_one_peer_down_and_one_succeeds_alone() {
     let mut cluster = TestCluster::start_with(3, |i| NodeConfig {
-        replication_deadline: Duration::from_millis(500),
+        replication_deadline: common::PATIENT,
         write_quorum: if i == 0 {
             WriteQuorum::All
         } else {
@@ -305,11 +303,16 @@ async fn list_streams_in_key_order_and_a_slow_reader_does_not_block_writers() {
     for i in (0..3000).rev() {
         client.put(&format!("k{i:05}"), "x").await.unwrap();
     }
-    // Open a List and read one pair, then stall: the node must keep taking writes.
-    let mut raw =
-        kvstore::pb::kv_store_client::KvStoreClient::connect(format!("http://{}", cluster.addr(0)))
-            .await
-            .unwrap();
+    // Open a List and read one pair, then stall: the node must keep taking writes. A 1 KiB
+    // HTTP/2 stream window makes the stall real: the node can send only that much ahead, so its
+    // List is held up on the stalled reader (the default window would take the whole list).
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(0)))
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = kvstore::pb::kv_store_client::KvStoreClient::new(channel);
     let mut stream = raw.list(()).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.key, "k00000");
@@ -382,7 +385,9 @@ async fn bad_input_gets_invalid_argument_and_stores_nothing() {
     // Far over every limit: the transport refuses it before buffering, and says so.
     let huge = "v".repeat(limits.max_message_bytes() * 2);
     let err = client.put("huge", &huge).await.unwrap_err();
-    assert_ne!(err.code(), Code::Ok);
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    assert!(client.get("huge").await.is_err(), "nothing was stored");
 
     let err = client.get("missing").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -649,10 +654,8 @@ async fn a_quorum_read_returns_the_newest_version_and_repairs_stale_replicas() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_read_without_a_majority_is_unavailable() {
-    let mut cluster = TestCluster::start_with(
-        3,
-        with_deadline(Duration::from_millis(300), WriteQuorum::Majority),
-    );
+    let mut cluster =
+        TestCluster::start_with(3, with_deadline(common::PATIENT, WriteQuorum::Majority));
     cluster.client(0).put("k", "v").await.unwrap();
     cluster.nodes[1].kill().await;
     assert_eq!(
@@ -680,10 +683,8 @@ async fn a_quorum_read_without_a_majority_is_unavailable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_keys_and_each_peers_state_and_backlog() {
-    let mut cluster = TestCluster::start_with(
-        3,
-        with_deadline(Duration::from_millis(300), WriteQuorum::Majority),
-    );
+    let mut cluster =
+        TestCluster::start_with(3, with_deadline(common::PATIENT, WriteQuorum::Majority));
     cluster.client(0).put("a", "1").await.unwrap();
     cluster.client(0).put("b", "2").await.unwrap();
     cluster.client(0).delete("b").await.unwrap();
@@ -719,13 +720,8 @@ async fn status_reports_keys_and_each_peers_state_and_backlog() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_starts_later_is_seen_up_without_any_write() {
-    // Node A starts first, its peer's port still closed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let late = format!("127.0.0.1:{port}");
+    // Node A starts first, its peer's port still closed (and held, so no one else takes it).
+    let (late_socket, late) = common::closed_port();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let a_addr = listener.local_addr().unwrap().to_string();
@@ -754,7 +750,7 @@ async fn a_peer_that_starts_later_is_seen_up_without_any_write() {
 
     // Then the peer comes up. No write is made: the retried anti-entropy round finds it, long
     // before the 30 s period would.
-    let b_listener = tokio::net::TcpListener::bind(&late).await.unwrap();
+    let b_listener = late_socket.listen(1024).unwrap();
     let b = tokio::spawn(kvstore::server::run(
         b_listener,
         NodeConfig {

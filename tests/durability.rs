@@ -18,9 +18,11 @@ async fn cluster(nodes: usize, root: &std::path::Path) -> ProcessCluster {
         server: env!("CARGO_BIN_EXE_kvstore-server").into(),
         nodes,
         root: root.to_path_buf(),
+        // A patient deadline: dead and cut-off peers fail at once through their proxies, and a
+        // live one on a busy machine must not be reported as missing a write.
         extra_args: [
             "--replication-deadline",
-            "500ms",
+            "10s",
             "--anti-entropy-interval",
             "1s",
         ]
@@ -217,11 +219,10 @@ async fn a_healed_partition_converges_to_the_newest_version_losing_nothing_ackno
     c.heal();
     let all: BTreeMap<String, String> = converged(&c).await.into_iter().collect();
     for (key, ws) in &writes {
+        // The survivor is the newest write made, acknowledged or not, so no write a quorum
+        // acknowledged was lost (each is that one or older).
         let newest = ws.iter().max_by(|a, b| a.0.cmp(&b.0)).unwrap();
         assert_eq!(all[key], newest.1, "{key}: newest version wins");
-        // Nothing acknowledged by a quorum is lost: the survivor is it or newer.
-        let newest_ok = ws.iter().filter(|w| w.2).map(|w| &w.0).max().unwrap();
-        assert!(&newest.0 >= newest_ok);
     }
 }
 
@@ -296,7 +297,12 @@ async fn mid_log_corruption_refuses_to_start_and_repair_refetches_from_peers() {
 async fn deletes_stay_deleted_through_restarts_handoff_and_quorum_reads() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(3, dir.path()).await;
-    c.client(0).put("k", "v").await.unwrap();
+    let ack = c.client(0).put("k", "v").await.unwrap();
+    assert!(
+        ack.failed_peers.is_empty(),
+        "node 3 holds k: {}",
+        ack.message
+    );
     c.kill(2);
     // The delete reaches node 1 and 2; node 3 is down and holds the old value.
     assert!(c.client(0).delete("k").await.unwrap().ok);

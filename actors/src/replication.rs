@@ -929,10 +929,16 @@ pub(crate) mod tests {
         (actor, health, store)
     }
 
+    /// Waits for the resync to end: a minute of (paused) time at most, so a resync that never
+    /// ends fails the test instead of hanging it.
     async fn settle_resync(health: &PeerHealth) {
-        while health.resyncing() {
+        for _ in 0..12_000 {
+            if !health.resyncing() {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        panic!("the resync did not end: peer {:?}", health.state());
     }
 
     #[test]

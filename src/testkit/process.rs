@@ -1,14 +1,16 @@
 //! A cluster of real `kvstore-server` processes on loopback, each with its own data dir, whose
 //! links to each other go through [`Proxy`]s. Nodes can be killed with SIGKILL (nothing
-//! drained, as a crash), stopped with SIGTERM, restarted on the same data dir and port, and
+//! drained, as a crash), stopped with SIGTERM, restarted on the same data dir, and
 //! partitioned. Everything is stopped by PID when the cluster is dropped.
+//!
+//! In a proxied cluster every node binds port 0 itself and says where in its start line, so no
+//! port is ever picked, released and hoped to stay free; clients reach each node through a
+//! front proxy whose address stays the same across restarts.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use tokio::net::TcpStream;
 
 use super::proxy::Proxy;
 use crate::client::Client;
@@ -16,6 +18,12 @@ use crate::error::Error;
 
 /// How long a node gets to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node gets to exit after SIGTERM before it is killed: its shutdown grace (10 s
+/// by default) plus the drain, with room to spare.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where a proxy sends connections before its node has started: nothing listens on port 0, so
+/// they are dropped, as a down node's would be.
+const NOWHERE: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// Settings for every node of a [`ProcessCluster`].
 #[derive(Clone, Debug)]
@@ -33,9 +41,15 @@ pub struct ClusterSpec {
 }
 
 struct Node {
-    port: u16,
+    /// Where the node listens: picked here for a direct cluster (whose nodes must know each
+    /// other's addresses before they start), learnt from its start line for a proxied one.
+    listen: Option<SocketAddr>,
+    /// Proxied clusters: the clients' way in, at an address that survives restarts.
+    front: Option<Proxy>,
     data_dir: PathBuf,
     log: PathBuf,
+    /// How long the log was when the current process started: its start line comes after.
+    log_start: u64,
     child: Option<Child>,
     /// This node's outgoing links: `links[j]` reaches node j (None for itself).
     links: Vec<Option<Proxy>>,
@@ -47,12 +61,23 @@ pub struct ProcessCluster {
     nodes: Vec<Node>,
 }
 
-/// A port that was free a moment ago. A process cannot be handed a bound socket, so this is
-/// the usual small race; [`ProcessCluster::start`] retries a node whose port was taken.
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A port that was free a moment ago, for a direct cluster (the benchmark's), whose nodes must
+/// know each other's addresses before any of them starts. Someone else may take it meanwhile:
+/// the node then fails to bind and [`ProcessCluster::wait_ready`] says so. Proxied clusters
+/// (the tests') never do this.
+fn free_addr() -> std::io::Result<SocketAddr> {
+    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+}
+
+/// The address in a "node started" line (`listen=ADDR`).
+fn started_at(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .filter(|line| line.contains("node started"))
+        .find_map(|line| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix("listen="))
+                .and_then(|addr| addr.parse().ok())
+        })
 }
 
 impl ProcessCluster {
@@ -63,22 +88,29 @@ impl ProcessCluster {
         for i in 0..spec.nodes {
             let data_dir = spec.root.join(format!("node{}", i + 1));
             let log = spec.root.join(format!("node{}.log", i + 1));
+            let (listen, front) = if spec.proxied {
+                (None, Some(Proxy::start(NOWHERE).await?))
+            } else {
+                (Some(free_addr()?), None)
+            };
             nodes.push(Node {
-                port: free_port()?,
+                listen,
+                front,
                 data_dir,
                 log,
+                log_start: 0,
                 child: None,
                 links: Vec::new(),
             });
         }
-        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        let count = nodes.len();
         for (i, node) in nodes.iter_mut().enumerate().filter(|_| spec.proxied) {
             let mut links = Vec::new();
-            for (j, port) in ports.iter().enumerate() {
+            for j in 0..count {
                 links.push(if i == j {
                     None
                 } else {
-                    Some(Proxy::start(SocketAddr::from(([127, 0, 0, 1], *port))).await?)
+                    Some(Proxy::start(NOWHERE).await?)
                 });
             }
             node.links = links;
@@ -106,9 +138,14 @@ impl ProcessCluster {
         self.nodes[i].child.as_ref().map(Child::id)
     }
 
-    /// Node `i`'s client address.
+    /// Node `i`'s client address. The same across restarts in a proxied cluster.
     pub fn addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.nodes[i].port)
+        let node = &self.nodes[i];
+        match (&node.front, node.listen) {
+            (Some(front), _) => front.addr().to_string(),
+            (None, Some(listen)) => listen.to_string(),
+            (None, None) => unreachable!("a direct cluster's nodes have addresses from the start"),
+        }
     }
 
     pub fn data_dir(&self, i: usize) -> &Path {
@@ -131,9 +168,15 @@ impl ProcessCluster {
             .create(true)
             .append(true)
             .open(&node.log)?;
+        let log_start = log.metadata()?.len();
+        // A proxied node binds port 0: the proxies follow it wherever it lands.
+        let listen = match (self.spec.proxied, node.listen) {
+            (false, Some(addr)) => addr.to_string(),
+            _ => "127.0.0.1:0".to_string(),
+        };
         let mut cmd = Command::new(&self.spec.server);
         cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{}", node.port))
+            .arg(listen)
             .arg("--node-id")
             .arg(format!("node{}", i + 1))
             .arg("--data-dir")
@@ -144,7 +187,10 @@ impl ProcessCluster {
             }
         } else {
             for (_, other) in self.nodes.iter().enumerate().filter(|(j, _)| *j != i) {
-                cmd.arg("--peer").arg(format!("127.0.0.1:{}", other.port));
+                let other = other
+                    .listen
+                    .expect("a direct cluster's nodes have addresses");
+                cmd.arg("--peer").arg(other.to_string());
             }
         }
         cmd.args(&self.spec.extra_args)
@@ -155,6 +201,7 @@ impl ProcessCluster {
             .stderr(log);
         let child = cmd.spawn()?;
         self.nodes[i].child = Some(child);
+        self.nodes[i].log_start = log_start;
         Ok(())
     }
 
@@ -162,7 +209,9 @@ impl ProcessCluster {
         self.spawn_with(i, &[])
     }
 
-    /// Waits until node `i` accepts connections; fails if it exits first.
+    /// Waits until node `i` has started (its own start line, in its own log: whatever else
+    /// may listen on a port cannot pass for it), and points the proxies at it; fails if it
+    /// exits first.
     pub async fn wait_ready(&mut self, i: usize) -> Result<(), Error> {
         let started = Instant::now();
         loop {
@@ -176,8 +225,8 @@ impl ProcessCluster {
                     tail(&self.log(i))
                 )));
             }
-            if TcpStream::connect(self.addr(i)).await.is_ok() {
-                return Ok(());
+            if let Some(listen) = self.start_line(i)? {
+                return self.started(i, listen);
             }
             if started.elapsed() > START_TIMEOUT {
                 return Err(Error::Testkit(format!(
@@ -189,24 +238,87 @@ impl ProcessCluster {
         }
     }
 
+    /// Where node `i`'s current process says it listens, once it has said so.
+    fn start_line(&self, i: usize) -> Result<Option<SocketAddr>, Error> {
+        use std::io::{Read, Seek, SeekFrom};
+        let node = &self.nodes[i];
+        let mut log = std::fs::File::open(&node.log)?;
+        log.seek(SeekFrom::Start(node.log_start))?;
+        let mut text = Vec::new();
+        log.read_to_end(&mut text)?;
+        Ok(started_at(&String::from_utf8_lossy(&text)))
+    }
+
+    /// Node `i` listens at `listen`: checks a direct node got the address it was given, and
+    /// sends a proxied node's front and every link to it there.
+    fn started(&mut self, i: usize, listen: SocketAddr) -> Result<(), Error> {
+        let node = &mut self.nodes[i];
+        if let Some(front) = &node.front {
+            front.set_target(listen);
+            node.listen = Some(listen);
+            for other in &self.nodes {
+                if let Some(Some(link)) = other.links.get(i) {
+                    link.set_target(listen);
+                }
+            }
+            return Ok(());
+        }
+        match node.listen {
+            Some(expected) if expected == listen => Ok(()),
+            expected => Err(Error::Testkit(format!(
+                "node{} listens on {listen}, not {expected:?}",
+                i + 1
+            ))),
+        }
+    }
+
     /// SIGKILL: the process dies at once, nothing is drained or synced.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.nodes[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.unroute(i);
     }
 
-    /// SIGTERM, then waits for the exit status.
+    /// Node `i` is down: its proxies stop sending connections to the port it had, which
+    /// anyone may take now.
+    fn unroute(&self, i: usize) {
+        if let Some(front) = &self.nodes[i].front {
+            front.set_target(NOWHERE);
+            for other in &self.nodes {
+                if let Some(Some(link)) = other.links.get(i) {
+                    link.set_target(NOWHERE);
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, then waits for the exit status. A node that has not exited after
+    /// [`STOP_TIMEOUT`] is killed, and its status (killed by a signal) says so.
     pub fn stop(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         let mut child = self.nodes[i].child.take()?;
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        child.wait().ok()
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut status = None;
+        while status.is_none() && Instant::now() < deadline {
+            match child.try_wait() {
+                Ok(Some(exited)) => status = Some(exited),
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) => break,
+            }
+        }
+        if status.is_none() {
+            let _ = child.kill();
+            status = child.wait().ok();
+        }
+        self.unroute(i);
+        status
     }
 
-    /// Starts node `i` again on its data dir and port.
+    /// Starts node `i` again on its data dir (a direct cluster's node on its port too).
     pub async fn restart(&mut self, i: usize) -> Result<(), Error> {
         self.restart_with(i, &[]).await
     }
@@ -234,6 +346,7 @@ impl ProcessCluster {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
                 return Err(Error::Testkit(format!("node{} kept running", i + 1)));
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -3,8 +3,8 @@
 //! partitioned network's RST would), so both sides see the peer as unreachable.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -13,6 +13,8 @@ use tokio::task::JoinHandle;
 /// One proxied link, e.g. node 1's connection to node 3.
 pub struct Proxy {
     addr: SocketAddr,
+    /// Where connections go: settable, since a restarted node may listen somewhere new.
+    target: Arc<Mutex<SocketAddr>>,
     cut: Arc<AtomicBool>,
     /// Bumped on every cut, so connection tasks notice and drop their sockets.
     epoch: watch::Sender<u64>,
@@ -26,9 +28,11 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let cut = Arc::new(AtomicBool::new(false));
         let (epoch, _) = watch::channel(0u64);
+        let target = Arc::new(Mutex::new(target));
         let task = {
             let cut = cut.clone();
             let epoch = epoch.clone();
+            let target = target.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     if cut.load(Ordering::Acquire) {
@@ -36,6 +40,7 @@ impl Proxy {
                         continue;
                     }
                     let mut cuts = epoch.subscribe();
+                    let target = *target.lock().unwrap_or_else(PoisonError::into_inner);
                     tokio::spawn(async move {
                         let Ok(mut server) = TcpStream::connect(target).await else {
                             return;
@@ -53,6 +58,7 @@ impl Proxy {
         };
         Ok(Self {
             addr,
+            target,
             cut,
             epoch,
             task,
@@ -62,6 +68,11 @@ impl Proxy {
     /// Where to connect to reach the target through this proxy.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Sends new connections to `target` from now on (open ones stay where they are).
+    pub fn set_target(&self, target: SocketAddr) {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = target;
     }
 
     /// Cuts the link: open connections drop, new ones are refused.

@@ -10,6 +10,29 @@ use kvstore::client::Client;
 use kvstore::config::NodeConfig;
 use tokio::sync::oneshot;
 
+/// How long a test's writes wait for their peers, unless the test is about that wait: far
+/// beyond what a busy machine needs, and free where a peer is dead, since a dead peer refuses
+/// the connection at once. A short deadline would make "every peer confirmed" depend on the
+/// machine's load.
+pub const PATIENT: Duration = Duration::from_secs(10);
+
+/// Default settings, with a [`PATIENT`] replication deadline.
+pub fn patient() -> NodeConfig {
+    NodeConfig {
+        replication_deadline: PATIENT,
+        ..NodeConfig::default()
+    }
+}
+
+/// A loopback port that refuses connections: bound, so no one else can take it, but not
+/// listening until `listen` is called on the socket (to bring a "dead" peer to life).
+pub fn closed_port() -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap().to_string();
+    (socket, addr)
+}
+
 /// One node of a test cluster.
 pub struct TestNode {
     pub addr: String,
@@ -89,9 +112,9 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    /// `n` nodes with default settings.
+    /// `n` nodes with default settings, but [`PATIENT`].
     pub fn start(n: usize) -> Self {
-        Self::start_with(n, |_| NodeConfig::default())
+        Self::start_with(n, |_| patient())
     }
 
     /// `n` nodes; `config(i)` gives node i's settings (peers are filled in here).
