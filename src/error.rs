@@ -17,6 +17,9 @@ pub enum Error {
     /// Not enough nodes answered (a quorum read).
     #[error("{0}")]
     Unavailable(String),
+    /// The cluster is set up wrong in a way no retry fixes (a node is its own peer).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A configured address is not usable.
     #[error("invalid address '{addr}': {reason}")]
     InvalidAddress { addr: String, reason: String },
@@ -50,6 +53,7 @@ impl From<Error> for Status {
             Error::NotFound(_) => Code::NotFound,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
             // A write this node could not log: a full disk is exhaustion, anything else means
             // "try another node" until this one is repaired.

@@ -12,6 +12,11 @@
 //! stream busy (an anti-entropy push beside the actor's own batch) goes as a call of its own
 //! rather than wait; and a peer that does not know `ReplicateStream` (a node from before it)
 //! gets calls until it is next found unreachable (it may come back upgraded).
+//!
+//! Every call says which node sends it (the [`SENDER_HEADER`] metadata), so that a node reached
+//! under a name its configuration check could not see through (`localhost:5001` for its own
+//! `127.0.0.1:5001`), or a second node given the same id, refuses it instead of counting
+//! towards the quorum as a separate copy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,8 +26,11 @@ use kvstore_actors::{Entry, PeerClient, PeerError, Write};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::{BinaryMetadataValue, MetadataMap};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Request, Status, Streaming};
 
 use crate::error::{Error, status_reason};
 use crate::pb::replicator_client::ReplicatorClient;
@@ -31,11 +39,36 @@ use crate::pb::{self, Ack, DigestRequest, Key, KeyValue, PullRequest, WriteBatch
 /// Bound on one anti-entropy call (a digest or a bucket pull).
 const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The metadata key under which a node names itself on every call to a peer's Replicator.
+/// Binary (`-bin`), since a node id may be any UTF-8.
+pub const SENDER_HEADER: &str = "kvstore-sender-bin";
+
+/// The node id a Replicator call says it comes from, if it says.
+pub fn sender_of(metadata: &MetadataMap) -> Option<Vec<u8>> {
+    let value = metadata.get_bin(SENDER_HEADER)?;
+    value.to_bytes().ok().map(|b| b.to_vec())
+}
+
+/// Adds [`SENDER_HEADER`] to every call.
+#[derive(Clone, Debug)]
+pub struct Sender(BinaryMetadataValue);
+
+impl Interceptor for Sender {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert_bin(SENDER_HEADER, self.0.clone());
+        Ok(request)
+    }
+}
+
+type Client = ReplicatorClient<InterceptedService<Channel, Sender>>;
+
 /// Connection to one peer.
 #[derive(Clone, Debug)]
 pub struct GrpcPeer {
-    client: ReplicatorClient<Channel>,
-    bulk: ReplicatorClient<Channel>,
+    client: Client,
+    bulk: Client,
     /// The open replication stream, if any. Shared by clones, like the channels.
     stream: Arc<Mutex<Option<BatchStream>>>,
     /// Set when the peer answered `ReplicateStream` with UNIMPLEMENTED; cleared when a call
@@ -57,28 +90,43 @@ struct BatchStream {
 
 fn client(
     addr: &str,
+    sender: &Sender,
     connect_timeout: Duration,
     call_timeout: Duration,
     max_message_bytes: usize,
-) -> Result<ReplicatorClient<Channel>, Error> {
+) -> Result<Client, Error> {
     let channel = crate::client::lazy_channel(addr, connect_timeout, call_timeout)?;
-    Ok(ReplicatorClient::new(channel)
+    Ok(ReplicatorClient::with_interceptor(channel, sender.clone())
         .max_encoding_message_size(max_message_bytes)
         .max_decoding_message_size(max_message_bytes))
 }
 
 impl GrpcPeer {
-    /// Clients for the peer at `addr` (`host:port`). `call_timeout` bounds each replication
-    /// call; `max_message_bytes` matches the node's own message limit.
+    /// Clients for the peer at `addr` (`host:port`), for the node `node_id`. `call_timeout`
+    /// bounds each replication call; `max_message_bytes` matches the node's own message limit.
     pub fn new(
         addr: &str,
+        node_id: &str,
         connect_timeout: Duration,
         call_timeout: Duration,
         max_message_bytes: usize,
     ) -> Result<Self, Error> {
+        let sender = Sender(BinaryMetadataValue::from_bytes(node_id.as_bytes()));
         Ok(Self {
-            client: client(addr, connect_timeout, call_timeout, max_message_bytes)?,
-            bulk: client(addr, connect_timeout, BULK_CALL_TIMEOUT, max_message_bytes)?,
+            client: client(
+                addr,
+                &sender,
+                connect_timeout,
+                call_timeout,
+                max_message_bytes,
+            )?,
+            bulk: client(
+                addr,
+                &sender,
+                connect_timeout,
+                BULK_CALL_TIMEOUT,
+                max_message_bytes,
+            )?,
             stream: Arc::new(Mutex::new(None)),
             calls_only: Arc::new(AtomicBool::new(false)),
             call_timeout,
@@ -283,6 +331,7 @@ mod tests {
         let peer = |max| {
             GrpcPeer::new(
                 "127.0.0.1:9",
+                "node1",
                 Duration::from_secs(1),
                 Duration::from_secs(1),
                 max,

@@ -22,7 +22,7 @@ use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
 use crate::peer::GrpcPeer;
 use crate::service::kv::KvService;
-use crate::service::replicator::ReplicatorService;
+use crate::service::replicator::{ReplicatorService, SenderCheck};
 
 /// Runs a node on `listener` until `shutdown` completes, then stops it gracefully.
 pub async fn run(
@@ -41,6 +41,7 @@ pub async fn run(
         .map(|peer| {
             let client = GrpcPeer::new(
                 peer,
+                &node_id,
                 config.peer_connect_timeout,
                 config.replication_deadline,
                 max_message,
@@ -127,7 +128,7 @@ pub async fn run(
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         )
-        .add_service(
+        .add_service(tonic::service::interceptor::InterceptedService::new(
             ReplicatorServer::new(ReplicatorService::new(
                 node.clone(),
                 limits,
@@ -135,7 +136,8 @@ pub async fn run(
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-        )
+            SenderCheck::new(node_id.clone()),
+        ))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
             let mut stopped = stopped.clone();
             async move {

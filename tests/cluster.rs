@@ -899,7 +899,7 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
         ..ScriptedPeer::default()
     };
     let (addr, server) = scripted.serve(None);
-    let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, "tester", NO_HANG, NO_HANG, 4 << 20).unwrap();
     let pulled = tokio::time::timeout(NO_HANG, peer.pull(16, vec![0]))
         .await
         .expect("the pull hung")
@@ -926,7 +926,7 @@ async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch
         ..ScriptedPeer::default()
     };
     let (addr, server) = scripted.clone().serve(None);
-    let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, "tester", NO_HANG, NO_HANG, 4 << 20).unwrap();
     for key in ["a", "b", "c"] {
         peer.replicate(&writes(key)).await.unwrap();
     }
@@ -939,7 +939,7 @@ async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch
 async fn a_peer_without_replicate_stream_gets_one_call_per_batch() {
     let scripted = ScriptedPeer::default();
     let (addr, server) = scripted.clone().serve(None);
-    let peer = GrpcPeer::new(&addr, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, "tester", NO_HANG, NO_HANG, 4 << 20).unwrap();
     for key in ["a", "b"] {
         peer.replicate(&writes(key)).await.unwrap();
     }
@@ -957,4 +957,50 @@ async fn a_peer_without_replicate_stream_gets_one_call_per_batch() {
     peer.replicate(&writes("d")).await.unwrap();
     assert_eq!(upgraded.received(), ["stream"]);
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reached_as_its_own_peer_is_refused_not_counted() {
+    // `localhost:PORT` passes the start-up check against `127.0.0.1:PORT`, and reaches this
+    // very node: its "confirmation" would make one copy look like two.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let alias = format!("localhost:{}", addr.port());
+    let config = NodeConfig {
+        peers: vec![alias.clone()],
+        ..common::patient()
+    };
+    let node = tokio::spawn(kvstore::server::run(
+        tokio::net::TcpListener::from_std(listener).unwrap(),
+        config,
+        std::future::pending(),
+    ));
+    let client = kvstore::client::Client::new(&addr.to_string(), NO_HANG).unwrap();
+    let ack = client.put("k", "v").await.unwrap();
+    // Majority of two nodes is both; only one machine holds the write.
+    assert!(!ack.ok, "{}", ack.message);
+    assert_eq!(ack.failed_peers, [alias]);
+    assert!(
+        ack.message.contains("this node's own"),
+        "the refusal says why: {}",
+        ack.message
+    );
+    node.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sharing_an_id_do_not_count_each_other() {
+    let cluster = TestCluster::start_with(3, |i| NodeConfig {
+        node_id: Some(if i < 2 { "twin" } else { "other" }.into()),
+        ..common::patient()
+    });
+    let ack = cluster.client(0).put("k", "v").await.unwrap();
+    // Node 3 confirms; node 2, with node 1's id, refuses.
+    assert!(ack.ok, "2 of 3 still meets majority: {}", ack.message);
+    assert_eq!(ack.failed_peers, [cluster.addr(1).to_string()]);
+    assert!(ack.message.contains("share the id"), "{}", ack.message);
+    // A distinct id is served as before.
+    let ack = cluster.client(2).put("k2", "v").await.unwrap();
+    assert!(ack.ok && ack.failed_peers.is_empty(), "{}", ack.message);
 }

@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt};
 use kvstore_actors::{NodeId, Write};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Node;
@@ -72,6 +73,38 @@ impl ReplicatorService {
             .map(pb::checked_into_write)
             .collect::<Result<Vec<_>, _>>()?;
         self.apply(writes).await
+    }
+}
+
+/// Refuses Replicator calls that say they come from this very node: the node is listed as its
+/// own peer under another address, or another node has its id. Either way a write "confirmed"
+/// there would count twice (or tie-break wrongly), so the sender must see a refusal, not an
+/// ack. Calls that name no sender (a seed's Replicate) pass.
+#[derive(Clone, Debug)]
+pub struct SenderCheck {
+    own_id: String,
+}
+
+impl SenderCheck {
+    pub fn new(own_id: String) -> Self {
+        Self { own_id }
+    }
+}
+
+impl Interceptor for SenderCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        match crate::peer::sender_of(request.metadata()) {
+            Some(sender) if sender == self.own_id.as_bytes() => {
+                Err(Error::FailedPrecondition(format!(
+                    "this call comes from node id '{}', which is this node's own: the node is \
+                     listed as its own peer under another address, or two nodes share the id \
+                     (give each node a unique --node-id, and list each other node once)",
+                    self.own_id
+                ))
+                .into())
+            }
+            _ => Ok(request),
+        }
     }
 }
 
