@@ -150,13 +150,19 @@ pub async fn run(
         tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
         tokio::time::sleep(config.shutdown_grace).await;
     };
-    tokio::select! {
-        served = serve => served?,
-        () = grace => tracing::warn!("shutdown grace period over; abandoning in-flight calls"),
-    }
+    let served = tokio::select! {
+        served = serve => served,
+        () = grace => {
+            tracing::warn!("shutdown grace period over; abandoning in-flight calls");
+            Ok(())
+        }
+    };
     signalled.abort();
 
+    // Drained even when serving failed: the log is synced and closed, and queued writes go
+    // out, before the error is reported.
     node.shutdown().await;
+    served?;
     tracing::info!(listen = %addr, "node stopped");
     Ok(())
 }

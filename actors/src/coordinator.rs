@@ -566,8 +566,10 @@ impl<P: PeerClient> Coordinator<P> {
         // otherwise hold the node's stop for minutes. Past the bound the actor is killed, which
         // ends that handler; its `on_stop` still runs, and bounds itself.
         // The stop signal itself waits for room in a full mailbox, so it is under the bound too.
+        // All peers at once, so the bound is the node's, not each peer's: two hung peers
+        // must not take twice as long.
         let limit = 2 * self.config.replication_deadline;
-        for peer in &self.peers {
+        join_all(self.peers.iter().map(|peer| async move {
             let stopped = async {
                 let _ = peer.actor.stop_gracefully().await;
                 peer.actor.wait_for_shutdown_result().await
@@ -577,7 +579,8 @@ impl<P: PeerClient> Coordinator<P> {
                 peer.actor.kill();
                 let _ = peer.actor.wait_for_shutdown_result().await;
             }
-        }
+        }))
+        .await;
         let _ = self.store.stop_gracefully().await;
         let _ = self.store.wait_for_shutdown_result().await;
     }
@@ -734,6 +737,33 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), node.shutdown())
             .await
             .expect("shutdown waited for the hanging peer");
+    }
+
+    /// Two hung peers stop together: the node's stop takes one peer's bound, not two. In
+    /// paused time, so the figure is the code's, not the machine's.
+    #[tokio::test(start_paused = true)]
+    async fn hung_peers_are_stopped_together() {
+        let deadline = Duration::from_millis(200);
+        let peers = [FakePeer::default(), FakePeer::default()];
+        let node = coordinator(&peers, WriteQuorum::One, deadline, 4);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for peer in &peers {
+            peer.fail.store(true, Ordering::Relaxed);
+        }
+        node.put("k".into(), "v".into()).await.unwrap();
+        for peer in &peers {
+            peer.hang.store(true, Ordering::Relaxed);
+            peer.fail.store(false, Ordering::Relaxed);
+        }
+        // Both redeliveries are now hanging inside their actors' handlers.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = tokio::time::Instant::now();
+        node.shutdown().await;
+        let took = started.elapsed();
+        // One peer takes its bound, 2 x the deadline (its drain finds it down and sends
+        // nothing); one after the other, two peers would take twice that.
+        assert!(took < 3 * deadline, "stopping two hung peers took {took:?}");
+        assert!(took >= 2 * deadline, "the peers did hang: {took:?}");
     }
 
     #[tokio::test]
