@@ -53,7 +53,8 @@ const _: () = assert!(
 );
 /// Longest duration any flag takes. Far beyond any sensible setting, and far enough from the
 /// clock's limits that adding one to an instant can never overflow.
-const MAX_FLAG_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Ten years as humantime counts them (365.25 days each), so `10y` itself is accepted.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 /// Limits on what a client may store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -583,8 +584,10 @@ mod tests {
                 "{flag} {value}: {err}"
             );
         }
-        // The lower bounds themselves are settings.
+        // The bounds themselves are settings.
         let args = ["kvstore-server", "5001", "--shutdown-grace", "0s"];
+        assert!(ServerArgs::try_parse_from(args).is_ok());
+        let args = ["kvstore-server", "5001", "--tombstone-grace", "10y"];
         assert!(ServerArgs::try_parse_from(args).is_ok());
     }
 

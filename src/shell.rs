@@ -109,7 +109,7 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
 /// unquoted (`put k "  padded  "`). This is deliberately not a POSIX shell's grammar, whose
 /// comments and escapes would silently change values.
 pub fn split_line(line: &str) -> Result<Vec<String>, String> {
-    let line = line.trim();
+    let line = line.trim_matches(is_blank);
     if line.starts_with('#') {
         return Ok(Vec::new());
     }
@@ -119,7 +119,7 @@ pub fn split_line(line: &str) -> Result<Vec<String>, String> {
         words.push(word);
         rest = after;
         if words.len() == 2 && words[0] == "put" {
-            let value = rest.trim();
+            let value = rest.trim_matches(is_blank);
             if !value.is_empty() {
                 words.push(put_value(value)?);
             }
@@ -129,50 +129,69 @@ pub fn split_line(line: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
+/// What separates words: spaces and tabs only. Other Unicode spaces (a no-break space, an
+/// ideographic space) are part of a key or value, as they were typed.
+fn is_blank(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\r' | '\n')
+}
+
 /// A `put`'s value from the rest of its line (trimmed, not empty).
 fn put_value(rest: &str) -> Result<String, String> {
-    if !rest.starts_with(['"', '\'']) {
+    let mut chars = rest.char_indices().peekable();
+    let Some((_, quote)) = chars.next_if(|&(_, c)| c == '"' || c == '\'') else {
         return Ok(rest.to_string());
+    };
+    let mut value = String::new();
+    read_quoted(&mut chars, quote, &mut value)?;
+    if chars.next().is_some() {
+        return Err(
+            "a quoted value must be the whole value: quote all of it, or none of it".into(),
+        );
     }
-    match next_word(rest)? {
-        Some((value, after)) if after.trim().is_empty() => Ok(value),
-        _ => Err("a quoted value must be the whole value: quote all of it, or none of it".into()),
-    }
+    Ok(value)
 }
 
 /// The first word of `s` and what follows it, or `None` if `s` is blank.
 fn next_word(s: &str) -> Result<Option<(String, &str)>, String> {
-    let s = s.trim_start();
+    let s = s.trim_start_matches(is_blank);
     if s.is_empty() {
         return Ok(None);
     }
     let mut word = String::new();
     let mut chars = s.char_indices().peekable();
     while let Some((at, c)) = chars.next() {
-        match c {
-            c if c.is_whitespace() => return Ok(Some((word, &s[at..]))),
-            '\'' => loop {
-                match chars.next() {
-                    Some((_, '\'')) => break,
-                    Some((_, c)) => word.push(c),
-                    None => return Err("unclosed ' quote".into()),
-                }
-            },
-            '"' => loop {
-                match chars.next() {
-                    Some((_, '"')) => break,
-                    Some((_, '\\')) => match chars.next_if(|&(_, c)| c == '"' || c == '\\') {
-                        Some((_, escaped)) => word.push(escaped),
-                        None => word.push('\\'),
-                    },
-                    Some((_, c)) => word.push(c),
-                    None => return Err("unclosed \" quote".into()),
-                }
-            },
-            c => word.push(c),
+        if is_blank(c) {
+            return Ok(Some((word, &s[at..])));
+        }
+        if c == '"' || c == '\'' {
+            read_quoted(&mut chars, c, &mut word)?;
+        } else {
+            word.push(c);
         }
     }
     Ok(Some((word, "")))
+}
+
+/// Reads up to the closing `quote` (the opening one already read) into `out`. Inside `"`,
+/// `\"` and `\\` stand for `"` and `\`; every other character, a backslash included, is itself.
+fn read_quoted(
+    chars: &mut std::iter::Peekable<std::str::CharIndices>,
+    quote: char,
+    out: &mut String,
+) -> Result<(), String> {
+    loop {
+        match chars.next() {
+            Some((_, c)) if c == quote => return Ok(()),
+            Some((_, '\\')) if quote == '"' => {
+                match chars.next_if(|&(_, c)| c == '"' || c == '\\') {
+                    Some((_, escaped)) => out.push(escaped),
+                    None => out.push('\\'),
+                }
+            }
+            Some((_, c)) => out.push(c),
+            None => return Err(format!("unclosed {quote} quote")),
+        }
+    }
 }
 
 /// A REPL session against one node.
@@ -308,6 +327,9 @@ mod tests {
             (r#"put k 'say "hi"'"#, r#"say "hi""#),
             (r#"put k "a \"b\" \\ c\d""#, r#"a "b" \ c\d"#),
             ("put k 🦀 Grüße", "🦀 Grüße"),
+            // Only spaces and tabs separate words.
+            ("put k a\u{3000}b\u{a0}c", "a\u{3000}b\u{a0}c"),
+            ("put\tk\tx\ty", "x\ty"),
         ] {
             assert_eq!(split(line), ["put", "k", value], "{line}");
         }
@@ -323,6 +345,8 @@ mod tests {
         assert_eq!(split("put k"), ["put", "k"]);
         assert_eq!(split("# put k v"), Vec::<String>::new());
         assert_eq!(split("   "), Vec::<String>::new());
+        assert_eq!(split("get a\u{3000}b"), ["get", "a\u{3000}b"]);
+        assert_eq!(split("get 'a b'c\"d\""), ["get", "a bcd"]);
     }
 
     #[test]
@@ -333,6 +357,14 @@ mod tests {
             ("put 'it's' v", "unclosed ' quote"),
             (
                 r#"put k "a b" c"#,
+                "a quoted value must be the whole value: quote all of it, or none of it",
+            ),
+            (
+                r#"put k "Hello"!"#,
+                "a quoted value must be the whole value: quote all of it, or none of it",
+            ),
+            (
+                "put k 'it''s'",
                 "a quoted value must be the whole value: quote all of it, or none of it",
             ),
         ] {

@@ -44,6 +44,10 @@ fn message<'a>(file: &'a FileDescriptorProto, name: &str) -> Option<&'a Descript
 fn breaks_of_contract(seed: &FileDescriptorSet, ours: &FileDescriptorSet) -> Vec<String> {
     let (seed, ours) = (contract_file(seed), contract_file(ours));
     let mut breaks = Vec::new();
+    // proto2 changes field presence and packing on the wire.
+    if ours.syntax != seed.syntax {
+        breaks.push(format!("syntax {:?} is now {:?}", seed.syntax, ours.syntax));
+    }
     for old in &seed.message_type {
         let Some(new) = message(ours, old.name()) else {
             breaks.push(format!("message {} is gone", old.name()));

@@ -40,12 +40,19 @@ struct Args {
 fn main() -> ExitCode {
     match run(Args::parse()) {
         Ok(code) => code,
-        // The reader went away (`kvstore-cli 5001 list | head -1`): nothing left to say.
-        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Success unless a command failed.
+fn status(failed: bool) -> ExitCode {
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -69,18 +76,12 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !command.is_empty() {
         // Already split by the user's shell: the words go through as they are.
         let output = runtime.block_on(shell.execute_words(&command));
-        print(&output)?;
-        return Ok(if output.failed {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
+        let failed = output.failed;
+        return Ok(match print(&output)? {
+            Printed::Shown | Printed::ReaderGone => status(failed),
         });
     }
-    let mut execute = |line: &str| -> std::io::Result<Output> {
-        let output = runtime.block_on(shell.execute(line));
-        print(&output)?;
-        Ok(output)
-    };
+    let mut execute = |line: &str| runtime.block_on(shell.execute(line));
     if std::io::stdin().is_terminal() {
         interactive(&mut execute)?;
         return Ok(ExitCode::SUCCESS);
@@ -92,73 +93,86 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         if line.last() == Some(&b'\r') {
             line.pop();
         }
-        let output = match String::from_utf8(line) {
-            Ok(line) => execute(&line)?,
-            Err(_) => {
-                // Keys and values are UTF-8 on the wire: say which line, and go on.
-                eprintln!("error: line {} is not UTF-8; skipped", number + 1);
-                failed = true;
-                continue;
-            }
+        let Ok(line) = String::from_utf8(line) else {
+            // Keys and values are UTF-8 on the wire: say which line, and go on.
+            let _ = writeln!(
+                std::io::stderr(),
+                "error: line {} is not UTF-8; skipped",
+                number + 1
+            );
+            failed = true;
+            continue;
         };
+        let output = execute(&line);
         failed |= output.failed;
-        if output.exit {
+        // The reader went away (`... | head -1`): nothing more can be shown, and the status
+        // still says whether anything failed so far.
+        if output.exit || print(&output)? == Printed::ReaderGone {
             break;
         }
     }
-    Ok(if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(status(failed))
 }
 
-fn interactive(execute: &mut impl FnMut(&str) -> std::io::Result<Output>) -> anyhow::Result<()> {
+fn interactive(execute: &mut impl FnMut(&str) -> Output) -> anyhow::Result<()> {
     let mut editor = rustyline::DefaultEditor::new()?;
     let history = std::env::var_os("HOME")
         .map(|home| std::path::Path::new(&home).join(".kvstore_cli_history"));
     if let Some(path) = &history {
         let _ = editor.load_history(path);
     }
-    loop {
+    let ended = loop {
         match editor.readline("> ") {
             Ok(line) => {
                 if !line.trim().is_empty() {
                     let _ = editor.add_history_entry(line.as_str());
                 }
-                if execute(&line)?.exit {
-                    break;
+                let output = execute(&line);
+                match print(&output) {
+                    Ok(Printed::Shown) if !output.exit => {}
+                    Ok(_) => break Ok(()),
+                    Err(e) => break Err(e.into()),
                 }
             }
             // Ctrl-C abandons the line, as in a shell; Ctrl-D leaves.
             Err(ReadlineError::Interrupted) => continue,
-            Err(ReadlineError::Eof) => break,
-            Err(e) => return Err(e.into()),
+            Err(ReadlineError::Eof) => break Ok(()),
+            Err(e) => break Err(e.into()),
         }
-    }
+    };
+    // Kept however the session ended.
     if let Some(path) = &history {
         let _ = editor.save_history(path);
     }
-    Ok(())
+    ended
 }
 
-/// Results to stdout, problems to stderr. A closed stdout is an error (not a panic, as
-/// `println!` would make it), which `main` ends on quietly.
-fn print(output: &Output) -> std::io::Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    for line in &output.stdout {
-        writeln!(stdout, "{line}")?;
-    }
-    stdout.flush()?;
+#[derive(Debug, PartialEq, Eq)]
+enum Printed {
+    Shown,
+    /// Standard output is a closed pipe (`kvstore-cli 5001 list | head -1`).
+    ReaderGone,
+}
+
+/// Results to stdout, problems to stderr. A closed stdout is not an error to report (nor a
+/// panic, as `println!` would make it): the caller stops, its exit status unchanged.
+fn print(output: &Output) -> std::io::Result<Printed> {
+    let shown = (|| {
+        let mut stdout = std::io::stdout().lock();
+        for line in &output.stdout {
+            writeln!(stdout, "{line}")?;
+        }
+        stdout.flush()
+    })();
+    let printed = match shown {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Printed::ReaderGone,
+        other => other.map(|()| Printed::Shown)?,
+    };
+    // Problems go to stderr whatever became of stdout; if stderr is gone too, there is no one
+    // left to tell.
     let mut stderr = std::io::stderr().lock();
     for line in &output.stderr {
-        writeln!(stderr, "{line}")?;
+        let _ = writeln!(stderr, "{line}");
     }
-    Ok(())
-}
-
-fn is_broken_pipe(error: &anyhow::Error) -> bool {
-    error
-        .downcast_ref::<std::io::Error>()
-        .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    Ok(printed)
 }

@@ -69,10 +69,11 @@ fn free_addr() -> std::io::Result<SocketAddr> {
     std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
-/// The address in a "node started" line (`listen=ADDR`).
+/// The address in a "node started" line (`listen=ADDR`). Only whole lines count: a line
+/// caught half-written could end in a port cut short.
 fn started_at(log: &str) -> Option<SocketAddr> {
-    log.lines()
-        .filter(|line| line.contains("node started"))
+    log.split_inclusive('\n')
+        .filter(|line| line.ends_with('\n') && line.contains("node started"))
         .find_map(|line| {
             line.split_whitespace()
                 .find_map(|word| word.strip_prefix("listen="))
@@ -274,11 +275,12 @@ impl ProcessCluster {
 
     /// SIGKILL: the process dies at once, nothing is drained or synced.
     pub fn kill(&mut self, i: usize) {
+        // Unrouted first: once the process is gone, its port is anyone's.
+        self.unroute(i);
         if let Some(mut child) = self.nodes[i].child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        self.unroute(i);
     }
 
     /// Node `i` is down: its proxies stop sending connections to the port it had, which
@@ -298,6 +300,9 @@ impl ProcessCluster {
     /// [`STOP_TIMEOUT`] is killed, and its status (killed by a signal) says so.
     pub fn stop(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         let mut child = self.nodes[i].child.take()?;
+        // A stopping node takes no new connections anyway, and its port must not be reached
+        // once it has exited.
+        self.unroute(i);
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
@@ -314,7 +319,6 @@ impl ProcessCluster {
             let _ = child.kill();
             status = child.wait().ok();
         }
-        self.unroute(i);
         status
     }
 
