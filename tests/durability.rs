@@ -64,20 +64,37 @@ async fn kill_9_during_writes_loses_nothing_the_node_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cluster(3, dir.path()).await;
     let client = c.client(2);
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for i in 0.. {
-            match client.put(&format!("w{i:05}"), &format!("value {i}")).await {
-                Ok(_) => acked.push(i),
-                Err(_) => break,
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = tokio::spawn({
+        let progress = progress.clone();
+        async move {
+            let mut acked = Vec::new();
+            for i in 0.. {
+                match client.put(&format!("w{i:05}"), &format!("value {i}")).await {
+                    Ok(_) => acked.push(i),
+                    Err(_) => break,
+                }
+                progress.store(acked.len(), std::sync::atomic::Ordering::Relaxed);
             }
+            acked
         }
-        acked
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Killed mid-stream once the workload is under way, however fast the machine is.
+    let started = std::time::Instant::now();
+    while progress.load(std::sync::atomic::Ordering::Relaxed) < 50 {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "the workload did not get going"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     c.kill(2);
     let acked = writer.await.unwrap();
-    assert!(acked.len() > 10, "the workload ran: {} writes", acked.len());
+    assert!(
+        acked.len() >= 50,
+        "the workload ran: {} writes",
+        acked.len()
+    );
 
     c.restart(2).await.unwrap();
     let node = c.client(2);
