@@ -130,6 +130,45 @@ pub struct NodeConfig {
     pub tombstone_grace: Duration,
     pub handoff_capacity: usize,
     pub anti_entropy_interval: Duration,
+    /// The secret every node of the cluster shares, if set: sent on every Replicator call to
+    /// a peer and required of every Replicator call received.
+    pub cluster_token: Option<ClusterToken>,
+}
+
+/// A cluster's shared secret. Its `Debug` does not show it, so it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterToken(Vec<u8>);
+
+impl ClusterToken {
+    pub fn new(secret: impl Into<Vec<u8>>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Reads a token file: its contents without trailing whitespace (the newline an editor
+    /// adds), which must leave something.
+    pub fn read(path: &std::path::Path) -> Result<Self, Error> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            Error::InvalidArgument(format!("--cluster-token-file {}: {e}", path.display()))
+        })?;
+        let len = bytes.trim_ascii_end().len();
+        if len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "--cluster-token-file {} is empty",
+                path.display()
+            )));
+        }
+        Ok(Self(bytes[..len].to_vec()))
+    }
+}
+
+impl std::fmt::Debug for ClusterToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ClusterToken({} bytes)", self.0.len())
+    }
 }
 
 impl Default for NodeConfig {
@@ -150,6 +189,7 @@ impl Default for NodeConfig {
             tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
             handoff_capacity: DEFAULT_HANDOFF_CAPACITY,
             anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
+            cluster_token: None,
         }
     }
 }
@@ -272,6 +312,15 @@ pub struct ServerArgs {
     /// also run at start and when a peer that missed writes comes back.
     #[arg(long, default_value = "30s", value_parser = at_least_1s)]
     pub anti_entropy_interval: Duration,
+
+    /// A file holding a secret every node of the cluster shares (trailing whitespace is
+    /// ignored). With it, a node sends the secret on every call to its peers' Replicator
+    /// service and refuses Replicator calls without it (UNAUTHENTICATED), so no one else who
+    /// can reach the port can replicate writes into the node or read its data through anti-
+    /// entropy. Client calls (Put, Get, List, Delete, Status) are not affected. A file rather
+    /// than the secret itself, which `ps` would show.
+    #[arg(long, value_name = "PATH")]
+    pub cluster_token_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -355,6 +404,11 @@ impl ServerArgs {
             tombstone_grace: self.tombstone_grace,
             handoff_capacity: self.handoff_capacity,
             anti_entropy_interval: self.anti_entropy_interval,
+            cluster_token: self
+                .cluster_token_file
+                .as_deref()
+                .map(ClusterToken::read)
+                .transpose()?,
         };
         Ok((listen, config))
     }
@@ -518,6 +572,29 @@ mod tests {
             ServerArgs::try_parse_from(["kvstore-server", "5001", "--write-quorum", "most"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_cluster_token_is_read_from_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let path = file.to_str().unwrap();
+        let (_, config) = parse(&["5001", "--cluster-token-file", path]).unwrap();
+        assert_eq!(config.cluster_token, Some(ClusterToken::new("s3cret")));
+        assert_eq!(
+            format!("{:?}", config.cluster_token),
+            "Some(ClusterToken(6 bytes))",
+            "the secret stays out of logs"
+        );
+        std::fs::write(&file, " \n").unwrap();
+        let err = parse(&["5001", "--cluster-token-file", path]).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        let missing = dir.path().join("missing");
+        let err = parse(&["5001", "--cluster-token-file", missing.to_str().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains("missing"), "{err}");
+        let (_, config) = parse(&["5001"]).unwrap();
+        assert_eq!(config.cluster_token, None);
     }
 
     #[test]

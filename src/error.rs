@@ -20,6 +20,9 @@ pub enum Error {
     /// The cluster is set up wrong in a way no retry fixes (a node is its own peer).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A Replicator call without the cluster's token.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// A configured address is not usable.
     #[error("invalid address '{addr}': {reason}")]
     InvalidAddress { addr: String, reason: String },
@@ -54,6 +57,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
             // A write this node could not log: a full disk is exhaustion, anything else means
             // "try another node" until this one is repaired.

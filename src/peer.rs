@@ -32,6 +32,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
+use crate::config::ClusterToken;
 use crate::error::{Error, status_reason};
 use crate::pb::replicator_client::ReplicatorClient;
 use crate::pb::{self, Ack, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
@@ -43,21 +44,29 @@ const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Binary (`-bin`), since a node id may be any UTF-8.
 pub const SENDER_HEADER: &str = "kvstore-sender-bin";
 
+/// The metadata key under which a node sends the cluster's token, when it has one.
+pub const TOKEN_HEADER: &str = "kvstore-token-bin";
+
 /// The node id a Replicator call says it comes from, if it says.
 pub fn sender_of(metadata: &MetadataMap) -> Option<Vec<u8>> {
     let value = metadata.get_bin(SENDER_HEADER)?;
     value.to_bytes().ok().map(|b| b.to_vec())
 }
 
-/// Adds [`SENDER_HEADER`] to every call.
+/// Adds [`SENDER_HEADER`], and [`TOKEN_HEADER`] if the cluster has a token, to every call.
 #[derive(Clone, Debug)]
-pub struct Sender(BinaryMetadataValue);
+pub struct Sender {
+    node_id: BinaryMetadataValue,
+    token: Option<BinaryMetadataValue>,
+}
 
 impl Interceptor for Sender {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert_bin(SENDER_HEADER, self.0.clone());
+        let metadata = request.metadata_mut();
+        metadata.insert_bin(SENDER_HEADER, self.node_id.clone());
+        if let Some(token) = &self.token {
+            metadata.insert_bin(TOKEN_HEADER, token.clone());
+        }
         Ok(request)
     }
 }
@@ -111,7 +120,29 @@ impl GrpcPeer {
         call_timeout: Duration,
         max_message_bytes: usize,
     ) -> Result<Self, Error> {
-        let sender = Sender(BinaryMetadataValue::from_bytes(node_id.as_bytes()));
+        Self::with_token(
+            addr,
+            node_id,
+            None,
+            connect_timeout,
+            call_timeout,
+            max_message_bytes,
+        )
+    }
+
+    /// As [`GrpcPeer::new`], sending the cluster's `token` (if any) on every call.
+    pub fn with_token(
+        addr: &str,
+        node_id: &str,
+        token: Option<&ClusterToken>,
+        connect_timeout: Duration,
+        call_timeout: Duration,
+        max_message_bytes: usize,
+    ) -> Result<Self, Error> {
+        let sender = Sender {
+            node_id: BinaryMetadataValue::from_bytes(node_id.as_bytes()),
+            token: token.map(|t| BinaryMetadataValue::from_bytes(t.as_bytes())),
+        };
         Ok(Self {
             client: client(
                 addr,

@@ -39,9 +39,10 @@ pub async fn run(
         .peers
         .iter()
         .map(|peer| {
-            let client = GrpcPeer::new(
+            let client = GrpcPeer::with_token(
                 peer,
                 &node_id,
+                config.cluster_token.as_ref(),
                 config.peer_connect_timeout,
                 config.replication_deadline,
                 max_message,
@@ -102,6 +103,7 @@ pub async fn run(
         max_message_bytes = max_message,
         data_dir = ?config.data_dir,
         sync = ?config.sync,
+        cluster_token = config.cluster_token.is_some(),
         "node started"
     );
 
@@ -136,7 +138,7 @@ pub async fn run(
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-            SenderCheck::new(node_id.clone()),
+            SenderCheck::new(node_id.clone(), config.cluster_token.clone()),
         ))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
             let mut stopped = stopped.clone();

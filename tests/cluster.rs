@@ -1004,3 +1004,37 @@ async fn two_nodes_sharing_an_id_do_not_count_each_other() {
     let ack = cluster.client(2).put("k2", "v").await.unwrap();
     assert!(ack.ok && ack.failed_peers.is_empty(), "{}", ack.message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_token_only_the_clusters_nodes_may_replicate() {
+    use kvstore::config::ClusterToken;
+    // Nodes 1 and 2 share the token; node 3 was given another.
+    let cluster = TestCluster::start_with(3, |i| NodeConfig {
+        cluster_token: Some(ClusterToken::new(if i < 2 { "s3cret" } else { "other" })),
+        ..common::patient()
+    });
+    // Client calls need no token; node 3 refuses the replication, and is named.
+    let ack = cluster.client(0).put("k", "v").await.unwrap();
+    assert!(ack.ok, "2 of 3 meets majority: {}", ack.message);
+    assert_eq!(ack.failed_peers, [cluster.addr(2).to_string()]);
+    assert!(ack.message.contains("cluster's token"), "{}", ack.message);
+    assert_eq!(cluster.client(1).get("k").await.unwrap(), "v");
+    assert_eq!(
+        cluster.client(2).get("k").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // A caller without the token can neither write in nor read out.
+    let mut raw = cluster.replicator(0).await;
+    let now = kvstore_actors::version::now_minus(Duration::ZERO);
+    let err = raw
+        .replicate(versioned("forged", "x", now))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = raw.digest(DigestRequest { buckets: 16 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        cluster.client(0).get("forged").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}

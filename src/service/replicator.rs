@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use kvstore_actors::{NodeId, Write};
+use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::Node;
-use crate::config::Limits;
+use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
 use crate::pb::{self, Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
@@ -76,23 +77,43 @@ impl ReplicatorService {
     }
 }
 
-/// Refuses Replicator calls that say they come from this very node: the node is listed as its
-/// own peer under another address, or another node has its id. Either way a write "confirmed"
-/// there would count twice (or tie-break wrongly), so the sender must see a refusal, not an
-/// ack. Calls that name no sender (a seed's Replicate) pass.
+/// Checks who calls the Replicator, before any handler runs.
+///
+/// With a cluster token, a call without it is refused (UNAUTHENTICATED): only the cluster's
+/// nodes may replicate writes in or read the data out through anti-entropy.
+///
+/// A call that says it comes from this very node is refused (FAILED_PRECONDITION): the node is
+/// listed as its own peer under another address, or another node has its id. Either way a
+/// write "confirmed" there would count twice (or tie-break wrongly), so the sender must see a
+/// refusal, not an ack. Calls that name no sender (a seed's Replicate) pass this check.
 #[derive(Clone, Debug)]
 pub struct SenderCheck {
     own_id: String,
+    token: Option<ClusterToken>,
 }
 
 impl SenderCheck {
-    pub fn new(own_id: String) -> Self {
-        Self { own_id }
+    pub fn new(own_id: String, token: Option<ClusterToken>) -> Self {
+        Self { own_id, token }
     }
 }
 
 impl Interceptor for SenderCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.token {
+            let sent = request.metadata().get_bin(crate::peer::TOKEN_HEADER);
+            let sent = sent.and_then(|v| v.to_bytes().ok());
+            // Constant time: how long a refusal takes says nothing about how close a guess was.
+            let valid = sent.is_some_and(|s| bool::from(s.as_ref().ct_eq(token.as_bytes())));
+            if !valid {
+                return Err(Error::Unauthenticated(
+                    "this node's Replicator needs the cluster's token: the caller sent none, \
+                     or another (every node needs the same --cluster-token-file)"
+                        .into(),
+                )
+                .into());
+            }
+        }
         match crate::peer::sender_of(request.metadata()) {
             Some(sender) if sender == self.own_id.as_bytes() => {
                 Err(Error::FailedPrecondition(format!(
