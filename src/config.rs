@@ -592,7 +592,11 @@ mod tests {
         assert!(err.to_string().contains("is empty"), "{err}");
         let missing = dir.path().join("missing");
         let err = parse(&["5001", "--cluster-token-file", missing.to_str().unwrap()]).unwrap_err();
-        assert!(err.to_string().contains("missing"), "{err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("--cluster-token-file") && err.contains("No such file"),
+            "{err}"
+        );
         let (_, config) = parse(&["5001"]).unwrap();
         assert_eq!(config.cluster_token, None);
     }

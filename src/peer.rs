@@ -54,10 +54,20 @@ pub fn sender_of(metadata: &MetadataMap) -> Option<Vec<u8>> {
 }
 
 /// Adds [`SENDER_HEADER`], and [`TOKEN_HEADER`] if the cluster has a token, to every call.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Sender {
     node_id: BinaryMetadataValue,
     token: Option<BinaryMetadataValue>,
+}
+
+/// Without the token: a `Debug` of a peer client must not print the secret.
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("node_id", &self.node_id)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
 }
 
 impl Interceptor for Sender {
@@ -268,18 +278,21 @@ fn ack_result(ack: Ack) -> Result<(), PeerError> {
 }
 
 /// Only an answer that says the peer will never take these writes is a refusal (not retried).
-/// Anything else leaves them held for redelivery: an INTERNAL from a connection reset, an
+/// An answer that says it takes nothing from this node (another cluster token, a shared node
+/// id: the Replicator's interceptor refuses before looking at the call) is `Refused`, held and
+/// retried with backoff like an unreachable peer's, for when the setup is fixed. Anything else
+/// leaves the writes held for redelivery too: an INTERNAL from a connection reset, an
 /// UNAVAILABLE from a failing disk, a RESOURCE_EXHAUSTED from a full one (disks get freed).
 fn peer_error(status: Status) -> PeerError {
     match status.code() {
         // tonic reports its own client-side timeout as Cancelled.
         Code::DeadlineExceeded | Code::Cancelled => PeerError::TimedOut,
-        code @ (Code::InvalidArgument
-        | Code::OutOfRange
-        | Code::FailedPrecondition
-        | Code::Unimplemented
-        | Code::PermissionDenied
-        | Code::Unauthenticated) => PeerError::Rejected(format!("{code:?}: {}", status.message())),
+        code @ (Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated) => {
+            PeerError::Refused(format!("{code:?}: {}", status.message()))
+        }
+        code @ (Code::InvalidArgument | Code::OutOfRange | Code::Unimplemented) => {
+            PeerError::Rejected(format!("{code:?}: {}", status.message()))
+        }
         _ => PeerError::Unreachable(status_reason(&status)),
     }
 }

@@ -172,5 +172,22 @@ async fn quorum_read_session() {
     cluster.nodes[1].kill().await;
     cluster.nodes[2].kill().await;
     let t2 = session(&cluster, "get name\nget -q name").await;
-    assert_session!("quorum_read", format!("{t1}{t2}"));
+    assert_session!("quorum_read", format!("{t1}{}", redact_reasons(&t2)));
+}
+
+/// Replaces the cause in each "(unreachable: CAUSE)": a peer killed while connected may be
+/// found refusing new connections or resetting the old one, whichever the read meets first.
+fn redact_reasons(transcript: &str) -> String {
+    const OPEN: &str = "(unreachable: ";
+    let mut out = String::new();
+    let mut rest = transcript;
+    while let Some(at) = rest.find(OPEN) {
+        out.push_str(&rest[..at + OPEN.len()]);
+        rest = &rest[at + OPEN.len()..];
+        let end = rest.find(')').unwrap_or(rest.len());
+        out.push_str("[cause]");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }

@@ -679,6 +679,14 @@ async fn a_quorum_read_without_a_majority_is_unavailable() {
         "{}",
         err.message()
     );
+    // And which did not, and why.
+    for dead in [cluster.addr(1), cluster.addr(2)] {
+        assert!(
+            err.message().contains(&format!("{dead} (unreachable")),
+            "{}",
+            err.message()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1032,6 +1040,22 @@ async fn with_a_cluster_token_only_the_clusters_nodes_may_replicate() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     let err = raw.digest(DigestRequest { buckets: 16 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = raw
+        .pull(PullRequest {
+            buckets: 16,
+            which: vec![0],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let batch = WriteBatch {
+        writes: vec![versioned("forged", "x", now)],
+    };
+    let err = raw
+        .replicate_stream(futures::stream::iter([batch]))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert_eq!(
         cluster.client(0).get("forged").await.unwrap_err().code(),

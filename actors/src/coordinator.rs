@@ -210,11 +210,16 @@ async fn run_holding<T: Send + 'static>(
 /// Why a quorum read could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("quorum read: {answered} of {nodes} nodes answered, {required} required")]
+    #[error(
+        "quorum read: {answered} of {nodes} nodes answered, {required} required; no answer from {}",
+        missing.join(", ")
+    )]
     NoQuorum {
         answered: usize,
         nodes: usize,
         required: usize,
+        /// Each peer that did not answer, with why: "addr (reason)".
+        missing: Vec<String>,
     },
     #[error(transparent)]
     Local(#[from] Error),
@@ -361,19 +366,31 @@ impl<P: PeerClient> Coordinator<P> {
             let key = key.clone();
             async move { tokio::time::timeout_at(deadline, p.client.read(key)).await }
         });
-        let answers: Vec<Option<Option<Entry>>> = join_all(reads)
-            .await
-            .into_iter()
-            .map(|r| r.ok().and_then(Result::ok))
+        let results = join_all(reads).await;
+        let answers: Vec<Option<Option<Entry>>> = results
+            .iter()
+            .map(|r| r.as_ref().ok().and_then(|r| r.as_ref().ok()).cloned())
             .collect();
         let nodes = self.peers.len() + 1;
         let required = WriteQuorum::Majority.required(nodes);
         let answered = 1 + answers.iter().filter(|a| a.is_some()).count();
         if answered < required {
+            // Why each peer did not answer: a client told only the count cannot fix anything.
+            let missing = (self.peers.iter().zip(&results))
+                .filter_map(|(peer, result)| {
+                    let why = match result {
+                        Ok(Ok(_)) => return None,
+                        Ok(Err(error)) => error.to_string(),
+                        Err(_) => "timed out".to_string(),
+                    };
+                    Some(format!("{} ({why})", peer.health.addr()))
+                })
+                .collect();
             return Err(ReadError::NoQuorum {
                 answered,
                 nodes,
                 required,
+                missing,
             });
         }
         let newest = answers

@@ -158,9 +158,15 @@ pub enum PeerError {
     /// The peer did not answer within the per-call timeout.
     #[error("timed out")]
     TimedOut,
-    /// The peer answered with an error.
+    /// The peer answered with an error about these writes (one too big for it, say).
     #[error("rejected the write: {0}")]
     Rejected(String),
+    /// The peer refuses every call from this node, whatever it carries: the cluster is set up
+    /// wrong (another cluster token, a node id it shares). Treated like an unreachable peer,
+    /// writes held for when it is fixed, not like a refused write: splitting the batch to find
+    /// the write at fault would cost a refused call per write.
+    #[error("refuses this node: {0}")]
+    Refused(String),
     /// The peer is down: the write waits in its handoff backlog.
     #[error("down; queued for redelivery ({0} waiting)")]
     Backlogged(usize),
@@ -580,6 +586,11 @@ impl<P: PeerClient> ReplicationActor<P> {
                     }
                     tracing::debug!(peer = %health.addr, %error, "anti-entropy round failed");
                     health.resyncing.store(false, Ordering::Release);
+                    // A peer that refuses this node will until someone fixes the setup: the
+                    // periodic round is soon enough to notice.
+                    if matches!(error, antientropy::SyncError::Peer(PeerError::Refused(_))) {
+                        return;
+                    }
                     // Try again soon rather than at the next period: a peer that was merely
                     // starting (a cluster coming up together) is seen up within seconds.
                     tokio::time::sleep(RESYNC_RETRY).await;
@@ -775,6 +786,8 @@ pub(crate) mod tests {
         pub hang: Arc<AtomicBool>,
         /// Answer writes with a refusal (as a peer with smaller limits would).
         pub reject: Arc<AtomicBool>,
+        /// Refuse every call, as a peer with another cluster token does.
+        pub refuse: Arc<AtomicBool>,
         /// If not 0, refuse every batch holding a value longer than this, as a peer with a
         /// smaller value limit does (it refuses the whole batch).
         pub max_value_bytes: Arc<AtomicU64>,
@@ -797,6 +810,9 @@ pub(crate) mod tests {
             }
             if self.fail.load(Ordering::Relaxed) {
                 return Err(PeerError::Unreachable("connection refused".into()));
+            }
+            if self.refuse.load(Ordering::Relaxed) {
+                return Err(PeerError::Refused("Unauthenticated: wrong token".into()));
             }
             Ok(())
         }
@@ -1154,6 +1170,36 @@ pub(crate) mod tests {
         peer.reject.store(false, Ordering::Relaxed);
         actor.ask(Replicate(write("next", 2))).await.unwrap();
         assert_eq!(peer.received_keys(), ["next"]);
+    }
+
+    /// A peer that refuses this node (another cluster token) costs one call per batch, not one
+    /// per write, and its writes are held for when the setup is fixed.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_refuses_this_node_is_not_asked_write_by_write() {
+        let peer = FakePeer::default();
+        peer.refuse.store(true, Ordering::Relaxed);
+        let writes: Vec<Write> = (0..64).map(|i| write(&format!("k{i}"), i + 1)).collect();
+        let calls = peer.calls.load(Ordering::Relaxed);
+        let result = deliver(&peer, &writes).await;
+        assert!(matches!(result, Err(PeerError::Refused(_))), "{result:?}");
+        assert_eq!(peer.calls.load(Ordering::Relaxed) - calls, 1);
+
+        let (actor, health, _store) = actor(&peer, 100);
+        let r = actor.ask(Replicate(write("held", 1))).await;
+        assert!(
+            matches!(
+                r,
+                Err(kameo::error::SendError::HandlerError(PeerError::Refused(_)))
+            ),
+            "{r:?}"
+        );
+        assert_eq!(health.state(), PeerState::Down);
+        assert_eq!(health.backlog(), 1, "held for redelivery");
+        // Fixed: the held write goes out with the next redelivery.
+        peer.refuse.store(false, Ordering::Relaxed);
+        tokio::time::sleep(BACKOFF_MAX * 2).await;
+        assert!(peer.received_keys().contains(&"held".to_string()));
+        assert_eq!(health.backlog(), 0);
     }
 
     fn big(key: &str, time: u64) -> Write {
