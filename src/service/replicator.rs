@@ -104,7 +104,7 @@ impl Interceptor for SenderCheck {
             let sent = request.metadata().get_bin(crate::peer::TOKEN_HEADER);
             let sent = sent.and_then(|v| v.to_bytes().ok());
             // Constant time: how long a refusal takes says nothing about how close a guess was.
-            let valid = sent.is_some_and(|s| bool::from(s.as_ref().ct_eq(token.as_bytes())));
+            let valid = sent.is_some_and(|s| same_secret(&s, token.as_bytes()));
             if !valid {
                 return Err(Error::Unauthenticated(
                     "this node's Replicator needs the cluster's token: the caller sent none, \
@@ -127,6 +127,17 @@ impl Interceptor for SenderCheck {
             _ => Ok(request),
         }
     }
+}
+
+/// Whether `sent` is `secret`, in time that depends only on the secret's length: a wrong
+/// guess learns neither how much of it matched nor, from an early exit on a length mismatch
+/// (as `ct_eq` on slices does), how long the secret is.
+fn same_secret(sent: &[u8], secret: &[u8]) -> bool {
+    let mut same = sent.len().ct_eq(&secret.len());
+    for (i, byte) in secret.iter().enumerate() {
+        same &= sent.get(i).unwrap_or(&0).ct_eq(byte);
+    }
+    same.into()
 }
 
 fn check_buckets(buckets: u32) -> Result<(), Error> {
@@ -219,5 +230,25 @@ impl Replicator for ReplicatorService {
             .await
             .map_err(Error::from)?;
         Ok(Response::new(pb::entry_to_kv(key, entry)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn only_the_same_secret_matches() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        for other in [
+            &b""[..],
+            b"s3cre",
+            b"s3cret!",
+            b"s3creT",
+            b"S3cret",
+            b"\0\0\0\0\0\0",
+        ] {
+            assert!(!same_secret(other, b"s3cret"), "{other:?}");
+        }
     }
 }
