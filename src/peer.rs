@@ -121,27 +121,10 @@ fn client(
 }
 
 impl GrpcPeer {
-    /// Clients for the peer at `addr` (`host:port`), for the node `node_id`. `call_timeout`
-    /// bounds each replication call; `max_message_bytes` matches the node's own message limit.
+    /// Clients for the peer at `addr` (`host:port`), for the node `node_id`, sending the
+    /// cluster's `token` (if any) on every call. `call_timeout` bounds each replication call;
+    /// `max_message_bytes` matches the node's own message limit.
     pub fn new(
-        addr: &str,
-        node_id: &str,
-        connect_timeout: Duration,
-        call_timeout: Duration,
-        max_message_bytes: usize,
-    ) -> Result<Self, Error> {
-        Self::with_token(
-            addr,
-            node_id,
-            None,
-            connect_timeout,
-            call_timeout,
-            max_message_bytes,
-        )
-    }
-
-    /// As [`GrpcPeer::new`], sending the cluster's `token` (if any) on every call.
-    pub fn with_token(
         addr: &str,
         node_id: &str,
         token: Option<&ClusterToken>,
@@ -376,6 +359,7 @@ mod tests {
             GrpcPeer::new(
                 "127.0.0.1:9",
                 "node1",
+                None,
                 Duration::from_secs(1),
                 Duration::from_secs(1),
                 max,

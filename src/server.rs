@@ -39,7 +39,7 @@ pub async fn run(
         .peers
         .iter()
         .map(|peer| {
-            let client = GrpcPeer::with_token(
+            let client = GrpcPeer::new(
                 peer,
                 &node_id,
                 config.cluster_token.as_ref(),

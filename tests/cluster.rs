@@ -907,7 +907,7 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
         ..ScriptedPeer::default()
     };
     let (addr, server) = scripted.serve(None);
-    let peer = GrpcPeer::new(&addr, "tester", NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, "tester", None, NO_HANG, NO_HANG, 4 << 20).unwrap();
     let pulled = tokio::time::timeout(NO_HANG, peer.pull(16, vec![0]))
         .await
         .expect("the pull hung")
@@ -934,7 +934,7 @@ async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch
         ..ScriptedPeer::default()
     };
     let (addr, server) = scripted.clone().serve(None);
-    let peer = GrpcPeer::new(&addr, "tester", NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, "tester", None, NO_HANG, NO_HANG, 4 << 20).unwrap();
     for key in ["a", "b", "c"] {
         peer.replicate(&writes(key)).await.unwrap();
     }
@@ -947,7 +947,7 @@ async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch
 async fn a_peer_without_replicate_stream_gets_one_call_per_batch() {
     let scripted = ScriptedPeer::default();
     let (addr, server) = scripted.clone().serve(None);
-    let peer = GrpcPeer::new(&addr, "tester", NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, "tester", None, NO_HANG, NO_HANG, 4 << 20).unwrap();
     for key in ["a", "b"] {
         peer.replicate(&writes(key)).await.unwrap();
     }

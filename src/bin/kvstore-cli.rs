@@ -76,10 +76,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !command.is_empty() {
         // Already split by the user's shell: the words go through as they are.
         let output = runtime.block_on(shell.execute_words(&command));
-        let failed = output.failed;
-        return Ok(match print(&output)? {
-            Printed::Shown | Printed::ReaderGone => status(failed),
-        });
+        // Shown or not (a reader gone), the status says whether the command failed.
+        print(&output)?;
+        return Ok(status(output.failed));
     }
     let mut execute = |line: &str| runtime.block_on(shell.execute(line));
     if std::io::stdin().is_terminal() {
