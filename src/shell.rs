@@ -101,7 +101,7 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
 
 /// Splits a REPL line into words: a command, then its arguments.
 ///
-/// Words are separated by spaces. `'...'` quotes literally; `"..."` quotes too, with `\"` and
+/// Words are separated by spaces and tabs. `'...'` quotes literally; `"..."` quotes too, with `\"` and
 /// `\\` its only escapes. Nothing else is special: a backslash or a `#` inside a line is kept
 /// as typed (a line that starts with `#` is a comment). A `put`'s value is the rest of the line
 /// after the key, exactly as typed, so `put note call me #1 fan` and `put path C:\tmp` store
@@ -129,8 +129,8 @@ pub fn split_line(line: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
-/// What separates words: spaces and tabs only. Other Unicode spaces (a no-break space, an
-/// ideographic space) are part of a key or value, as they were typed.
+/// What separates words: spaces and tabs (and a line's own end). Other Unicode spaces (a
+/// no-break space, an ideographic space) are part of a key or value, as they were typed.
 fn is_blank(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\r' | '\n')
 }

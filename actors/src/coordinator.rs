@@ -366,23 +366,21 @@ impl<P: PeerClient> Coordinator<P> {
             let key = key.clone();
             async move { tokio::time::timeout_at(deadline, p.client.read(key)).await }
         });
-        let results = join_all(reads).await;
-        let answers: Vec<Option<Option<Entry>>> = results
-            .iter()
-            .map(|r| r.as_ref().ok().and_then(|r| r.as_ref().ok()).cloned())
+        // Each peer's entry, or why it did not answer: a client told only how many answered
+        // could not fix anything.
+        let answers: Vec<Result<Option<Entry>, String>> = (join_all(reads).await.into_iter())
+            .map(|r| match r {
+                Ok(read) => read.map_err(|error| error.to_string()),
+                Err(_) => Err("timed out".to_string()),
+            })
             .collect();
         let nodes = self.peers.len() + 1;
         let required = WriteQuorum::Majority.required(nodes);
-        let answered = 1 + answers.iter().filter(|a| a.is_some()).count();
+        let answered = 1 + answers.iter().filter(|a| a.is_ok()).count();
         if answered < required {
-            // Why each peer did not answer: a client told only the count cannot fix anything.
-            let missing = (self.peers.iter().zip(&results))
-                .filter_map(|(peer, result)| {
-                    let why = match result {
-                        Ok(Ok(_)) => return None,
-                        Ok(Err(error)) => error.to_string(),
-                        Err(_) => "timed out".to_string(),
-                    };
+            let missing = (self.peers.iter().zip(&answers))
+                .filter_map(|(peer, answer)| {
+                    let why = answer.as_ref().err()?;
                     Some(format!("{} ({why})", peer.health.addr()))
                 })
                 .collect();
@@ -413,7 +411,7 @@ impl<P: PeerClient> Coordinator<P> {
                 let _ = self.apply(vec![repair.clone()]).await;
             }
             for (peer, answer) in self.peers.iter().zip(&answers) {
-                if let Some(seen) = answer
+                if let Ok(seen) = answer
                     && stale(seen)
                 {
                     let client = peer.client.clone();
