@@ -352,6 +352,7 @@ async fn deletes_stay_deleted_through_restarts_handoff_and_quorum_reads() {
 /// it, is logged as soon as a write of its key arrives again, even an older one, and before that
 /// write is acknowledged: the acknowledgement says this node holds the key durably.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: mounts a small tmpfs to fill its disk"]
 async fn a_write_the_log_refused_is_logged_before_an_older_one_is_acked() {
     use kameo::actor::Spawn;
     use kvstore_actors::store::{Apply, Put, StoreActor};
@@ -424,8 +425,9 @@ fn newest_log(dir: &std::path::Path) -> std::path::PathBuf {
     logs.pop().expect("a log file")
 }
 
-/// A small tmpfs mounted for one test, unmounted when dropped. Mounting needs root, which the
-/// test machines and CI have; a failure to mount fails the test rather than skipping it.
+/// A small tmpfs mounted for one test, unmounted when dropped. Mounting needs root: the tests
+/// that use it are ignored by default, and `cargo test -- --include-ignored` (as root) runs
+/// them; a failure to mount then fails the test rather than skipping it.
 struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
@@ -455,6 +457,7 @@ impl Drop for SmallDisk {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: mounts a small tmpfs to fill its disk"]
 async fn a_full_disk_fails_writes_clearly_and_keeps_serving_reads() {
     let dir = tempfile::tempdir().unwrap();
     let _disk = SmallDisk::mount(&dir.path().join("node1"), "256k");
