@@ -37,20 +37,11 @@ pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 /// Default fsync interval for `--sync interval`.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Most a key and a value may hold together, whatever the flags say. A log record holds one
-/// write, and recovery takes a record longer than [`MAX_PAYLOAD`] for damage: a write past it
-/// would be acknowledged, then refuse the node's restart. The gRPC message limit (key and value
-/// plus [`MESSAGE_OVERHEAD_BYTES`]) then stays within the same 64 MiB, which `kvstore-cli`
-/// accepts.
-///
-/// [`MAX_PAYLOAD`]: kvstore_actors::storage::record::MAX_PAYLOAD
-pub const MAX_KEY_AND_VALUE_BYTES: usize =
-    kvstore_actors::storage::record::MAX_PAYLOAD - MESSAGE_OVERHEAD_BYTES;
-// A record's own fields (kind, time, lengths, node id) must fit in the overhead left over.
-const _: () = assert!(
-    kvstore_actors::storage::record::MIN_PAYLOAD + kvstore_actors::version::MAX_NODE_ID_BYTES
-        < MESSAGE_OVERHEAD_BYTES
-);
+/// Most a key and a value may hold together, whatever the flags say: what one write in the log
+/// may hold ([`kvstore_actors::MAX_WRITE_BYTES`]). The gRPC message limit (key and value plus
+/// [`MESSAGE_OVERHEAD_BYTES`]) then stays within 64 MiB, which `kvstore-cli` accepts.
+pub const MAX_KEY_AND_VALUE_BYTES: usize = kvstore_actors::MAX_WRITE_BYTES;
+const _: () = assert!(MAX_KEY_AND_VALUE_BYTES + MESSAGE_OVERHEAD_BYTES <= 64 * 1024 * 1024);
 /// Longest duration any flag takes. Far beyond any sensible setting, and far enough from the
 /// clock's limits that adding one to an instant can never overflow.
 /// Ten years as humantime counts them (365.25 days each), so `10y` itself is accepted.

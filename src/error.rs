@@ -1,5 +1,6 @@
 //! The node crate's error enum, and the one place where errors become gRPC statuses.
 
+use kvstore_actors::LogFailure;
 use tonic::{Code, Status};
 
 /// Everything that can go wrong in a node or its client.
@@ -59,10 +60,10 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
-            // A write this node could not log: a full disk is exhaustion, anything else means
-            // "try another node" until this one is repaired.
+            // A write this node could not log: a full disk, or a log far behind its disk, is
+            // exhaustion; anything else means "try another node" until this one is repaired.
             Error::Actors(kvstore_actors::Error::Log(log))
-                if log.kind == std::io::ErrorKind::StorageFull =>
+                if matches!(log.kind, LogFailure::DiskFull | LogFailure::Backlogged) =>
             {
                 Code::ResourceExhausted
             }

@@ -97,7 +97,7 @@ pub fn check_replicated(kv: &KeyValue) -> Result<(), Error> {
     }
     // A version far in the future would pin every later write of the key (and, through
     // restart, the clock) behind it: refuse what no honest clock could have made.
-    let limit = kvstore_actors::version::latest_acceptable();
+    let limit = kvstore_actors::clock::latest_acceptable();
     if version.hlc > limit {
         return Err(Error::InvalidArgument(format!(
             "version.hlc {} is too far in the future (limit {limit})",

@@ -8,10 +8,9 @@
 //! Batches go over one long-lived `ReplicateStream` per peer, a batch and then its ack, rather
 //! than one `ReplicateBatch` call each: a call costs the headers, a new HTTP/2 stream and a task
 //! on both sides, a stream message costs a frame (A/B: put 1.14-1.30x faster). A stream that
-//! fails in any way is dropped and the next batch opens a new one; a batch that finds the
-//! stream busy (an anti-entropy push beside the actor's own batch) goes as a call of its own
-//! rather than wait; and a peer that does not know `ReplicateStream` (a node from before it)
-//! gets calls until it is next found unreachable (it may come back upgraded).
+//! fails in any way is dropped and the next batch opens a new one; and a batch that finds the
+//! stream busy (an anti-entropy push beside the actor's own batch) goes as a `ReplicateBatch`
+//! call of its own rather than wait.
 //!
 //! Every call says which node sends it (the [`SENDER_HEADER`] metadata), so that a node reached
 //! under a name its configuration check could not see through (`localhost:5001` for its own
@@ -19,7 +18,6 @@
 //! towards the quorum as a separate copy.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kvstore_actors::{Entry, PeerClient, PeerError, Write};
@@ -90,9 +88,6 @@ pub struct GrpcPeer {
     bulk: Client,
     /// The open replication stream, if any. Shared by clones, like the channels.
     stream: Arc<Mutex<Option<BatchStream>>>,
-    /// Set when the peer answered `ReplicateStream` with UNIMPLEMENTED; cleared when a call
-    /// finds the peer gone, since it may come back as a build that has the stream.
-    calls_only: Arc<AtomicBool>,
     /// Bounds one batch's round trip over the stream, as the channel bounds a call.
     call_timeout: Duration,
     /// Most bytes of writes per batch: half the message limit, so that a batch always fits it
@@ -152,9 +147,8 @@ impl GrpcPeer {
                 max_message_bytes,
             )?,
             stream: Arc::new(Mutex::new(None)),
-            calls_only: Arc::new(AtomicBool::new(false)),
             call_timeout,
-            max_batch_bytes: (max_message_bytes / 2).min(kvstore_actors::replication::BATCH_BYTES),
+            max_batch_bytes: (max_message_bytes / 2).min(kvstore_actors::peer::BATCH_BYTES),
         })
     }
 
@@ -180,9 +174,6 @@ impl GrpcPeer {
             // only now. That says nothing about the peer: try once more on a new stream
             // (within the same deadline; a write applied twice is applied once).
             result = within(self.exchange(None, batch())).await;
-        }
-        if result.is_err() && self.calls_only.load(Ordering::Relaxed) {
-            return self.call(batch()).await;
         }
         *slot = Some(result?);
         Ok(())
@@ -213,7 +204,7 @@ impl GrpcPeer {
                 let acks = (self.client.clone())
                     .replicate_stream(ReceiverStream::new(rx))
                     .await
-                    .map_err(|status| self.stream_error(status))?
+                    .map_err(peer_error)?
                     .into_inner();
                 BatchStream { batches, acks }
             }
@@ -221,33 +212,15 @@ impl GrpcPeer {
         match open.acks.message().await {
             Ok(Some(ack)) => ack_result(ack).map(|()| open),
             Ok(None) => Err(PeerError::Unreachable("replication stream ended".into())),
-            Err(status) => Err(self.stream_error(status)),
+            Err(status) => Err(peer_error(status)),
         }
-    }
-
-    /// What a failed stream says about the peer. UNIMPLEMENTED means a peer from before
-    /// `ReplicateStream`: it gets calls until it is found gone.
-    fn stream_error(&self, status: Status) -> PeerError {
-        if status.code() == Code::Unimplemented && !self.calls_only.swap(true, Ordering::Relaxed) {
-            tracing::info!(
-                reason = %status_reason(&status),
-                "peer has no ReplicateStream; replicating with one call per batch"
-            );
-        }
-        peer_error(status)
     }
 
     /// The batch as one `ReplicateBatch` call.
     async fn call(&self, batch: WriteBatch) -> Result<(), PeerError> {
         match self.client.clone().replicate_batch(batch).await {
             Ok(ack) => ack_result(ack.into_inner()),
-            Err(status) => {
-                let error = peer_error(status);
-                if matches!(error, PeerError::Unreachable(_)) {
-                    self.calls_only.store(false, Ordering::Relaxed);
-                }
-                Err(error)
-            }
+            Err(status) => Err(peer_error(status)),
         }
     }
 }
@@ -289,9 +262,6 @@ impl PeerClient for GrpcPeer {
         let batch = || WriteBatch {
             writes: writes.iter().map(KeyValue::from).collect(),
         };
-        if self.calls_only.load(Ordering::Relaxed) {
-            return self.call(batch()).await;
-        }
         match self.stream.try_lock() {
             Ok(mut slot) => self.over_stream(&mut slot, batch).await,
             Err(_busy) => self.call(batch()).await,
@@ -371,6 +341,6 @@ mod tests {
         assert_eq!(peer(66_560), 33_280);
         // The default limits allow the full batch size.
         let default = crate::config::Limits::default().max_message_bytes();
-        assert_eq!(peer(default), kvstore_actors::replication::BATCH_BYTES);
+        assert_eq!(peer(default), kvstore_actors::peer::BATCH_BYTES);
     }
 }

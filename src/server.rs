@@ -56,14 +56,14 @@ pub async fn run(
         None => StoreActor::new(clock),
         Some(dir) => {
             let storage = StorageConfig {
-                dir: dir.clone(),
                 sync: config.sync,
                 compact_after_bytes: config.compact_after_bytes,
                 repair: config.repair_truncate,
                 tombstone_grace: config.tombstone_grace,
             };
             let opened = std::time::Instant::now();
-            let recovered = tokio::task::spawn_blocking(move || Storage::open(&storage))
+            let path = dir.clone();
+            let recovered = tokio::task::spawn_blocking(move || Storage::open(&path, &storage))
                 .await
                 .expect("storage recovery panicked")?;
             tracing::info!(

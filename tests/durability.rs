@@ -348,72 +348,6 @@ async fn deletes_stay_deleted_through_restarts_handoff_and_quorum_reads() {
     }
 }
 
-/// A write applied in memory whose append failed (a full disk), with no caller left to report
-/// it, is logged as soon as a write of its key arrives again, even an older one, and before that
-/// write is acknowledged: the acknowledgement says this node holds the key durably.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs root: mounts a small tmpfs to fill its disk"]
-async fn a_write_the_log_refused_is_logged_before_an_older_one_is_acked() {
-    use kameo::actor::Spawn;
-    use kvstore_actors::store::{Apply, Put, StoreActor};
-    use kvstore_actors::{Clock, Entry, NodeId, Storage, StorageConfig, SyncMode, Version, Write};
-
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let _disk = SmallDisk::mount(&data, "256k");
-    let config = StorageConfig {
-        dir: data.clone(),
-        sync: SyncMode::Always,
-        compact_after_bytes: u64::MAX,
-        repair: false,
-        tombstone_grace: Duration::from_secs(3600),
-    };
-    let clock = std::sync::Arc::new(Clock::new(NodeId::new("node1").unwrap()));
-    let store = StoreActor::spawn(StoreActor::recovered(
-        clock,
-        Storage::open(&config).unwrap(),
-    ));
-
-    // No room left for the log; the value needs pages the log file does not have yet.
-    let filler = data.join("filler");
-    let mut file = std::fs::File::create(&filler).unwrap();
-    while std::io::Write::write_all(&mut file, &[0; 4096]).is_ok() {}
-    drop(file);
-    let newest = "n".repeat(8192);
-    let put = store
-        .ask(Put {
-            key: "k".into(),
-            value: newest.clone(),
-        })
-        .await
-        .unwrap();
-    let version = put.write.entry.version;
-    // The Put's caller learns of the failure; here it has gone away and tells no one.
-    assert!(put.durable.wait().await.is_err(), "the disk is full");
-
-    // Room again, and a peer delivers an older write of the key.
-    std::fs::remove_file(&filler).unwrap();
-    let older = Write {
-        key: "k".into(),
-        entry: Entry {
-            value: Some("older".into()),
-            version: Version {
-                time: version.time - 1,
-                node: NodeId::new("node2").unwrap(),
-            },
-        },
-    };
-    let applied = store.ask(Apply(vec![older])).await.unwrap();
-    assert_eq!(applied.wait().await.unwrap(), 0, "not newer than ours");
-
-    store.stop_gracefully().await.unwrap();
-    store.wait_for_shutdown_result().await.unwrap();
-    let recovered = Storage::open(&config).unwrap();
-    let slot = recovered.map.get("k").expect("k is on disk");
-    assert_eq!(slot.version(), version);
-    assert_eq!(slot.value_str(), Some(newest.as_str()));
-}
-
 /// The log file with the highest generation in `dir`.
 fn newest_log(dir: &std::path::Path) -> std::path::PathBuf {
     let mut logs: Vec<_> = std::fs::read_dir(dir)
@@ -431,6 +365,20 @@ fn newest_log(dir: &std::path::Path) -> std::path::PathBuf {
 struct SmallDisk(std::path::PathBuf);
 
 impl SmallDisk {
+    /// Gives the disk `size` of room (tmpfs takes a new size while mounted).
+    fn grow(&self, size: &str) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("running mount");
+        assert!(
+            status.success(),
+            "remounting {} with {size}",
+            self.0.display()
+        );
+    }
+
     fn mount(path: &std::path::Path, size: &str) -> Self {
         std::fs::create_dir_all(path).unwrap();
         let status = std::process::Command::new("mount")
@@ -460,7 +408,7 @@ impl Drop for SmallDisk {
 #[ignore = "needs root: mounts a small tmpfs to fill its disk"]
 async fn a_full_disk_fails_writes_clearly_and_keeps_serving_reads() {
     let dir = tempfile::tempdir().unwrap();
-    let _disk = SmallDisk::mount(&dir.path().join("node1"), "256k");
+    let disk = SmallDisk::mount(&dir.path().join("node1"), "256k");
     let mut c = cluster(1, dir.path()).await;
     assert!(c.client(0).put("before", "v").await.unwrap().ok);
     let value = "x".repeat(8 * 1024);
@@ -469,21 +417,30 @@ async fn a_full_disk_fails_writes_clearly_and_keeps_serving_reads() {
         match c.client(0).put(&format!("fill{i}"), &value).await {
             Ok(ack) => assert!(ack.ok),
             Err(status) => {
-                refused = Some(status);
+                refused = Some((i, status));
                 break;
             }
         }
     }
-    let status = refused.expect("a 256 KiB disk fills up");
+    let (kept, status) = refused.expect("a 256 KiB disk fills up");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("not durable"),
         "{}",
         status.message()
     );
-    // Reads go on.
+    // Reads go on, and writes are refused, clearly, while the disk is full.
     assert_eq!(c.client(0).get("before").await.unwrap(), "v");
     assert!(c.client(0).list().await.unwrap().len() > 1);
+    let status = c.client(0).put("during", "v").await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    // Room again: writes resume by themselves, without a restart.
+    disk.grow("4m");
+    let resumed = Instant::now();
+    while c.client(0).put("after", "v").await.is_err() {
+        assert!(resumed.elapsed() < CONVERGE, "writes never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The failed appends were cut back out of the log: it recovers cleanly, without a torn
     // tail, and holds everything acknowledged.
     c.kill(0);
@@ -494,5 +451,12 @@ async fn a_full_disk_fails_writes_clearly_and_keeps_serving_reads() {
         c.log(0)
     );
     assert_eq!(c.client(0).get("before").await.unwrap(), "v");
+    assert_eq!(c.client(0).get("after").await.unwrap(), "v");
+    // The write whose append met the full disk was kept by the log, and written once there
+    // was room: its client was told it was not durable, and it is now.
+    assert_eq!(
+        c.client(0).get(&format!("fill{kept}")).await.unwrap(),
+        value
+    );
     c.kill(0);
 }

@@ -223,9 +223,19 @@ fn provisioned_python() -> PathBuf {
         &["-m", "venv", dir_arg],
         "creating a virtualenv for grpcio",
     );
-    let mut install = vec!["-m", "pip", "install", "--quiet", "--disable-pip-version-check"];
+    let mut install = vec![
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+    ];
     install.extend(GRPCIO);
-    run(&python, &install, "installing grpcio from the package registry");
+    run(
+        &python,
+        &install,
+        "installing grpcio from the package registry",
+    );
     std::fs::write(&ready, &wanted).unwrap();
     python
 }

@@ -7,8 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kameo::actor::Spawn;
+use kvstore_actors::entry::{Slot, new_map};
 use kvstore_actors::storage::{record, snapshot};
-use kvstore_actors::store::{self, Apply, Put};
+use kvstore_actors::store::{Apply, Put};
 use kvstore_actors::{
     Clock, Entry, NodeId, Storage, StorageConfig, StoreActor, SyncMode, Version, Write,
 };
@@ -116,22 +117,19 @@ fn log(c: &mut Criterion) {
         group.throughput(Throughput::Elements(concurrent as u64));
         group.bench_function(name, |bench| {
             let dir = tempfile::tempdir().unwrap();
-            let mut recovered = Storage::open(&StorageConfig {
-                dir: dir.path().to_path_buf(),
+            let config = StorageConfig {
                 sync,
                 compact_after_bytes: u64::MAX,
                 repair: false,
                 tombstone_grace: std::time::Duration::from_secs(3600),
-            })
-            .unwrap();
-            let map = Arc::new(std::mem::take(&mut recovered.map));
-            let mut storage = recovered.storage;
+            };
+            let mut storage = Storage::open(dir.path(), &config).unwrap().storage;
             let mut i = 0u64;
             bench.iter(|| {
                 let pending: Vec<_> = (0..concurrent)
                     .map(|_| {
                         i += 1;
-                        storage.append(&write(i, "node1"), &map)
+                        storage.append([&write(i, "node1")])
                     })
                     .collect();
                 rt.block_on(async {
@@ -147,15 +145,15 @@ fn log(c: &mut Criterion) {
 
 /// A snapshot's encoding of a node's whole map, and what it costs a writer meanwhile. The
 /// encoding runs under the map's shard locks, one shard at a time, so a write to the shard being
-/// encoded waits for it (see `store::MAP_SHARDS`).
+/// encoded waits for it (see `entry::MAP_SHARDS`).
 fn snapshot(c: &mut Criterion) {
     let mut group = c.benchmark_group("snapshot");
     group.sample_size(10);
     let keys = 1_000_000u64;
-    let map = Arc::new(store::new_map());
+    let map = Arc::new(new_map());
     for i in 0..keys {
         let w = write(i, "node1");
-        map.insert(w.key.into(), store::Slot::new(&w.entry));
+        map.insert(w.key.into(), Slot::new(&w.entry));
     }
     group.throughput(Throughput::Elements(keys));
     group.bench_function("encode 1M keys", |bench| {
@@ -178,7 +176,7 @@ fn snapshot(c: &mut Criterion) {
             // Keys spread over the map (and so over its shards), as a workload's would be.
             i = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let w = write(i % keys, "node2");
-            map.insert(w.key.into(), store::Slot::new(&w.entry));
+            map.insert(w.key.into(), Slot::new(&w.entry));
         })
     });
     stop.store(true, Ordering::Relaxed);

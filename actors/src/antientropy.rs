@@ -18,8 +18,9 @@
 use kameo::actor::ActorRef;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::replication::{PeerClient, PeerError};
-use crate::store::{self, StoreActor, StoreReader, Write};
+use crate::entry::{Entry, Write};
+use crate::peer::{PeerClient, PeerError};
+use crate::store::{self, StoreActor, StoreReader};
 use crate::version::Version;
 
 /// Buckets per digest: 8 KiB of digest, about a thousand keys per bucket at a million keys.
@@ -158,17 +159,17 @@ pub async fn sync<P: PeerClient>(
         };
         // What the peer holds in these buckets: we push only what would win over it. Of a
         // bucket it could not send, we push all we hold; it keeps only what wins.
-        let theirs: Option<std::collections::HashMap<String, store::Entry>> =
+        let theirs: Option<std::collections::HashMap<String, Entry>> =
             pulled.as_ref().map(|pulled| {
                 (pulled.iter())
                     .map(|w| (w.key.clone(), w.entry.clone()))
                     .collect()
             });
         if let Some(pulled) = pulled.filter(|pulled| !pulled.is_empty()) {
-            let applied = store
-                .ask(store::Apply(pulled))
-                .await
-                .map_err(|_| crate::Error::StoreStopped)?;
+            let applied = store.ask(store::Apply(pulled)).await.map_err(|e| match e {
+                kameo::error::SendError::HandlerError(e) => e,
+                _ => crate::Error::StoreStopped,
+            })?;
             report.pulled += applied.wait().await?;
         }
         let mine = {
@@ -199,10 +200,10 @@ async fn push<P: PeerClient>(
     rejected: &mut usize,
 ) -> Result<usize, PeerError> {
     let sent = writes.len();
-    for batch in crate::replication::batches(writes, peer.max_batch_bytes()) {
+    for batch in crate::peer::batches(writes, peer.max_batch_bytes()) {
         // One write the peer will never take (its limits are smaller than ours, say) must not
         // stop the repair of everything else: `deliver` isolates it.
-        for (i, why) in crate::replication::deliver(peer, &batch).await? {
+        for (i, why) in crate::peer::deliver(peer, &batch).await? {
             *rejected += 1;
             tracing::warn!(key = %batch[i].key, %why, "peer rejected a repaired entry; skipped");
         }
@@ -217,11 +218,11 @@ mod tests {
     use kameo::actor::Spawn;
 
     use super::*;
-    use crate::replication::tests::FakePeer;
-    use crate::version::Clock;
+    use crate::clock::Clock;
+    use crate::testing::FakePeer;
 
     fn write(key: &str, value: Option<&str>, time: u64) -> Write {
-        crate::store::testing::write(key, value, time, "n")
+        crate::testing::write(key, value, time, "n")
     }
 
     async fn store_with(writes: &[Write]) -> (ActorRef<StoreActor>, StoreReader) {

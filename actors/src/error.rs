@@ -51,35 +51,53 @@ impl Error {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{context}: {message}")]
 pub struct LogError {
-    /// The I/O error kind, so the node can tell a full disk from other failures.
-    pub kind: io::ErrorKind,
+    pub kind: LogFailure,
     pub context: String,
     pub message: String,
 }
 
+/// What kind of trouble the log is in, which decides what a client is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFailure {
+    /// The disk is full. Writes are refused until the log can write again, and resume by
+    /// themselves once there is room.
+    DiskFull,
+    /// More is waiting for the disk than the log queues: the disk is slower than the writes.
+    Backlogged,
+    /// The disk did not answer in time.
+    Stalled,
+    /// Another I/O failure. After a failed fsync the log refuses writes until the node
+    /// restarts.
+    Failed,
+    /// The log has stopped: the node is shutting down.
+    Stopped,
+}
+
 impl LogError {
     pub fn from_io(context: &str, error: &io::Error) -> Self {
+        let kind = match error.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => LogFailure::DiskFull,
+            _ => LogFailure::Failed,
+        };
         Self {
-            kind: error.kind(),
+            kind,
             context: context.to_string(),
             message: error.to_string(),
         }
     }
 
-    /// For an append that relied on earlier ones, one of which failed after it was queued.
-    pub fn earlier_append_failed() -> Self {
+    /// `queued` bytes are waiting for the disk already.
+    pub fn backlogged(queued: u64) -> Self {
         Self {
-            kind: io::ErrorKind::Other,
+            kind: LogFailure::Backlogged,
             context: "log".into(),
-            message: "an earlier append failed, so what this write relied on is not on disk; \
-                      it is logged again on the next delivery"
-                .into(),
+            message: format!("{queued} bytes are already waiting for the disk; try again shortly"),
         }
     }
 
     pub fn stopped() -> Self {
         Self {
-            kind: io::ErrorKind::BrokenPipe,
+            kind: LogFailure::Stopped,
             context: "log writer".into(),
             message: "stopped".into(),
         }

@@ -2,17 +2,23 @@
 //! about gRPC: the node crate plugs its network client in through [`PeerClient`].
 //!
 //! # Layout
-//! - [`version`]: [`Version`] (hybrid logical clock time + node id) and the [`Clock`] that makes them.
+//! - [`version`]: [`Version`]s of writes and the [`NodeId`]s inside them.
+//! - [`clock`]: the [`Clock`], a hybrid logical clock that issues versions.
+//! - [`entry`]: what a node keeps per key ([`Entry`], [`Slot`](entry::Slot)), what travels
+//!   between nodes ([`Write`]), and last-writer-wins.
 //! - [`store`]: the [`StoreActor`], sole owner of the node's map; applies local writes and
-//!   replicated ones with last-writer-wins on the version, and logs each before it is acked.
+//!   replicated ones, and logs each before it is acknowledged.
+//! - [`view`]: consistent copies of the map for `List`, made beside the store actor.
 //! - [`storage`]: the write-ahead log and snapshots in a node's data dir, and recovery.
+//! - [`peer`]: the seam to the network ([`PeerClient`]), and delivery in batches.
+//! - [`health`]: what a node believes about each peer ([`PeerHealth`]).
 //! - [`replication`]: one [`ReplicationActor`] per peer, with a bounded mailbox, that delivers
-//!   writes to that peer and tracks whether it is up, down or lagging.
+//!   writes to that peer, in batches, and holds what it has not confirmed.
+//! - [`antientropy`]: digests of hashed key ranges, and the push-pull round that repairs
+//!   whatever differs between two nodes.
 //! - [`coordinator`]: the [`Coordinator`], the write path: store locally, fan out to every
 //!   replication actor, wait up to the replication deadline, judge the write quorum; and
 //!   quorum reads with read repair.
-//! - [`antientropy`]: digests of hashed key ranges, and the push-pull round that repairs
-//!   whatever differs between two nodes.
 //! - [`error`]: this crate's one error enum.
 //!
 //! # How replicas converge
@@ -24,7 +30,7 @@
 //! (applying twice changes nothing), commutative (order of arrival does not matter) and
 //! associative. Two nodes that have received the same set of writes, in any order, hold the
 //! same map. That is what makes concurrent Puts of one key through different nodes end equal
-//! everywhere, where the seed's blind overwrite left them different forever.
+//! everywhere, where the original Go system's blind overwrite left them different forever.
 //!
 //! The hybrid clock keeps versions close to wall-clock time (so "newest wins" means what a
 //! user expects) while never going backwards and always moving past every version the node
@@ -52,19 +58,47 @@
 //! left out of digests, so nodes do not trade them back and forth while purging.
 
 pub mod antientropy;
+pub mod clock;
 pub mod coordinator;
+pub mod entry;
 pub mod error;
+pub mod health;
+pub mod peer;
 pub mod replication;
 pub mod storage;
 pub mod store;
 pub mod version;
+pub mod view;
 
+#[cfg(test)]
+mod testing;
+
+pub use clock::Clock;
 pub use coordinator::{
     Coordinator, CoordinatorConfig, NodeStatus, PeerFailure, PeerStatus, ReadError, WriteOutcome,
     WriteQuorum,
 };
-pub use error::Error;
-pub use replication::{PeerClient, PeerError, PeerHealth, PeerState, ReplicationActor};
+pub use entry::{Entry, Write};
+pub use error::{Error, LogError, LogFailure};
+pub use health::{PeerHealth, PeerState};
+pub use peer::{PeerClient, PeerError};
+pub use replication::ReplicationActor;
+pub use storage::record::MAX_WRITE_BYTES;
 pub use storage::{Storage, StorageConfig, SyncMode};
-pub use store::{Entry, StoreActor, StoreReader, StoreStats, Write};
-pub use version::{Clock, NodeId, Version};
+pub use store::{StoreActor, StoreReader, StoreStats};
+pub use version::{NodeId, Version};
+
+/// Spawns `actor` with a bounded mailbox of `capacity`, its task inside the current span, so
+/// that its log lines carry the fields of the node that spawned it (kameo's own spawn starts
+/// the task outside any span).
+pub(crate) fn spawn_in_span<A: kameo::Actor<Args = A>>(
+    actor: A,
+    capacity: usize,
+) -> kameo::actor::ActorRef<A> {
+    use kameo::actor::Spawn;
+    use tracing::Instrument;
+    let prepared = A::prepare_with_mailbox(kameo::mailbox::bounded(capacity));
+    let actor_ref = prepared.actor_ref().clone();
+    tokio::spawn(prepared.run(actor).in_current_span());
+    actor_ref
+}

@@ -2,245 +2,76 @@
 //!
 //! Every change to the map goes through this actor's mailbox, so writes are applied one at a
 //! time and a version decision (is this entry newer?) never races another write of the same key.
-//! The map itself is a `DashMap` so that a `List`'s copy and log compaction can walk it from
-//! other threads, one lock stripe at a time, while the actor goes on writing ([`ListView`]).
+//! The map itself is a `DashMap` so that reads, a `List`'s copy ([`crate::view`]) and log
+//! compaction can walk it from other threads while the actor goes on writing.
+//!
+//! A write is checked with the log first ([`Storage::admit`]): one the log cannot take (a full
+//! disk, a log far behind the disk) is refused before it touches the map, with the log's reason.
+//! A write that is taken is in the map at once, and is acknowledged once its [`Durable`] says it
+//! is in the log.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
 
-use dashmap::DashMap;
 use kameo::Actor;
 use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 
-use crate::storage::{Durable, Recovered, Storage};
-use crate::version::{self, Clock, LOST_BUMPS_MARGIN, NodeId, Version};
+use crate::clock::{self, Clock, LOST_BUMPS_MARGIN};
+use crate::entry::{Entry, Map, Slot, Write, new_map};
+use crate::error::Error;
+use crate::storage::{Durable, Recovered, Storage, record};
+use crate::view::{ListView, Views};
 
-/// The map a store keeps: key to [`Slot`]. Keys are boxed `str`s rather than `String`s, 8
-/// bytes less each.
-pub type Map = DashMap<Box<str>, Slot>;
-
-/// Lock shards of a store's map. A snapshot walks the map one shard at a time under the shard's
-/// read lock, and the store actor's write to that shard waits for it, which stalls every
-/// write and read behind it in the mailbox. DashMap's default is 4 per CPU (8 on two cores):
-/// at 1M keys a shard then takes about 55 ms to encode. In a probe writing a key every 50 us
-/// while snapshots ran back to back, 8 shards left the writer blocked 2.9 s of 3 s (longest
-/// stall 65 ms); 64 shards, 0.7 s (longest 9 ms). `cargo bench -p kvstore-actors -- snapshot`:
-/// an insert during snapshots takes 45 us on average with 8 shards, 15 us with 64, 2.3 us with
-/// 512. More than 64 cost RSS, though: 237-246 bytes per key at 1M keys with 128-512 shards
-/// against 229-230 with 8-64, because the allocator keeps the freed tables of mid-sized shards.
-pub const MAP_SHARDS: usize = 64;
-
-/// An empty map with [`MAP_SHARDS`] shards.
-pub fn new_map() -> Map {
-    Map::with_shard_amount(MAP_SHARDS)
-}
-
-/// Set in a slot's node word for a tombstone (interned node ids stay far below it).
-const TOMBSTONE: u32 = 1 << 31;
-/// Bytes of a slot's blob before the value: the node word.
-const SLOT_HEADER: usize = 4;
-
-/// An [`Entry`] as the map keeps it: 24 bytes in the table plus one allocation holding the
-/// writer's interned node id and the value. At a million keys the hash table has about two
-/// million slots, so every byte of slot costs about two bytes per key. Against an `Entry` (32
-/// bytes; 40 when node ids were `Arc<str>`), this layout took a node from 273 to 231 bytes of
-/// RSS per key at 1M keys.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Slot {
-    time: u64,
-    /// The node word (little-endian [`NodeId::to_bits`], with [`TOMBSTONE`] for a deletion),
-    /// then the value's bytes, always UTF-8.
-    blob: Box<[u8]>,
-}
-
-impl Slot {
-    /// The slot holding `entry`.
-    pub fn new(entry: &Entry) -> Self {
-        let value = entry.value.as_deref().unwrap_or("");
-        let bits = entry.version.node.to_bits();
-        // Would take 2^31 distinct node ids in one process: memory runs out long before.
-        debug_assert_eq!(
-            bits & TOMBSTONE,
-            0,
-            "node id handle collides with the tombstone bit"
-        );
-        let word = bits | if entry.value.is_none() { TOMBSTONE } else { 0 };
-        let mut blob = Vec::with_capacity(SLOT_HEADER + value.len());
-        blob.extend_from_slice(&word.to_le_bytes());
-        blob.extend_from_slice(value.as_bytes());
-        Self {
-            time: entry.version.time,
-            blob: blob.into_boxed_slice(),
-        }
-    }
-
-    fn word(&self) -> u32 {
-        let mut word = [0; SLOT_HEADER];
-        word.copy_from_slice(&self.blob[..SLOT_HEADER]);
-        u32::from_le_bytes(word)
-    }
-
-    /// The version of the write that produced this entry.
-    pub fn version(&self) -> Version {
-        Version {
-            time: self.time,
-            node: NodeId::from_bits(self.word() & !TOMBSTONE),
-        }
-    }
-
-    /// Whether this is a deletion.
-    pub fn is_tombstone(&self) -> bool {
-        self.word() & TOMBSTONE != 0
-    }
-
-    /// The value, or `None` for a tombstone.
-    pub fn value_str(&self) -> Option<&str> {
-        (!self.is_tombstone()).then(|| {
-            std::str::from_utf8(&self.blob[SLOT_HEADER..]).expect("slots are built from a str")
-        })
-    }
-
-    /// The entry, copied out.
-    pub fn entry(&self) -> Entry {
-        Entry {
-            value: self.value_str().map(Box::from),
-            version: self.version(),
-        }
-    }
-
-    /// Whether `entry` wins over this slot in last-writer-wins order ([`precedence`]). The
-    /// value is looked at only on a tie of versions, which a correct cluster never makes.
-    pub fn loses_to(&self, entry: &Entry) -> bool {
-        match entry.version.cmp(&self.version()) {
-            std::cmp::Ordering::Equal => {
-                entry.precedence() > precedence(self.version(), self.value_str())
-            }
-            order => order.is_gt(),
-        }
-    }
-
-    /// Whether this is a tombstone older than `before` (a version time): past its grace.
-    pub fn is_expired(&self, before: Option<u64>) -> bool {
-        self.is_tombstone() && before.is_some_and(|t| self.time < t)
-    }
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.entry().fmt(f)
-    }
-}
-
-/// What the store keeps per key: the value, or `None` for a tombstone, and its version.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    /// `None` marks a deleted key. Tombstones stay so that an older Put arriving late cannot
-    /// resurrect the key.
-    pub value: Option<Box<str>>,
-    /// The version of the write that produced this entry.
-    pub version: Version,
-}
-
-impl Entry {
-    /// Where this entry stands in last-writer-wins order (see [`precedence`]).
-    pub fn precedence(&self) -> (Version, bool, Option<&str>) {
-        precedence(self.version, self.value.as_deref())
-    }
-}
-
-/// The order of last-writer-wins: the newer version wins. Two different writes under one
-/// version should not exist: it takes two nodes sharing an id, a forged Replicate, or a bug.
-/// If they do, a tombstone beats a value and the greater value beats the smaller (as in
-/// Cassandra), so that every replica keeps the same one, whatever order they reach it in, and
-/// anti-entropy, whose digests include values, converges them rather than trading them for ever.
-pub fn precedence(version: Version, value: Option<&str>) -> (Version, bool, Option<&str>) {
-    (version, value.is_none(), value)
-}
-
-/// One versioned write of one key: what replicates between nodes.
-#[derive(Clone, Debug, PartialEq, Eq, kameo::Reply)]
-pub struct Write {
-    pub key: String,
-    pub entry: Entry,
-}
+/// Capacity of the store actor's mailbox. Every Put, Delete and peer batch passes through it;
+/// a caller finding it full waits for room, which is the backpressure a busy store gives. Each
+/// message is handled in microseconds, so a short queue is enough to keep the actor busy.
+pub const STORE_MAILBOX: usize = 64;
 
 /// The store actor. Its state is the map, the node's clock and (unless in-memory) its storage.
 pub struct StoreActor {
-    /// Shared read-only with [`StoreReader`]s (digests, snapshots) so scans never queue behind
-    /// writes in the mailbox; only this actor writes to it.
+    /// Shared read-only with [`StoreReader`]s (reads, digests, snapshots) so they never queue
+    /// behind writes in the mailbox; only this actor writes to it.
     map: Arc<Map>,
     clock: Arc<Clock>,
     storage: Option<Storage>,
-    /// Entries that are in the map but whose log append failed (a full disk). The map is
-    /// updated before the log answers, so a later delivery of that write, or of an older one,
-    /// would otherwise be "not newer", skipped and acknowledged with nothing on disk. The log
-    /// writer reports failed appends itself ([`Storage::take_unlogged`]), so a caller that
-    /// stopped waiting cannot lose the report.
-    unlogged: std::collections::HashMap<String, Version>,
-    /// The `List`s whose copy of the map is still running: each gets the pre-image of every
-    /// key written until it is done. Weak, so a copy that finished (or was dropped) stops
-    /// costing anything at the next write.
-    views: Vec<Weak<PreImages>>,
+    /// The `List`s whose copy of the map is still running.
+    views: Views,
+    /// Live keys and tombstones in the map, kept as it changes: counting them would walk the
+    /// whole map, and stall every write meanwhile.
+    counts: Counts,
     /// Keys that local writes have bumped above a recovered version the clock does not cover,
     /// since the start (few: it takes a peer clock beyond the drift bound).
-    bumped: std::collections::HashSet<Box<str>>,
+    bumped: HashSet<Box<str>>,
     /// The newest version time recovered from disk at the start.
     recovered_max: u64,
 }
 
-/// What keys held when a [`ListView`] was taken, for those written since: `None` if absent.
-type PreImages = Mutex<HashMap<Box<str>, Option<Slot>>>;
-
-/// A `List`'s view of the map as of the moment the store actor took it, copied outside the
-/// actor.
-///
-/// Copying a million keys takes about a second. Done inside the actor, as it once was, that
-/// stalled every write and read of the node (and the peers replicating to it) for as long.
-/// Now the actor only registers the view, and until the copy is done it saves, before it
-/// writes a key for the first time since, what the key held. The copy walks the map one lock
-/// stripe at a time and takes a key's saved pre-image where there is one:
-/// - a key written before the copy reached it has a pre-image, saved before the write;
-/// - a key written after has none yet when the copy reads it, and the write waits for the
-///   copy to leave the key's stripe (the copy holds the stripe's read lock while it reads the
-///   slot and looks for a pre-image), so what the copy read is what the key held.
-///
-/// Either way the copy is the map at the instant of registration, a consistent cut, and the
-/// actor waits at most for one stripe's worth of copying (1/64 of the map), not the whole map.
-#[derive(kameo::Reply)]
-pub struct ListView {
-    map: Arc<Map>,
-    before: Arc<PreImages>,
+/// Live keys and tombstones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    live: usize,
+    tombstones: usize,
 }
 
-impl ListView {
-    /// Every live pair of the view, in key order. Blocking work (a second at 1M keys): run it
-    /// off the async workers.
-    pub fn collect(self) -> Vec<(String, String)> {
-        self.collect_pausing(|_| ())
+impl Counts {
+    fn of(map: &Map) -> Self {
+        let tombstones = map.iter().filter(|e| e.is_tombstone()).count();
+        Self {
+            live: map.len() - tombstones,
+            tombstones,
+        }
     }
 
-    /// [`collect`](Self::collect), calling `after` with each key read, the key's stripe still
-    /// locked (tests stop the copy there and write around it).
-    fn collect_pausing(self, mut after: impl FnMut(&str)) -> Vec<(String, String)> {
-        let mut pairs = Vec::with_capacity(self.map.len());
-        for item in self.map.iter() {
-            let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
-            let slot = match before.get(item.key()) {
-                Some(saved) => saved.as_ref(),
-                None => Some(item.value()),
-            };
-            if let Some(value) = slot.and_then(Slot::value_str) {
-                pairs.push((item.key().to_string(), value.to_string()));
-            }
-            drop(before);
-            after(item.key());
-        }
-        // Done reading: dropping `before` (with `self`) ends the actor's saving.
-        drop(self);
-        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        pairs
+    fn count(&mut self, slot: &Slot, sign: isize) {
+        let n = if slot.is_tombstone() {
+            &mut self.tombstones
+        } else {
+            &mut self.live
+        };
+        *n = n.checked_add_signed(sign).expect("counts match the map");
     }
 }
 
@@ -269,24 +100,29 @@ impl Actor for StoreActor {
     }
 }
 
-/// Read access to the store's map from outside the actor. Reads may interleave with writes;
-/// use it where a fuzzy view is fine (digests, repair), never for a client's consistent read.
+/// Read access to the store's map from outside the actor. Reads may interleave with writes:
+/// each key's read is of one write or another, never a mix.
 #[derive(Clone, kameo::Reply)]
 pub struct StoreReader {
     map: Arc<Map>,
     /// How long tombstones live, if they are ever purged (never in memory-only stores).
-    tombstone_grace: Option<std::time::Duration>,
-}
-
-/// Whether `entry` is a tombstone older than `before` (a version time), i.e. past its grace.
-fn is_expired(entry: &Entry, before: Option<u64>) -> bool {
-    entry.value.is_none() && before.is_some_and(|t| entry.version.time < t)
+    tombstone_grace: Option<Duration>,
 }
 
 impl StoreReader {
     /// Version time below which tombstones are expired, as of now.
     pub fn expired_before(&self) -> Option<u64> {
-        self.tombstone_grace.map(version::now_minus)
+        self.tombstone_grace.map(clock::now_minus)
+    }
+
+    /// The entry of `key`, tombstone included.
+    pub fn entry(&self, key: &str) -> Option<Entry> {
+        self.map.get(key).map(|slot| slot.entry())
+    }
+
+    /// The live value of `key`: `None` if absent or deleted.
+    pub fn value(&self, key: &str) -> Option<String> {
+        (self.map.get(key)).and_then(|slot| slot.value_str().map(String::from))
     }
 
     /// Calls `f` on every entry, tombstones included.
@@ -313,26 +149,26 @@ impl StoreActor {
             map: Arc::new(new_map()),
             clock,
             storage: None,
-            unlogged: std::collections::HashMap::new(),
-            views: Vec::new(),
-            bumped: std::collections::HashSet::new(),
+            views: Views::default(),
+            counts: Counts::default(),
+            bumped: HashSet::new(),
             recovered_max: 0,
         }
     }
 
     /// A store on recovered storage. The clock is moved past every version this node issued
     /// before the restart, and past the others as far as it can observe ([`Clock::restore`]);
-    /// keys beyond that are covered when they are written ([`StoreActor::write_local`]).
+    /// keys beyond that are covered when they are written ([`StoreActor::versioned`]).
     pub fn recovered(clock: Arc<Clock>, recovered: Recovered) -> Self {
         let own = (recovered.newest_by_node.get(&clock.node())).map_or(0, |&t| t);
         clock.restore(own, recovered.max_time);
         Self {
-            map: Arc::new(recovered.map),
+            counts: Counts::of(&recovered.map),
+            map: recovered.map,
             clock,
             storage: Some(recovered.storage),
-            unlogged: std::collections::HashMap::new(),
-            views: Vec::new(),
-            bumped: std::collections::HashSet::new(),
+            views: Views::default(),
+            bumped: HashSet::new(),
             recovered_max: recovered.max_time,
         }
     }
@@ -345,80 +181,45 @@ impl StoreActor {
         }
     }
 
-    /// Logs a write that changed the map.
-    fn persist(&mut self, write: &Write) -> Durable {
-        self.persist_all(&[write])
+    /// Version time below which a tombstone has expired, if tombstones expire here.
+    fn expired_before(&self) -> Option<u64> {
+        (self.storage.as_ref()).map(|s| clock::now_minus(s.tombstone_grace()))
     }
 
-    /// Logs `writes` as one append: one group commit for a peer's whole batch.
-    fn persist_all(&mut self, writes: &[&Write]) -> Durable {
-        // Whatever was unlogged for these keys is superseded by these writes, logged now.
-        for write in writes {
-            self.unlogged.remove(&write.key);
-        }
-        match &mut self.storage {
-            Some(storage) => storage.append_all(writes.iter().copied(), &self.map),
-            None => Durable::ready(),
-        }
-    }
-
-    /// Learns from the log which appends failed since it last asked, and remembers the ones
-    /// whose version the map still holds (a newer write was logged by itself).
-    fn note_failed_appends(&mut self) {
+    /// Removes the tombstones that compaction left out of its snapshot, if they are still
+    /// those tombstones. Done before every change and report, so a purge never waits long.
+    fn purge_expired(&mut self) {
         let Some(storage) = &self.storage else { return };
-        for (key, version) in storage.take_unlogged() {
-            if self
-                .map
-                .get(key.as_str())
-                .is_some_and(|e| e.version() == version)
-            {
-                self.unlogged.insert(key, version);
+        let purges: Vec<_> = storage.take_purges().collect();
+        for purge in purges {
+            for key in purge.keys {
+                self.views.save_pre_image(&self.map, &key);
+                if let Some((_, slot)) = self
+                    .map
+                    .remove_if(&key, |_, s| s.is_expired(Some(purge.before)))
+                {
+                    self.counts.count(&slot, -1);
+                }
             }
         }
     }
 
-    /// Whether `entry` is a tombstone past the grace period: it must not come back once purged.
-    fn expired_tombstone(&self, entry: &Entry) -> bool {
-        let before = (self.storage.as_ref())
-            .filter(|_| entry.value.is_none())
-            .map(|s| version::now_minus(s.tombstone_grace()));
-        is_expired(entry, before)
+    /// Asks the log whether it takes `bytes` more now; `Ok` when nothing is logged.
+    fn admit(&self, bytes: usize) -> Result<(), Error> {
+        self.storage.as_ref().map_or(Ok(()), |s| s.admit(bytes))
     }
 
-    /// A view of the map as of now, registered so that writes save pre-images for it.
-    fn list_view(&mut self) -> ListView {
-        let before = Arc::new(Mutex::new(HashMap::new()));
-        // Dropped views are also cleared here, not only on writes: a node that serves Lists
-        // and takes no writes would otherwise keep a husk per List.
-        self.views.retain(|view| view.strong_count() > 0);
-        self.views.push(Arc::downgrade(&before));
-        ListView {
-            map: self.map.clone(),
-            before,
+    /// Puts `slot` under `key`, keeping the counts and the views' pre-images.
+    fn insert(&mut self, key: &str, slot: Slot) {
+        self.views.save_pre_image(&self.map, key);
+        self.counts.count(&slot, 1);
+        if let Some(old) = self.map.insert(key.into(), slot) {
+            self.counts.count(&old, -1);
         }
     }
 
-    /// Call before writing `key`: saves what it holds for every [`ListView`] still copying
-    /// that has not seen it written yet.
-    fn save_pre_image(&mut self, key: &str) {
-        if self.views.is_empty() {
-            return;
-        }
-        self.views.retain(|view| view.strong_count() > 0);
-        // Read before taking a view's lock: the copy takes the two the other way round.
-        let current = self.map.get(key).map(|slot| slot.clone());
-        for view in self.views.iter().filter_map(Weak::upgrade) {
-            // Poisoned only if a copy panicked: the store must go on regardless.
-            let mut before = view.lock().unwrap_or_else(PoisonError::into_inner);
-            if !before.contains_key(key) {
-                before.insert(key.into(), current.clone());
-            }
-        }
-    }
-
-    /// Stores a local write (`value = None` deletes) under a fresh version and returns it.
-    fn write_local(&mut self, key: String, value: Option<String>) -> Write {
-        self.save_pre_image(&key);
+    /// A local write of `key` (`value = None` deletes) under a fresh version, not yet stored.
+    fn versioned(&mut self, key: String, value: Option<String>) -> Write {
         let mut version = self.clock.now();
         if let Some(current) = self.map.get(key.as_str()) {
             // The clock has normally moved past every version we applied. It has not if a peer's
@@ -440,44 +241,81 @@ impl StoreActor {
                 version.time = current.time.saturating_add(step);
             }
         }
-        let entry = Entry {
-            value: value.map(String::into_boxed_str),
-            version,
-        };
-        self.map.insert(key.as_str().into(), Slot::new(&entry));
-        Write { key, entry }
+        Write {
+            key,
+            entry: Entry {
+                value: value.map(String::into_boxed_str),
+                version,
+            },
+        }
     }
 
-    /// Applies `write` if it wins over what the map holds ([`precedence`]). Returns whether it
-    /// changed the map.
+    /// Stores a local write (`value = None` deletes) under a fresh version and logs it.
+    fn write_local(&mut self, key: String, value: Option<String>) -> Result<LocalWrite, Error> {
+        self.purge_expired();
+        // Checked before the version is made: a refused write must not use up a bump.
+        let node = self.clock.node().len();
+        self.admit(record::write_len(
+            key.len(),
+            value.as_ref().map(String::len),
+            node,
+        ))?;
+        let write = self.versioned(key, value);
+        let durable = match &mut self.storage {
+            Some(storage) => storage.append([&write]),
+            None => Durable::ready(),
+        };
+        self.insert(&write.key, Slot::new(&write.entry));
+        Ok(LocalWrite { write, durable })
+    }
+
+    /// Applies `write` if it wins over what the map holds ([`crate::entry::precedence`]).
+    /// Returns whether it changed the map.
     fn apply(&mut self, write: &Write) -> bool {
         self.clock.observe(&write.entry.version);
-        self.save_pre_image(&write.key);
-        match self.map.entry(write.key.as_str().into()) {
-            dashmap::Entry::Occupied(mut slot) => {
-                if slot.get().loses_to(&write.entry) {
-                    slot.insert(Slot::new(&write.entry));
-                    true
-                } else {
-                    false
-                }
-            }
-            dashmap::Entry::Vacant(slot) => {
-                // A tombstone past its grace period is one we may already have purged: taking
-                // it back would make peers trade it forever.
-                if self.expired_tombstone(&write.entry) {
-                    return false;
-                }
-                slot.insert(Slot::new(&write.entry));
-                true
+        let wins = match self.map.get(write.key.as_str()) {
+            Some(slot) => slot.loses_to(&write.entry),
+            // A tombstone past its grace period is one we may already have purged: taking it
+            // back would make peers trade it for ever.
+            None => !write.entry.is_expired(self.expired_before()),
+        };
+        if wins {
+            self.insert(&write.key, Slot::new(&write.entry));
+        }
+        wins
+    }
+
+    /// Applies a batch of writes other nodes made, logging the ones that changed the map as
+    /// one append.
+    fn apply_all(&mut self, writes: Vec<Write>) -> Result<Applied, Error> {
+        self.purge_expired();
+        self.admit(writes.iter().map(record::encoded_len).sum())?;
+        let mut changed = Vec::new();
+        for write in &writes {
+            if self.apply(write) {
+                changed.push(write);
             }
         }
+        let held = changed.len() < writes.len();
+        let durable = match &mut self.storage {
+            // The log's appends succeed only in order, so this one also vouches for what the
+            // map already held for the other writes, even if that is still on its way to the
+            // disk (a local Put waiting for its group commit).
+            Some(storage) if !changed.is_empty() => storage.append(changed.iter().copied()),
+            Some(storage) if held => storage.barrier(),
+            _ => Durable::ready(),
+        };
+        Ok(Applied {
+            changed: changed.len(),
+            durable,
+        })
     }
 }
 
-/// A local write, applied in memory, with the promise of its durability.
+/// A local write, in the map and queued for the log: the write to replicate, and the promise
+/// of its durability here.
 #[derive(kameo::Reply)]
-pub struct Persisted {
+pub struct LocalWrite {
     pub write: Write,
     pub durable: Durable,
 }
@@ -494,7 +332,7 @@ pub struct Applied {
 
 impl Applied {
     /// Waits until the batch is durable. Returns how many writes changed the map.
-    pub async fn wait(self) -> Result<usize, crate::Error> {
+    pub async fn wait(self) -> Result<usize, Error> {
         self.durable.wait().await.map(|()| self.changed)
     }
 }
@@ -510,14 +348,15 @@ pub struct StoreStats {
     pub log_bytes: u64,
 }
 
-/// Store `value` under `key` as a new local write. Replies with the versioned write to replicate.
+/// Store `value` under `key` as a new local write. Replies with the versioned write to
+/// replicate, or the log's refusal.
 #[derive(Debug)]
 pub struct Put {
     pub key: String,
     pub value: String,
 }
 
-/// Delete `key` as a new local write (a tombstone). Replies with the write to replicate.
+/// Delete `key` as a new local write (a tombstone). Replies as [`Put`] does.
 #[derive(Debug)]
 pub struct Delete {
     pub key: String,
@@ -542,79 +381,33 @@ pub struct GetEntry {
 /// Take a [`ListView`]: the map as of now, for a consistent copy of every live pair made
 /// outside the actor.
 #[derive(Debug)]
-pub struct Snapshot;
+pub struct TakeView;
 
 /// Count keys and report the log's size.
 #[derive(Debug)]
 pub struct Stats;
 
 impl Message<Put> for StoreActor {
-    type Reply = Persisted;
+    type Reply = Result<LocalWrite, Error>;
 
-    async fn handle(&mut self, msg: Put, _: &mut Context<Self, Self::Reply>) -> Persisted {
-        // Taken on every write, so failures never pile up in the log writer unread (a node
-        // that only takes local writes, on a log that keeps failing).
-        self.note_failed_appends();
-        let write = self.write_local(msg.key, Some(msg.value));
-        let durable = self.persist(&write);
-        Persisted { write, durable }
+    async fn handle(&mut self, msg: Put, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.write_local(msg.key, Some(msg.value))
     }
 }
 
 impl Message<Delete> for StoreActor {
-    type Reply = Persisted;
+    type Reply = Result<LocalWrite, Error>;
 
-    async fn handle(&mut self, msg: Delete, _: &mut Context<Self, Self::Reply>) -> Persisted {
-        self.note_failed_appends();
-        let write = self.write_local(msg.key, None);
-        let durable = self.persist(&write);
-        Persisted { write, durable }
+    async fn handle(&mut self, msg: Delete, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.write_local(msg.key, None)
     }
 }
 
 impl Message<Apply> for StoreActor {
-    type Reply = Applied;
+    type Reply = Result<Applied, Error>;
 
-    async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Applied {
-        // Read before the failures are taken: one that lands after this is not accounted for.
-        let failures = self.storage.as_ref().map_or(0, Storage::failures);
-        self.note_failed_appends();
-        let mut changed = 0;
-        let mut to_log = Vec::new();
-        let mut relog = Vec::new();
-        let mut held = false;
-        for write in &msg.0 {
-            if self.apply(write) {
-                changed += 1;
-                // Logged below, so whatever was unlogged for the key no longer matters.
-                self.unlogged.remove(&write.key);
-                to_log.push(write);
-            } else if self.unlogged.remove(&write.key).is_some() {
-                // What we hold for this key (this write or a newer one) is in the map but its
-                // append failed. Acknowledging this write says we hold it durably: log it.
-                if let Some(slot) = self.map.get(write.key.as_str()) {
-                    relog.push(Write {
-                        key: write.key.clone(),
-                        entry: slot.entry(),
-                    });
-                }
-            } else {
-                held = true;
-            }
-        }
-        to_log.extend(&relog);
-        let durable = match &mut self.storage {
-            // What we already held may itself still be on its way to the disk (a local Put
-            // waiting for its group commit): the acknowledgement waits for it, since our append
-            // is queued after it, and fails if any append fails meanwhile, since a failed one
-            // does not fail those queued behind it. Failures before were taken above: what they
-            // left unlogged is in `relog`.
-            Some(storage) if held => {
-                storage.append_all_after(to_log.iter().copied(), &self.map, failures)
-            }
-            _ => self.persist_all(&to_log),
-        };
-        Applied { changed, durable }
+    async fn handle(&mut self, msg: Apply, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.apply_all(msg.0)
     }
 }
 
@@ -636,11 +429,11 @@ impl Message<GetEntry> for StoreActor {
     }
 }
 
-impl Message<Snapshot> for StoreActor {
+impl Message<TakeView> for StoreActor {
     type Reply = ListView;
 
-    async fn handle(&mut self, _: Snapshot, _: &mut Context<Self, Self::Reply>) -> ListView {
-        self.list_view()
+    async fn handle(&mut self, _: TakeView, _: &mut Context<Self, Self::Reply>) -> ListView {
+        self.views.register(&self.map)
     }
 }
 
@@ -648,32 +441,11 @@ impl Message<Stats> for StoreActor {
     type Reply = StoreStats;
 
     async fn handle(&mut self, _: Stats, _: &mut Context<Self, Self::Reply>) -> StoreStats {
-        let tombstones = self.map.iter().filter(|e| e.is_tombstone()).count();
+        self.purge_expired();
         StoreStats {
-            keys: self.map.len() - tombstones,
-            tombstones,
+            keys: self.counts.live,
+            tombstones: self.counts.tombstones,
             log_bytes: self.storage.as_ref().map_or(0, Storage::log_bytes),
-        }
-    }
-}
-
-/// Helpers for this crate's tests.
-#[cfg(test)]
-pub(crate) mod testing {
-    use super::{Entry, Write};
-    use crate::version::{NodeId, Version};
-
-    /// A write of `key` (`None` deletes) at version (`time`, `node`).
-    pub fn write(key: &str, value: Option<&str>, time: u64, node: &str) -> Write {
-        Write {
-            key: key.into(),
-            entry: Entry {
-                value: value.map(Into::into),
-                version: Version {
-                    time,
-                    node: NodeId::new(node).unwrap(),
-                },
-            },
         }
     }
 }
@@ -683,6 +455,7 @@ mod tests {
     use kameo::actor::Spawn;
 
     use super::*;
+    use crate::version::NodeId;
 
     fn store(node: &str) -> ActorRef<StoreActor> {
         StoreActor::spawn(StoreActor::new(Arc::new(Clock::new(
@@ -690,7 +463,8 @@ mod tests {
         ))))
     }
 
-    use super::testing::write;
+    use crate::storage::fs::crash::CrashDir;
+    use crate::testing::write;
 
     async fn apply(s: &ActorRef<StoreActor>, w: Write) -> bool {
         s.ask(Apply(vec![w])).await.unwrap().changed == 1
@@ -714,30 +488,6 @@ mod tests {
 
     async fn get(s: &ActorRef<StoreActor>, key: &str) -> Option<String> {
         s.ask(Get { key: key.into() }).await.unwrap()
-    }
-
-    #[test]
-    fn slots_hold_entries_exactly() {
-        for (value, node) in [(Some("v"), "n1"), (Some(""), "node-2"), (None, "n1")] {
-            let entry = write("k", value, 7, node).entry;
-            let slot = Slot::new(&entry);
-            assert_eq!(slot.entry(), entry);
-            assert_eq!(slot.value_str(), value);
-            assert_eq!(slot.is_tombstone(), value.is_none());
-            assert_eq!(slot.version().node.as_str(), node);
-        }
-        // The point of the layout: a slot is a u64 and a boxed slice, nothing more.
-        assert_eq!(std::mem::size_of::<Slot>(), 24);
-    }
-
-    #[test]
-    fn only_old_tombstones_are_expired() {
-        let tombstone = Slot::new(&write("k", None, 10, "n1").entry);
-        let live = Slot::new(&write("k", Some("v"), 10, "n1").entry);
-        assert!(tombstone.is_expired(Some(11)));
-        assert!(!tombstone.is_expired(Some(10)));
-        assert!(!tombstone.is_expired(None));
-        assert!(!live.is_expired(Some(11)));
     }
 
     #[tokio::test]
@@ -823,7 +573,7 @@ mod tests {
         // A Put older than the delete arrives late: the key stays deleted.
         assert!(!apply(&s, write("k", Some("late"), 15, "n3")).await);
         assert_eq!(get(&s, "k").await, None);
-        assert!(s.ask(Snapshot).await.unwrap().collect().is_empty());
+        assert!(s.ask(TakeView).await.unwrap().collect().is_empty());
         assert_eq!(s.ask(Stats).await.unwrap().keys, 0);
         // A newer Put does bring the key back: delete is not forever, it is ordered.
         assert!(apply(&s, write("k", Some("again"), 30, "n3")).await);
@@ -875,18 +625,18 @@ mod tests {
         // never take the other.
         let life = tempfile::tempdir().unwrap();
         let before_the_put = tempfile::tempdir().unwrap();
-        let config = crate::storage::tests::config(life.path());
-        let open = |config: &crate::StorageConfig| {
+        let open = |dir: &std::path::Path| {
             let clock = Arc::new(Clock::new(NodeId::new("n1").unwrap()));
+            let config = crate::storage::tests::config();
             StoreActor::spawn(StoreActor::recovered(
                 clock,
-                crate::Storage::open(config).unwrap(),
+                Storage::open(dir, &config).unwrap(),
             ))
         };
-        let far = crate::version::latest_acceptable()
-            - crate::version::ntp_duration(std::time::Duration::from_secs(23 * 3600));
+        let far = crate::clock::latest_acceptable()
+            - crate::clock::ntp_duration(std::time::Duration::from_secs(23 * 3600));
 
-        let s = open(&config);
+        let s = open(life.path());
         s.ask(Apply(vec![write("k", Some("peer"), far, "n2")]))
             .await
             .unwrap()
@@ -903,7 +653,7 @@ mod tests {
         stop(s).await;
 
         // Restart from the data dir as it was before the lost write.
-        let s = open(&crate::storage::tests::config(before_the_put.path()));
+        let s = open(before_the_put.path());
         let next = put(&s, "k", "after the restart").await;
         assert!(
             next.entry.version > lost.entry.version,
@@ -914,8 +664,8 @@ mod tests {
         // The peer's version 23 hours ahead did not move the clock: other keys' writes get
         // versions near physical time, not beyond the far one.
         let other = put(&s, "other", "v").await;
-        let soon = crate::version::latest_acceptable()
-            - crate::version::ntp_duration(std::time::Duration::from_secs(24 * 3600 - 60));
+        let soon = crate::clock::latest_acceptable()
+            - crate::clock::ntp_duration(std::time::Duration::from_secs(24 * 3600 - 60));
         assert!(
             other.entry.version.time < soon,
             "the clock jumped to the far version"
@@ -933,7 +683,7 @@ mod tests {
             put(&s, k, k.to_uppercase()).await;
         }
         let keys: Vec<String> = s
-            .ask(Snapshot)
+            .ask(TakeView)
             .await
             .unwrap()
             .collect()
@@ -956,7 +706,7 @@ mod tests {
             put(&s, k, "old").await;
         }
         s.ask(Delete { key: "d".into() }).await.unwrap();
-        let first = s.ask(Snapshot).await.unwrap();
+        let first = s.ask(TakeView).await.unwrap();
 
         // The store goes on while the view is not yet copied: every kind of write.
         put(&s, "a", "new").await;
@@ -964,7 +714,7 @@ mod tests {
         assert!(apply(&s, write("c", Some("peer"), u64::MAX - 1, "n2")).await);
         put(&s, "d", "back").await;
         put(&s, "e", "added").await;
-        let second = s.ask(Snapshot).await.unwrap();
+        let second = s.ask(TakeView).await.unwrap();
         put(&s, "a", "newer").await;
         put(&s, "f", "added later").await;
 
@@ -977,7 +727,7 @@ mod tests {
             pairs(&[("a", "new"), ("c", "peer"), ("d", "back"), ("e", "added")])
         );
         put(&s, "g", "after").await;
-        assert_eq!(s.ask(Snapshot).await.unwrap().collect().len(), 6);
+        assert_eq!(s.ask(TakeView).await.unwrap().collect().len(), 6);
     }
 
     #[test]
@@ -991,7 +741,7 @@ mod tests {
             store.apply(&write(&format!("k{i:04}"), Some("old"), 10, "n2"));
         }
         let map = store.map.clone();
-        let view = store.list_view();
+        let view = store.views.register(&store.map);
         let (stopped_at, at) = std::sync::mpsc::channel::<String>();
         let (go, resume) = std::sync::mpsc::channel::<()>();
         let copier = std::thread::spawn(move || {
@@ -1033,20 +783,24 @@ mod tests {
     #[test]
     fn a_view_that_is_done_costs_writes_nothing() {
         let mut store = StoreActor::new(Arc::new(Clock::new(NodeId::new("n1").unwrap())));
-        let copied = store.list_view();
-        let dropped = store.list_view();
-        store.write_local("k".into(), Some("v".into()));
-        assert_eq!(copied.before.lock().unwrap().len(), 1);
-        assert_eq!(dropped.before.lock().unwrap().len(), 1);
+        let copied = store.views.register(&store.map);
+        let dropped = store.views.register(&store.map);
+        store.write_local("k".into(), Some("v".into())).unwrap();
+        assert_eq!(copied.saved(), 1);
+        assert_eq!(dropped.saved(), 1);
         assert_eq!(copied.collect(), []);
         drop(dropped);
-        store.write_local("k".into(), Some("w".into()));
-        assert!(store.views.is_empty(), "the next write forgets both");
+        store.write_local("k".into(), Some("w".into())).unwrap();
+        assert_eq!(store.views.registered(), 0, "the next write forgets both");
         // Without writes, the next List forgets them.
         for _ in 0..100 {
-            drop(store.list_view());
+            drop(store.views.register(&store.map));
         }
-        assert_eq!(store.views.len(), 1, "one husk at most, the last List's");
+        assert_eq!(
+            store.views.registered(),
+            1,
+            "one husk at most, the last List's"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1059,7 +813,7 @@ mod tests {
             .map(|i| write(&format!("k{i:05}"), Some("old"), 10, "n2"))
             .collect();
         assert_eq!(s.ask(Apply(old)).await.unwrap().changed, KEYS);
-        let view = s.ask(Snapshot).await.unwrap();
+        let view = s.ask(TakeView).await.unwrap();
         let copy = tokio::task::spawn_blocking(move || view.collect());
         for i in (0..KEYS).rev() {
             let overwrite = write(&format!("k{i:05}"), Some("new"), 20, "n2");
@@ -1070,5 +824,171 @@ mod tests {
         assert_eq!(copy.len(), KEYS);
         assert!(copy.iter().all(|(k, v)| k.starts_with('k') && v == "old"));
         assert_eq!(s.ask(Stats).await.unwrap().keys, 2 * KEYS);
+    }
+
+    /// A store on a data dir that crashes and fills up on demand.
+    fn on_disk(dir: &CrashDir, config: &crate::StorageConfig) -> ActorRef<StoreActor> {
+        let clock = Arc::new(Clock::new(NodeId::new("n1").unwrap()));
+        let recovered = Storage::open_in(Arc::new(dir.clone()), config).unwrap();
+        StoreActor::spawn(StoreActor::recovered(clock, recovered))
+    }
+
+    #[tokio::test]
+    async fn stats_count_keys_and_tombstones_as_they_change() {
+        let s = store("n1");
+        let stats = async || s.ask(Stats).await.unwrap();
+        put(&s, "a", "1").await;
+        put(&s, "b", "2").await;
+        put(&s, "a", "3").await;
+        assert_eq!((stats().await.keys, stats().await.tombstones), (2, 0));
+        s.ask(Delete { key: "a".into() }).await.unwrap();
+        s.ask(Delete {
+            key: "never-there".into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!((stats().await.keys, stats().await.tombstones), (1, 2));
+        // A peer's newer put over a tombstone, and an older one that changes nothing.
+        assert!(apply(&s, write("a", Some("back"), u64::MAX - 1, "n2")).await);
+        assert!(!apply(&s, write("b", Some("old"), 1, "n2")).await);
+        assert_eq!((stats().await.keys, stats().await.tombstones), (2, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stats_answer_without_walking_the_map() {
+        // A stripe of the map locked for writing, as a long write to it would: a count that
+        // walks the map waits for it; one kept as the map changes does not.
+        let actor = StoreActor::new(Arc::new(Clock::new(NodeId::new("n1").unwrap())));
+        let (map, reader) = (actor.map.clone(), actor.reader());
+        let s = StoreActor::spawn(actor);
+        put(&s, "k", "v").await;
+        assert_eq!(reader.value("k").as_deref(), Some("v"));
+        let locked = map.get_mut("k").unwrap();
+        let stats = tokio::time::timeout(std::time::Duration::from_secs(5), s.ask(Stats)).await;
+        drop(locked);
+        assert_eq!(
+            stats
+                .expect("Stats waited for the locked stripe")
+                .unwrap()
+                .keys,
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_tombstone_past_its_grace_is_not_taken_back_and_one_within_it_is() {
+        let dir = CrashDir::default();
+        let s = on_disk(&dir, &crate::storage::tests::config());
+        let grace = crate::storage::tests::config().tombstone_grace;
+        let expired = crate::clock::now_minus(grace + std::time::Duration::from_secs(60));
+        let recent = crate::clock::now_minus(grace - std::time::Duration::from_secs(60));
+        assert!(
+            !apply(&s, write("old", None, expired, "n2")).await,
+            "past the grace"
+        );
+        assert!(
+            apply(&s, write("new", None, recent, "n2")).await,
+            "within the grace"
+        );
+        let entry = |k: &str| s.ask(GetEntry { key: k.into() });
+        assert_eq!(entry("old").await.unwrap(), None);
+        assert_eq!(entry("new").await.unwrap().unwrap().value, None);
+        // A store that keeps nothing on disk never purges, so it takes every tombstone.
+        let memory = store("n1");
+        assert!(apply(&memory, write("old", None, expired, "n2")).await);
+    }
+
+    #[tokio::test]
+    async fn expired_tombstones_a_snapshot_left_out_are_purged_from_the_map() {
+        let dir = CrashDir::default();
+        let mut config = crate::storage::tests::config();
+        config.compact_after_bytes = 1;
+        config.tombstone_grace = std::time::Duration::from_secs(60);
+        let s = on_disk(&dir, &config);
+        // A key a peer deleted an hour ago, over a value it held: the tombstone replaces the
+        // value (what a key holds is always replaced by what is newer).
+        let old = crate::clock::now_minus(std::time::Duration::from_secs(3600));
+        assert!(apply(&s, write("gone", Some("v"), old, "n2")).await);
+        assert!(apply(&s, write("gone", None, old + 1, "n2")).await);
+        let stats = async || s.ask(Stats).await.unwrap();
+        assert_eq!(stats().await.tombstones, 1);
+        // Every write now starts a compaction, whose snapshot leaves the tombstone out and
+        // hands it back; the store purges it.
+        let waited = std::time::Instant::now();
+        loop {
+            put(&s, "k", "v").await;
+            if stats().await.tombstones == 0 {
+                break;
+            }
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(10),
+                "never purged"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.ask(GetEntry { key: "gone".into() }).await.unwrap(), None);
+        assert_eq!(stats().await.keys, 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_the_log_cannot_take_is_refused_whole_and_writes_resume_with_room() {
+        let dir = CrashDir::default();
+        let s = on_disk(&dir, &crate::storage::tests::config());
+        let newest = put(&s, "k", "newest").await;
+        dir.set_full(true);
+        // The append that meets the full disk fails; its write is in the map, and kept by the
+        // log for a retry.
+        let failed = s
+            .ask(Put {
+                key: "k".into(),
+                value: "kept".into(),
+            })
+            .await
+            .unwrap();
+        assert!(failed.durable.wait().await.is_err());
+        // From then on writes are refused before they touch the map, and reads go on.
+        let refused = s
+            .ask(Put {
+                key: "other".into(),
+                value: "v".into(),
+            })
+            .await;
+        assert!(
+            matches!(
+                &refused,
+                Err(kameo::error::SendError::HandlerError(Error::Log(_)))
+            ),
+            "{:?}",
+            refused.err()
+        );
+        let older = write("k", Some("older"), newest.entry.version.time - 1, "n2");
+        assert!(
+            s.ask(Apply(vec![older.clone()])).await.is_err(),
+            "refused while full"
+        );
+        assert_eq!(get(&s, "other").await, None);
+        assert_eq!(get(&s, "k").await.as_deref(), Some("kept"));
+        // Room again: the log's own retry writes what it kept, and writes resume.
+        dir.set_full(false);
+        let waited = std::time::Instant::now();
+        let applied = loop {
+            match s.ask(Apply(vec![older.clone()])).await {
+                Ok(applied) => break applied,
+                Err(_) => {
+                    assert!(
+                        waited.elapsed() < std::time::Duration::from_secs(10),
+                        "never resumed"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert_eq!(applied.wait().await.unwrap(), 0, "not newer than ours");
+        // What was acknowledged since is on disk: after a power cut the key holds what the map
+        // held, the write the log kept.
+        dir.crash(crate::storage::fs::crash::Tear::Nothing);
+        let recovered = Storage::open_in(Arc::new(dir.clone()), &crate::storage::tests::config());
+        let recovered = recovered.unwrap();
+        assert_eq!(recovered.map.get("k").unwrap().value_str(), Some("kept"));
     }
 }

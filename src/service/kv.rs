@@ -105,7 +105,7 @@ impl KvStore for KvService {
     type ListStream = ReceiverStream<Result<KeyValue, Status>>;
 
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
-        let pairs = self.node.snapshot().await.map_err(Error::from)?;
+        let pairs = self.node.list().await.map_err(Error::from)?;
         let (tx, rx) = mpsc::channel(LIST_BUFFER);
         tokio::spawn(async move {
             for (key, value) in pairs {

@@ -1,49 +1,42 @@
-//! The on-disk encoding shared by the log and snapshots: files that start with a header (magic
-//! and format version) followed by framed records, each `len: u32 | crc32: u32 | payload`.
+//! The on-disk encodings of the log and of snapshots. Every integer is little-endian.
 //!
-//! The checksum covers the payload; the length is checked against the file and against
-//! [`MAX_PAYLOAD`]. Every integer is little-endian.
+//! A **record** is one write: `len: u32 | crc32: u32 | payload`, the payload being the kind
+//! (put, tombstone, or a snapshot's end), the version time, the node id, the key and the value.
+//! The checksum covers the payload; the length is checked against the file and [`MAX_PAYLOAD`].
 //!
-//! Logs of format 2 and later wrap each group commit's records in a group frame,
-//! `len: u32 | header crc: u32 | crc: u32 | records` in format 2, whose checksums are salted
-//! with a random nonce kept in the file's header (itself checksummed). Recovery needs to tell a
-//! torn last append (cut it off) from damage to data that was synced and acknowledged (refuse),
-//! and does it by asking whether anything valid follows the damage. With bare records, the answer could be yes for a torn
-//! append: its own later records, if its pages reached the disk out of order, or a record
-//! inside a value that a client wrote. Nothing inside a group is a group, and no client can
-//! write one, not knowing the nonce. Snapshots keep format 1: they are synced whole before they
-//! are renamed into place, so any damage in one is damage.
+//! A **snapshot** (format [`SNAPSHOT_FORMAT`]) is a 16-byte header (magic, format, reserved)
+//! and bare records, the last an end record counting the others. It is synced whole before it
+//! is renamed into place, so any damage in it is damage.
 //!
-//! Logs of format 3 (every log written since) add to each group frame how much of the file was
-//! synced when the group was written: `len: u32 | synced: u64 | header crc: u32 | crc: u32`.
-//! With fsync before every ack, that is everything before the group, and damage with a valid
-//! group after it is damage to synced data. With a sync only now and then (`--sync interval`,
-//! `never`), a power cut can leave several unsynced groups in any state, and an intact group
-//! after a torn one proves nothing: its mark says whether the torn bytes had been synced. So
-//! the scan cuts damage that no later group vouches for, and refuses only damage to bytes that
-//! a later group says were synced.
+//! A **log** (format [`LOG_FORMAT`]) is a 24-byte header (magic, format, a random nonce, the
+//! header's checksum) and one **group frame** per group commit:
+//! `len: u32 | synced: u64 | header crc: u32 | crc: u32 | records`. Both checksums are salted
+//! with the nonce, so nothing inside a group (a value a client wrote, say) can pass for a group
+//! of this file. `synced` says how many bytes of the file were known to be on disk when the
+//! group was written. Recovery uses the two to tell a tear (the unsynced tail a crash left,
+//! cut off) from damage to data that was synced and acknowledged (refused): see
+//! [`scan`](super::scan).
 
-use crate::store::{Entry, Write};
+use crate::entry::{Entry, Write};
 use crate::version::{NodeId, Version};
 
-/// Format of snapshots, and of logs written before group frames: bare records. Bump on any
-/// incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
-/// Format of logs written before group frames carried a sync mark: records in group frames.
-pub const GROUPED_FORMAT_VERSION: u32 = 2;
-/// Format of logs written now: records in group frames that say how much of the file was synced
-/// when they were written (see the module's doc).
-pub const LOG_FORMAT_VERSION: u32 = 3;
-/// Bytes of a format 1 file header: 8 of magic, 4 of version, 4 reserved.
-pub const HEADER_LEN: usize = 16;
-/// Bytes of a format 2 or 3 file header: 8 of magic, 4 of version, 4 of nonce, 4 of checksum (of
-/// the 16 before), 4 reserved. The checksum guards the nonce: with a damaged nonce no group of the
-/// file would check out, and the whole log would look like one torn tail.
-pub const GROUPED_HEADER_LEN: usize = 24;
-/// Bytes of a format 3 group frame before its records.
+/// Format of snapshots. Bump on any incompatible change: a build refuses formats it does not
+/// know, rather than guess.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+/// Format of logs. Bump on any incompatible change, as for snapshots.
+pub const LOG_FORMAT: u32 = 3;
+/// Magic at the start of every log file.
+pub const LOG_MAGIC: &[u8; 8] = b"KVSTLOG\n";
+/// Magic at the start of every snapshot file.
+pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSTSNP\n";
+/// Bytes of a snapshot's header: 8 of magic, 4 of format, 4 reserved.
+pub const SNAPSHOT_HEADER_LEN: usize = 16;
+/// Bytes of a log's header: 8 of magic, 4 of format, 4 of nonce, 4 of checksum (of the 16
+/// before), 4 reserved. The checksum guards the nonce: with a damaged nonce no group of the file
+/// would check out, and the whole log would look like one torn tail.
+pub const LOG_HEADER_LEN: usize = 24;
+/// Bytes of a group frame before its records.
 pub const GROUP_HEADER_LEN: usize = 20;
-/// Bytes of a format 2 group frame before its records (no sync mark).
-pub const V2_GROUP_HEADER_LEN: usize = 12;
 /// Bytes of a frame before its payload.
 pub const FRAME_LEN: usize = 8;
 /// Smallest valid payload: kind, time, node length, key length. Zero-filled space never
@@ -52,35 +45,32 @@ pub const MIN_PAYLOAD: usize = 1 + 8 + 2 + 4;
 /// Largest payload we will believe: a key, a value and a version can never need more. A length
 /// beyond it is damage, not a record.
 pub const MAX_PAYLOAD: usize = 64 * 1024 * 1024;
+/// Most bytes a key and a value may hold together: what one record holds, less room for its
+/// other fields. A write over it would be logged and acknowledged, then read back as damage at
+/// the next start, so a node's limits must stay within it.
+pub const MAX_WRITE_BYTES: usize = MAX_PAYLOAD - 64 * 1024;
+// A record's own fields (kind, time, lengths, node id) fit in the room left.
+const _: () =
+    assert!(MIN_PAYLOAD + 4 + crate::version::MAX_NODE_ID_BYTES < MAX_PAYLOAD - MAX_WRITE_BYTES);
 
 const KIND_PUT: u8 = 1;
 const KIND_TOMBSTONE: u8 = 2;
 /// Last record of a snapshot: the number of entries before it, proving the file is whole.
 const KIND_END: u8 = 0xEE;
 
-/// A format 1 file header for `magic` (snapshots).
-pub fn header(magic: &[u8; 8]) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..8].copy_from_slice(magic);
-    h[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+/// A snapshot's header.
+pub fn snapshot_header() -> [u8; SNAPSHOT_HEADER_LEN] {
+    let mut h = [0u8; SNAPSHOT_HEADER_LEN];
+    h[..8].copy_from_slice(SNAPSHOT_MAGIC);
+    h[8..12].copy_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
     h
 }
 
-/// A file header of the current log format for `magic`, with the nonce that salts its groups'
-/// checksums.
-pub fn grouped_header(magic: &[u8; 8], nonce: u32) -> [u8; GROUPED_HEADER_LEN] {
-    grouped_header_of(LOG_FORMAT_VERSION, magic, nonce)
-}
-
-/// A format 2 or 3 file header (format 2 only for tests that read old logs).
-pub(crate) fn grouped_header_of(
-    version: u32,
-    magic: &[u8; 8],
-    nonce: u32,
-) -> [u8; GROUPED_HEADER_LEN] {
-    let mut h = [0u8; GROUPED_HEADER_LEN];
-    h[..8].copy_from_slice(magic);
-    h[8..12].copy_from_slice(&version.to_le_bytes());
+/// A log's header, with the nonce that salts its groups' checksums.
+pub fn log_header(nonce: u32) -> [u8; LOG_HEADER_LEN] {
+    let mut h = [0u8; LOG_HEADER_LEN];
+    h[..8].copy_from_slice(LOG_MAGIC);
+    h[8..12].copy_from_slice(&LOG_FORMAT.to_le_bytes());
     h[12..16].copy_from_slice(&nonce.to_le_bytes());
     let crc = crc32fast::hash(&h[..16]);
     h[16..20].copy_from_slice(&crc.to_le_bytes());
@@ -100,20 +90,10 @@ pub fn new_nonce() -> u32 {
     hasher.finish() as u32
 }
 
-/// What a file header says.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// [`FORMAT_VERSION`], [`GROUPED_FORMAT_VERSION`] or [`LOG_FORMAT_VERSION`].
-    pub version: u32,
-    /// The salt of a format 2 or 3 file's group checksums.
-    pub nonce: u32,
-    /// Bytes of the header: where the first record or group starts.
-    pub len: usize,
-}
-
-/// Checks a header. Errors say what is wrong, for the caller to attach the file name.
-pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
-    if bytes.len() < HEADER_LEN {
+/// Checks the magic and format at the start of a file. Errors say what is wrong, for the
+/// caller to attach the file name.
+fn check_magic_and_format(bytes: &[u8], magic: &[u8; 8], format: u32) -> Result<(), String> {
+    if bytes.len() < 12 {
         return Err(format!(
             "file too short for a header ({} bytes)",
             bytes.len()
@@ -126,23 +106,33 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
             String::from_utf8_lossy(magic)
         ));
     }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
-    if !(FORMAT_VERSION..=LOG_FORMAT_VERSION).contains(&version) {
+    let found = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
+    if found != format {
         return Err(format!(
-            "format version {version}, this build reads versions {FORMAT_VERSION} to \
-             {LOG_FORMAT_VERSION}"
+            "format version {found}, and this build reads only version {format}"
         ));
     }
-    if version == FORMAT_VERSION {
-        return Ok(Header {
-            version,
-            nonce: 0,
-            len: HEADER_LEN,
-        });
-    }
-    if bytes.len() < GROUPED_HEADER_LEN {
+    Ok(())
+}
+
+/// Checks a snapshot's header; returns where its first record starts.
+pub fn check_snapshot_header(bytes: &[u8]) -> Result<usize, String> {
+    check_magic_and_format(bytes, SNAPSHOT_MAGIC, SNAPSHOT_FORMAT)?;
+    if bytes.len() < SNAPSHOT_HEADER_LEN {
         return Err(format!(
-            "file too short for a format {version} header ({} bytes)",
+            "file too short for a header ({} bytes)",
+            bytes.len()
+        ));
+    }
+    Ok(SNAPSHOT_HEADER_LEN)
+}
+
+/// Checks a log's header; returns its nonce.
+pub fn check_log_header(bytes: &[u8]) -> Result<u32, String> {
+    check_magic_and_format(bytes, LOG_MAGIC, LOG_FORMAT)?;
+    if bytes.len() < LOG_HEADER_LEN {
+        return Err(format!(
+            "file too short for a header ({} bytes)",
             bytes.len()
         ));
     }
@@ -150,12 +140,7 @@ pub fn check_header(bytes: &[u8], magic: &[u8; 8]) -> Result<Header, String> {
     if crc32fast::hash(&bytes[..16]) != crc {
         return Err("header checksum mismatch".into());
     }
-    let nonce = u32::from_le_bytes(bytes[12..16].try_into().unwrap());
-    Ok(Header {
-        version,
-        nonce,
-        len: GROUPED_HEADER_LEN,
-    })
+    Ok(u32::from_le_bytes(bytes[12..16].try_into().unwrap()))
 }
 
 /// The frame header of a group holding `records` (framed records, back to back), written when
@@ -165,19 +150,8 @@ pub fn group_header(nonce: u32, synced: u64, records: &[u8]) -> [u8; GROUP_HEADE
     let mut h = [0u8; GROUP_HEADER_LEN];
     h[..4].copy_from_slice(&len.to_le_bytes());
     h[4..12].copy_from_slice(&synced.to_le_bytes());
-    h[12..16].copy_from_slice(&group_header_crc(nonce, len, Some(synced)).to_le_bytes());
+    h[12..16].copy_from_slice(&group_header_crc(nonce, len, synced).to_le_bytes());
     h[16..20].copy_from_slice(&group_crc(nonce, records).to_le_bytes());
-    h
-}
-
-/// A format 2 group's frame header (only for tests that read old logs).
-#[cfg(test)]
-pub(crate) fn v2_group_header(nonce: u32, records: &[u8]) -> [u8; V2_GROUP_HEADER_LEN] {
-    let len = u32::try_from(records.len()).expect("a group commit over 4 GiB");
-    let mut h = [0u8; V2_GROUP_HEADER_LEN];
-    h[..4].copy_from_slice(&len.to_le_bytes());
-    h[4..8].copy_from_slice(&group_header_crc(nonce, len, None).to_le_bytes());
-    h[8..12].copy_from_slice(&group_crc(nonce, records).to_le_bytes());
     h
 }
 
@@ -189,16 +163,14 @@ fn group_crc(nonce: u32, records: &[u8]) -> u32 {
     crc.finalize()
 }
 
-/// The header's own checksum, over the nonce, the length and the sync mark (format 3): a search
-/// for the next group after damage rejects almost every offset after hashing a few bytes, not
-/// the length it reads, and a damaged mark is a damaged group.
-fn group_header_crc(nonce: u32, len: u32, synced: Option<u64>) -> u32 {
+/// The header's own checksum, over the nonce, the length and the sync mark: a search for the
+/// next group after damage rejects almost every offset after hashing a few bytes, not the
+/// length it reads, and a damaged mark is a damaged group.
+fn group_header_crc(nonce: u32, len: u32, synced: u64) -> u32 {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&nonce.to_le_bytes());
     crc.update(&len.to_le_bytes());
-    if let Some(synced) = synced {
-        crc.update(&synced.to_le_bytes());
-    }
+    crc.update(&synced.to_le_bytes());
     crc.finalize()
 }
 
@@ -209,40 +181,27 @@ pub struct Group<'a> {
     pub records: &'a [u8],
     /// Bytes it took, header included.
     pub used: usize,
-    /// Bytes of the file that were synced when it was written (format 3; format 2 does not
-    /// say).
-    pub synced: Option<u64>,
+    /// Bytes of the file that were synced when it was written.
+    pub synced: u64,
 }
 
-/// Reads the group frame at the start of `data`, in a log of format `version` (2 or 3) whose
-/// header holds `nonce`.
-pub fn decode_group(data: &[u8], version: u32, nonce: u32) -> Result<Group<'_>, FrameError> {
-    let marked = version >= LOG_FORMAT_VERSION;
-    let header_len = if marked {
-        GROUP_HEADER_LEN
-    } else {
-        V2_GROUP_HEADER_LEN
-    };
-    if data.len() < header_len {
+/// Reads the group frame at the start of `data`, in a log whose header holds `nonce`.
+pub fn decode_group(data: &[u8], nonce: u32) -> Result<Group<'_>, FrameError> {
+    if data.len() < GROUP_HEADER_LEN {
         return Err(FrameError::Truncated);
     }
     let word = |at: usize| u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
     let len = word(0);
-    let (synced, header_crc, crc) = if marked {
-        let synced = u64::from_le_bytes(data[4..12].try_into().unwrap());
-        (Some(synced), word(12), word(16))
-    } else {
-        (None, word(4), word(8))
-    };
-    if group_header_crc(nonce, len, synced) != header_crc {
+    let synced = u64::from_le_bytes(data[4..12].try_into().unwrap());
+    if group_header_crc(nonce, len, synced) != word(12) {
         return Err(FrameError::BadGroupHeader);
     }
-    let end = header_len + len as usize;
+    let end = GROUP_HEADER_LEN + len as usize;
     if data.len() < end {
         return Err(FrameError::Truncated);
     }
-    let records = &data[header_len..end];
-    if group_crc(nonce, records) != crc {
+    let records = &data[GROUP_HEADER_LEN..end];
+    if group_crc(nonce, records) != word(16) {
         return Err(FrameError::BadChecksum);
     }
     Ok(Group {
@@ -303,6 +262,18 @@ pub fn encode(key: &str, version: Version, value: Option<&str>, out: &mut Vec<u8
     }
     let crc = crc32fast::hash(&out[start + FRAME_LEN..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Bytes [`encode_write`] appends for `write`.
+pub fn encoded_len(write: &Write) -> usize {
+    let value = write.entry.value.as_ref().map(|v| v.len());
+    write_len(write.key.len(), value, write.entry.version.node.len())
+}
+
+/// Bytes of the record of a write with a key of `key` bytes, a value of `value` bytes (`None`
+/// for a tombstone), by a node whose id takes `node` bytes.
+pub fn write_len(key: usize, value: Option<usize>, node: usize) -> usize {
+    FRAME_LEN + MIN_PAYLOAD + node + key + value.map_or(0, |v| 4 + v)
 }
 
 /// Appends a snapshot's end record.
@@ -455,6 +426,7 @@ mod tests {
         ] {
             let mut buf = Vec::new();
             encode_write(&w, &mut buf);
+            assert_eq!(buf.len(), encoded_len(&w));
             assert_eq!(decode(&buf), Ok((Record::Write(w), buf.len())));
         }
         let mut buf = Vec::new();
@@ -479,101 +451,79 @@ mod tests {
         let mut records = Vec::new();
         encode_write(&write("a", Some("1")), &mut records);
         encode_write(&write("b", None), &mut records);
-        let v3 = LOG_FORMAT_VERSION;
         let mut group = group_header(7, 1234, &records).to_vec();
         group.extend(&records);
         assert_eq!(
-            decode_group(&group, v3, 7),
+            decode_group(&group, 7),
             Ok(Group {
                 records: &records[..],
                 used: group.len(),
-                synced: Some(1234)
+                synced: 1234
             })
         );
         // Another file's nonce: not a group of this file, from its header on.
-        assert_eq!(decode_group(&group, v3, 8), Err(FrameError::BadGroupHeader));
+        assert_eq!(decode_group(&group, 8), Err(FrameError::BadGroupHeader));
         assert_eq!(
-            decode_group(&group[..group.len() - 1], v3, 7),
+            decode_group(&group[..group.len() - 1], 7),
             Err(FrameError::Truncated)
         );
         let mut flipped = group.clone();
         *flipped.last_mut().unwrap() ^= 1;
-        assert_eq!(decode_group(&flipped, v3, 7), Err(FrameError::BadChecksum));
+        assert_eq!(decode_group(&flipped, 7), Err(FrameError::BadChecksum));
         let mut longer = group.clone();
         longer[0] ^= 1;
-        assert_eq!(
-            decode_group(&longer, v3, 7),
-            Err(FrameError::BadGroupHeader)
-        );
+        assert_eq!(decode_group(&longer, 7), Err(FrameError::BadGroupHeader));
         // A damaged sync mark could vouch for bytes that were never synced: it fails the header.
         let mut marked = group.clone();
         marked[5] ^= 1;
-        assert_eq!(
-            decode_group(&marked, v3, 7),
-            Err(FrameError::BadGroupHeader)
-        );
+        assert_eq!(decode_group(&marked, 7), Err(FrameError::BadGroupHeader));
         // A bare record is not a group.
-        assert!(decode_group(&records, v3, 7).is_err());
-        // Format 2 groups have no mark, and the formats do not read each other's groups.
-        let mut old = v2_group_header(7, &records).to_vec();
-        old.extend(&records);
-        assert_eq!(
-            decode_group(&old, GROUPED_FORMAT_VERSION, 7),
-            Ok(Group {
-                records: &records[..],
-                used: old.len(),
-                synced: None
-            })
-        );
-        assert!(decode_group(&old, v3, 7).is_err());
-        assert!(decode_group(&group, GROUPED_FORMAT_VERSION, 7).is_err());
+        assert!(decode_group(&records, 7).is_err());
     }
 
     #[test]
-    fn headers() {
-        let h = header(b"KVSTLOG\n");
+    fn headers_of_another_kind_or_format_are_refused() {
         assert_eq!(
-            check_header(&h, b"KVSTLOG\n"),
-            Ok(Header {
-                version: FORMAT_VERSION,
-                nonce: 0,
-                len: HEADER_LEN
-            })
+            check_snapshot_header(&snapshot_header()),
+            Ok(SNAPSHOT_HEADER_LEN)
         );
-        let grouped = grouped_header(b"KVSTLOG\n", 42);
-        assert_eq!(
-            check_header(&grouped, b"KVSTLOG\n"),
-            Ok(Header {
-                version: LOG_FORMAT_VERSION,
-                nonce: 42,
-                len: GROUPED_HEADER_LEN
-            })
-        );
-        let old = grouped_header_of(GROUPED_FORMAT_VERSION, b"KVSTLOG\n", 42);
-        assert_eq!(
-            check_header(&old, b"KVSTLOG\n").map(|h| h.version),
-            Ok(GROUPED_FORMAT_VERSION)
-        );
+        assert_eq!(check_log_header(&log_header(42)), Ok(42));
         // A damaged nonce is a damaged header, never a log whose groups all fail.
-        let mut flipped = grouped;
+        let mut flipped = log_header(42);
         flipped[13] ^= 4;
-        assert!(
-            check_header(&flipped, b"KVSTLOG\n")
-                .unwrap_err()
-                .contains("checksum")
-        );
+        assert!(check_log_header(&flipped).unwrap_err().contains("checksum"));
         assert_ne!(new_nonce(), new_nonce());
         assert!(
-            check_header(&h, b"KVSTSNP\n")
+            check_log_header(&snapshot_header())
                 .unwrap_err()
                 .contains("magic")
         );
-        let mut future = h;
-        future[8] = 9;
         assert!(
-            check_header(&future, b"KVSTLOG\n")
+            check_snapshot_header(&log_header(1))
+                .unwrap_err()
+                .contains("magic")
+        );
+        // A format this build does not know, older or newer, is refused by number.
+        for format in [1, 2, 4] {
+            let mut other = log_header(42);
+            other[8..12].copy_from_slice(&u32::to_le_bytes(format));
+            let err = check_log_header(&other).unwrap_err();
+            assert!(
+                err.contains(&format!("format version {format}")) && err.contains("only version 3"),
+                "{err}"
+            );
+        }
+        let mut newer = snapshot_header();
+        newer[8] = 9;
+        assert!(
+            check_snapshot_header(&newer)
                 .unwrap_err()
                 .contains("version 9")
+        );
+        assert!(
+            check_log_header(&log_header(1)[..10])
+                .unwrap_err()
+                .contains("too short")
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Snapshots: the whole map in one file, written in the background so the log can be dropped.
+//! Snapshots: the whole map in one file, written in the background so the logs before it can
+//! be dropped.
 //!
 //! A snapshot is written to a `.tmp` file, synced, then renamed into place, so a `.snap` file
 //! is always complete; it also ends with a record counting its entries, which the reader
@@ -6,27 +7,15 @@
 //! it may already contain some writes that are also in the new log, which is harmless, because
 //! replaying an entry that is not newer changes nothing.
 
-use std::path::{Path, PathBuf};
-
+use super::fs::DataDir;
 use super::record::{self, Record};
-use super::wal::{self, OnDamage};
+use super::scan::scan_snapshot;
+use crate::entry::{Map, Write};
 use crate::error::Error;
-use crate::store::{Map, Write};
 
-/// Magic at the start of every snapshot file.
-pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSTSNP\n";
-
-/// The path of generation `g`'s snapshot in `dir`.
-pub fn snapshot_path(dir: &Path, generation: u64) -> PathBuf {
-    dir.join(format!("snapshot-{generation:016}.snap"))
-}
-
-/// What a snapshot held.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct SnapshotStats {
-    pub entries: u64,
-    pub purged_tombstones: u64,
-    pub bytes: u64,
+/// The file name of generation `g`'s snapshot.
+pub fn snapshot_name(generation: u64) -> String {
+    format!("snapshot-{generation:016}.snap")
 }
 
 /// A snapshot encoded in memory, not yet written.
@@ -35,7 +24,7 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
     /// Entries in it.
     pub entries: u64,
-    /// Keys of tombstones past the grace period, left out.
+    /// Keys of tombstones past the grace period, left out: the store may purge them.
     pub expired: Vec<Box<str>>,
 }
 
@@ -44,15 +33,15 @@ pub struct Encoded {
 /// (one shard at a time, for reading), so writers to a shard wait while it is encoded: it
 /// must stay cheap per entry. `cargo bench -p kvstore-actors -- snapshot` measures it.
 pub fn encode(map: &Map, purge_before: Option<u64>) -> Encoded {
-    let mut bytes = record::header(SNAPSHOT_MAGIC).to_vec();
+    let mut bytes = record::snapshot_header().to_vec();
     let mut entries = 0;
     let mut expired = Vec::new();
     for item in map.iter() {
-        if item.value().is_expired(purge_before) {
+        let slot = item.value();
+        if slot.is_expired(purge_before) {
             expired.push(item.key().clone());
             continue;
         }
-        let slot = item.value();
         record::encode(item.key(), slot.version(), slot.value_str(), &mut bytes);
         entries += 1;
     }
@@ -64,62 +53,55 @@ pub fn encode(map: &Map, purge_before: Option<u64>) -> Encoded {
     }
 }
 
-/// Writes generation `generation`'s snapshot of `map`. Tombstones whose version time is below
-/// `purge_before` are left out and then removed from the map: they are past the grace period.
-pub fn write(
-    dir: &Path,
-    generation: u64,
-    map: &Map,
-    purge_before: Option<u64>,
-) -> Result<SnapshotStats, Error> {
-    // Encode in memory, then write with no map lock held: writers never wait on the disk.
-    let encoded = encode(map, purge_before);
-    let mut stats = SnapshotStats {
-        entries: encoded.entries,
-        purged_tombstones: 0,
-        bytes: encoded.bytes.len() as u64,
-    };
-
-    let tmp = dir.join(format!("snapshot-{generation:016}.tmp"));
-    std::fs::write(&tmp, &encoded.bytes)
-        .map_err(Error::io(format!("writing {}", tmp.display())))?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(Error::io(format!("syncing {}", tmp.display())))?;
-    let path = snapshot_path(dir, generation);
-    std::fs::rename(&tmp, &path).map_err(Error::io(format!("renaming to {}", path.display())))?;
-    wal::sync_dir(dir).map_err(Error::io(format!("syncing {}", dir.display())))?;
-
-    for key in encoded.expired {
-        // Only if it is still that old tombstone: a write that landed meanwhile stays.
-        if map
-            .remove_if(&key, |_, e| e.is_expired(purge_before))
-            .is_some()
-        {
-            stats.purged_tombstones += 1;
-        }
+/// Writes `encoded` as generation `generation`'s snapshot in `dir`, with no map lock held:
+/// writers never wait on the disk. On failure nothing is left behind: a `.tmp` file that could
+/// not be finished is removed at once, not at the next start (on a full disk it would hold on
+/// to the very space that ran out).
+pub fn write(dir: &dyn DataDir, generation: u64, encoded: &Encoded) -> Result<(), Error> {
+    let name = snapshot_name(generation);
+    let tmp = format!("{name}.tmp");
+    let context = |what: &str| format!("{what} {}", dir.path().join(&tmp).display());
+    let written = (|| {
+        let mut file = dir.create(&tmp).map_err(Error::io(context("creating")))?;
+        file.append(&encoded.bytes)
+            .map_err(Error::io(context("writing")))?;
+        file.sync().map_err(Error::io(context("syncing")))
+    })();
+    if let Err(error) = written {
+        let _ = dir.remove(&tmp);
+        return Err(error);
     }
-    Ok(stats)
+    if let Err(error) = dir.rename(&tmp, &name) {
+        let _ = dir.remove(&tmp);
+        return Err(Error::io(context("renaming"))(error));
+    }
+    // Complete and synced under its own name: if only the directory sync fails, the file is
+    // good, and the logs it covers stay until a later snapshot's sync succeeds.
+    dir.sync()
+        .map_err(Error::io(format!("syncing {}", dir.path().display())))
 }
 
-/// Reads a snapshot, handing every write to `f`. Returns the number of entries.
-pub fn read(path: &Path, repair: bool, mut f: impl FnMut(Write)) -> Result<u64, Error> {
-    let data = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+/// Reads snapshot `name` of `dir`, handing every write to `f`. Returns the number of entries.
+pub fn read(
+    dir: &dyn DataDir,
+    name: &str,
+    repair: bool,
+    mut f: impl FnMut(Write),
+) -> Result<u64, Error> {
+    let path = dir.path().join(name);
+    let data = dir
+        .read(name)
+        .map_err(Error::io(format!("reading {}", path.display())))?;
     let mut end = None;
-    let on_damage = if repair {
-        OnDamage::Truncate
-    } else {
-        OnDamage::Refuse
-    };
-    let scanned = wal::scan(path, &data, SNAPSHOT_MAGIC, on_damage, |r| match r {
+    let scanned = scan_snapshot(&path, &data, repair, |r| match r {
         Record::Write(w) => f(w),
         Record::End(n) => end = Some(n),
     })?;
     match end {
         Some(n) if n + 1 == scanned.records => Ok(n),
-        _ if repair => Ok(scanned.records),
+        _ if repair => Ok(scanned.records - u64::from(end.is_some())),
         Some(n) => Err(Error::Corrupt {
-            file: path.to_path_buf(),
+            file: path,
             offset: scanned.good_len,
             reason: format!(
                 "end record counts {n} entries but {} precede it",
@@ -127,9 +109,81 @@ pub fn read(path: &Path, repair: bool, mut f: impl FnMut(Write)) -> Result<u64, 
             ),
         }),
         None => Err(Error::Corrupt {
-            file: path.to_path_buf(),
+            file: path,
             offset: scanned.good_len,
             reason: "snapshot has no end record (incomplete)".into(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fs::crash::{CrashDir, Tear};
+    use super::*;
+    use crate::entry::Slot;
+    use crate::testing::write as w;
+
+    fn map_of(keys: &[&str]) -> Map {
+        let map = Map::new();
+        for (t, k) in (1..).zip(keys) {
+            map.insert((*k).into(), Slot::new(&w(k, Some("v"), t, "n1").entry));
+        }
+        map
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_what_was_encoded() {
+        let dir = CrashDir::default();
+        let map = map_of(&["a", "b", "c"]);
+        map.insert("gone".into(), Slot::new(&w("gone", None, 5, "n1").entry));
+        let encoded = encode(&map, Some(6));
+        assert_eq!(
+            (encoded.entries, &encoded.expired[..]),
+            (3, &["gone".into()][..])
+        );
+        write(&dir, 4, &encoded).unwrap();
+        dir.crash(Tear::Nothing);
+        let mut keys = Vec::new();
+        let n = read(&dir, &snapshot_name(4), false, |w| keys.push(w.key)).unwrap();
+        keys.sort();
+        assert_eq!((n, keys), (3, vec!["a".into(), "b".into(), "c".into()]));
+    }
+
+    #[test]
+    fn a_snapshot_that_fails_leaves_no_tmp_file() {
+        let dir = CrashDir::default();
+        let encoded = encode(&map_of(&["a", "b"]), None);
+        // Full at the first write: the creation worked, the bytes did not fit.
+        dir.set_full(true);
+        let err = write(&dir, 1, &encoded).unwrap_err().to_string();
+        assert!(err.contains("snapshot-0000000000000001.snap.tmp"), "{err}");
+        assert_eq!(dir.names(), Vec::<String>::new());
+        dir.set_full(false);
+        // Each step failing in turn: no step leaves a .tmp behind.
+        for ops in 0..4 {
+            dir.fail_after(ops);
+            assert!(write(&dir, 1, &encoded).is_err(), "failing at step {ops}");
+            let names = dir.names();
+            assert!(
+                names.iter().all(|n| !n.ends_with(".tmp")),
+                "step {ops}: {names:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_snapshot_without_its_end_is_refused() {
+        let dir = CrashDir::default();
+        let encoded = encode(&map_of(&["k"]), None);
+        write(&dir, 3, &encoded).unwrap();
+        let name = snapshot_name(3);
+        let mut data = dir.contents(&name).unwrap();
+        let n = data.len();
+        data.truncate(n - 5);
+        dir.set_contents(&name, data);
+        let err = read(&dir, &name, false, |_| ()).unwrap_err().to_string();
+        assert!(err.contains(&name), "{err}");
+        // Repaired, what precedes the damage is kept.
+        assert_eq!(read(&dir, &name, true, |_| ()).unwrap(), 1);
     }
 }

@@ -1,0 +1,270 @@
+//! What a node believes about each of its peers: waiting for it, up, down or lagging, what it
+//! holds for the peer, and how replication to it has gone. Shared between the peer's
+//! replication actor, which sees deliveries, and the coordinator, which sees a full mailbox and
+//! reports it all in `Status`.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::peer::PeerError;
+
+/// What this node believes about a peer, as last observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    /// Not reached since this node started: not contacted yet, or not listening yet (a cluster
+    /// starting up, one node after another). Not a failure until it has been reached once.
+    Waiting,
+    /// The last exchange succeeded.
+    Up,
+    /// The last exchange failed, or the peer refuses this node.
+    Down,
+    /// Its mailbox overflowed: it missed writes and needs a resync.
+    Lagging,
+}
+
+impl PeerState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Up,
+            2 => Self::Down,
+            3 => Self::Lagging,
+            _ => Self::Waiting,
+        }
+    }
+}
+
+impl std::fmt::Display for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Waiting => "waiting",
+            Self::Up => "up",
+            Self::Down => "down",
+            Self::Lagging => "lagging",
+        })
+    }
+}
+
+/// A peer's health, shared between its replication actor (which sees deliveries) and the
+/// coordinator (which sees a full mailbox). Atomics, because both sides only ever set flags.
+#[derive(Debug)]
+pub struct PeerHealth {
+    addr: String,
+    state: AtomicU8,
+    /// Whether "waiting for the peer" has been logged: once is enough.
+    waiting_logged: AtomicBool,
+    needs_resync: AtomicBool,
+    resyncing: AtomicBool,
+    backlog: AtomicU64,
+    /// Batches and writes the peer has confirmed, since this node started.
+    batches: AtomicU64,
+    writes: AtomicU64,
+    /// Milliseconds after `born` of the last successful exchange, plus one (0: never).
+    last_contact: AtomicU64,
+    born: Instant,
+}
+
+impl PeerHealth {
+    /// Health of the peer at `addr`, not contacted yet.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            state: AtomicU8::new(PeerState::Waiting as u8),
+            waiting_logged: AtomicBool::new(false),
+            needs_resync: AtomicBool::new(false),
+            resyncing: AtomicBool::new(false),
+            backlog: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            last_contact: AtomicU64::new(0),
+            born: Instant::now(),
+        }
+    }
+
+    /// The peer's address, as configured.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The state last observed.
+    pub fn state(&self) -> PeerState {
+        PeerState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Writes waiting in the handoff backlog.
+    pub fn backlog(&self) -> u64 {
+        self.backlog.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_backlog(&self, writes: usize) {
+        self.backlog.store(writes as u64, Ordering::Relaxed);
+    }
+
+    /// Batches and writes the peer has confirmed through replication and handoff since this
+    /// node started (repairs, by anti-entropy or quorum reads, not counted). Their ratio is the
+    /// mean batch size, which says how much batching is saving under the current load.
+    pub fn confirmed(&self) -> (u64, u64) {
+        (
+            self.batches.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn count_confirmed(&self, writes: usize) {
+        // A batch whose every write was rejected confirmed nothing.
+        if writes == 0 {
+            return;
+        }
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.writes.fetch_add(writes as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the peer has missed writes that only a resync can bring it.
+    pub fn needs_resync(&self) -> bool {
+        self.needs_resync.load(Ordering::Relaxed)
+    }
+
+    /// Records that the peer missed writes that only anti-entropy can bring it.
+    pub fn mark_needs_resync(&self) {
+        self.needs_resync.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an anti-entropy round with this peer is running.
+    pub fn resyncing(&self) -> bool {
+        self.resyncing.load(Ordering::Relaxed)
+    }
+
+    /// Marks a round as started; false if one already runs. What the peer needed is taken on
+    /// by the round: anything missed while it runs marks the peer again.
+    pub(crate) fn begin_resync(&self) -> bool {
+        if self.resyncing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.needs_resync.store(false, Ordering::Relaxed);
+        true
+    }
+
+    pub(crate) fn end_resync(&self) {
+        self.resyncing.store(false, Ordering::Release);
+    }
+
+    /// Time since the last successful exchange with the peer, if any.
+    pub fn last_contact(&self) -> Option<Duration> {
+        match self.last_contact.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(
+                self.born
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(at - 1)),
+            ),
+        }
+    }
+
+    fn contact(&self) {
+        let now = self.born.elapsed().as_millis() as u64 + 1;
+        self.last_contact.store(now, Ordering::Relaxed);
+    }
+
+    /// Records a state, logging the change (and only the change: a dead peer is one log line,
+    /// not one per write).
+    fn set_state(&self, new: PeerState, reason: &dyn std::fmt::Display) {
+        let old = PeerState::from_u8(self.state.swap(new as u8, Ordering::Relaxed));
+        if old == new {
+            return;
+        }
+        match new {
+            PeerState::Up => tracing::info!(peer = %self.addr, from = %old, "peer up"),
+            PeerState::Down => {
+                tracing::warn!(peer = %self.addr, from = %old, reason = %reason, "peer down")
+            }
+            PeerState::Lagging => tracing::warn!(
+                peer = %self.addr,
+                from = %old,
+                reason = %reason,
+                "peer lagging, marked for resync"
+            ),
+            PeerState::Waiting => {}
+        }
+    }
+
+    pub(crate) fn mark_up(&self) {
+        self.contact();
+        // Lagging stays visible until something resyncs the peer: being reachable again does not
+        // bring back the writes it missed.
+        if self.state() != PeerState::Lagging || !self.needs_resync() {
+            self.set_state(PeerState::Up, &"delivered");
+        }
+    }
+
+    /// An exchange with the peer failed. A peer never reached since the start, and not
+    /// answering, is one not started yet (or not yet routable): this node waits for it, and
+    /// says so once, rather than warn that it is down. A peer that answered, even to refuse
+    /// this node, is down.
+    pub(crate) fn mark_down(&self, error: &PeerError) {
+        let unanswered = matches!(error, PeerError::Unreachable(_) | PeerError::TimedOut);
+        if self.state() == PeerState::Waiting && unanswered {
+            if !self.waiting_logged.swap(true, Ordering::Relaxed) {
+                tracing::info!(peer = %self.addr, reason = %error, "waiting for peer: not reached yet");
+            }
+            return;
+        }
+        self.set_state(PeerState::Down, error);
+    }
+
+    pub(crate) fn mark_lagging(&self) {
+        self.needs_resync.store(true, Ordering::Relaxed);
+        self.set_state(PeerState::Lagging, &"replication mailbox full");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_transitions() {
+        let h = PeerHealth::new("p");
+        assert_eq!(h.state(), PeerState::Waiting);
+        assert_eq!(h.last_contact(), None);
+        h.mark_up();
+        assert_eq!(h.state(), PeerState::Up);
+        assert!(h.last_contact().is_some());
+        h.mark_down(&PeerError::TimedOut);
+        assert_eq!(h.state(), PeerState::Down);
+        h.mark_lagging();
+        assert!(h.needs_resync());
+        h.mark_up();
+        assert_eq!(
+            h.state(),
+            PeerState::Lagging,
+            "reachable again is not caught up"
+        );
+    }
+
+    #[test]
+    fn a_peer_never_reached_is_waited_for_not_down_unless_it_answered() {
+        let h = PeerHealth::new("p");
+        h.mark_down(&PeerError::Unreachable("connection refused".into()));
+        h.mark_down(&PeerError::TimedOut);
+        assert_eq!(h.state(), PeerState::Waiting);
+        assert_eq!(h.state().to_string(), "waiting");
+        // One that answers to refuse this node is set up wrong, and down.
+        h.mark_down(&PeerError::Refused("Unauthenticated: wrong token".into()));
+        assert_eq!(h.state(), PeerState::Down);
+        // Once reached, a peer that stops answering is down.
+        let h = PeerHealth::new("p");
+        h.mark_up();
+        h.mark_down(&PeerError::Unreachable("connection refused".into()));
+        assert_eq!(h.state(), PeerState::Down);
+    }
+
+    #[test]
+    fn a_resync_starts_once_and_takes_on_what_the_peer_needed() {
+        let h = PeerHealth::new("p");
+        h.mark_needs_resync();
+        assert!(h.begin_resync());
+        assert!(h.resyncing() && !h.needs_resync());
+        assert!(!h.begin_resync(), "one round at a time");
+        h.end_resync();
+        assert!(!h.resyncing());
+    }
+}

@@ -1,0 +1,111 @@
+//! Consistent views of the map for `List`, copied outside the store actor while it goes on
+//! writing.
+//!
+//! Copying a million keys takes about a second. Done inside the actor, that stalled every write
+//! and read of the node (and the peers replicating to it) for as long. Instead the actor only
+//! registers a [`ListView`], and until the copy is done it saves, before it writes a key for
+//! the first time since, what the key held ([`Views::save_pre_image`]). The copy walks the map
+//! one lock stripe at a time and takes a key's saved pre-image where there is one:
+//! - a key written before the copy reached it has a pre-image, saved before the write;
+//! - a key written after has none yet when the copy reads it, and the write waits for the
+//!   copy to leave the key's stripe (the copy holds the stripe's read lock while it reads the
+//!   slot and looks for a pre-image), so what the copy read is what the key held.
+//!
+//! Either way the copy is the map at the instant of registration, a consistent cut, and the
+//! actor waits at most for one stripe's worth of copying (1/64 of the map), not the whole map.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+
+use crate::entry::{Map, Slot};
+
+/// What keys held when a [`ListView`] was taken, for those written since: `None` if absent.
+type PreImages = Mutex<HashMap<Box<str>, Option<Slot>>>;
+
+/// The views whose copies are still running, as the store actor keeps them. Weak, so a copy
+/// that finished (or was dropped) stops costing anything at the next write.
+#[derive(Default)]
+pub struct Views(Vec<Weak<PreImages>>);
+
+impl Views {
+    /// A view of `map` as of now, registered so that writes save pre-images for it.
+    pub fn register(&mut self, map: &Arc<Map>) -> ListView {
+        let before = Arc::new(Mutex::new(HashMap::new()));
+        // Dropped views are also cleared here, not only on writes: a node that serves Lists
+        // and takes no writes would otherwise keep a husk per List.
+        self.0.retain(|view| view.strong_count() > 0);
+        self.0.push(Arc::downgrade(&before));
+        ListView {
+            map: map.clone(),
+            before,
+        }
+    }
+
+    /// Call before changing `key` in `map`: saves what it holds for every view still copying
+    /// that has not seen it written yet.
+    pub fn save_pre_image(&mut self, map: &Map, key: &str) {
+        if self.0.is_empty() {
+            return;
+        }
+        self.0.retain(|view| view.strong_count() > 0);
+        // Read before taking a view's lock: the copy takes the two the other way round.
+        let current = map.get(key).map(|slot| slot.clone());
+        for view in self.0.iter().filter_map(Weak::upgrade) {
+            // Poisoned only if a copy panicked: the store must go on regardless.
+            let mut before = view.lock().unwrap_or_else(PoisonError::into_inner);
+            if !before.contains_key(key) {
+                before.insert(key.into(), current.clone());
+            }
+        }
+    }
+
+    /// Views still registered (some may be done, until the next write clears them).
+    #[cfg(test)]
+    pub(crate) fn registered(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A `List`'s view of the map as of the moment the store actor took it, to be copied outside
+/// the actor (see the module's doc).
+#[derive(kameo::Reply)]
+pub struct ListView {
+    map: Arc<Map>,
+    before: Arc<PreImages>,
+}
+
+impl ListView {
+    /// Every live pair of the view, in key order. Blocking work (a second at 1M keys): run it
+    /// off the async workers.
+    pub fn collect(self) -> Vec<(String, String)> {
+        self.collect_pausing(|_| ())
+    }
+
+    /// [`collect`](Self::collect), calling `after` with each key read, the key's stripe still
+    /// locked (tests stop the copy there and write around it).
+    pub(crate) fn collect_pausing(self, mut after: impl FnMut(&str)) -> Vec<(String, String)> {
+        let mut pairs = Vec::with_capacity(self.map.len());
+        for item in self.map.iter() {
+            let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
+            let slot = match before.get(item.key()) {
+                Some(saved) => saved.as_ref(),
+                None => Some(item.value()),
+            };
+            if let Some(value) = slot.and_then(Slot::value_str) {
+                pairs.push((item.key().to_string(), value.to_string()));
+            }
+            drop(before);
+            after(item.key());
+        }
+        // Done reading: dropping `before` (with `self`) ends the actor's saving.
+        drop(self);
+        pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pairs
+    }
+
+    /// Keys saved for this view so far.
+    #[cfg(test)]
+    pub(crate) fn saved(&self) -> usize {
+        self.before.lock().unwrap().len()
+    }
+}
