@@ -33,9 +33,6 @@ pub enum Error {
     /// Binding or serving on the socket failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// A test harness step failed (testkit only).
-    #[error("{0}")]
-    Testkit(String),
     /// The gRPC server failed.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -69,7 +66,7 @@ impl From<Error> for Status {
             }
             Error::Actors(kvstore_actors::Error::Log(_)) => Code::Unavailable,
             Error::Actors(_) => Code::Internal,
-            Error::Io(_) | Error::Transport(_) | Error::Testkit(_) => Code::Internal,
+            Error::Io(_) | Error::Transport(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

@@ -12,7 +12,6 @@
 //! - [`error`]: this crate's error enum, mapped to `tonic::Status` in one place.
 //! - [`client`] and [`shell`]: what `kvstore-cli` is made of; [`shell::Shell`] executes one
 //!   REPL line and returns its output, so whole sessions are testable without a terminal.
-//! - [`testkit`]: node processes to kill and restart, partitioning proxies, and the chaos run.
 //!
 //! # A Put's path
 //! `service::kv` validates the key and value, then asks the coordinator, which has the store
@@ -29,7 +28,6 @@ pub mod peer;
 pub mod server;
 pub mod service;
 pub mod shell;
-pub mod testkit;
 
 pub use config::{Limits, NodeConfig};
 pub use error::Error;

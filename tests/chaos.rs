@@ -1,8 +1,8 @@
-//! A short chaos run (see `kvstore::testkit::chaos`, or `cargo xtask chaos` for longer ones):
+//! A short chaos run (see `kvstore_testkit::chaos`, or `cargo xtask chaos` for longer ones):
 //! kills, restarts and partitions under load, then checks that nothing acknowledged was lost
 //! and every node agrees.
 
-use kvstore::testkit::chaos::{self, ChaosConfig};
+use kvstore_testkit::chaos::{self, ChaosConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_chaos_run_finds_no_violation() {

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kvstore::pb::Consistency;
-use kvstore::testkit::ProcessCluster;
-use kvstore::testkit::process::ClusterSpec;
+use kvstore_testkit::ProcessCluster;
+use kvstore_testkit::process::ClusterSpec;
 use tonic::Code;
 
 /// Generous bound for the cluster to converge: speed is the benchmark's business.

@@ -1,11 +1,9 @@
 //! `cargo xtask chaos --seconds N --seed S`: builds the server and runs
-//! `kvstore::testkit::chaos` (see there for what it does and checks). Prints what it did and
+//! `kvstore_testkit::chaos` (see there for what it does and checks). Prints what it did and
 //! found; exits non-zero on any violation, with the seed to replay it.
 
 use anyhow::bail;
-use kvstore::testkit::chaos::{self, ChaosConfig};
-
-use crate::cluster::{build_server, target_dir};
+use kvstore_testkit::chaos::{self, ChaosConfig};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -24,13 +22,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let server = build_server(args.release)?;
+    let server = crate::build::build(&["kvstore-server"], args.release)?.join("kvstore-server");
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
-    let root = target_dir()?.join("chaos").join(seed.to_string());
+    let root = crate::build::target_dir()?
+        .join("chaos")
+        .join(seed.to_string());
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
     }

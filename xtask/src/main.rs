@@ -1,11 +1,13 @@
 //! Developer commands, run as `cargo xtask <command>` (an alias in `.cargo/config.toml`).
-//! It needs nothing but cargo, so it works the same on every machine.
+//! It needs nothing but cargo, so it works the same on every machine. Each command is a thin
+//! driver: the work is in `kvstore-testkit` (the cluster, the chaos run) and `kvstore-bench`.
 //!
 //! - `cluster`: build `kvstore-server` and run a local cluster, logs prefixed per node.
 //! - `chaos`: kill, restart and partition a cluster under load, then check what survived.
 //! - `bench`: kvstore against etcd and a bare gRPC echo, side by side, with ratios.
 
 mod bench;
+mod build;
 mod chaos;
 mod cluster;
 
@@ -26,7 +28,8 @@ enum Command {
     /// nodes; heal, then check that every acknowledged write survived and all nodes agree.
     Chaos(chaos::Args),
     /// Benchmark a release 3-node cluster against etcd and a bare gRPC echo server, side by
-    /// side; write bench/results/<date>.md and .json.
+    /// side; write bench/results/<date>.md and .json. `cargo xtask bench -- --help` for its
+    /// options.
     Bench(bench::Args),
 }
 

@@ -22,10 +22,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::process::{ClusterSpec, ProcessCluster};
-use crate::error::Error;
-use crate::pb::replicator_client::ReplicatorClient;
-use crate::pb::{self, Key};
+use kvstore::pb::replicator_client::ReplicatorClient;
+use kvstore::pb::{self, Key};
+
+use crate::Error;
+use crate::process::{ClusterSpec, ProcessCluster};
 
 /// Keys the workload draws from: few enough that writes collide often.
 const KEY_SPACE: u32 = 200;
@@ -131,9 +132,11 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     let mut workers = Vec::new();
     for c in 0..config.clients {
         let mut rng = StdRng::seed_from_u64(config.seed ^ (0x9E37_79B9 * (c as u64 + 1)));
-        let clients: Vec<crate::client::Client> = addrs
+        let clients: Vec<kvstore::client::Client> = addrs
             .iter()
-            .map(|a| crate::client::Client::new(a, Duration::from_secs(5)).expect("valid address"))
+            .map(|a| {
+                kvstore::client::Client::new(a, Duration::from_secs(5)).expect("valid address")
+            })
             .collect();
         let (stop, acked, ops, errors) = (stop.clone(), acked.clone(), ops.clone(), errors.clone());
         workers.push(tokio::spawn(async move {
@@ -307,7 +310,7 @@ async fn read_all(cluster: &ProcessCluster, keys: &[String]) -> Result<Vec<Vec<H
                     ..Key::default()
                 })
                 .await
-                .map_err(|s| Error::Testkit(format!("reading {key} from node{}: {s}", i + 1)))?
+                .map_err(|s| Error::Node(format!("reading {key} from node{}: {s}", i + 1)))?
                 .into_inner();
             node.push(pb::kv_to_entry(kv)?.map(|e| {
                 (

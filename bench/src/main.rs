@@ -1,5 +1,5 @@
-//! `cargo xtask bench`: kvstore against etcd and against the wire's limit, side by side in one
-//! run, on this machine.
+//! `kvstore-bench` (run it as `cargo xtask bench`): kvstore against etcd and against the
+//! wire's limit, side by side in one run, on this machine.
 //!
 //! A closed-loop load generator of our own (the project's gRPC client, HDR histograms) drives a
 //! freshly started 3-node kvstore cluster (release build, default durable settings: fsync
@@ -13,8 +13,14 @@
 //! `--memory`, `--restart` and `--catchup` measure RSS per key at 1M keys, start-to-serving
 //! time with 1M keys, and the time a node that missed 100k writes takes to converge.
 //!
-//! The load generator must not be the bottleneck, so `cargo xtask bench` builds everything in
-//! release mode and re-runs itself from the release build.
+//! The load generator must not be the bottleneck, so `cargo xtask bench` builds this and the
+//! server in release mode and runs this from there. `bench/README.md` says how to read the
+//! results, and what each experiment bought.
+//!
+//! # Layout
+//! - `load`: the closed-loop load generator and its figures.
+//! - `targets`: what it drives (kvstore, etcd, the echo server) and how to start them.
+//! - `report`: the markdown and JSON reports.
 
 mod load;
 mod report;
@@ -24,11 +30,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use kvstore::testkit::ProcessCluster;
-use kvstore::testkit::process::ClusterSpec;
+use clap::Parser;
+use kvstore_testkit::ProcessCluster;
+use kvstore_testkit::process::ClusterSpec;
 use serde::Serialize;
 
-use crate::cluster::target_dir;
 use load::{Figures, Workload};
 use targets::{Conn, EtcdCluster};
 
@@ -43,7 +49,10 @@ pub mod pb {
     }
 }
 
-#[derive(Debug, Clone, clap::Args)]
+/// Benchmark a release 3-node cluster against etcd and a bare gRPC echo server, side by side;
+/// write bench/results/<date>.md and .json.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cargo xtask bench")]
 pub struct Args {
     /// Seconds per cell.
     #[arg(long, default_value_t = 10.0)]
@@ -99,9 +108,6 @@ pub struct Args {
     /// Where results go.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
-    /// Already running from the release build (set by the re-run).
-    #[arg(long, hide = true)]
-    inner: bool,
 }
 
 /// One measured cell.
@@ -140,11 +146,22 @@ pub struct Results {
     pub catchup_seconds: Option<f64>,
 }
 
-pub fn run(args: Args) -> anyhow::Result<()> {
-    if cfg!(debug_assertions) && !args.inner {
-        return rerun_release();
-    }
-    let server = target_dir()?.join("release").join("kvstore-server");
+/// Cargo's target directory.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    // Built beside this binary: `cargo xtask bench` builds both in release mode.
+    let server = std::env::current_exe()?.with_file_name("kvstore-server");
+    anyhow::ensure!(
+        server.exists(),
+        "{} is missing: run the benchmark as `cargo xtask bench`, which builds it",
+        server.display()
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -153,23 +170,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let (md, json) = report::write(&results, &args.out)?;
     println!("{}", report::markdown(&results));
     println!("bench: wrote {} and {}", md.display(), json.display());
-    Ok(())
-}
-
-/// Builds the server and xtask in release mode and runs the benchmark from there.
-fn rerun_release() -> anyhow::Result<()> {
-    crate::cluster::build_server(true)?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(&cargo)
-        .args(["build", "--release", "-p", "xtask"])
-        .status()?;
-    anyhow::ensure!(status.success(), "building xtask in release mode failed");
-    let exe = target_dir()?.join("release").join("xtask");
-    let status = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .arg("--inner")
-        .status()?;
-    anyhow::ensure!(status.success(), "benchmark failed");
     Ok(())
 }
 
@@ -336,7 +336,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
     // other.
     let scratch;
     let root = if server.is_some() {
-        let root = target_dir()?.join("bench");
+        let root = target_dir().join("bench");
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root)?;
         root
@@ -663,20 +663,12 @@ fn cpu_model() -> String {
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
-
     use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
 
     /// Smoke-mode settings (short cells, a tiny key space, no etcd) plus `extra` flags.
     fn smoke_args(extra: &[&str]) -> Args {
         let base = ["bench", "--seconds", "0.2", "--keys", "50", "--no-etcd"];
-        Cli::parse_from(base.iter().chain(extra)).args
+        Args::parse_from(base.iter().chain(extra))
     }
 
     /// The harness in smoke mode: a tiny key space and short cells, against a real (in-process,

@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::proxy::Proxy;
-use crate::client::Client;
-use crate::error::Error;
+use kvstore::client::Client;
+
+use crate::Error;
+use crate::proxy::Proxy;
 
 /// How long a node gets to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -220,7 +221,7 @@ impl ProcessCluster {
                 && let Some(status) = child.try_wait()?
             {
                 self.nodes[i].child = None;
-                return Err(Error::Testkit(format!(
+                return Err(Error::Node(format!(
                     "node{} exited ({status}):\n{}",
                     i + 1,
                     tail(&self.log(i))
@@ -230,7 +231,7 @@ impl ProcessCluster {
                 return self.started(i, listen);
             }
             if started.elapsed() > START_TIMEOUT {
-                return Err(Error::Testkit(format!(
+                return Err(Error::Node(format!(
                     "node{} did not start within {START_TIMEOUT:?}",
                     i + 1
                 )));
@@ -266,7 +267,7 @@ impl ProcessCluster {
         }
         match node.listen {
             Some(expected) if expected == listen => Ok(()),
-            expected => Err(Error::Testkit(format!(
+            expected => Err(Error::Node(format!(
                 "node{} listens on {listen}, not {expected:?}",
                 i + 1
             ))),
@@ -351,7 +352,7 @@ impl ProcessCluster {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::Testkit(format!("node{} kept running", i + 1)));
+                return Err(Error::Node(format!("node{} kept running", i + 1)));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
