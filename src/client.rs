@@ -4,44 +4,16 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::config::normalize_peer;
 use crate::error::Error;
+use crate::net::{lazy_channel, parse_addr};
 use crate::pb::kv_store_client::KvStoreClient;
 use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, Value};
 
 /// Largest message the client accepts. Generous, because the node's limits are configurable and
 /// the client should not be the one to refuse a value the node agreed to store.
 const CLIENT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-/// How often an HTTP/2 ping goes out while a call is open, and how long its answer may take
-/// before the connection is given up. Without them a connection whose other end vanished
-/// (a host gone, not a process) stays "open" until the kernel gives up on it, minutes later;
-/// the peer links' long-lived replication streams would sit on it.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A channel to `addr` (`host:port`) that connects on first use and reconnects by itself, so it
-/// can be made while the other side is down. Shared by the client and the node's peer links.
-pub fn lazy_channel(
-    addr: &str,
-    connect_timeout: Duration,
-    call_timeout: Duration,
-) -> Result<Channel, Error> {
-    let endpoint =
-        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| Error::InvalidAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
-    Ok(endpoint
-        .connect_timeout(connect_timeout)
-        .timeout(call_timeout)
-        .http2_keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .tcp_nodelay(true)
-        .connect_lazy())
-}
 
 /// A connection to one node. Connects lazily and reconnects by itself, so it can be made while
 /// the node is down; each call then fails with `UNAVAILABLE` until the node is back.
@@ -55,7 +27,7 @@ impl Client {
     /// A client for the node at `addr`: a port on 127.0.0.1 or `host:port`. `timeout` bounds each
     /// call. Must be called inside a tokio runtime.
     pub fn new(addr: &str, timeout: Duration) -> Result<Self, Error> {
-        let addr = normalize_peer(addr)?;
+        let addr = parse_addr(addr)?;
         let inner = KvStoreClient::new(lazy_channel(&addr, timeout, timeout)?)
             .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);

@@ -227,17 +227,17 @@ pub struct ServerArgs {
 
     /// How many nodes, counting this one, must hold a write for its Ack to say ok: all,
     /// majority or one.
-    #[arg(long, default_value = "majority", value_parser = str::parse::<WriteQuorum>)]
+    #[arg(long, default_value_t = WriteQuorum::default(), value_parser = str::parse::<WriteQuorum>)]
     pub write_quorum: WriteQuorum,
 
     /// How long a write waits for its peers before answering (e.g. 500ms, 2s). A peer that has
     /// not confirmed by then is named in the Ack as timed out.
-    #[arg(long, default_value = "1s", value_parser = at_least_1ms)]
-    pub replication_deadline: Duration,
+    #[arg(long, default_value_t = DEFAULT_REPLICATION_DEADLINE.into(), value_parser = flag_at_least_1ms)]
+    pub replication_deadline: humantime::Duration,
 
     /// How long to try connecting to a peer before calling it unreachable.
-    #[arg(long, default_value = "500ms", value_parser = at_least_1ms)]
-    pub peer_connect_timeout: Duration,
+    #[arg(long, default_value_t = DEFAULT_PEER_CONNECT_TIMEOUT.into(), value_parser = flag_at_least_1ms)]
+    pub peer_connect_timeout: humantime::Duration,
 
     /// Writes queued per peer before that peer is reported lagging and marked for resync
     /// (1 to 1,000,000).
@@ -254,8 +254,8 @@ pub struct ServerArgs {
     pub max_value_bytes: usize,
 
     /// How long in-flight calls get to finish after SIGTERM or Ctrl-C (0 abandons them).
-    #[arg(long, default_value = "10s", value_parser = any_duration)]
-    pub shutdown_grace: Duration,
+    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE.into(), value_parser = flag_any)]
+    pub shutdown_grace: humantime::Duration,
 
     /// Directory for this node's log and snapshots. Defaults to kvstore-data/<node id> in the
     /// current directory.
@@ -266,12 +266,12 @@ pub struct ServerArgs {
     /// even if the machine crashes; `interval` can lose up to --sync-interval of acknowledged
     /// writes on a machine crash; `never` leaves it to the OS. A process crash loses nothing
     /// acknowledged in any mode.
-    #[arg(long, value_enum, default_value = "always")]
+    #[arg(long, value_enum, default_value_t = SyncArg::Always)]
     pub sync: SyncArg,
 
     /// How often `--sync interval` fsyncs.
-    #[arg(long, default_value = "100ms", value_parser = at_least_1ms)]
-    pub sync_interval: Duration,
+    #[arg(long, default_value_t = DEFAULT_SYNC_INTERVAL.into(), value_parser = flag_at_least_1ms)]
+    pub sync_interval: humantime::Duration,
 
     /// Log size, in bytes, at which the node writes a snapshot and starts a new log (at least
     /// 64 KiB: each snapshot writes the whole map).
@@ -286,8 +286,8 @@ pub struct ServerArgs {
     /// How long deletes are remembered (as tombstones) before they may be purged. A node that
     /// was down longer than this and still holds a deleted key can bring it back; keep it
     /// longer than any outage you would repair rather than rebuild (e.g. 7d, 36h).
-    #[arg(long, default_value = "7d", value_parser = at_least_1s)]
-    pub tombstone_grace: Duration,
+    #[arg(long, default_value_t = DEFAULT_TOMBSTONE_GRACE.into(), value_parser = flag_at_least_1s)]
+    pub tombstone_grace: humantime::Duration,
 
     /// Writes kept per unreachable peer for redelivery when it returns (hinted handoff; 1 to
     /// 1,000,000). Past this the backlog is dropped and the peer is repaired by anti-entropy
@@ -301,8 +301,8 @@ pub struct ServerArgs {
 
     /// Time between anti-entropy rounds with each peer (digest comparison and repair). Rounds
     /// also run at start and when a peer that missed writes comes back.
-    #[arg(long, default_value = "30s", value_parser = at_least_1s)]
-    pub anti_entropy_interval: Duration,
+    #[arg(long, default_value_t = DEFAULT_ANTI_ENTROPY_INTERVAL.into(), value_parser = flag_at_least_1s)]
+    pub anti_entropy_interval: humantime::Duration,
 
     /// A file holding a secret every node of the cluster shares (trailing whitespace is
     /// ignored). With it, a node sends the secret on every call to its peers' Replicator
@@ -329,7 +329,7 @@ impl ServerArgs {
         };
         let mut peers = Vec::new();
         for peer in self.peer_list.iter().chain(&self.peers) {
-            let peer = normalize_peer(peer)?;
+            let peer = crate::net::parse_addr(peer)?;
             if peer == listen.to_string() {
                 return Err(Error::InvalidAddress {
                     addr: peer,
@@ -373,10 +373,10 @@ impl ServerArgs {
             node_id: self.node_id.clone(),
             peers,
             write_quorum: self.write_quorum,
-            replication_deadline: self.replication_deadline,
-            peer_connect_timeout: self.peer_connect_timeout,
+            replication_deadline: self.replication_deadline.into(),
+            peer_connect_timeout: self.peer_connect_timeout.into(),
             peer_mailbox: self.peer_mailbox,
-            shutdown_grace: self.shutdown_grace,
+            shutdown_grace: self.shutdown_grace.into(),
             limits: Limits {
                 max_key_bytes: self.max_key_bytes,
                 max_value_bytes: self.max_value_bytes,
@@ -387,14 +387,14 @@ impl ServerArgs {
             })),
             sync: match self.sync {
                 SyncArg::Always => SyncMode::Always,
-                SyncArg::Interval => SyncMode::Interval(self.sync_interval),
+                SyncArg::Interval => SyncMode::Interval(self.sync_interval.into()),
                 SyncArg::Never => SyncMode::Never,
             },
             compact_after_bytes: self.compact_after_bytes,
             repair_truncate: self.repair_truncate,
-            tombstone_grace: self.tombstone_grace,
+            tombstone_grace: self.tombstone_grace.into(),
             handoff_capacity: self.handoff_capacity,
-            anti_entropy_interval: self.anti_entropy_interval,
+            anti_entropy_interval: self.anti_entropy_interval.into(),
             cluster_token: self
                 .cluster_token_file
                 .as_deref()
@@ -463,40 +463,24 @@ pub fn duration_from(s: &str, min: Duration) -> Result<Duration, String> {
     Ok(d)
 }
 
-fn any_duration(s: &str) -> Result<Duration, String> {
-    duration_from(s, Duration::ZERO)
-}
-
 /// For waits and intervals that 0 would break: a deadline nothing meets, an interval that
 /// spins.
 pub fn at_least_1ms(s: &str) -> Result<Duration, String> {
     duration_from(s, Duration::from_millis(1))
 }
 
-fn at_least_1s(s: &str) -> Result<Duration, String> {
-    duration_from(s, Duration::from_secs(1))
+// The server's duration flags, as clap takes them: `humantime::Duration` shows its default in
+// `--help` the way it is typed (`1s`, `7days`), from the same constant `NodeConfig` uses.
+fn flag_any(s: &str) -> Result<humantime::Duration, String> {
+    duration_from(s, Duration::ZERO).map(Into::into)
 }
 
-/// A peer given as a bare port means 127.0.0.1 (the seed's convention); otherwise it must be
-/// `host:port`. Names are not resolved here: a peer may be down or not yet in DNS at start.
-pub fn normalize_peer(peer: &str) -> Result<String, Error> {
-    let peer = peer.trim();
-    let bad = |reason: &str| Error::InvalidAddress {
-        addr: peer.to_string(),
-        reason: reason.to_string(),
-    };
-    if let Ok(port) = peer.parse::<u16>() {
-        return Ok(format!("127.0.0.1:{port}"));
-    }
-    let (host, port) = peer
-        .rsplit_once(':')
-        .ok_or_else(|| bad("expected host:port or a port"))?;
-    if host.is_empty() {
-        return Err(bad("missing host"));
-    }
-    port.parse::<u16>()
-        .map_err(|_| bad("port must be a number from 0 to 65535"))?;
-    Ok(peer.to_string())
+fn flag_at_least_1ms(s: &str) -> Result<humantime::Duration, String> {
+    at_least_1ms(s).map(Into::into)
+}
+
+fn flag_at_least_1s(s: &str) -> Result<humantime::Duration, String> {
+    duration_from(s, Duration::from_secs(1)).map(Into::into)
 }
 
 #[cfg(test)]
@@ -520,6 +504,28 @@ mod tests {
             config.data_dir,
             Some(PathBuf::from("kvstore-data/127.0.0.1_5001"))
         );
+    }
+
+    /// The flags' defaults and `NodeConfig::default()` come from the same constants: a node
+    /// started with no flags is configured as a node made in code.
+    #[test]
+    fn flag_defaults_are_the_config_defaults() {
+        let (_, from_flags) = parse(&["5001"]).unwrap();
+        let defaults = NodeConfig::default();
+        let comparable = |c: &NodeConfig| {
+            format!(
+                "{:?}",
+                NodeConfig {
+                    peers: Vec::new(),
+                    data_dir: None,
+                    ..c.clone()
+                }
+            )
+        };
+        assert_eq!(comparable(&from_flags), comparable(&defaults));
+        // And --sync interval's default interval is the constant's.
+        let (_, interval) = parse(&["5001", "--sync", "interval"]).unwrap();
+        assert_eq!(interval.sync, SyncMode::Interval(DEFAULT_SYNC_INTERVAL));
     }
 
     #[test]

@@ -71,17 +71,3 @@ impl From<Error> for Status {
         Status::new(code, error.to_string())
     }
 }
-
-/// A short, stable reason for a failed call: the underlying I/O error where there is one
-/// ("connection refused"), else the status message. tonic's own messages for transport
-/// failures ("tcp connect error", "transport error") say less than the cause they wrap.
-pub fn status_reason(status: &Status) -> String {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind().to_string();
-        }
-        source = err.source();
-    }
-    status.message().to_string()
-}

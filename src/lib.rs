@@ -23,11 +23,13 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod net;
 pub mod pb;
 pub mod peer;
 pub mod server;
 pub mod service;
 pub mod shell;
+pub mod wire;
 
 pub use config::{Limits, NodeConfig};
 pub use error::Error;

@@ -1,11 +1,10 @@
-//! The generated wire types and services of `kvstore.v1`, and conversions between them and the
-//! actors' types. Conversions that can fail (a Replicate without a version) fail here, once.
+//! The generated wire types and services of `kvstore.v1` (see `proto/kvstore.proto`), and the
+//! conversions from the actors' types that cannot fail. Conversions the other way, which check
+//! what arrives, are in [`crate::wire`].
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 
-use kvstore_actors::{Entry, NodeId, Version as ActorVersion, Write};
-
-use crate::error::Error;
+use kvstore_actors::{Version as ActorVersion, Write};
 
 tonic::include_proto!("kvstore.v1");
 
@@ -16,25 +15,6 @@ impl From<ActorVersion> for Version {
             node_id: v.node.to_string(),
         }
     }
-}
-
-/// A stored entry as a `Read` answer: no version means absent.
-pub fn entry_to_kv(key: String, entry: Option<Entry>) -> KeyValue {
-    match entry {
-        Some(entry) => KeyValue::from(Write { key, entry }),
-        None => KeyValue {
-            key,
-            ..Default::default()
-        },
-    }
-}
-
-/// A `Read` answer as an entry.
-pub fn kv_to_entry(kv: KeyValue) -> Result<Option<Entry>, Error> {
-    if kv.version.is_none() {
-        return Ok(None);
-    }
-    Write::try_from(kv).map(|w| Some(w.entry))
 }
 
 /// For sending a write the sender keeps (it may have to send it again).
@@ -64,102 +44,5 @@ impl From<Write> for KeyValue {
             }),
             deleted,
         }
-    }
-}
-
-impl TryFrom<KeyValue> for Write {
-    type Error = Error;
-
-    fn try_from(kv: KeyValue) -> Result<Self, Error> {
-        check_replicated(&kv)?;
-        checked_into_write(kv)
-    }
-}
-
-/// Checks a replicated write without converting it. Conversion interns the node id, which
-/// uses up one of the ids a node will ever accept: a batch is checked whole first, so that a
-/// refused batch uses up none.
-///
-/// A replicated write must carry its version: applying a versionless one would be the seed's
-/// blind overwrite, the very thing that made replicas diverge.
-pub fn check_replicated(kv: &KeyValue) -> Result<(), Error> {
-    let version = kv.version.as_ref().ok_or_else(|| {
-        Error::InvalidArgument("Replicate requires a version (field 3); none was sent".into())
-    })?;
-    if version.node_id.is_empty()
-        || version.node_id.len() > kvstore_actors::version::MAX_NODE_ID_BYTES
-    {
-        return Err(Error::InvalidArgument(format!(
-            "version.node_id must be 1 to {} bytes, got {}",
-            kvstore_actors::version::MAX_NODE_ID_BYTES,
-            version.node_id.len()
-        )));
-    }
-    // A version far in the future would pin every later write of the key (and, through
-    // restart, the clock) behind it: refuse what no honest clock could have made.
-    let limit = kvstore_actors::clock::latest_acceptable();
-    if version.hlc > limit {
-        return Err(Error::InvalidArgument(format!(
-            "version.hlc {} is too far in the future (limit {limit})",
-            version.hlc
-        )));
-    }
-    if kv.deleted && !kv.value.is_empty() {
-        return Err(Error::InvalidArgument(
-            "a deleted entry must not carry a value".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Converts a write that passed [`check_replicated`].
-pub fn checked_into_write(kv: KeyValue) -> Result<Write, Error> {
-    let version = kv
-        .version
-        .expect("checked: a replicated write has a version");
-    Ok(Write {
-        key: kv.key,
-        entry: Entry {
-            value: (!kv.deleted).then(|| kv.value.into_boxed_str()),
-            version: ActorVersion {
-                time: version.hlc,
-                node: NodeId::new(&version.node_id)
-                    .map_err(|e| Error::ResourceExhausted(e.to_string()))?,
-            },
-        },
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn writes_round_trip() {
-        for value in [Some("v".to_string()), None] {
-            let write = Write {
-                key: "k".into(),
-                entry: Entry {
-                    value: value.map(String::into_boxed_str),
-                    version: ActorVersion {
-                        time: 42,
-                        node: NodeId::new("n1").unwrap(),
-                    },
-                },
-            };
-            let back = Write::try_from(KeyValue::from(write.clone())).unwrap();
-            assert_eq!(back, write);
-        }
-    }
-
-    #[test]
-    fn versionless_replicate_is_refused() {
-        let kv = KeyValue {
-            key: "k".into(),
-            value: "v".into(),
-            ..Default::default()
-        };
-        let err = Write::try_from(kv).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(m) if m.contains("version")));
     }
 }

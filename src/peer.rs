@@ -31,9 +31,11 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status, Streaming};
 
 use crate::config::ClusterToken;
-use crate::error::{Error, status_reason};
+use crate::error::Error;
+use crate::net::status_reason;
 use crate::pb::replicator_client::ReplicatorClient;
-use crate::pb::{self, Ack, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::pb::{Ack, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::wire;
 
 /// Bound on one anti-entropy call (a digest or a bucket pull).
 const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -109,7 +111,7 @@ fn client(
     call_timeout: Duration,
     max_message_bytes: usize,
 ) -> Result<Client, Error> {
-    let channel = crate::client::lazy_channel(addr, connect_timeout, call_timeout)?;
+    let channel = crate::net::lazy_channel(addr, connect_timeout, call_timeout)?;
     Ok(ReplicatorClient::with_interceptor(channel, sender.clone())
         .max_encoding_message_size(max_message_bytes)
         .max_decoding_message_size(max_message_bytes))
@@ -287,7 +289,7 @@ impl PeerClient for GrpcPeer {
         while let Some(kv) = stream.next().await {
             // One entry we cannot take (a node id past our bound, say) must not stop the rest
             // of the repair: skip it, say so, and go on.
-            match Write::try_from(kv.map_err(peer_error)?) {
+            match wire::checked(kv.map_err(peer_error)?) {
                 Ok(write) => writes.push(write),
                 Err(error) => {
                     refused += 1;
@@ -315,7 +317,7 @@ impl PeerClient for GrpcPeer {
             .await
             .map_err(peer_error)?
             .into_inner();
-        pb::kv_to_entry(kv).map_err(|e| PeerError::Rejected(format!("sent a bad entry: {e}")))
+        wire::kv_to_entry(kv).map_err(|e| PeerError::Rejected(format!("sent a bad entry: {e}")))
     }
 }
 

@@ -23,6 +23,7 @@ use crate::pb::replicator_server::ReplicatorServer;
 use crate::peer::GrpcPeer;
 use crate::service::kv::KvService;
 use crate::service::replicator::{ReplicatorService, SenderCheck};
+use crate::service::request_errors::RequestErrors;
 
 /// Runs a node on `listener` until `shutdown` completes, then stops it gracefully.
 pub async fn run(
@@ -117,6 +118,9 @@ pub async fn run(
         let _ = stop.send(true);
     });
     let serve = Server::builder()
+        .layer(RequestErrors {
+            max_message_bytes: max_message,
+        })
         .add_service(
             KvStoreServer::new(KvService::new(
                 node.clone(),

@@ -1,12 +1,16 @@
 //! The REPL's core: [`Shell::execute`] runs one line against a node and returns what to print.
 //!
 //! Nothing here touches a terminal, so whole sessions are tested as data (see the snapshot
-//! tests); `kvstore-cli` wraps it with line editing, history and stdin handling.
+//! tests); `kvstore-cli` wraps it with line editing, history and stdin handling. Every line it
+//! returns has its control characters escaped ([`escape_controls`]): keys and values are
+//! anyone's bytes, and must not drive the terminal they are printed on.
+
+use std::borrow::Cow;
 
 use tonic::{Code, Status};
 
 use crate::client::Client;
-use crate::error::status_reason;
+use crate::net::{failed_on_the_way, status_reason};
 use crate::pb::{Ack, Consistency, NodeStatus};
 
 /// What the REPL prints for `help`.
@@ -35,6 +39,24 @@ pub struct Output {
 }
 
 impl Output {
+    /// The same lines, with their control characters escaped.
+    fn escaped(self) -> Self {
+        let escape = |lines: Vec<String>| -> Vec<String> {
+            lines
+                .into_iter()
+                .map(|line| match escape_controls(&line) {
+                    Cow::Borrowed(_) => line,
+                    Cow::Owned(escaped) => escaped,
+                })
+                .collect()
+        };
+        Self {
+            stdout: escape(self.stdout),
+            stderr: escape(self.stderr),
+            ..self
+        }
+    }
+
     fn out(line: impl Into<String>) -> Self {
         Self {
             stdout: vec![line.into()],
@@ -53,6 +75,27 @@ impl Output {
 
 fn is_quorum_flag(word: &str) -> bool {
     matches!(word, "-q" | "--quorum")
+}
+
+/// `text` with every control character written as an escape: `\n`, `\r` and `\t` as such,
+/// the others as `\u{1b}`. A value holding `ESC ]0;...` then cannot retitle or recolour the
+/// user's terminal, and a key holding a newline cannot pass for lines of `list`. Other
+/// characters, backslashes included, are shown as they are.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push_str("\\t"),
+            c if c.is_control() => escaped.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => escaped.push(c),
+        }
+    }
+    Cow::Owned(escaped)
 }
 
 /// `n` and its noun, `one` if `n` is 1 and `many` otherwise: "1 batch", "5 batches".
@@ -208,7 +251,7 @@ impl Shell {
     pub async fn execute(&mut self, line: &str) -> Output {
         match split_line(line) {
             Ok(words) => self.execute_words(&words).await,
-            Err(problem) => Output::error(problem),
+            Err(problem) => Output::error(problem).escaped(),
         }
     }
 
@@ -216,6 +259,10 @@ impl Shell {
     /// `kvstore-cli 5001 put k v`): a `put`'s words after the key are its value, joined by
     /// spaces. Nothing is unquoted again.
     pub async fn execute_words(&mut self, words: &[String]) -> Output {
+        self.run(words).await.escaped()
+    }
+
+    async fn run(&mut self, words: &[String]) -> Output {
         let Some((command, args)) = words.split_first() else {
             return Output::default();
         };
@@ -285,11 +332,6 @@ impl Shell {
     fn failure(&self, status: &Status, write: bool) -> Output {
         let addr = self.client.addr();
         Output::error(match status.code() {
-            // A transport failure carries its cause; an UNAVAILABLE the node sent does not.
-            Code::Unavailable if std::error::Error::source(status).is_some() => {
-                format!("cannot reach node {addr} ({})", status_reason(status))
-            }
-            Code::Unavailable => format!("unavailable: {}", status.message()),
             // The node may have stored and replicated the write before its answer was lost:
             // calling it failed would be wrong as often as right.
             Code::DeadlineExceeded | Code::Cancelled if write => format!(
@@ -298,6 +340,22 @@ impl Shell {
             Code::DeadlineExceeded | Code::Cancelled => {
                 format!("node {addr} did not answer in time")
             }
+            // A failure of the connection, whatever code the transport gave it (a connection
+            // that broke under a call comes as UNKNOWN): not something the node said.
+            _ if failed_on_the_way(status) => {
+                let reason = status_reason(status);
+                let refused =
+                    status_reason(status) == std::io::ErrorKind::ConnectionRefused.to_string();
+                if write && !refused {
+                    format!(
+                        "cannot reach node {addr} ({reason}); the write may or may not have \
+                         been stored"
+                    )
+                } else {
+                    format!("cannot reach node {addr} ({reason})")
+                }
+            }
+            Code::Unavailable => format!("unavailable: {}", status.message()),
             Code::NotFound | Code::InvalidArgument => status.message().to_string(),
             code => format!("{}: {}", code.description(), status.message()),
         })
@@ -370,6 +428,18 @@ mod tests {
         ] {
             assert_eq!(split_line(line), Err(problem.to_string()), "{line}");
         }
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_nothing_else() {
+        assert!(matches!(
+            escape_controls("plain Grüße 🦀 C:\\tmp"),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(
+            escape_controls("a\nb\tc\rd\u{1b}]0;x\u{7}\u{9b}\u{7f}"),
+            "a\\nb\\tc\\rd\\u{1b}]0;x\\u{7}\\u{9b}\\u{7f}"
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use common::TestCluster;
 use kvstore::config::{Limits, NodeConfig};
-use kvstore::shell::Shell;
+use kvstore::shell::{Shell, escape_controls};
 
 /// Runs `script` through a REPL on node `node` (0-based) and renders the transcript. Lines
 /// starting with `@nodeN` in the script switch to a REPL on node N (1-based), as a user
@@ -24,7 +24,8 @@ async fn session(cluster: &TestCluster, script: &str) -> String {
             writeln!(transcript, "$ kvstore-cli [node{n}]").unwrap();
             continue;
         }
-        writeln!(transcript, "> {line}").unwrap();
+        // What was typed, escaped as the REPL escapes what it prints.
+        writeln!(transcript, "> {}", escape_controls(line)).unwrap();
         let out = shell.execute(line).await;
         for l in out.stdout.iter().chain(&out.stderr) {
             writeln!(transcript, "{l}").unwrap();
@@ -190,4 +191,45 @@ fn redact_reasons(transcript: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Keys and values are anyone's bytes: printed, their control characters are escaped, so a
+/// value cannot retitle or recolour the terminal, and a key cannot fake lines of `list`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_characters_session() {
+    let cluster = TestCluster::start(3);
+    let client = cluster.client(0);
+    let faked = "real\nfake = looks like another pair";
+    assert!(client.put(faked, "v").await.unwrap().ok);
+    let t = session(
+        &cluster,
+        "put title \u{1b}]0;pwned\u{7}\u{1b}[31mred\nget title\nlist\nget nobody\u{1b}[2J",
+    )
+    .await;
+    assert!(!t.contains('\u{1b}'), "{t}");
+    assert_session!("control_characters", t);
+}
+
+/// A node that goes away while the REPL is connected to it: the next put says it cannot reach
+/// the node, as a get would, with the cause, and that the write may or may not have been
+/// stored (the connection broke under the call), not tonic's "Unknown error: transport error".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_to_a_node_that_went_away_says_it_cannot_reach_it() {
+    let mut cluster = TestCluster::start(3);
+    let mut shell = Shell::new(cluster.client(2));
+    assert_eq!(
+        shell.execute("put before v").await.stdout,
+        ["Stored and replicated"]
+    );
+    cluster.nodes[2].kill().await;
+    for line in ["put after v", "get before", "put again v"] {
+        let out = shell.execute(line).await;
+        let said = cluster.redact(&out.stderr.join("\n"));
+        assert!(out.failed, "{line}: {said}");
+        assert!(
+            said.starts_with("error: cannot reach node [node3] ("),
+            "{line}: {said}"
+        );
+        assert!(!said.contains("Unknown"), "{line}: {said}");
+    }
 }

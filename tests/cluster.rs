@@ -382,11 +382,17 @@ async fn bad_input_gets_invalid_argument_and_stores_nothing() {
             .ok
     );
 
-    // Far over every limit: the transport refuses it before buffering, and says so.
+    // Far over every limit: the transport refuses it before buffering, with the code gRPC
+    // gives a message over the receive limit, naming the limit.
     let huge = "v".repeat(limits.max_message_bytes() * 2);
     let err = client.put("huge", &huge).await.unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-    assert!(err.message().contains("too large"), "{}", err.message());
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains(&format!("limit of {} bytes", limits.max_message_bytes())),
+        "{}",
+        err.message()
+    );
     assert!(client.get("huge").await.is_err(), "nothing was stored");
 
     let err = client.get("missing").await.unwrap_err();
@@ -438,6 +444,113 @@ async fn bad_input_gets_invalid_argument_and_stores_nothing() {
             ]
         );
     }
+}
+
+/// Sends its bytes as they are, as a client with its own idea of a message would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), Status> {
+        prost::bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        use prost::bytes::Buf;
+        let mut bytes = vec![0; buf.remaining()];
+        buf.copy_to_slice(&mut bytes);
+        Ok(Some(bytes))
+    }
+}
+
+/// A unary call to `path` on the node at `addr` whose request message is `bytes`.
+async fn raw_call(addr: &str, path: &'static str, bytes: Vec<u8>) -> Result<Vec<u8>, Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(path);
+    let response = grpc.unary(Request::new(bytes), path, RawCodec).await?;
+    Ok(response.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_do_not_decode_are_invalid_argument_and_store_nothing() {
+    let cluster = TestCluster::start(1);
+    let addr = cluster.addr(0);
+    for (bytes, what, says) in [
+        // Field 1 (the key), two bytes long, which are not UTF-8.
+        (
+            vec![0x0a, 0x02, 0xff, 0xfe],
+            "invalid UTF-8 in a string",
+            "UTF-8",
+        ),
+        // Field 1, five bytes long, of which one came.
+        (
+            vec![0x0a, 0x05, b'k'],
+            "a truncated message",
+            "buffer underflow",
+        ),
+        // Field 1 with wire type 7, which does not exist.
+        (vec![0x0f, 0x01], "a bad wire type", "wire type"),
+    ] {
+        for path in [
+            "/kvstore.v1.KVStore/Put",
+            "/kvstore.v1.Replicator/Replicate",
+        ] {
+            let status = raw_call(addr, path, bytes.clone()).await.unwrap_err();
+            assert_eq!(
+                status.code(),
+                Code::InvalidArgument,
+                "{what} to {path}: {status:?}"
+            );
+            assert!(
+                status.message().contains(path) && status.message().contains(says),
+                "{what} to {path}: {}",
+                status.message()
+            );
+        }
+    }
+    // A well-formed message through the same path still works.
+    let fine = prost::Message::encode_to_vec(&kvstore::pb::KeyValue {
+        key: "k".into(),
+        value: "v".into(),
+        ..Default::default()
+    });
+    raw_call(addr, "/kvstore.v1.KVStore/Put", fine)
+        .await
+        .unwrap();
+    let keys: Vec<String> = (cluster.client(0).list().await.unwrap().into_iter())
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(keys, ["k"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -921,7 +1034,7 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
 
 /// Writes as a replication actor hands them to its peer client.
 fn writes(key: &str) -> Vec<kvstore_actors::Write> {
-    vec![kvstore_actors::Write::try_from(peer_write(key, "v", false)).unwrap()]
+    vec![kvstore::wire::checked(peer_write(key, "v", false)).unwrap()]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

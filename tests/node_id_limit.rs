@@ -6,8 +6,8 @@ mod common;
 use common::TestCluster;
 use kvstore::config::Limits;
 use kvstore::pb::{KeyValue, Version};
+use kvstore_actors::NodeId;
 use kvstore_actors::version::MAX_NODE_IDS;
-use kvstore_actors::{NodeId, Write};
 use tonic::Code;
 
 fn replicate_from(node_id: &str) -> KeyValue {
@@ -72,8 +72,8 @@ async fn a_replicate_past_the_node_id_bound_is_resource_exhausted() {
     let known = NodeId::new("node-0").unwrap();
     // Ids already known still resolve; a new one is refused with a status naming the bound.
     assert_eq!(NodeId::new("node-0").unwrap(), known);
-    assert!(Write::try_from(replicate_from("node-0")).is_ok());
-    let error = Write::try_from(replicate_from("one-too-many")).unwrap_err();
+    assert!(kvstore::wire::checked(replicate_from("node-0")).is_ok());
+    let error = kvstore::wire::checked(replicate_from("one-too-many")).unwrap_err();
     let status = tonic::Status::from(error);
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(

@@ -3,3 +3,4 @@
 
 pub mod kv;
 pub mod replicator;
+pub mod request_errors;

@@ -16,7 +16,9 @@ use crate::Node;
 use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
-use crate::pb::{self, Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::pb::{Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::service::request_errors;
+use crate::wire;
 
 /// Most buckets a digest may ask for: 512 KiB of sums.
 const MAX_BUCKETS: u32 = 65_536;
@@ -48,7 +50,7 @@ impl ReplicatorService {
     fn check(&self, kv: &KeyValue) -> Result<(), Error> {
         self.limits.check_key(&kv.key)?;
         self.limits.check_value(&kv.value)?;
-        pb::check_replicated(kv)
+        wire::check_replicated(kv)
     }
 
     async fn apply(&self, writes: Vec<Write>) -> Result<Ack, Status> {
@@ -71,7 +73,7 @@ impl ReplicatorService {
             (batch.writes.iter()).filter_map(|kv| Some(kv.version.as_ref()?.node_id.as_str()));
         NodeId::room_for(node_ids).map_err(|e| Error::ResourceExhausted(e.to_string()))?;
         let writes = (batch.writes.into_iter())
-            .map(pb::checked_into_write)
+            .map(wire::checked_into_write)
             .collect::<Result<Vec<_>, _>>()?;
         self.apply(writes).await
     }
@@ -154,7 +156,7 @@ impl Replicator for ReplicatorService {
     async fn replicate(&self, request: Request<KeyValue>) -> Result<Response<Ack>, Status> {
         let kv = request.into_inner();
         self.check(&kv)?;
-        let write = pb::checked_into_write(kv)?;
+        let write = wire::checked_into_write(kv)?;
         Ok(Response::new(self.apply(vec![write]).await?))
     }
 
@@ -181,7 +183,16 @@ impl Replicator for ReplicatorService {
         // first error ends the stream (tonic sends it as the call's status).
         let acks = (request.into_inner().take_until(stopped)).then(move |batch| {
             let this = this.clone();
-            async move { this.apply_batch(batch?).await }
+            async move {
+                // A batch that does not decode or is over the limit ends the stream here, not
+                // before the handler: said as the layer says it for other calls.
+                let batch = batch.map_err(|status| {
+                    let method = "/kvstore.v1.Replicator/ReplicateStream";
+                    request_errors::explain(&status, method, this.limits.max_message_bytes())
+                        .unwrap_or(status)
+                })?;
+                this.apply_batch(batch).await
+            }
         });
         Ok(Response::new(Box::pin(acks)))
     }
@@ -229,7 +240,7 @@ impl Replicator for ReplicatorService {
             .get_entry(key.clone())
             .await
             .map_err(Error::from)?;
-        Ok(Response::new(pb::entry_to_kv(key, entry)))
+        Ok(Response::new(wire::entry_to_kv(key, entry)))
     }
 }
 

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use kvstore::pb::Key;
 use kvstore::pb::replicator_client::ReplicatorClient;
-use kvstore::pb::{self, Key};
 
 use crate::Error;
 use crate::process::{ClusterSpec, ProcessCluster};
@@ -312,7 +312,7 @@ async fn read_all(cluster: &ProcessCluster, keys: &[String]) -> Result<Vec<Vec<H
                 .await
                 .map_err(|s| Error::Node(format!("reading {key} from node{}: {s}", i + 1)))?
                 .into_inner();
-            node.push(pb::kv_to_entry(kv)?.map(|e| {
+            node.push(kvstore::wire::kv_to_entry(kv)?.map(|e| {
                 (
                     (e.version.time, e.version.node.to_string()),
                     e.value.map(String::from),
