@@ -36,6 +36,11 @@ pub const DEFAULT_HANDOFF_CAPACITY: usize = 100_000;
 pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
 /// Default fsync interval for `--sync interval`.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
+/// Default bound on how far two nodes' clocks may differ (CockroachDB's default).
+pub const DEFAULT_MAX_CLOCK_OFFSET: Duration = kvstore_actors::clock::DEFAULT_MAX_OFFSET;
+/// Largest bound `--max-clock-offset` takes: past a day, a clock that is wrong stops being a
+/// clock that disagrees and becomes one that pins keys.
+const MAX_MAX_CLOCK_OFFSET: Duration = Duration::from_secs(24 * 3600);
 
 /// Most a key and a value may hold together, whatever the flags say: what one write in the log
 /// may hold ([`kvstore_actors::MAX_WRITE_BYTES`]). The gRPC message limit (key and value plus
@@ -124,6 +129,13 @@ pub struct NodeConfig {
     /// The secret every node of the cluster shares, if set: sent on every Replicator call to
     /// a peer and required of every Replicator call received.
     pub cluster_token: Option<ClusterToken>,
+    /// How far two nodes' clocks may differ: a version from elsewhere further ahead of this
+    /// node's clock is refused, and a node this far off from most of its peers takes no
+    /// writes.
+    pub max_clock_offset: Duration,
+    /// Nanoseconds added to this node's reading of the machine's clock. Always 0 but in tests,
+    /// which run a node whose clock is wrong; there is no flag for it.
+    pub clock_skew_nanos: i64,
 }
 
 /// A cluster's shared secret. Its `Debug` does not show it, so it never reaches a log.
@@ -181,6 +193,8 @@ impl Default for NodeConfig {
             handoff_capacity: DEFAULT_HANDOFF_CAPACITY,
             anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
             cluster_token: None,
+            max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
+            clock_skew_nanos: 0,
         }
     }
 }
@@ -304,6 +318,14 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = DEFAULT_ANTI_ENTROPY_INTERVAL.into(), value_parser = flag_at_least_1s)]
     pub anti_entropy_interval: humantime::Duration,
 
+    /// How far two nodes' clocks may differ (1ms to 1 day). A write from another node whose
+    /// version is further ahead of this node's clock is refused (the sender holds it and tries
+    /// again), and a node whose clock is this far off from most of its peers' takes no writes
+    /// (UNAVAILABLE) until the clocks agree. Run NTP (chrony, systemd-timesyncd) on every
+    /// machine.
+    #[arg(long, default_value_t = DEFAULT_MAX_CLOCK_OFFSET.into(), value_parser = flag_clock_offset)]
+    pub max_clock_offset: humantime::Duration,
+
     /// A file holding a secret every node of the cluster shares (trailing whitespace is
     /// ignored). With it, a node sends the secret on every call to its peers' Replicator
     /// service and refuses Replicator calls without it (UNAUTHENTICATED), so no one else who
@@ -400,6 +422,8 @@ impl ServerArgs {
                 .as_deref()
                 .map(ClusterToken::read)
                 .transpose()?,
+            max_clock_offset: self.max_clock_offset.into(),
+            clock_skew_nanos: 0,
         };
         Ok((listen, config))
     }
@@ -477,6 +501,17 @@ fn flag_any(s: &str) -> Result<humantime::Duration, String> {
 
 fn flag_at_least_1ms(s: &str) -> Result<humantime::Duration, String> {
     at_least_1ms(s).map(Into::into)
+}
+
+fn flag_clock_offset(s: &str) -> Result<humantime::Duration, String> {
+    let d = at_least_1ms(s)?;
+    if d > MAX_MAX_CLOCK_OFFSET {
+        return Err(format!(
+            "must be at most {}",
+            humantime::format_duration(MAX_MAX_CLOCK_OFFSET)
+        ));
+    }
+    Ok(d.into())
 }
 
 fn flag_at_least_1s(s: &str) -> Result<humantime::Duration, String> {
@@ -652,6 +687,8 @@ mod tests {
             ("--peer-mailbox", "1000001", "at most 1000000"),
             ("--handoff-capacity", "99999999999", "at most 1000000"),
             ("--compact-after-bytes", "0", "at least 65536"),
+            ("--max-clock-offset", "0s", "at least 1ms"),
+            ("--max-clock-offset", "2days", "at most 1day"),
         ] {
             let err = ServerArgs::try_parse_from(["kvstore-server", "5001", flag, value])
                 .map(|_| ())

@@ -57,6 +57,11 @@ impl From<Error> for Status {
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Actors(kvstore_actors::Error::StoreStopped) => Code::Unavailable,
+            // A write from a clock too far ahead: the sender holds it and tries again, which
+            // succeeds once the clocks agree.
+            Error::Actors(kvstore_actors::Error::AheadOfClock { .. }) => Code::FailedPrecondition,
+            // This node's own clock is off: another node can take the write.
+            Error::Actors(kvstore_actors::Error::ClockOff { .. }) => Code::Unavailable,
             // A write this node could not log: a full disk, or a log far behind its disk, is
             // exhaustion; anything else means "try another node" until this one is repaired.
             Error::Actors(kvstore_actors::Error::Log(log))

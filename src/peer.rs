@@ -18,9 +18,10 @@
 //! towards the quorum as a separate copy.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use kvstore_actors::{Entry, PeerClient, PeerError, Write};
+use kvstore_actors::{Clock, Entry, PeerClient, PeerError, Write};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -83,11 +84,31 @@ impl Interceptor for Sender {
 
 type Client = ReplicatorClient<InterceptedService<Channel, Sender>>;
 
+/// What every peer link of a node shares.
+#[derive(Clone, Debug)]
+pub struct PeerSettings {
+    /// This node's id, sent on every call.
+    pub node_id: String,
+    /// The cluster's token, if it has one, sent on every call.
+    pub token: Option<ClusterToken>,
+    pub connect_timeout: Duration,
+    /// Bounds each replication call.
+    pub call_timeout: Duration,
+    /// The node's own message limit.
+    pub max_message_bytes: usize,
+    /// This node's clock, which the peer's answers are measured against.
+    pub clock: Arc<Clock>,
+}
+
 /// Connection to one peer.
 #[derive(Clone, Debug)]
 pub struct GrpcPeer {
     client: Client,
     bulk: Client,
+    clock: Arc<Clock>,
+    /// How far the peer's clock is ahead of ours, in nanoseconds, as last measured; `i64::MIN`
+    /// before the first measurement. Shared by clones.
+    offset: Arc<AtomicI64>,
     /// The open replication stream, if any. Shared by clones, like the channels.
     stream: Arc<Mutex<Option<BatchStream>>>,
     /// Bounds one batch's round trip over the stream, as the channel bounds a call.
@@ -118,40 +139,37 @@ fn client(
 }
 
 impl GrpcPeer {
-    /// Clients for the peer at `addr` (`host:port`), for the node `node_id`, sending the
-    /// cluster's `token` (if any) on every call. `call_timeout` bounds each replication call;
-    /// `max_message_bytes` matches the node's own message limit.
-    pub fn new(
-        addr: &str,
-        node_id: &str,
-        token: Option<&ClusterToken>,
-        connect_timeout: Duration,
-        call_timeout: Duration,
-        max_message_bytes: usize,
-    ) -> Result<Self, Error> {
+    /// Clients for the peer at `addr` (`host:port`).
+    pub fn new(addr: &str, settings: &PeerSettings) -> Result<Self, Error> {
         let sender = Sender {
-            node_id: BinaryMetadataValue::from_bytes(node_id.as_bytes()),
-            token: token.map(|t| BinaryMetadataValue::from_bytes(t.as_bytes())),
+            node_id: BinaryMetadataValue::from_bytes(settings.node_id.as_bytes()),
+            token: (settings.token.as_ref()).map(|t| BinaryMetadataValue::from_bytes(t.as_bytes())),
         };
+        let max = settings.max_message_bytes;
+        let connect = settings.connect_timeout;
         Ok(Self {
-            client: client(
-                addr,
-                &sender,
-                connect_timeout,
-                call_timeout,
-                max_message_bytes,
-            )?,
-            bulk: client(
-                addr,
-                &sender,
-                connect_timeout,
-                BULK_CALL_TIMEOUT,
-                max_message_bytes,
-            )?,
+            client: client(addr, &sender, connect, settings.call_timeout, max)?,
+            bulk: client(addr, &sender, connect, BULK_CALL_TIMEOUT, max)?,
+            clock: settings.clock.clone(),
+            offset: Arc::new(AtomicI64::new(i64::MIN)),
             stream: Arc::new(Mutex::new(None)),
-            call_timeout,
-            max_batch_bytes: (max_message_bytes / 2).min(kvstore_actors::peer::BATCH_BYTES),
+            call_timeout: settings.call_timeout,
+            max_batch_bytes: (max / 2).min(kvstore_actors::peer::BATCH_BYTES),
         })
+    }
+
+    /// Takes the peer's clock reading `theirs` from an answer to a call sent when our clock
+    /// read `sent`: the peer read it, give or take half the round trip, at its middle.
+    fn measure(&self, sent: u64, theirs: u64) {
+        if theirs == 0 {
+            return;
+        }
+        let now = self.clock.physical();
+        let middle = sent / 2 + now / 2;
+        let ahead = (theirs as i128 - middle as i128).clamp(i64::MIN as i128 + 1, i64::MAX as i128);
+        let nanos = kvstore_actors::clock::nanos_from_ntp(ahead as i64);
+        self.offset
+            .store(nanos.max(i64::MIN + 1), Ordering::Relaxed);
     }
 
     /// Sends the batch over the replication stream, opening one if there is none, and waits for
@@ -188,6 +206,7 @@ impl GrpcPeer {
         open: Option<BatchStream>,
         batch: WriteBatch,
     ) -> Result<BatchStream, PeerError> {
+        let sent = self.clock.physical();
         let mut open = match open {
             Some(open) => {
                 if open.batches.send(batch).await.is_err() {
@@ -212,7 +231,10 @@ impl GrpcPeer {
             }
         };
         match open.acks.message().await {
-            Ok(Some(ack)) => ack_result(ack).map(|()| open),
+            Ok(Some(ack)) => {
+                self.measure(sent, ack.clock);
+                ack_result(ack).map(|()| open)
+            }
             Ok(None) => Err(PeerError::Unreachable("replication stream ended".into())),
             Err(status) => Err(peer_error(status)),
         }
@@ -220,8 +242,13 @@ impl GrpcPeer {
 
     /// The batch as one `ReplicateBatch` call.
     async fn call(&self, batch: WriteBatch) -> Result<(), PeerError> {
+        let sent = self.clock.physical();
         match self.client.clone().replicate_batch(batch).await {
-            Ok(ack) => ack_result(ack.into_inner()),
+            Ok(ack) => {
+                let ack = ack.into_inner();
+                self.measure(sent, ack.clock);
+                ack_result(ack)
+            }
             Err(status) => Err(peer_error(status)),
         }
     }
@@ -271,8 +298,15 @@ impl PeerClient for GrpcPeer {
     }
 
     async fn digest(&self, buckets: u32) -> Result<Vec<u64>, PeerError> {
+        let sent = self.clock.physical();
         let reply = self.bulk.clone().digest(DigestRequest { buckets }).await;
-        Ok(reply.map_err(peer_error)?.into_inner().sums)
+        let reply = reply.map_err(peer_error)?.into_inner();
+        self.measure(sent, reply.clock);
+        Ok(reply.sums)
+    }
+
+    fn clock_offset(&self) -> Option<i64> {
+        Some(self.offset.load(Ordering::Relaxed)).filter(|&o| o != i64::MIN)
     }
 
     async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Vec<Write>, PeerError> {
@@ -328,16 +362,17 @@ mod tests {
     #[tokio::test]
     async fn batches_fit_the_message_limit() {
         let peer = |max| {
-            GrpcPeer::new(
-                "127.0.0.1:9",
-                "node1",
-                None,
-                Duration::from_secs(1),
-                Duration::from_secs(1),
-                max,
-            )
-            .unwrap()
-            .max_batch_bytes()
+            let settings = PeerSettings {
+                node_id: "node1".into(),
+                token: None,
+                connect_timeout: Duration::from_secs(1),
+                call_timeout: Duration::from_secs(1),
+                max_message_bytes: max,
+                clock: Arc::new(Clock::new(kvstore_actors::NodeId::new("node1").unwrap())),
+            };
+            GrpcPeer::new("127.0.0.1:9", &settings)
+                .unwrap()
+                .max_batch_bytes()
         };
         // A node with `--max-value-bytes 1000`: its messages hold 66 KiB at most.
         assert_eq!(peer(66_560), 33_280);

@@ -20,7 +20,7 @@ use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
-use crate::peer::GrpcPeer;
+use crate::peer::{GrpcPeer, PeerSettings};
 use crate::service::kv::KvService;
 use crate::service::replicator::{ReplicatorService, SenderCheck};
 use crate::service::request_errors::RequestErrors;
@@ -36,23 +36,21 @@ pub async fn run(
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
 
-    let peers = config
-        .peers
-        .iter()
-        .map(|peer| {
-            let client = GrpcPeer::new(
-                peer,
-                &node_id,
-                config.cluster_token.as_ref(),
-                config.peer_connect_timeout,
-                config.replication_deadline,
-                max_message,
-            )?;
-            Ok((peer.clone(), client))
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
     let node = NodeId::new(&node_id).map_err(|e| Error::ResourceExhausted(e.to_string()))?;
-    let clock = Arc::new(Clock::new(node));
+    let clock = Arc::new(
+        Clock::with_max_offset(node, config.max_clock_offset).skewed_by(config.clock_skew_nanos),
+    );
+    let settings = PeerSettings {
+        node_id: node_id.clone(),
+        token: config.cluster_token.clone(),
+        connect_timeout: config.peer_connect_timeout,
+        call_timeout: config.replication_deadline,
+        max_message_bytes: max_message,
+        clock: clock.clone(),
+    };
+    let peers = (config.peers.iter())
+        .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
+        .collect::<Result<Vec<_>, Error>>()?;
     let store = match &config.data_dir {
         None => StoreActor::new(clock),
         Some(dir) => {

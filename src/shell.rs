@@ -6,6 +6,7 @@
 //! anyone's bytes, and must not drive the terminal they are printed on.
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use tonic::{Code, Status};
 
@@ -113,6 +114,9 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
         count(status.log_bytes, "byte", "bytes"),
         status.data_dir
     )];
+    if !status.refusing_writes.is_empty() {
+        lines.push(format!("refusing writes: {}", status.refusing_writes));
+    }
     for peer in &status.peers {
         let mut line = format!("peer {}: {}", peer.address, peer.state);
         if peer.backlog > 0 {
@@ -136,6 +140,14 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
         match peer.last_contact_ms {
             Some(ms) => line.push_str(&format!(", last contact {ms}ms ago")),
             None => line.push_str(", never contacted"),
+        }
+        if let Some(ms) = peer.clock_offset_ms {
+            let sign = if ms < 0 { "-" } else { "+" };
+            let by = humantime::format_duration(Duration::from_millis(ms.unsigned_abs()));
+            line.push_str(&format!(", clock {sign}{by}"));
+            if ms.unsigned_abs() > status.max_clock_offset_ms {
+                line.push_str(" (past the bound)");
+            }
         }
         lines.push(line);
     }
@@ -450,11 +462,14 @@ mod tests {
             tombstones: 1,
             log_bytes: 4096,
             data_dir: "/data/node1".into(),
+            max_clock_offset_ms: 500,
+            refusing_writes: "its clock is off".into(),
             peers: vec![
                 PeerStatus {
                     address: "db2:5001".into(),
                     state: "up".into(),
                     last_contact_ms: Some(12),
+                    clock_offset_ms: Some(-3),
                     replicated_writes: 40,
                     replicated_batches: 5,
                     ..PeerStatus::default()
@@ -463,6 +478,7 @@ mod tests {
                     address: "db3:5001".into(),
                     state: "down".into(),
                     backlog: 7,
+                    clock_offset_ms: Some(90_000_000),
                     resync_pending: true,
                     ..PeerStatus::default()
                 },
@@ -481,8 +497,11 @@ mod tests {
             render_status(&status),
             [
                 "node node1: 3 keys, 1 tombstone, log 4096 bytes, data in /data/node1",
-                "peer db2:5001: up, 40 writes replicated in 5 batches, last contact 12ms ago",
-                "peer db3:5001: down, 7 writes queued for handoff, resync pending, never contacted",
+                "refusing writes: its clock is off",
+                "peer db2:5001: up, 40 writes replicated in 5 batches, last contact 12ms ago, \
+                 clock -3ms",
+                "peer db3:5001: down, 7 writes queued for handoff, resync pending, never \
+                 contacted, clock +1day 1h (past the bound)",
                 "peer db4:5001: up, 1 write queued for handoff, 1 write replicated in 1 batch, \
                  last contact 3ms ago",
             ]

@@ -50,15 +50,6 @@ pub fn check_replicated(kv: &KeyValue) -> Result<(), Error> {
             version.node_id.len()
         )));
     }
-    // A version far in the future would pin every later write of the key (and, through
-    // restart, the clock) behind it: refuse what no honest clock could have made.
-    let limit = kvstore_actors::clock::latest_acceptable();
-    if version.hlc > limit {
-        return Err(Error::InvalidArgument(format!(
-            "version.hlc {} is too far in the future (limit {limit})",
-            version.hlc
-        )));
-    }
     if kv.deleted && !kv.value.is_empty() {
         return Err(Error::InvalidArgument(
             "a deleted entry must not carry a value".into(),

@@ -579,13 +579,13 @@ async fn versionless_replicate_is_refused_not_applied() {
     assert_eq!(cluster.client(0).get("k").await.unwrap(), "new");
 
     // Versions no honest node makes are refused: one from the far future would pin the key
-    // (and the clock) for good; an oversized node id would not fit the log.
+    // (tests/clock_skew.rs says more); an oversized node id would not fit the log.
     let err = replicator
         .replicate(versioned("pinned", u64::MAX))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("future"), "{}", err.message());
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("ahead"), "{}", err.message());
     let mut long_id = versioned("long", 300);
     long_id.version.as_mut().unwrap().node_id = "n".repeat(70_000);
     let err = replicator.replicate(long_id).await.unwrap_err();
@@ -729,8 +729,9 @@ async fn a_quorum_read_returns_the_newest_version_and_repairs_stale_replicas() {
     cluster.settle().await;
     // Node 3 alone gets a newer version, as if the write's replication had not happened yet.
     let mut replicator = cluster.replicator(2).await;
-    // A minute ahead of now: newer than anything the cluster wrote.
-    let newer = kvstore_actors::clock::now_minus(Duration::ZERO) + (60 << 32);
+    // A quarter of a second ahead of now (within the bound on clocks): newer than anything the
+    // cluster wrote.
+    let newer = kvstore_actors::clock::now_minus(Duration::ZERO) + (1 << 30);
     replicator
         .replicate(KeyValue {
             key: "k".into(),
@@ -1019,7 +1020,7 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
         ..ScriptedPeer::default()
     };
     let (addr, server) = scripted.serve(None);
-    let peer = GrpcPeer::new(&addr, "tester", None, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, &tester()).unwrap();
     let pulled = tokio::time::timeout(NO_HANG, peer.pull(16, vec![0]))
         .await
         .expect("the pull hung")
@@ -1030,6 +1031,20 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
         .collect();
     assert_eq!(got, [("a", Some("1")), ("c", None)]);
     server.stop().await;
+}
+
+/// Peer-link settings of a node called "tester".
+fn tester() -> kvstore::peer::PeerSettings {
+    kvstore::peer::PeerSettings {
+        node_id: "tester".into(),
+        token: None,
+        connect_timeout: NO_HANG,
+        call_timeout: NO_HANG,
+        max_message_bytes: 4 << 20,
+        clock: std::sync::Arc::new(kvstore_actors::Clock::new(
+            kvstore_actors::NodeId::new("tester").unwrap(),
+        )),
+    }
 }
 
 /// Writes as a replication actor hands them to its peer client.
@@ -1046,7 +1061,7 @@ async fn a_replication_stream_the_peer_ended_is_replaced_without_failing_a_batch
         ..ScriptedPeer::default()
     };
     let (addr, server) = scripted.clone().serve(None);
-    let peer = GrpcPeer::new(&addr, "tester", None, NO_HANG, NO_HANG, 4 << 20).unwrap();
+    let peer = GrpcPeer::new(&addr, &tester()).unwrap();
     for key in ["a", "b", "c"] {
         peer.replicate(&writes(key)).await.unwrap();
     }

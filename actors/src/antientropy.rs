@@ -102,6 +102,9 @@ pub struct SyncReport {
     /// Buckets the peer could not send (an entry in them is over our message limit, say): left
     /// to the peer's own rounds, which push to us write by write.
     pub skipped: usize,
+    /// Entries the peer holds with a version too far ahead of our clock: not taken, as no
+    /// write from such a clock is (see `Clock`).
+    pub ahead: usize,
 }
 
 /// Why a round stopped.
@@ -165,6 +168,12 @@ pub async fn sync<P: PeerClient>(
                     .map(|w| (w.key.clone(), w.entry.clone()))
                     .collect()
             });
+        let pulled = pulled.map(|mut pulled| {
+            let before = pulled.len();
+            pulled.retain(|w| reader.clock().beyond_bound(w.entry.version.time).is_none());
+            report.ahead += before - pulled.len();
+            pulled
+        });
         if let Some(pulled) = pulled.filter(|pulled| !pulled.is_empty()) {
             let applied = store.ask(store::Apply(pulled)).await.map_err(|e| match e {
                 kameo::error::SendError::HandlerError(e) => e,
@@ -188,6 +197,12 @@ pub async fn sync<P: PeerClient>(
             })
             .collect();
         report.pushed += push(peer, newer, &mut report.rejected).await?;
+    }
+    if report.ahead > 0 {
+        tracing::warn!(
+            entries = report.ahead,
+            "anti-entropy: the peer holds versions too far ahead of this node's clock; not taken"
+        );
     }
     Ok(report)
 }

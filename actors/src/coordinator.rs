@@ -184,6 +184,9 @@ pub struct Coordinator<P: PeerClient> {
     peers: Vec<Peer<P>>,
     config: CoordinatorConfig,
     ticker: tokio::task::JoinHandle<()>,
+    clock: Arc<crate::clock::Clock>,
+    /// Whether the node refused writes at the last check of its clock (see `clock_check`).
+    refusing_writes: std::sync::atomic::AtomicBool,
     /// Turns at whole-map scans on a caller's behalf, one per CPU: the copies of `List`s, and
     /// the digests and bucket pulls that peers ask for. More at once only share the CPUs
     /// and the caches, each holding its memory for longer (64 concurrent copies of 100k keys
@@ -239,6 +242,11 @@ pub enum ReadError {
 pub struct NodeStatus {
     pub store: StoreStats,
     pub peers: Vec<PeerStatus>,
+    /// How far two clocks may differ.
+    pub max_clock_offset: Duration,
+    /// Why the node takes no writes now, if it does not: its clock is off from most of its
+    /// peers'.
+    pub refusing_writes: Option<String>,
 }
 
 /// One peer in a [`NodeStatus`].
@@ -253,12 +261,16 @@ pub struct PeerStatus {
     /// Batches and writes the peer has confirmed since this node started.
     pub confirmed_batches: u64,
     pub confirmed_writes: u64,
+    /// How far the peer's clock is ahead of this node's (negative: behind), in nanoseconds,
+    /// as last measured.
+    pub clock_offset: Option<i64>,
 }
 
 impl<P: PeerClient> Coordinator<P> {
     /// Spawns `store` and one replication actor per `(address, client)` peer.
     pub fn start(store: StoreActor, peers: Vec<(String, P)>, config: CoordinatorConfig) -> Self {
         let reader = store.reader();
+        let clock = store.clock().clone();
         let store = crate::spawn_in_span(store, store::STORE_MAILBOX);
         let peers: Vec<Peer<P>> = peers
             .into_iter()
@@ -307,6 +319,8 @@ impl<P: PeerClient> Coordinator<P> {
             peers,
             config,
             ticker,
+            clock,
+            refusing_writes: std::sync::atomic::AtomicBool::new(false),
             scan_turns: Arc::new(tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, usize::from),
             )),
@@ -342,6 +356,11 @@ impl<P: PeerClient> Coordinator<P> {
             .expect("the semaphore is never closed")
     }
 
+    /// The node's clock.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.clock
+    }
+
     /// The node's state: its store and every peer's health.
     pub async fn status(&self) -> Result<NodeStatus, Error> {
         let store = self
@@ -349,12 +368,14 @@ impl<P: PeerClient> Coordinator<P> {
             .ask(store::Stats)
             .await
             .map_err(|_| Error::StoreStopped)?;
+        let refusing_writes = self.clock_check().err().map(|e| e.to_string());
         let peers = self
             .peers
             .iter()
             .map(|p| {
                 let (confirmed_batches, confirmed_writes) = p.health.confirmed();
                 PeerStatus {
+                    clock_offset: p.client.clock_offset(),
                     addr: p.health.addr().to_string(),
                     state: p.health.state(),
                     backlog: p.health.backlog(),
@@ -366,7 +387,54 @@ impl<P: PeerClient> Coordinator<P> {
                 }
             })
             .collect();
-        Ok(NodeStatus { store, peers })
+        Ok(NodeStatus {
+            store,
+            peers,
+            max_clock_offset: self.clock.max_offset(),
+            refusing_writes,
+        })
+    }
+
+    /// Whether this node may issue versions: not if its clock is more than the bound off from
+    /// most of its peers' (see `Clock`), as last measured. Each peer's clock found beyond the
+    /// bound, or back within it, is logged once; so is this node's own refusal, and its end.
+    fn clock_check(&self) -> Result<(), Error> {
+        let bound = self.clock.max_offset();
+        let mut off: Vec<i64> = (self.peers.iter())
+            .filter_map(|p| {
+                let offset = p.client.clock_offset()?;
+                p.health.note_clock(offset, bound).then_some(offset)
+            })
+            .collect();
+        let refusing = off.len() * 2 > self.peers.len();
+        if self
+            .refusing_writes
+            .swap(refusing, std::sync::atomic::Ordering::Relaxed)
+            != refusing
+        {
+            if refusing {
+                tracing::warn!(
+                    peers_off = off.len(),
+                    peers = self.peers.len(),
+                    "this node's clock is off from most of its peers': refusing writes"
+                );
+            } else {
+                tracing::info!("this node's clock agrees with its peers' again: taking writes");
+            }
+        }
+        if !refusing {
+            return Ok(());
+        }
+        off.sort_unstable();
+        // The peers' clocks minus ours: this node is behind where they are ahead.
+        let median = off[off.len() / 2];
+        Err(Error::ClockOff {
+            offset: Duration::from_nanos(median.unsigned_abs()),
+            ahead: median < 0,
+            off: off.len(),
+            peers: self.peers.len(),
+            bound,
+        })
     }
 
     /// Reads `key` from a majority of nodes (this one included) and returns the newest entry
@@ -404,11 +472,14 @@ impl<P: PeerClient> Coordinator<P> {
                 missing,
             });
         }
+        // A version too far ahead of this clock (written while a clock was wrong) is not taken
+        // here, nor spread by repair: it would win over every write made after it.
         let newest = answers
             .iter()
             .flatten()
             .chain(std::iter::once(&local))
             .flatten()
+            .filter(|e| self.clock.beyond_bound(e.version.time).is_none())
             .max_by(|a, b| a.precedence().cmp(&b.precedence()))
             .cloned();
         if let Some(newest) = &newest {
@@ -446,6 +517,7 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// Stores `value` under `key` and replicates it.
     pub async fn put(&self, key: String, value: String) -> Result<WriteOutcome, Error> {
+        self.clock_check()?;
         let local = self
             .store
             .ask(store::Put { key, value })
@@ -456,6 +528,7 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// Deletes `key` (stores a tombstone) and replicates the tombstone.
     pub async fn delete(&self, key: String) -> Result<WriteOutcome, Error> {
+        self.clock_check()?;
         let local = self
             .store
             .ask(store::Delete { key })

@@ -2,6 +2,19 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::time::Duration;
+
+/// A duration as a person reads it, in units: to the millisecond under a minute ("1s 200ms"),
+/// to the second from there ("1day 1h 3s").
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis().min(u128::from(u64::MAX)) as u64;
+    let rounded = if d >= Duration::from_secs(60) {
+        Duration::from_secs(ms.saturating_add(500) / 1000)
+    } else {
+        Duration::from_millis(ms)
+    };
+    humantime::format_duration(rounded).to_string()
+}
 
 /// What can go wrong inside a node's actors and storage. The node crate maps each case to a
 /// gRPC status or a startup failure.
@@ -24,6 +37,38 @@ pub enum Error {
         file: PathBuf,
         offset: u64,
         reason: String,
+    },
+    /// A write from elsewhere carries a version too far ahead of this node's clock. It is not
+    /// applied: it would win over every write made after it until the clocks catch up.
+    #[error(
+        "{key}: its version is {} ahead of this node's clock, past the {} two clocks may differ \
+         (--max-clock-offset): the writer's clock is fast, or the write is forged; not applied",
+        human(*ahead),
+        human(*bound)
+    )]
+    AheadOfClock {
+        key: String,
+        ahead: Duration,
+        bound: Duration,
+    },
+    /// This node's clock is off from most of its peers': it takes no writes, since the
+    /// versions it would give them are ones its peers refuse (or, if it is slow, lose to older
+    /// writes).
+    #[error(
+        "this node's clock is {} {} of {off} of its {peers} peers' clocks, past the {} two \
+         clocks may differ (--max-clock-offset): it takes no writes until the clocks agree \
+         (check NTP on this machine)",
+        human(*offset),
+        if *ahead { "ahead" } else { "behind" },
+        human(*bound)
+    )]
+    ClockOff {
+        /// How far, the median over the peers it disagrees with.
+        offset: Duration,
+        ahead: bool,
+        off: usize,
+        peers: usize,
+        bound: Duration,
     },
     /// Another process holds the data directory.
     #[error("data dir {0} is in use by another kvstore process")]

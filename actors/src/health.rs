@@ -61,6 +61,9 @@ pub struct PeerHealth {
     /// Milliseconds after `born` of the last successful exchange, plus one (0: never).
     last_contact: AtomicU64,
     born: Instant,
+    /// Whether the peer's clock was last seen beyond the bound, so that a change is logged
+    /// once, not on every write.
+    clock_beyond: AtomicBool,
 }
 
 impl PeerHealth {
@@ -77,7 +80,30 @@ impl PeerHealth {
             writes: AtomicU64::new(0),
             last_contact: AtomicU64::new(0),
             born: Instant::now(),
+            clock_beyond: AtomicBool::new(false),
         }
+    }
+
+    /// Takes a measurement of the peer's clock (nanoseconds ahead of this node's; negative:
+    /// behind) and says whether it is beyond `bound`. A change either way is logged once.
+    pub(crate) fn note_clock(&self, offset: i64, bound: Duration) -> bool {
+        let beyond = offset.unsigned_abs() > bound.as_nanos() as u64;
+        if self.clock_beyond.swap(beyond, Ordering::Relaxed) != beyond {
+            let by = crate::error::human(Duration::from_nanos(offset.unsigned_abs()));
+            let side = if offset > 0 { "ahead of" } else { "behind" };
+            if beyond {
+                tracing::warn!(
+                    peer = %self.addr,
+                    offset = %by,
+                    bound = %crate::error::human(bound),
+                    "peer's clock is {by} {side} this node's, past the bound: writes between \
+                     them are refused until the clocks agree"
+                );
+            } else {
+                tracing::info!(peer = %self.addr, offset = %by, "peer's clock is within the bound again");
+            }
+        }
+        beyond
     }
 
     /// The peer's address, as configured.

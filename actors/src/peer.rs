@@ -32,6 +32,11 @@ pub trait PeerClient: Clone + Send + Sync + 'static {
     fn max_batch_bytes(&self) -> usize {
         BATCH_BYTES
     }
+    /// How far the peer's clock is ahead of this node's (negative: behind), in nanoseconds, as
+    /// last measured on an exchange with it; `None` before the first.
+    fn clock_offset(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// Splits writes into batches of at most `limit` bytes (at least one write each).

@@ -105,11 +105,17 @@ impl Actor for StoreActor {
 #[derive(Clone, kameo::Reply)]
 pub struct StoreReader {
     map: Arc<Map>,
+    clock: Arc<Clock>,
     /// How long tombstones live, if they are ever purged (never in memory-only stores).
     tombstone_grace: Option<Duration>,
 }
 
 impl StoreReader {
+    /// The node's clock.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
     /// Version time below which tombstones are expired, as of now.
     pub fn expired_before(&self) -> Option<u64> {
         self.tombstone_grace.map(clock::now_minus)
@@ -173,10 +179,16 @@ impl StoreActor {
         }
     }
 
+    /// The node's clock.
+    pub fn clock(&self) -> &Arc<Clock> {
+        &self.clock
+    }
+
     /// A reader over this store's map.
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             map: self.map.clone(),
+            clock: self.clock.clone(),
             tombstone_grace: self.storage.as_ref().map(Storage::tombstone_grace),
         }
     }
@@ -289,6 +301,17 @@ impl StoreActor {
     /// one append.
     fn apply_all(&mut self, writes: Vec<Write>) -> Result<Applied, Error> {
         self.purge_expired();
+        // A version too far ahead of this clock would win over every write made after it: the
+        // batch is refused whole, and its sender holds it until the clocks agree.
+        for write in &writes {
+            if let Some(ahead) = self.clock.beyond_bound(write.entry.version.time) {
+                return Err(Error::AheadOfClock {
+                    key: write.key.clone(),
+                    ahead,
+                    bound: self.clock.max_offset(),
+                });
+            }
+        }
         self.admit(writes.iter().map(record::encoded_len).sum())?;
         let mut changed = Vec::new();
         for write in &writes {
@@ -591,16 +614,62 @@ mod tests {
         assert_eq!(stored.version, w.entry.version);
     }
 
+    /// Puts `write` in the store's map and log as if it had been taken, whatever the bound
+    /// says: how a version far ahead of the clock gets into a store now (taken while a clock
+    /// was wrong, and read back from disk since).
+    async fn plant(actor: &mut StoreActor, write: &Write) {
+        actor.insert(&write.key, Slot::new(&write.entry));
+        if let Some(storage) = &mut actor.storage {
+            storage.append([write]).wait().await.unwrap();
+        }
+    }
+
+    /// A version time `secs` seconds ahead of the system clock.
+    fn ahead(secs: u64) -> u64 {
+        crate::clock::now_minus(std::time::Duration::ZERO)
+            + crate::clock::ntp_duration(std::time::Duration::from_secs(secs))
+    }
+
     #[tokio::test]
-    async fn local_write_orders_after_an_applied_future_version() {
-        // A peer's version far beyond our clock's drift bound: the clock refuses to jump, but
-        // a local write of that key must still win over it.
+    async fn a_version_too_far_ahead_is_refused_and_changes_nothing() {
         let s = store("n1");
-        let far = u64::MAX / 2;
-        apply(&s, write("k", Some("peer"), far, "n2")).await;
+        put(&s, "k", "mine").await;
+        let forged = write("k", Some("forged"), ahead(23 * 3600), "n2");
+        let refused = s
+            .ask(Apply(vec![write("other", Some("v"), 1, "n2"), forged]))
+            .await;
+        let Err(kameo::error::SendError::HandlerError(error)) = refused else {
+            panic!("taken: {:?}", refused.ok().map(|a| a.changed));
+        };
+        let said = error.to_string();
+        assert!(said.starts_with("k: its version is 23h ahead"), "{said}");
+        assert!(
+            said.contains("past the 500ms") && said.contains("forged"),
+            "{said}"
+        );
+        // The batch was refused whole.
+        assert_eq!(get(&s, "k").await.as_deref(), Some("mine"));
+        assert_eq!(get(&s, "other").await, None);
+        // Within the bound, a peer's version ahead of ours is taken.
+        assert!(apply(&s, write("k", Some("peer"), ahead(0) + (1 << 30), "n2")).await);
+    }
+
+    #[tokio::test]
+    async fn local_write_orders_after_a_future_version_it_holds() {
+        // A version far beyond the clock's bound, which the clock does not follow: a local
+        // write of that key must still win over it.
+        let clock = Arc::new(Clock::new(NodeId::new("n1").unwrap()));
+        let mut actor = StoreActor::new(clock);
+        let far = ahead(3600);
+        plant(&mut actor, &write("k", Some("old"), far, "n2")).await;
+        let s = StoreActor::spawn(actor);
         let w = put(&s, "k", "mine").await;
         assert!(w.entry.version.time > far);
         assert_eq!(get(&s, "k").await.as_deref(), Some("mine"));
+        assert!(
+            put(&s, "other", "v").await.entry.version.time < far,
+            "the clock stayed"
+        );
     }
 
     /// Copies every file of `from` into `to` (a data dir as it was at that moment).
@@ -625,24 +694,16 @@ mod tests {
         // never take the other.
         let life = tempfile::tempdir().unwrap();
         let before_the_put = tempfile::tempdir().unwrap();
-        let open = |dir: &std::path::Path| {
+        let recovered = |dir: &std::path::Path| {
             let clock = Arc::new(Clock::new(NodeId::new("n1").unwrap()));
             let config = crate::storage::tests::config();
-            StoreActor::spawn(StoreActor::recovered(
-                clock,
-                Storage::open(dir, &config).unwrap(),
-            ))
+            StoreActor::recovered(clock, Storage::open(dir, &config).unwrap())
         };
-        let far = crate::clock::latest_acceptable()
-            - crate::clock::ntp_duration(std::time::Duration::from_secs(23 * 3600));
+        let far = ahead(3600);
 
-        let s = open(life.path());
-        s.ask(Apply(vec![write("k", Some("peer"), far, "n2")]))
-            .await
-            .unwrap()
-            .wait()
-            .await
-            .unwrap();
+        let mut actor = recovered(life.path());
+        plant(&mut actor, &write("k", Some("peer"), far, "n2")).await;
+        let s = StoreActor::spawn(actor);
         copy_dir(life.path(), before_the_put.path());
         let lost = put(&s, "k", "lost").await;
         assert_eq!(
@@ -653,7 +714,7 @@ mod tests {
         stop(s).await;
 
         // Restart from the data dir as it was before the lost write.
-        let s = open(before_the_put.path());
+        let s = StoreActor::spawn(recovered(before_the_put.path()));
         let next = put(&s, "k", "after the restart").await;
         assert!(
             next.entry.version > lost.entry.version,
@@ -661,13 +722,11 @@ mod tests {
             next.entry.version,
             lost.entry.version
         );
-        // The peer's version 23 hours ahead did not move the clock: other keys' writes get
-        // versions near physical time, not beyond the far one.
+        // The version an hour ahead did not move the clock: other keys' writes get versions
+        // near physical time, not beyond the far one.
         let other = put(&s, "other", "v").await;
-        let soon = crate::clock::latest_acceptable()
-            - crate::clock::ntp_duration(std::time::Duration::from_secs(24 * 3600 - 60));
         assert!(
-            other.entry.version.time < soon,
+            other.entry.version.time < ahead(60),
             "the clock jumped to the far version"
         );
         // And the key's later writes go on ordering after each other.
@@ -711,7 +770,7 @@ mod tests {
         // The store goes on while the view is not yet copied: every kind of write.
         put(&s, "a", "new").await;
         s.ask(Delete { key: "b".into() }).await.unwrap();
-        assert!(apply(&s, write("c", Some("peer"), u64::MAX - 1, "n2")).await);
+        assert!(apply(&s, write("c", Some("peer"), ahead(0) + (1 << 30), "n2")).await);
         put(&s, "d", "back").await;
         put(&s, "e", "added").await;
         let second = s.ask(TakeView).await.unwrap();
@@ -849,7 +908,7 @@ mod tests {
         .unwrap();
         assert_eq!((stats().await.keys, stats().await.tombstones), (1, 2));
         // A peer's newer put over a tombstone, and an older one that changes nothing.
-        assert!(apply(&s, write("a", Some("back"), u64::MAX - 1, "n2")).await);
+        assert!(apply(&s, write("a", Some("back"), ahead(0) + (1 << 30), "n2")).await);
         assert!(!apply(&s, write("b", Some("old"), 1, "n2")).await);
         assert_eq!((stats().await.keys, stats().await.tombstones), (2, 1));
     }

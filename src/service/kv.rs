@@ -44,6 +44,7 @@ fn ack(outcome: &WriteOutcome, verb: &str) -> Ack {
         message: outcome.message(verb),
         failed_peers: outcome.failures.iter().map(|(p, _)| p.clone()).collect(),
         version: Some(outcome.version.into()),
+        clock: 0,
     }
 }
 
@@ -132,6 +133,8 @@ impl KvStore for KvService {
             tombstones: status.store.tombstones as u64,
             log_bytes: status.store.log_bytes,
             data_dir: self.data_dir.clone(),
+            max_clock_offset_ms: status.max_clock_offset.as_millis() as u64,
+            refusing_writes: status.refusing_writes.unwrap_or_default(),
             peers: status
                 .peers
                 .into_iter()
@@ -144,6 +147,7 @@ impl KvStore for KvService {
                     last_contact_ms: p.last_contact.map(|d| d.as_millis() as u64),
                     replicated_writes: p.confirmed_writes,
                     replicated_batches: p.confirmed_batches,
+                    clock_offset_ms: p.clock_offset.map(|nanos| nanos / 1_000_000),
                 })
                 .collect(),
         }))

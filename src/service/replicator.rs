@@ -59,6 +59,7 @@ impl ReplicatorService {
         Ok(Ack {
             ok: true,
             message: format!("applied {changed} of {n}"),
+            clock: self.node.clock().physical(),
             ..Ack::default()
         })
     }
@@ -204,7 +205,10 @@ impl Replicator for ReplicatorService {
         let buckets = request.into_inner().buckets;
         check_buckets(buckets)?;
         let sums = self.node.digest(buckets).await;
-        Ok(Response::new(DigestReply { sums }))
+        Ok(Response::new(DigestReply {
+            sums,
+            clock: self.node.clock().physical(),
+        }))
     }
 
     type PullStream = ReceiverStream<Result<KeyValue, Status>>;
