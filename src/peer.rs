@@ -109,6 +109,9 @@ pub struct GrpcPeer {
     /// How far the peer's clock is ahead of ours, in nanoseconds, as last measured; `i64::MIN`
     /// before the first measurement. Shared by clones.
     offset: Arc<AtomicI64>,
+    /// The peer's own id, once it has said it: always taken in versions (see `NodeId::known`),
+    /// so a stranger who fills the node-id allowance cannot lock the cluster's nodes out.
+    peer_id: Arc<std::sync::OnceLock<kvstore_actors::NodeId>>,
     /// The open replication stream, if any. Shared by clones, like the channels.
     stream: Arc<Mutex<Option<BatchStream>>>,
     /// Bounds one batch's round trip over the stream, as the channel bounds a call.
@@ -152,10 +155,20 @@ impl GrpcPeer {
             bulk: client(addr, &sender, connect, BULK_CALL_TIMEOUT, max)?,
             clock: settings.clock.clone(),
             offset: Arc::new(AtomicI64::new(i64::MIN)),
+            peer_id: Arc::default(),
             stream: Arc::new(Mutex::new(None)),
             call_timeout: settings.call_timeout,
             max_batch_bytes: (max / 2).min(kvstore_actors::peer::BATCH_BYTES),
         })
+    }
+
+    /// Takes what an answer of the peer says about it: its id, and its clock reading `theirs`
+    /// on a call sent when our clock read `sent` (see `measure`).
+    fn learn(&self, node_id: &str, sent: u64, theirs: u64) {
+        if !node_id.is_empty() && self.peer_id.get().is_none() {
+            let _ = self.peer_id.set(kvstore_actors::NodeId::known(node_id));
+        }
+        self.measure(sent, theirs);
     }
 
     /// Takes the peer's clock reading `theirs` from an answer to a call sent when our clock
@@ -232,7 +245,7 @@ impl GrpcPeer {
         };
         match open.acks.message().await {
             Ok(Some(ack)) => {
-                self.measure(sent, ack.clock);
+                self.learn(&ack.node_id, sent, ack.clock);
                 ack_result(ack).map(|()| open)
             }
             Ok(None) => Err(PeerError::Unreachable("replication stream ended".into())),
@@ -246,7 +259,7 @@ impl GrpcPeer {
         match self.client.clone().replicate_batch(batch).await {
             Ok(ack) => {
                 let ack = ack.into_inner();
-                self.measure(sent, ack.clock);
+                self.learn(&ack.node_id, sent, ack.clock);
                 ack_result(ack)
             }
             Err(status) => Err(peer_error(status)),
@@ -301,7 +314,7 @@ impl PeerClient for GrpcPeer {
         let sent = self.clock.physical();
         let reply = self.bulk.clone().digest(DigestRequest { buckets }).await;
         let reply = reply.map_err(peer_error)?.into_inner();
-        self.measure(sent, reply.clock);
+        self.learn(&reply.node_id, sent, reply.clock);
         Ok(reply.sums)
     }
 

@@ -36,7 +36,7 @@ pub async fn run(
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
 
-    let node = NodeId::new(&node_id).map_err(|e| Error::ResourceExhausted(e.to_string()))?;
+    let node = NodeId::known(&node_id);
     let clock = Arc::new(
         Clock::with_max_offset(node, config.max_clock_offset).skewed_by(config.clock_skew_nanos),
     );

@@ -9,9 +9,10 @@ use lasso::{Spur, ThreadedRodeo};
 
 /// Most new node ids a process takes from the network (through [`NodeId::new`]) in its lifetime.
 /// A cluster has a handful; the bound is there because interned ids are never freed, and a
-/// Replicate may carry any id. Ids read back from this node's own disk do not count and are
-/// never refused: whatever was stored must load, and a restart gives the network a fresh
-/// allowance rather than starting full.
+/// Replicate may carry any id. Ids this node has reason to trust ([`NodeId::known`]: its own,
+/// its peers', those read back from its own disk) do not count and are never refused: a
+/// stranger who fills the allowance cannot lock the cluster's own nodes out, whatever was
+/// stored must load, and a restart gives the network a fresh allowance.
 pub const MAX_NODE_IDS: usize = 1 << 16;
 
 /// New ids interned through [`NodeId::new`] so far.
@@ -71,9 +72,11 @@ impl NodeId {
         Ok(())
     }
 
-    /// The id for `id` as read from this node's own log or snapshot: always interned, past
-    /// [`MAX_NODE_IDS`] too, so a node that once stored an entry can always load it again.
-    pub fn from_disk(id: &str) -> Self {
+    /// The id for `id`, from a source this node trusts: its own id, a peer's own id as the peer
+    /// gives it in its answers, or an id read back from this node's own log or snapshot.
+    /// Always interned, past [`MAX_NODE_IDS`] too: those sources are few, and bounded by what
+    /// the node was configured with or once stored.
+    pub fn known(id: &str) -> Self {
         Self(node_ids().get_or_intern(id))
     }
 

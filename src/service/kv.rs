@@ -44,7 +44,7 @@ fn ack(outcome: &WriteOutcome, verb: &str) -> Ack {
         message: outcome.message(verb),
         failed_peers: outcome.failures.iter().map(|(p, _)| p.clone()).collect(),
         version: Some(outcome.version.into()),
-        clock: 0,
+        ..Ack::default()
     }
 }
 

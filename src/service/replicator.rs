@@ -60,6 +60,7 @@ impl ReplicatorService {
             ok: true,
             message: format!("applied {changed} of {n}"),
             clock: self.node.clock().physical(),
+            node_id: self.node.clock().node().to_string(),
             ..Ack::default()
         })
     }
@@ -208,6 +209,7 @@ impl Replicator for ReplicatorService {
         Ok(Response::new(DigestReply {
             sums,
             clock: self.node.clock().physical(),
+            node_id: self.node.clock().node().to_string(),
         }))
     }
 

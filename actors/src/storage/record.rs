@@ -365,7 +365,7 @@ fn parse_payload(p: &[u8]) -> Result<Record, String> {
             value: value.map(String::into_boxed_str),
             version: Version {
                 time,
-                node: NodeId::from_disk(&node),
+                node: NodeId::known(&node),
             },
         },
     }))
