@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use kvstore_actors::peer::Pulled;
 use kvstore_actors::{Clock, Entry, PeerClient, PeerError, Write};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
@@ -322,34 +323,31 @@ impl PeerClient for GrpcPeer {
         Some(self.offset.load(Ordering::Relaxed)).filter(|&o| o != i64::MIN)
     }
 
-    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Vec<Write>, PeerError> {
+    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Pulled, PeerError> {
         let request = PullRequest { buckets, which };
-        let mut stream = self
+        let stream = self
             .bulk
             .clone()
             .pull(request)
             .await
             .map_err(peer_error)?
             .into_inner();
-        let mut writes = Vec::new();
-        let mut refused = 0usize;
-        while let Some(kv) = stream.next().await {
-            // One entry we cannot take (a node id past our bound, say) must not stop the rest
-            // of the repair: skip it, say so, and go on.
-            match wire::checked(kv.map_err(peer_error)?) {
-                Ok(write) => writes.push(write),
+        // One entry we cannot take (a node id past our bound, say) must not stop the rest of
+        // the repair: skip it, say so (once a pull), and go on.
+        let mut warned = false;
+        let writes = stream.filter_map(move |kv| match kv.map_err(peer_error) {
+            Err(error) => Some(Err(error)),
+            Ok(kv) => match wire::checked(kv) {
+                Ok(write) => Some(Ok(write)),
                 Err(error) => {
-                    refused += 1;
-                    if refused == 1 {
+                    if !std::mem::replace(&mut warned, true) {
                         tracing::warn!(%error, "anti-entropy: skipped an entry a peer sent");
                     }
+                    None
                 }
-            }
-        }
-        if refused > 1 {
-            tracing::warn!(refused, "anti-entropy: skipped entries a peer sent");
-        }
-        Ok(writes)
+            },
+        });
+        Ok(Box::pin(writes))
     }
 
     async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {

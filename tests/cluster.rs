@@ -1021,7 +1021,11 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
     };
     let (addr, server) = scripted.serve(None);
     let peer = GrpcPeer::new(&addr, &tester()).unwrap();
-    let pulled = tokio::time::timeout(NO_HANG, peer.pull(16, vec![0]))
+    let pulled = async {
+        let stream = peer.pull(16, vec![0]).await?;
+        futures::TryStreamExt::try_collect::<Vec<_>>(stream).await
+    };
+    let pulled = tokio::time::timeout(NO_HANG, pulled)
         .await
         .expect("the pull hung")
         .expect("one bad entry failed the whole pull");

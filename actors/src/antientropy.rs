@@ -1,32 +1,53 @@
 //! Anti-entropy: two nodes find where their data differs and exchange only that.
 //!
 //! Keys are spread over [`BUCKETS`] buckets by a stable hash. A node's digest is one 64-bit
-//! sum per bucket of the hashes of its entries (key, version, tombstone flag). Two nodes with
-//! the same entries in a bucket have the same sum; a differing sum marks a bucket to repair.
-//! For each differing bucket the initiator pulls the peer's entries and applies them (newest
-//! version wins), then pushes its own; after one round both hold the newest version of every
-//! key in those buckets. Unchanged buckets cost 8 bytes each.
+//! sum per bucket of the hashes of its entries (key, version, tombstone flag, value). Two nodes
+//! with the same entries in a bucket have the same sum; a differing sum marks a bucket to
+//! repair. Unchanged buckets cost 8 bytes each.
+//!
+//! A round, started by one node:
+//! 1. It asks the peer for its digest, and computes its own: one scan of each map.
+//! 2. It pulls the peer's entries in every differing bucket with one request, which the peer
+//!    answers with one scan, a shard's worth at a time, and applies them as they come (newest
+//!    version wins). It keeps a hash of each entry it was sent.
+//! 3. It pushes, with one more scan of its own map, every entry of those buckets that the peer
+//!    did not send exactly as it is here: those it lacks, or holds older.
+//!
+//! So a round costs each node one scan for its digest and one for the data, however many
+//! buckets differ (the refill of an emptied node is a round where all of them do), and neither
+//! side holds more than a shard's worth of entries at once, plus the hashes of what it pulled.
+//! Every scan takes a turn with the node's other whole-map scans (see `StoreReader::scan`).
 //!
 //! Sums over a map that is changing underneath are fuzzy, which is fine: a bucket that looks
 //! different only because of an in-flight write is repaired for nothing; one that looks equal
 //! by accident of timing is caught next round. Tombstones past their grace period are left out
-//! of digests, so a node that has purged one and a node that has not yet do not keep trading it.
+//! of digests and exchanges, so a node that has purged one and a node that has not yet do not
+//! keep trading it. Entries with versions too far ahead of this node's clock are not taken (see
+//! `Clock`).
 //!
 //! It runs when a peer that missed writes (down, lagging, backlog lost) is reachable again,
 //! after a restart (hints held in memory are gone), and periodically.
 
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+use futures::StreamExt;
 use kameo::actor::ActorRef;
+use tokio::sync::mpsc;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::entry::{Entry, Write};
+use crate::entry::Write;
 use crate::peer::{PeerClient, PeerError};
 use crate::store::{self, StoreActor, StoreReader};
 use crate::version::Version;
 
 /// Buckets per digest: 8 KiB of digest, about a thousand keys per bucket at a million keys.
 pub const BUCKETS: u32 = 1024;
-/// Buckets pulled per request, bounding one response.
-const PULL_CHUNK: usize = 32;
+/// Entries applied at once from a pull: one append to the log, one turn of the store actor.
+const APPLY_BATCH: usize = 1000;
+/// Shards' worth of entries a scan may have gathered ahead of the one sending them: the memory
+/// a slow peer costs a scan that streams to it.
+const SHARDS_AHEAD: usize = 2;
 
 /// The bucket of `key`.
 pub fn bucket_of(key: &str, buckets: u32) -> u32 {
@@ -55,7 +76,7 @@ pub fn add_to_digest(sums: &mut [u64], key: &str, version: Version, value: Optio
     sums[b] = sums[b].wrapping_add(entry_hash(key, version, value));
 }
 
-/// This node's digest: one wrapping sum of entry hashes per bucket.
+/// This node's digest: one wrapping sum of entry hashes per bucket. One scan of the map.
 pub fn digest(reader: &StoreReader, buckets: u32) -> Vec<u64> {
     let mut sums = vec![0u64; buckets as usize];
     let expired_before = reader.expired_before();
@@ -67,25 +88,67 @@ pub fn digest(reader: &StoreReader, buckets: u32) -> Vec<u64> {
     sums
 }
 
-/// Every entry in `which` buckets, tombstones included.
-pub fn entries_in(reader: &StoreReader, buckets: u32, which: &[u32]) -> Vec<Write> {
+/// Which of `buckets` buckets `which` names.
+fn bucket_set(buckets: u32, which: &[u32]) -> Vec<bool> {
     let mut wanted = vec![false; buckets as usize];
     for &b in which {
         if let Some(w) = wanted.get_mut(b as usize) {
             *w = true;
         }
     }
-    let mut out = Vec::new();
+    wanted
+}
+
+/// Scans the map once, on the blocking pool in turn with the node's other whole-map scans,
+/// and hands every entry that `keep` takes to the returned channel, a shard's worth at a time.
+/// The scan waits while the channel is full (its reader is slow), holding no lock then.
+fn stream_scan(
+    reader: StoreReader,
+    mut keep: impl FnMut(&str, &crate::entry::Slot) -> Option<Write> + Send + 'static,
+) -> mpsc::Receiver<Vec<Write>> {
+    let (tx, rx) = mpsc::channel(SHARDS_AHEAD);
+    tokio::spawn(async move {
+        let turn = reader.turn().await;
+        let scanner = reader.clone();
+        store::run_holding(turn, move || {
+            let mut shard = Vec::new();
+            scanner.for_each_by_shard(
+                &mut shard,
+                |shard, key, slot| shard.extend(keep(key, slot)),
+                |shard| {
+                    if shard.is_empty() {
+                        return ControlFlow::Continue(());
+                    }
+                    // The reader went away: stop scanning.
+                    match tx.blocking_send(std::mem::take(shard)) {
+                        Ok(()) => ControlFlow::Continue(()),
+                        Err(_) => ControlFlow::Break(()),
+                    }
+                },
+            );
+        })
+        .await;
+    });
+    rx
+}
+
+/// Every entry in buckets `which` (of `buckets`), tombstones included, but for tombstones past
+/// their grace: one scan, streamed a shard's worth at a time (see [`stream_scan`]).
+pub fn stream_buckets(
+    reader: StoreReader,
+    buckets: u32,
+    which: Vec<u32>,
+) -> mpsc::Receiver<Vec<Write>> {
+    let wanted = bucket_set(buckets, &which);
     let expired_before = reader.expired_before();
-    reader.for_each(|key, slot| {
-        if wanted[bucket_of(key, buckets) as usize] && !slot.is_expired(expired_before) {
-            out.push(Write {
+    stream_scan(reader, move |key, slot| {
+        (wanted[bucket_of(key, buckets) as usize] && !slot.is_expired(expired_before)).then(|| {
+            Write {
                 key: key.to_string(),
                 entry: slot.entry(),
-            });
-        }
-    });
-    out
+            }
+        })
+    })
 }
 
 /// What one anti-entropy round did.
@@ -116,19 +179,14 @@ pub enum SyncError {
     Local(#[from] crate::Error),
 }
 
-/// One push-pull round with `peer`.
+/// One push-pull round with `peer` (see the module's doc).
 pub async fn sync<P: PeerClient>(
     peer: &P,
     store: &ActorRef<StoreActor>,
     reader: &StoreReader,
 ) -> Result<SyncReport, SyncError> {
     let theirs = peer.digest(BUCKETS).await?;
-    let ours = {
-        let reader = reader.clone();
-        tokio::task::spawn_blocking(move || digest(&reader, BUCKETS))
-            .await
-            .expect("digest panicked")
-    };
+    let ours = reader.scan(|reader| digest(reader, BUCKETS)).await;
     let differing: Vec<u32> = (0..BUCKETS)
         .filter(|&b| theirs.get(b as usize) != ours.get(b as usize))
         .collect();
@@ -136,68 +194,36 @@ pub async fn sync<P: PeerClient>(
         buckets: differing.len(),
         ..SyncReport::default()
     };
-    // Chunks of buckets, and halves of a chunk the peer refused to send.
-    let mut chunks: std::collections::VecDeque<Vec<u32>> =
-        differing.chunks(PULL_CHUNK).map(<[u32]>::to_vec).collect();
-    while let Some(chunk) = chunks.pop_front() {
-        let pulled = match peer.pull(BUCKETS, chunk.clone()).await {
-            Ok(pulled) => Some(pulled),
-            // Refused, not unreachable: one bucket's entries may not fit a message here (a
-            // peer whose value limit is bigger than ours). Narrow it down to the bucket by
-            // halves (each pull is a scan of the peer's map), and skip pulling that one rather
-            // than give up the whole round every time.
-            Err(PeerError::Rejected(why)) if chunk.len() > 1 => {
-                let (left, right) = chunk.split_at(chunk.len() / 2);
-                chunks.push_front(right.to_vec());
-                chunks.push_front(left.to_vec());
-                tracing::debug!(%why, buckets = chunk.len(), "peer could not send a chunk; halved");
-                continue;
-            }
-            Err(PeerError::Rejected(why)) => {
-                report.skipped += 1;
-                tracing::warn!(bucket = chunk[0], %why, "peer could not send a bucket; skipped");
-                None
-            }
-            Err(e) => return Err(e.into()),
-        };
-        // What the peer holds in these buckets: we push only what would win over it. Of a
-        // bucket it could not send, we push all we hold; it keeps only what wins.
-        let theirs: Option<std::collections::HashMap<String, Entry>> =
-            pulled.as_ref().map(|pulled| {
-                (pulled.iter())
-                    .map(|w| (w.key.clone(), w.entry.clone()))
-                    .collect()
-            });
-        let pulled = pulled.map(|mut pulled| {
-            let before = pulled.len();
-            pulled.retain(|w| reader.clock().beyond_bound(w.entry.version.time).is_none());
-            report.ahead += before - pulled.len();
-            pulled
-        });
-        if let Some(pulled) = pulled.filter(|pulled| !pulled.is_empty()) {
-            let applied = store.ask(store::Apply(pulled)).await.map_err(|e| match e {
-                kameo::error::SendError::HandlerError(e) => e,
-                _ => crate::Error::StoreStopped,
-            })?;
-            report.pulled += applied.wait().await?;
-        }
-        let mine = {
-            let reader = reader.clone();
-            let chunk = chunk.to_vec();
-            tokio::task::spawn_blocking(move || entries_in(&reader, BUCKETS, &chunk))
-                .await
-                .expect("bucket scan panicked")
-        };
-        let newer: Vec<Write> = mine
-            .into_iter()
-            .filter(|w| {
-                theirs.as_ref().is_none_or(|theirs| {
-                    (theirs.get(&w.key)).is_none_or(|e| e.precedence() < w.entry.precedence())
-                })
-            })
-            .collect();
-        report.pushed += push(peer, newer, &mut report.rejected).await?;
+    if differing.is_empty() {
+        return Ok(report);
     }
+    // Hashes of every entry the peer sent, as it sent it: what not to send back.
+    let mut sent_here = HashSet::new();
+    // Buckets the peer could not send, whose entries we push whatever the peer holds.
+    let mut unsent = Vec::new();
+    // All differing buckets in one pull, unless the peer refuses one (an entry in it may not
+    // fit a message here: a peer whose value limit is bigger than ours). Then narrow it down by
+    // halves (each a scan of the peer's map, only in that case) and skip that bucket rather
+    // than give up the round every time.
+    let mut todo = vec![differing.clone()];
+    while let Some(which) = todo.pop() {
+        match pull(peer, store, reader, &which, &mut sent_here, &mut report).await {
+            Ok(()) => {}
+            Err(SyncError::Peer(PeerError::Rejected(why))) if which.len() > 1 => {
+                tracing::debug!(%why, buckets = which.len(), "peer could not send its buckets; halved");
+                let (left, right) = which.split_at(which.len() / 2);
+                todo.push(right.to_vec());
+                todo.push(left.to_vec());
+            }
+            Err(SyncError::Peer(PeerError::Rejected(why))) => {
+                report.skipped += 1;
+                tracing::warn!(bucket = which[0], %why, "peer could not send a bucket; skipped");
+                unsent.push(which[0]);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    push(peer, reader, &differing, &unsent, sent_here, &mut report).await?;
     if report.ahead > 0 {
         tracing::warn!(
             entries = report.ahead,
@@ -207,23 +233,103 @@ pub async fn sync<P: PeerClient>(
     Ok(report)
 }
 
-/// Sends `writes` to `peer` in batches; returns how many were sent, counting the ones it
-/// refused for good in `rejected`.
+/// Pulls the peer's entries in buckets `which` and applies them in batches as they come,
+/// noting the hash of each in `sent_here`.
+async fn pull<P: PeerClient>(
+    peer: &P,
+    store: &ActorRef<StoreActor>,
+    reader: &StoreReader,
+    which: &[u32],
+    sent_here: &mut HashSet<u64>,
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    let mut pulled = peer.pull(BUCKETS, which.to_vec()).await?;
+    let mut batch = Vec::new();
+    loop {
+        let next = pulled.next().await.transpose()?;
+        let done = next.is_none();
+        if let Some(w) = next {
+            sent_here.insert(entry_hash(
+                &w.key,
+                w.entry.version,
+                w.entry.value.as_deref(),
+            ));
+            if reader.clock().beyond_bound(w.entry.version.time).is_some() {
+                report.ahead += 1;
+            } else {
+                batch.push(w);
+            }
+            if batch.len() < APPLY_BATCH {
+                continue;
+            }
+        }
+        if !batch.is_empty() {
+            let applied = store
+                .ask(store::Apply(std::mem::take(&mut batch)))
+                .await
+                .map_err(|e| match e {
+                    kameo::error::SendError::HandlerError(e) => e,
+                    _ => crate::Error::StoreStopped,
+                })?;
+            report.pulled += applied.wait().await?;
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
+
+/// Sends the peer, with one scan of our map, every entry in `differing` buckets that it did
+/// not send us exactly as we hold it, and every entry of the `unsent` buckets.
 async fn push<P: PeerClient>(
     peer: &P,
+    reader: &StoreReader,
+    differing: &[u32],
+    unsent: &[u32],
+    sent_here: HashSet<u64>,
+    report: &mut SyncReport,
+) -> Result<(), PeerError> {
+    let wanted = bucket_set(BUCKETS, differing);
+    let all = bucket_set(BUCKETS, unsent);
+    let expired_before = reader.expired_before();
+    let mut shards = stream_scan(reader.clone(), move |key, slot| {
+        let bucket = bucket_of(key, BUCKETS) as usize;
+        if !wanted[bucket] || slot.is_expired(expired_before) {
+            return None;
+        }
+        let (version, value) = (slot.version(), slot.value_str());
+        (all[bucket] || !sent_here.contains(&entry_hash(key, version, value))).then(|| Write {
+            key: key.to_string(),
+            entry: slot.entry(),
+        })
+    });
+    let mut writes = Vec::new();
+    while let Some(shard) = shards.recv().await {
+        writes.extend(shard);
+        if writes.iter().map(crate::peer::write_size).sum::<usize>() >= peer.max_batch_bytes() {
+            deliver_all(peer, std::mem::take(&mut writes), report).await?;
+        }
+    }
+    deliver_all(peer, writes, report).await
+}
+
+/// Sends `writes` to `peer` in batches, counting them as pushed and the ones it refused for
+/// good as rejected.
+async fn deliver_all<P: PeerClient>(
+    peer: &P,
     writes: Vec<Write>,
-    rejected: &mut usize,
-) -> Result<usize, PeerError> {
-    let sent = writes.len();
+    report: &mut SyncReport,
+) -> Result<(), PeerError> {
+    report.pushed += writes.len();
     for batch in crate::peer::batches(writes, peer.max_batch_bytes()) {
         // One write the peer will never take (its limits are smaller than ours, say) must not
         // stop the repair of everything else: `deliver` isolates it.
         for (i, why) in crate::peer::deliver(peer, &batch).await? {
-            *rejected += 1;
+            report.rejected += 1;
             tracing::warn!(key = %batch[i].key, %why, "peer rejected a repaired entry; skipped");
         }
     }
-    Ok(sent)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -231,6 +337,8 @@ mod tests {
     use std::sync::Arc;
 
     use kameo::actor::Spawn;
+
+    use std::sync::atomic::Ordering;
 
     use super::*;
     use crate::clock::Clock;
@@ -289,6 +397,11 @@ mod tests {
 
         let report = sync(&peer, &store, &reader).await.unwrap();
         assert!(report.buckets <= 4, "{report:?}");
+        assert_eq!(
+            peer.pulls.load(Ordering::Relaxed),
+            1,
+            "one request for every bucket"
+        );
         assert_eq!(report.pulled, 2, "only-theirs and the k2 tombstone");
         assert_eq!(report.pushed, 2, "only-mine and the newer k1: {report:?}");
         // Both sides now hold the newest of everything.
@@ -363,5 +476,64 @@ mod tests {
                 "{key} is repaired unless it shares the skipped bucket"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_empty_node_is_refilled_with_one_pull_and_one_scan_a_side() {
+        // Every bucket differs, and the pull answers with every entry: in one request, which
+        // the old round of 32 buckets at a time made 32 of.
+        let theirs: Vec<Write> = (0..5000)
+            .map(|i| write(&format!("k{i:05}"), Some("v"), 5))
+            .collect();
+        let (store, reader) = store_with(&[]).await;
+        let peer = FakePeer::default();
+        peer.set_data(&theirs);
+        let report = sync(&peer, &store, &reader).await.unwrap();
+        let used: HashSet<u32> = theirs.iter().map(|w| bucket_of(&w.key, BUCKETS)).collect();
+        assert!(used.len() > 1000);
+        assert_eq!(report.buckets, used.len());
+        assert_eq!((report.pulled, report.pushed), (5000, 0), "{report:?}");
+        assert_eq!(peer.pulls.load(Ordering::Relaxed), 1);
+        assert_eq!(digest(&reader, BUCKETS), peer.digest_now(BUCKETS));
+        // The other way round: a full node pushes everything to an empty peer, in batches,
+        // from one scan.
+        let empty = FakePeer::default();
+        let report = sync(&empty, &store, &reader).await.unwrap();
+        assert_eq!((report.pulled, report.pushed), (0, 5000), "{report:?}");
+        assert_eq!(digest(&reader, BUCKETS), empty.digest_now(BUCKETS));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_takes_its_turn_with_the_nodes_other_scans() {
+        let (store, reader) = store_with(&[write("a", Some("1"), 1)]).await;
+        let peer = FakePeer::default();
+        // Every turn taken, as by that many Lists being copied.
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let mut held = Vec::new();
+        for _ in 0..cpus {
+            held.push(reader.turn().await);
+        }
+        let round = sync(&peer, &store, &reader);
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), round).await;
+        assert!(
+            waited.is_err(),
+            "the round scanned beside {cpus} other scans"
+        );
+        drop(held);
+        let report = sync(&peer, &store, &reader).await.unwrap();
+        assert_eq!(report.pushed, 1);
+    }
+
+    #[tokio::test]
+    async fn entries_too_far_ahead_are_not_taken_from_a_peer() {
+        let (store, reader) = store_with(&[]).await;
+        let peer = FakePeer::default();
+        let far = crate::clock::now_minus(std::time::Duration::ZERO) + (3600 << 32);
+        peer.set_data(&[write("far", Some("v"), far), write("near", Some("v"), 5)]);
+        let report = sync(&peer, &store, &reader).await.unwrap();
+        assert_eq!((report.pulled, report.ahead), (1, 1), "{report:?}");
+        let get = |k: &str| store.ask(store::GetEntry { key: k.into() });
+        assert!(get("far").await.unwrap().is_none());
+        assert!(get("near").await.unwrap().is_some());
     }
 }

@@ -187,28 +187,6 @@ pub struct Coordinator<P: PeerClient> {
     clock: Arc<crate::clock::Clock>,
     /// Whether the node refused writes at the last check of its clock (see `clock_check`).
     refusing_writes: std::sync::atomic::AtomicBool,
-    /// Turns at whole-map scans on a caller's behalf, one per CPU: the copies of `List`s, and
-    /// the digests and bucket pulls that peers ask for. More at once only share the CPUs
-    /// and the caches, each holding its memory for longer (64 concurrent copies of 100k keys
-    /// were 0.83x as many Lists a second as when they took turns), and callers could pile up
-    /// copies of the whole map without bound.
-    scan_turns: Arc<tokio::sync::Semaphore>,
-}
-
-/// Runs `scan` on the blocking pool, holding `permit` until it is done: a caller that goes away
-/// meanwhile (a List whose client left, its future dropped) does not free the turn while the
-/// scan still runs.
-async fn run_holding<T: Send + 'static>(
-    permit: tokio::sync::OwnedSemaphorePermit,
-    scan: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    tokio::task::spawn_blocking(move || {
-        let result = scan();
-        drop(permit);
-        result
-    })
-    .await
-    .expect("a map scan panicked")
 }
 
 /// What the store's refusal of a write, or its absence, means to a caller.
@@ -321,39 +299,26 @@ impl<P: PeerClient> Coordinator<P> {
             ticker,
             clock,
             refusing_writes: std::sync::atomic::AtomicBool::new(false),
-            scan_turns: Arc::new(tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(1, usize::from),
-            )),
         }
     }
 
-    /// This node's anti-entropy digest, for a peer. Scans the map off the async threads, one
-    /// scan per CPU at a time (with `List`s' copies).
+    /// This node's anti-entropy digest, for a peer. Scans the map off the async threads, in
+    /// turn with other whole-map scans (see `StoreReader::scan`).
     pub async fn digest(&self, buckets: u32) -> Vec<u64> {
-        let reader = self.reader.clone();
-        self.scan(move || antientropy::digest(&reader, buckets))
+        self.reader
+            .scan(move |reader| antientropy::digest(reader, buckets))
             .await
     }
 
-    /// Every entry in buckets `which` (of `buckets`), for a peer; bounded as [`Self::digest`].
-    pub async fn entries_in(&self, buckets: u32, which: Vec<u32>) -> Vec<Write> {
-        let reader = self.reader.clone();
-        self.scan(move || antientropy::entries_in(&reader, buckets, &which))
-            .await
-    }
-
-    /// Runs `scan` on the blocking pool once it is this caller's turn ([`run_holding`]).
-    async fn scan<T: Send + 'static>(&self, scan: impl FnOnce() -> T + Send + 'static) -> T {
-        let permit = self.scan_permit().await;
-        run_holding(permit, scan).await
-    }
-
-    /// A turn at scanning the whole map (see `scan_turns`).
-    async fn scan_permit(&self) -> tokio::sync::OwnedSemaphorePermit {
-        (self.scan_turns.clone())
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed")
+    /// Every entry in buckets `which` (of `buckets`), for a peer, tombstones included: one scan
+    /// of the map, in turn with the others, handed over a shard's worth at a time as the peer
+    /// reads them, so what is held at once is a shard's worth, however many buckets differ.
+    pub fn entries_in(
+        &self,
+        buckets: u32,
+        which: Vec<u32>,
+    ) -> tokio::sync::mpsc::Receiver<Vec<Write>> {
+        antientropy::stream_buckets(self.reader.clone(), buckets, which)
     }
 
     /// The node's clock.
@@ -591,14 +556,14 @@ impl<P: PeerClient> Coordinator<P> {
         // The permit comes first, so that the view (and the pre-images the store saves for it)
         // lives only while it is being copied. The List's instant is then when its copy
         // starts: still between its request and its first pair.
-        let permit = self.scan_permit().await;
+        let turn = self.reader.turn().await;
         let view = self
             .store
             .ask(store::TakeView)
             .await
             .map_err(|_| Error::StoreStopped)?;
         // The copy is the slow part (a second at 1M keys), and runs while the store goes on.
-        Ok(run_holding(permit, move || view.collect()).await)
+        Ok(store::run_holding(turn, move || view.collect()).await)
     }
 
     /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.
@@ -889,15 +854,20 @@ mod tests {
     async fn peers_scans_take_turns_with_lists() {
         let c = coordinator(&[], WriteQuorum::One, Duration::from_secs(1), 8);
         c.put("k".into(), "v".into()).await.unwrap();
-        let cpus = c.scan_turns.available_permits() as u32;
-        // Every permit taken, as by that many Lists being copied.
-        let held = c.scan_turns.clone().acquire_many_owned(cpus).await.unwrap();
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        // Every turn taken, as by that many Lists being copied.
+        let mut held = Vec::new();
+        for _ in 0..cpus {
+            held.push(c.reader.turn().await);
+        }
         let waited = tokio::time::timeout(Duration::from_millis(100), c.digest(16)).await;
         assert!(waited.is_err(), "a digest ran beside {cpus} copies");
-        let pull = tokio::time::timeout(Duration::from_millis(100), c.entries_in(1, vec![0]));
-        assert!(pull.await.is_err(), "a pull ran beside {cpus} copies");
+        let mut pull = c.entries_in(1, vec![0]);
+        let waited = tokio::time::timeout(Duration::from_millis(100), pull.recv()).await;
+        assert!(waited.is_err(), "a pull ran beside {cpus} copies");
         drop(held);
-        assert_eq!(c.entries_in(1, vec![0]).await.len(), 1);
+        assert_eq!(pull.recv().await.map(|shard| shard.len()), Some(1));
+        assert_eq!(pull.recv().await, None, "one entry, in one shard");
         assert_eq!(c.digest(16).await.len(), 16);
     }
 

@@ -31,6 +31,37 @@ pub fn new_map() -> Map {
     Map::with_shard_amount(MAP_SHARDS)
 }
 
+/// Calls `f` with every entry of `map`, one lock shard at a time, and `after_shard` after each
+/// shard, its lock released; both get `state`. What a scan gathered from a shard can go to
+/// someone slow (a peer, over the network) without holding up the writers to that shard, and
+/// the scan holds no more than a shard's worth at once. `after_shard` returning `Break` ends
+/// the scan. Like any walk of a map that changes underneath, it sees each key once, as of when
+/// it reached the key's shard.
+pub fn scan_shards<S>(
+    map: &Map,
+    state: &mut S,
+    mut f: impl FnMut(&mut S, &str, &Slot),
+    mut after_shard: impl FnMut(&mut S) -> std::ops::ControlFlow<()>,
+) {
+    for shard in map.shards() {
+        {
+            let table = shard.read();
+            // SAFETY: `table` holds the shard's read lock for as long as the iteration runs,
+            // so the table it walks is neither changed nor freed meanwhile, and every bucket it
+            // yields is full and valid until the lock is released.
+            unsafe {
+                for bucket in table.iter() {
+                    let (key, slot) = bucket.as_ref();
+                    f(state, key, slot.get());
+                }
+            }
+        }
+        if after_shard(state).is_break() {
+            return;
+        }
+    }
+}
+
 /// One versioned write of one key: what replicates between nodes.
 #[derive(Clone, Debug, PartialEq, Eq, kameo::Reply)]
 pub struct Write {
@@ -190,6 +221,40 @@ mod tests {
         }
         // The point of the layout: a slot is a u64 and a boxed slice, nothing more.
         assert_eq!(std::mem::size_of::<Slot>(), 24);
+    }
+
+    #[test]
+    fn a_shard_scan_sees_every_entry_once_and_can_stop() {
+        let map = new_map();
+        for i in 0..1000 {
+            let w = write(&format!("k{i}"), Some("v"), i, "n1");
+            map.insert(w.key.into(), Slot::new(&w.entry));
+        }
+        let mut shards = 0;
+        let mut seen = Vec::new();
+        scan_shards(
+            &map,
+            &mut seen,
+            |seen, key, slot| seen.push((key.to_string(), slot.version().time)),
+            |_| {
+                shards += 1;
+                std::ops::ControlFlow::Continue(())
+            },
+        );
+        assert_eq!(shards, MAP_SHARDS);
+        seen.sort();
+        let mut all: Vec<(String, u64)> = (0..1000).map(|i| (format!("k{i}"), i)).collect();
+        all.sort();
+        assert_eq!(seen, all);
+        // Stopped after the first shard: a shard's worth, no more.
+        let mut first = 0;
+        scan_shards(
+            &map,
+            &mut first,
+            |first, _, _| *first += 1,
+            |_| std::ops::ControlFlow::Break(()),
+        );
+        assert!(first > 0 && first < 1000, "{first}");
     }
 
     #[test]

@@ -19,12 +19,12 @@ pub trait PeerClient: Clone + Send + Sync + 'static {
     fn replicate(&self, writes: &[Write]) -> impl Future<Output = Result<(), PeerError>> + Send;
     /// The peer's anti-entropy digest with `buckets` buckets.
     fn digest(&self, buckets: u32) -> impl Future<Output = Result<Vec<u64>, PeerError>> + Send;
-    /// The peer's entries in buckets `which`, tombstones included.
+    /// The peer's entries in buckets `which`, tombstones included, as it sends them.
     fn pull(
         &self,
         buckets: u32,
         which: Vec<u32>,
-    ) -> impl Future<Output = Result<Vec<Write>, PeerError>> + Send;
+    ) -> impl Future<Output = Result<Pulled, PeerError>> + Send;
     /// The peer's entry for `key`, tombstone included (for quorum reads).
     fn read(&self, key: String) -> impl Future<Output = Result<Option<Entry>, PeerError>> + Send;
     /// Most bytes (as [`write_size`] counts them) to send in one batch: a batch over the
@@ -38,6 +38,9 @@ pub trait PeerClient: Clone + Send + Sync + 'static {
         None
     }
 }
+
+/// A peer's entries as they arrive; an error ends them.
+pub type Pulled = futures::stream::BoxStream<'static, Result<Write, PeerError>>;
 
 /// Splits writes into batches of at most `limit` bytes (at least one write each).
 pub fn batches(writes: Vec<Write>, limit: usize) -> impl Iterator<Item = Vec<Write>> {

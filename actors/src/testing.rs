@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use crate::antientropy;
 use crate::entry::{Entry, Write};
-use crate::peer::{PeerClient, PeerError};
+use crate::peer::{PeerClient, PeerError, Pulled};
 use crate::version::{NodeId, Version};
+use futures::StreamExt;
 
 /// A write of `key` (`None` deletes) at version (`time`, `node`).
 pub fn write(key: &str, value: Option<&str>, time: u64, node: &str) -> Write {
@@ -44,6 +45,8 @@ pub struct FakePeer {
     pub max_pull_value_bytes: Arc<AtomicU64>,
     /// Replicate calls made, and how long each takes.
     pub calls: Arc<AtomicU64>,
+    /// Pull calls made.
+    pub pulls: Arc<AtomicU64>,
     pub delay_ms: Arc<AtomicU64>,
 }
 
@@ -128,7 +131,8 @@ impl PeerClient for FakePeer {
         Ok(self.digest_now(buckets))
     }
 
-    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Vec<Write>, PeerError> {
+    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Pulled, PeerError> {
+        self.pulls.fetch_add(1, Ordering::Relaxed);
         self.gate().await?;
         let data = self.data.lock().unwrap();
         let pulled: Vec<Write> = data
@@ -146,7 +150,7 @@ impl PeerClient for FakePeer {
                 "OutOfRange: decoded message length too large".into(),
             ));
         }
-        Ok(pulled)
+        Ok(futures::stream::iter(pulled.into_iter().map(Ok)).boxed())
     }
 
     async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use kvstore_actors::{NodeId, Write};
 use subtle::ConstantTimeEq;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
@@ -22,8 +22,6 @@ use crate::wire;
 
 /// Most buckets a digest may ask for: 512 KiB of sums.
 const MAX_BUCKETS: u32 = 65_536;
-/// Entries buffered between a bucket pull and the peer reading it.
-const PULL_BUFFER: usize = 256;
 
 /// The Replicator service: a handle to the node's actors, the input limits, and the node's
 /// shutdown signal (which ends the peers' replication streams).
@@ -213,7 +211,7 @@ impl Replicator for ReplicatorService {
         }))
     }
 
-    type PullStream = ReceiverStream<Result<KeyValue, Status>>;
+    type PullStream = Pin<Box<dyn Stream<Item = Result<KeyValue, Status>> + Send>>;
 
     async fn pull(
         &self,
@@ -226,16 +224,13 @@ impl Replicator for ReplicatorService {
                 Error::InvalidArgument(format!("bucket {bad} out of range 0..{buckets}")).into(),
             );
         }
-        let entries = self.node.entries_in(buckets, which).await;
-        let (tx, rx) = mpsc::channel(PULL_BUFFER);
-        tokio::spawn(async move {
-            for write in entries {
-                if tx.send(Ok(KeyValue::from(write))).await.is_err() {
-                    break;
-                }
-            }
+        // One scan of the map, handed over a shard's worth at a time as the peer reads it; a
+        // peer that goes away stops the scan.
+        let shards = ReceiverStream::new(self.node.entries_in(buckets, which));
+        let entries = shards.flat_map(|shard| {
+            futures::stream::iter(shard.into_iter().map(|write| Ok(KeyValue::from(write))))
         });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(entries)))
     }
 
     async fn read(&self, request: Request<Key>) -> Result<Response<KeyValue>, Status> {
