@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tracing::Instrument;
 
 use crate::config::NodeConfig;
 use crate::error::Error;
@@ -25,7 +26,9 @@ use crate::service::kv::KvService;
 use crate::service::replicator::{ReplicatorService, SenderCheck};
 use crate::service::request_errors::RequestErrors;
 
-/// Runs a node on `listener` until `shutdown` completes, then stops it gracefully.
+/// Runs a node on `listener` until `shutdown` completes, then stops it gracefully. Everything
+/// the node logs is inside a `node` span with its id, so that nodes sharing a process (or a
+/// log) can be told apart; each call it serves has an `rpc` span with its method inside that.
 pub async fn run(
     listener: TcpListener,
     config: NodeConfig,
@@ -33,6 +36,20 @@ pub async fn run(
 ) -> Result<(), Error> {
     let addr = listener.local_addr()?;
     let node_id = config.node_id.clone().unwrap_or_else(|| addr.to_string());
+    let span = tracing::info_span!("node", id = %node_id);
+    serve(listener, config, shutdown, node_id, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn serve(
+    listener: TcpListener,
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    node_id: String,
+    span: tracing::Span,
+) -> Result<(), Error> {
+    let addr = listener.local_addr()?;
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
 
@@ -62,9 +79,12 @@ pub async fn run(
             };
             let opened = std::time::Instant::now();
             let path = dir.clone();
-            let recovered = tokio::task::spawn_blocking(move || Storage::open(&path, &storage))
-                .await
-                .expect("storage recovery panicked")?;
+            let in_node = tracing::Span::current();
+            let recovered = tokio::task::spawn_blocking(move || {
+                in_node.in_scope(|| Storage::open(&path, &storage))
+            })
+            .await
+            .expect("storage recovery panicked")?;
             tracing::info!(
                 data_dir = %dir.display(),
                 keys = recovered.report.keys,
@@ -111,11 +131,19 @@ pub async fn run(
     // and by the grace timer that bounds how long "finish" may take.
     // A watch, not a Notify: a signal that fires before anyone waits is still seen.
     let (stop, stopped) = watch::channel(false);
-    let signalled = tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop.send(true);
-    });
+    let signalled = tokio::spawn(
+        async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        }
+        .in_current_span(),
+    );
     let serve = Server::builder()
+        // Each call in a span of its own, inside the node's (tonic serves connections in tasks
+        // of their own, outside any span).
+        .trace_fn(move |request| {
+            tracing::info_span!(parent: &span, "rpc", method = %request.uri().path())
+        })
         .layer(RequestErrors {
             max_message_bytes: max_message,
         })

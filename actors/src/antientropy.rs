@@ -107,7 +107,7 @@ fn stream_scan(
     mut keep: impl FnMut(&str, &crate::entry::Slot) -> Option<Write> + Send + 'static,
 ) -> mpsc::Receiver<Vec<Write>> {
     let (tx, rx) = mpsc::channel(SHARDS_AHEAD);
-    tokio::spawn(async move {
+    let scan = async move {
         let turn = reader.turn().await;
         let scanner = reader.clone();
         store::run_holding(turn, move || {
@@ -128,7 +128,8 @@ fn stream_scan(
             );
         })
         .await;
-    });
+    };
+    tokio::spawn(tracing::Instrument::in_current_span(scan));
     rx
 }
 

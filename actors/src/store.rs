@@ -56,7 +56,9 @@ pub async fn run_holding<T: Send + 'static>(
     turn: tokio::sync::OwnedSemaphorePermit,
     scan: impl FnOnce() -> T + Send + 'static,
 ) -> T {
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _span = span.entered();
         let result = scan();
         drop(turn);
         result

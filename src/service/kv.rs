@@ -108,7 +108,7 @@ impl KvStore for KvService {
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
         let pairs = self.node.list().await.map_err(Error::from)?;
         let (tx, rx) = mpsc::channel(LIST_BUFFER);
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             for (key, value) in pairs {
                 let kv = KeyValue {
                     key,
@@ -121,7 +121,7 @@ impl KvStore for KvService {
                     break;
                 }
             }
-        });
+        }));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
