@@ -133,7 +133,7 @@ impl WriteOutcome {
     }
 
     /// The Ack message. `verb` is what happened locally ("Stored", "Deleted"). With every peer
-    /// confirmed it is the seed's "Stored and replicated".
+    /// confirmed it is the original Go system's "Stored and replicated".
     pub fn message(&self, verb: &str) -> String {
         if self.failures.is_empty() {
             return format!("{verb} and replicated");
@@ -848,6 +848,40 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the peers never settled");
+    }
+
+    /// A quorum read repairs a stale peer through its replication actor, which the node's stop
+    /// stops: nothing of the repair outlives the node, even when the peer hangs on it. (A task
+    /// of its own would hold the peer's connection for as long as the peer hung.)
+    #[tokio::test(start_paused = true)]
+    async fn a_read_repair_does_not_outlive_the_node() {
+        let peers = [FakePeer::default(), FakePeer::default()];
+        let node = coordinator(&peers, WriteQuorum::One, Duration::from_millis(200), 16);
+        settled(&node).await;
+        // Peer 1 holds a newer version of "k" than this node and peer 2, which hangs on writes.
+        let newer = crate::testing::write(
+            "k",
+            Some("new"),
+            crate::clock::now_minus(Duration::ZERO),
+            "n9",
+        );
+        peers[0].set_data(std::slice::from_ref(&newer));
+        peers[1].hang_writes.store(true, Ordering::Relaxed);
+        let read = node.get_quorum("k".into()).await.unwrap();
+        assert_eq!(read.unwrap().value.as_deref(), Some("new"));
+        // This node was repaired on the spot; peer 2's repair is on its way, and hangs.
+        assert_eq!(node.get("k".into()).await.unwrap().as_deref(), Some("new"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            peers[1].calls.load(Ordering::Relaxed) > 0,
+            "the repair went out"
+        );
+        // Held by: this test, the coordinator's handle, the replication actor and whatever
+        // delivers the repair.
+        assert!(Arc::strong_count(&peers[1].calls) > 2);
+        node.shutdown().await;
+        // Once stopped, only this test and the (stopped) coordinator's handle hold it.
+        assert_eq!(Arc::strong_count(&peers[1].calls), 2);
     }
 
     #[tokio::test]

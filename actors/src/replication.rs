@@ -34,6 +34,7 @@ use kameo::actor::{ActorRef, WeakActorRef};
 use kameo::error::ActorStopReason;
 use kameo::message::{Context, Message};
 use kameo::reply::{DelegatedReply, ReplySender};
+use tokio::task::AbortHandle;
 use tracing::Instrument;
 
 use crate::antientropy;
@@ -86,7 +87,12 @@ pub struct ReplicationActor<P: PeerClient> {
     client: P,
     /// Writes waiting for the batch in flight to be answered, with their waiters.
     pending: Vec<(Write, Waiter)>,
-    in_flight: bool,
+    /// The task delivering the batch in flight, if one is.
+    in_flight: Option<tokio::task::JoinHandle<()>>,
+    /// The tasks of a redelivery and of an anti-entropy round, if they run: the actor's own
+    /// work, which ends with it (see `on_stop`).
+    redelivery: Option<AbortHandle>,
+    resync: Option<AbortHandle>,
     /// Most writes pending before new ones are refused as lagging.
     pending_capacity: usize,
     /// Bytes of the pending writes ([`write_size`]).
@@ -119,7 +125,9 @@ impl<P: PeerClient> ReplicationActor<P> {
         Self {
             client,
             pending: Vec::new(),
-            in_flight: false,
+            in_flight: None,
+            redelivery: None,
+            resync: None,
             pending_capacity,
             pending_bytes: 0,
             health,
@@ -226,7 +234,7 @@ impl<P: PeerClient> ReplicationActor<P> {
     }
 
     /// A delivery succeeded: the peer is up, and if it missed writes, a resync starts now.
-    fn reached(&self, me: WeakActorRef<Self>) {
+    fn reached(&mut self, me: WeakActorRef<Self>) {
         self.health.mark_up();
         if self.health.needs_resync() {
             self.start_resync(me);
@@ -235,7 +243,7 @@ impl<P: PeerClient> ReplicationActor<P> {
 
     /// Sends the pending writes as one batch, unless a batch is already in flight.
     fn flush(&mut self, me: ActorRef<Self>) {
-        if self.in_flight || self.pending.is_empty() {
+        if self.in_flight.is_some() || self.pending.is_empty() {
             return;
         }
         let n = batch_len(
@@ -244,9 +252,8 @@ impl<P: PeerClient> ReplicationActor<P> {
         );
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = self.pending.drain(..n).unzip();
         self.pending_bytes -= writes.iter().map(write_size).sum::<usize>();
-        self.in_flight = true;
         let client = self.client.clone();
-        tokio::spawn(
+        let task = tokio::spawn(
             async move {
                 let result = deliver(&client, &writes).await;
                 let _ = me
@@ -259,6 +266,7 @@ impl<P: PeerClient> ReplicationActor<P> {
             }
             .in_current_span(),
         );
+        self.in_flight = Some(task);
     }
 
     /// Retries the backlog after the current backoff, unless a retry is already coming.
@@ -286,18 +294,19 @@ impl<P: PeerClient> ReplicationActor<P> {
         let n = batch_len(self.backlog.iter(), self.client.max_batch_bytes());
         let batch: Vec<Write> = self.backlog.iter().take(n).cloned().collect();
         let client = self.client.clone();
-        tokio::spawn(
+        let task = tokio::spawn(
             async move {
                 let result = deliver(&client, &batch).await;
                 let _ = me.tell(Redelivered { batch, result }).await;
             }
             .in_current_span(),
         );
+        self.redelivery = Some(task.abort_handle());
     }
 
     /// Starts an anti-entropy round in the background unless one is running. Runs beside the
     /// actor, so deliveries go on meanwhile.
-    fn start_resync(&self, me: WeakActorRef<Self>) {
+    fn start_resync(&mut self, me: WeakActorRef<Self>) {
         if !self.health.begin_resync() {
             return;
         }
@@ -307,7 +316,7 @@ impl<P: PeerClient> ReplicationActor<P> {
             self.reader.clone(),
             self.health.clone(),
         );
-        tokio::spawn(
+        let task = tokio::spawn(
             async move {
                 match antientropy::sync(&client, &store, &reader).await {
                     Ok(report) => {
@@ -351,6 +360,7 @@ impl<P: PeerClient> ReplicationActor<P> {
             }
             .in_current_span(),
         );
+        self.resync = Some(task.abort_handle());
     }
 }
 
@@ -362,7 +372,7 @@ impl<P: PeerClient> Actor for ReplicationActor<P> {
         "ReplicationActor"
     }
 
-    async fn on_start(args: Self, actor_ref: ActorRef<Self>) -> Result<Self, Self::Error> {
+    async fn on_start(mut args: Self, actor_ref: ActorRef<Self>) -> Result<Self, Self::Error> {
         // After a (re)start, whatever this node held for the peer before is gone, and the peer
         // may have taken writes we missed: compare right away.
         args.health.mark_needs_resync();
@@ -375,7 +385,25 @@ impl<P: PeerClient> Actor for ReplicationActor<P> {
         _: WeakActorRef<Self>,
         _: ActorStopReason,
     ) -> Result<(), Self::Error> {
-        let undelivered = self.drain().await;
+        // The batch in flight gets as long as the writes behind it, at the same time.
+        let in_flight = self.in_flight.take();
+        let limit = self.drain_limit;
+        let finished = async move {
+            let mut task = in_flight?;
+            match tokio::time::timeout(limit, &mut task).await {
+                Ok(_) => None,
+                Err(_) => Some(task),
+            }
+        };
+        let (undelivered, unfinished) = futures::join!(self.drain(), finished);
+        // What the actor set going ends with it: a delivery, a redelivery or a round that
+        // still waits on a peer that hangs must not hold its connection after the node stops.
+        if let Some(task) = unfinished {
+            task.abort();
+        }
+        for task in [&self.redelivery, &self.resync].into_iter().flatten() {
+            task.abort();
+        }
         if undelivered > 0 {
             // Not lost: the node runs an anti-entropy round with every peer when it starts
             // again, and so does the peer with us.
@@ -433,7 +461,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
     type Reply = ();
 
     async fn handle(&mut self, msg: Delivered, ctx: &mut Context<Self, Self::Reply>) {
-        self.in_flight = false;
+        self.in_flight = None;
         match msg.result {
             Ok(rejected) => {
                 // The peer answered: it is up, even if it rejected some writes. Those it would

@@ -33,6 +33,8 @@ pub struct FakePeer {
     pub data: Arc<Mutex<HashMap<String, Entry>>>,
     pub fail: Arc<AtomicBool>,
     pub hang: Arc<AtomicBool>,
+    /// Hang on writes only (reads, digests and pulls answer).
+    pub hang_writes: Arc<AtomicBool>,
     /// Answer writes with a refusal (as a peer with smaller limits would).
     pub reject: Arc<AtomicBool>,
     /// Refuse every call, as a peer with another cluster token does.
@@ -114,6 +116,9 @@ impl PeerClient for FakePeer {
     async fn replicate(&self, writes: &[Write]) -> Result<(), PeerError> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.gate().await?;
+        if self.hang_writes.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         let max = self.max_value_bytes.load(Ordering::Relaxed);
         let too_big = |w: &Write| w.entry.value.as_ref().is_some_and(|v| v.len() as u64 > max);
         if self.reject.load(Ordering::Relaxed) || (max > 0 && writes.iter().any(too_big)) {
