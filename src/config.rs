@@ -44,7 +44,7 @@ const MAX_MAX_CLOCK_OFFSET: Duration = Duration::from_secs(24 * 3600);
 
 /// Most a key and a value may hold together, whatever the flags say: what one write in the log
 /// may hold ([`kvstore_actors::MAX_WRITE_BYTES`]). The gRPC message limit (key and value plus
-/// [`MESSAGE_OVERHEAD_BYTES`]) then stays within 64 MiB, which `kvstore-cli` accepts.
+/// `MESSAGE_OVERHEAD_BYTES`) then stays within 64 MiB, which `kvstore-cli` accepts.
 pub const MAX_KEY_AND_VALUE_BYTES: usize = kvstore_actors::MAX_WRITE_BYTES;
 const _: () = assert!(MAX_KEY_AND_VALUE_BYTES + MESSAGE_OVERHEAD_BYTES <= 64 * 1024 * 1024);
 /// Longest duration any flag takes. Far beyond any sensible setting, and far enough from the
@@ -212,17 +212,17 @@ pub enum SyncArg {
 
 /// Runs one kvstore node.
 ///
-/// Seed style: `kvstore-server 5001 5002,5003` listens on 127.0.0.1:5001 with peers on
+/// As the original Go system took them: `kvstore-server 5001 5002,5003` listens on 127.0.0.1:5001 with peers on
 /// 127.0.0.1:5002 and 127.0.0.1:5003. On real machines: `kvstore-server --listen 0.0.0.0:5001
 /// --peer db2:5001 --peer db3:5001`. A node starts even while its peers are down.
 #[derive(Debug, Parser)]
 #[command(name = "kvstore-server", version, about, long_about)]
 pub struct ServerArgs {
-    /// Port to listen on, on 127.0.0.1 (seed style; or use --listen).
+    /// Port to listen on, on 127.0.0.1 (the original Go system's form; or use --listen).
     #[arg(value_name = "PORT", conflicts_with = "listen")]
     pub port: Option<u16>,
 
-    /// Comma-separated peers, each a port on 127.0.0.1 or a host:port (seed style).
+    /// Comma-separated peers, each a port on 127.0.0.1 or a host:port (the original form).
     #[arg(value_name = "PEERS", value_delimiter = ',')]
     pub peer_list: Vec<String>,
 
@@ -271,7 +271,7 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = DEFAULT_SHUTDOWN_GRACE.into(), value_parser = flag_any)]
     pub shutdown_grace: humantime::Duration,
 
-    /// Directory for this node's log and snapshots. Defaults to kvstore-data/<node id> in the
+    /// Directory for this node's log and snapshots. Defaults to kvstore-data/NODE_ID in the
     /// current directory.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -429,7 +429,7 @@ impl ServerArgs {
     }
 }
 
-/// `kvstore-data/<node id>`, with characters that are awkward in file names replaced.
+/// `kvstore-data/NODE_ID`, with characters that are awkward in file names replaced.
 pub fn default_data_dir(node_id: &str) -> PathBuf {
     let safe: String = node_id
         .chars()

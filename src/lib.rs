@@ -3,22 +3,33 @@
 //! hold and replicate the data live in the `kvstore-actors` crate and know nothing of gRPC.
 //!
 //! # Layout
-//! - [`pb`]: code generated from `proto/kvstore.proto` (the wire contract) and conversions
-//!   between wire messages and the actors' types.
-//! - [`config`]: every flag of `kvstore-server`, the node's settings and input limits.
+//! The node:
 //! - [`server`]: [`server::run`], which starts a node on a listener and stops it when told.
-//! - [`service`]: the tonic handlers, thin: validate, send one message, map the reply.
-//! - [`peer`]: the gRPC client a replication actor uses to reach its peer.
-//! - [`error`]: this crate's error enum, mapped to `tonic::Status` in one place.
-//! - [`client`] and [`shell`]: what `kvstore-cli` is made of; [`shell::Shell`] executes one
-//!   REPL line and returns its output, so whole sessions are testable without a terminal.
+//! - [`service`]: the tonic handlers, thin: validate, send one message, map the reply; and
+//!   the layer that words tonic's refusals of undecodable requests.
+//! - [`peer`]: the gRPC link a replication actor uses to reach its peer.
+//! - [`config`]: every flag of `kvstore-server`, the node's settings and input limits.
+//! - [`wire`]: wire messages into the actors' types, checked.
+//!
+//! The client: [`client`] and [`shell`], what `kvstore-cli` is made of; [`shell::Shell`]
+//! executes one REPL line and returns its output, so whole sessions are testable without a
+//! terminal.
+//!
+//! Shared by both: [`pb`] (the code generated from `proto/kvstore.proto`, the wire contract),
+//! [`net`] (addresses, channels, the words for a failed call) and [`error`] (this crate's
+//! error enum, mapped to `tonic::Status` in one place).
 //!
 //! # A Put's path
-//! `service::kv` validates the key and value, then asks the coordinator, which has the store
-//! actor apply the write under a fresh version, hands the versioned write to each peer's
-//! replication actor, and waits for them up to the replication deadline. Each replication actor
-//! calls `Replicator.Replicate` on its peer, whose `service::replicator` applies the write if it
-//! is newer than what it holds.
+//! 1. `service::kv` checks the key and value against the limits, and asks the coordinator.
+//! 2. The coordinator (`kvstore_actors::coordinator`) checks this node's clock agrees with its
+//!    peers', and asks the store actor, which checks the log can take the write, puts it in
+//!    the map under a fresh version, and queues it for the log.
+//! 3. The coordinator hands the versioned write to every peer's replication actor, and waits
+//!    for them and for the log, up to the replication deadline.
+//! 4. Each replication actor sends its peer the writes that arrived since its last batch, over
+//!    one long-lived `Replicator.ReplicateStream` (`peer`); the peer's `service::replicator`
+//!    applies each write that is newer than what it holds, logs the batch, and answers.
+//! 5. The Ack says whether the write quorum was met, and names every peer that missed it.
 
 pub mod client;
 pub mod config;

@@ -325,7 +325,7 @@ impl Shell {
         }
     }
 
-    /// Output for a Put or Delete: the seed's message when every node has it, a warning naming
+    /// Output for a Put or Delete: the original system's message when every node has it, a warning naming
     /// the peers it missed when the quorum was still met, an error when it was not.
     fn write(&self, result: Result<Ack, Status>) -> Output {
         match result {

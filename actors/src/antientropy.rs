@@ -134,7 +134,7 @@ fn stream_scan(
 }
 
 /// Every entry in buckets `which` (of `buckets`), tombstones included, but for tombstones past
-/// their grace: one scan, streamed a shard's worth at a time (see [`stream_scan`]).
+/// their grace: one scan, streamed a shard's worth at a time (see `stream_scan`).
 pub fn stream_buckets(
     reader: StoreReader,
     buckets: u32,

@@ -226,7 +226,7 @@ impl StoreActor {
 
     /// A store on recovered storage. The clock is moved past every version this node issued
     /// before the restart, and past the others as far as it can observe ([`Clock::restore`]);
-    /// keys beyond that are covered when they are written ([`StoreActor::versioned`]).
+    /// keys beyond that are covered when they are written (`StoreActor::versioned`).
     pub fn recovered(clock: Arc<Clock>, recovered: Recovered) -> Self {
         let own = (recovered.newest_by_node.get(&clock.node())).map_or(0, |&t| t);
         clock.restore(own, recovered.max_time);

@@ -50,7 +50,7 @@ pub mod pb {
 }
 
 /// Benchmark a release 3-node cluster against etcd and a bare gRPC echo server, side by side;
-/// write bench/results/<date>.md and .json.
+/// write bench/results/DATE.md and .json.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "cargo xtask bench")]
 pub struct Args {

@@ -87,7 +87,8 @@ impl ReplicatorService {
 /// A call that says it comes from this very node is refused (FAILED_PRECONDITION): the node is
 /// listed as its own peer under another address, or another node has its id. Either way a
 /// write "confirmed" there would count twice (or tie-break wrongly), so the sender must see a
-/// refusal, not an ack. Calls that name no sender (a seed's Replicate) pass this check.
+/// refusal, not an ack. Calls that name no sender (a Replicate from a client of the original Go
+/// system's proto) pass this check.
 #[derive(Clone, Debug)]
 pub struct SenderCheck {
     own_id: String,

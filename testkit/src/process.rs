@@ -298,7 +298,7 @@ impl ProcessCluster {
     }
 
     /// SIGTERM, then waits for the exit status. A node that has not exited after
-    /// [`STOP_TIMEOUT`] is killed, and its status (killed by a signal) says so.
+    /// `STOP_TIMEOUT` is killed, and its status (killed by a signal) says so.
     pub fn stop(&mut self, i: usize) -> Option<std::process::ExitStatus> {
         let mut child = self.nodes[i].child.take()?;
         // A stopping node takes no new connections anyway, and its port must not be reached

@@ -1,4 +1,5 @@
-"""A seed client from another toolchain, run against a real cluster by tests/wire_compat.rs.
+"""A client of the seed (the original Go system's proto, tests/compat/seed.proto) from another
+toolchain, run against a real cluster by tests/wire_compat.rs.
 
 The wire contract says a client generated from the seed's proto, by any toolchain, must work
 against our nodes. This one is Python's grpcio, with stubs generated at run time from

@@ -28,7 +28,7 @@ enum Command {
     /// nodes; heal, then check that every acknowledged write survived and all nodes agree.
     Chaos(chaos::Args),
     /// Benchmark a release 3-node cluster against etcd and a bare gRPC echo server, side by
-    /// side; write bench/results/<date>.md and .json. `cargo xtask bench -- --help` for its
+    /// side; write bench/results/DATE.md and .json. `cargo xtask bench -- --help` for its
     /// options.
     Bench(bench::Args),
 }

@@ -1,5 +1,5 @@
 //! The files of a data dir, as storage touches them: the one seam between storage and the
-//! operating system. [`OsDir`] is the real data dir; tests use [`crash::CrashDir`], which
+//! operating system. [`OsDir`] is the real data dir; tests use `crash::CrashDir`, which
 //! keeps in memory what a disk would keep through a power cut (what was synced) and loses the
 //! rest when told to crash.
 //!

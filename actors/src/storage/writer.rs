@@ -1,7 +1,7 @@
 //! The log writer: one thread that owns the current log file and turns the store's appends into
 //! group commits.
 //!
-//! Each group commit is one group frame ([`record`](super::record)): everything that queued up
+//! Each group commit is one group frame (see [`super::record`]): everything that queued up
 //! while the thread was busy, in one `write`, then one fsync, then every waiter is answered.
 //! Each frame also says how much of the file was synced when it was written, which is what lets
 //! recovery tell unsynced groups that a power cut tore (cut them off) from damage to synced data
