@@ -2,34 +2,17 @@
 //! dies is reported and does not take the others down, `restart N` brings it back, and a stop
 //! ends every node cleanly.
 
-use std::io::Write;
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::Printed;
 use kvstore::client::Client;
 use kvstore_testkit::supervise::{Plan, Request, Supervisor, parse_request};
 
 /// Generous: a node on a busy machine.
 const WAIT: Duration = Duration::from_secs(30);
-
-/// What the cluster printed, shared with the supervisor's threads.
-#[derive(Clone, Default)]
-struct Printed(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Printed {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Printed {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// Free loopback ports: bound, read and let go (the nodes must be told each other's ports
 /// before any of them starts, as `cargo xtask cluster` tells them).

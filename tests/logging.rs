@@ -5,29 +5,18 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::TestCluster;
+use common::{Printed, TestCluster};
 
 /// Where the subscriber writes: a buffer the test reads.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().write(buf)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+struct Captured(Printed);
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
+    type Writer = Printed;
+    fn make_writer(&'a self) -> Printed {
+        self.0.clone()
     }
 }
 
@@ -54,7 +43,7 @@ async fn every_line_a_node_logs_names_the_node_and_the_call() {
     cluster.nodes[1].stop().await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let text = captured.0.text();
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.len() > 10, "{text}");
     for line in &lines {

@@ -202,3 +202,24 @@ impl TestCluster {
         text
     }
 }
+
+/// A buffer that output can be written to from several threads, and read back: what a
+/// subscriber or a supervisor printed.
+#[derive(Clone, Default)]
+pub struct Printed(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Printed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Printed {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
