@@ -372,10 +372,10 @@ impl<P: PeerClient> Coordinator<P> {
             })
             .collect();
         let refusing = off.len() * 2 > self.peers.len();
-        if self
-            .refusing_writes
-            .swap(refusing, std::sync::atomic::Ordering::Relaxed)
-            != refusing
+        // A load first: this runs on every write, and nearly always nothing changes.
+        let was = &self.refusing_writes;
+        if was.load(std::sync::atomic::Ordering::Relaxed) != refusing
+            && was.swap(refusing, std::sync::atomic::Ordering::Relaxed) != refusing
         {
             if refusing {
                 tracing::warn!(

@@ -88,7 +88,11 @@ impl PeerHealth {
     /// behind) and says whether it is beyond `bound`. A change either way is logged once.
     pub(crate) fn note_clock(&self, offset: i64, bound: Duration) -> bool {
         let beyond = offset.unsigned_abs() > bound.as_nanos() as u64;
-        if self.clock_beyond.swap(beyond, Ordering::Relaxed) != beyond {
+        // A load first: on every write, and nearly always unchanged, so the shared line is
+        // written only on a change.
+        if self.clock_beyond.load(Ordering::Relaxed) != beyond
+            && self.clock_beyond.swap(beyond, Ordering::Relaxed) != beyond
+        {
             let by = crate::error::human(Duration::from_nanos(offset.unsigned_abs()));
             let side = if offset > 0 { "ahead of" } else { "behind" };
             if beyond {

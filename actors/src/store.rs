@@ -366,15 +366,17 @@ impl StoreActor {
     fn apply_all(&mut self, writes: Vec<Write>) -> Result<Applied, Error> {
         self.purge_expired();
         // A version too far ahead of this clock would win over every write made after it: the
-        // batch is refused whole, and its sender holds it until the clocks agree.
-        for write in &writes {
-            if let Some(ahead) = self.clock.beyond_bound(write.entry.version.time) {
-                return Err(Error::AheadOfClock {
-                    key: write.key.clone(),
-                    ahead,
-                    bound: self.clock.max_offset(),
-                });
-            }
+        // batch is refused whole, and its sender holds it until the clocks agree. The newest
+        // decides, with one reading of the clock.
+        let newest = writes.iter().max_by_key(|w| w.entry.version.time);
+        if let Some(write) = newest
+            && let Some(ahead) = self.clock.beyond_bound(write.entry.version.time)
+        {
+            return Err(Error::AheadOfClock {
+                key: write.key.clone(),
+                ahead,
+                bound: self.clock.max_offset(),
+            });
         }
         self.admit(writes.iter().map(record::encoded_len).sum())?;
         let mut changed = Vec::new();

@@ -28,6 +28,8 @@ const MAX_BUCKETS: u32 = 65_536;
 #[derive(Clone)]
 pub struct ReplicatorService {
     node: Arc<Node>,
+    /// This node's id, which every answer carries (see `Ack.node_id`).
+    node_id: String,
     limits: Limits,
     stopping: watch::Receiver<bool>,
 }
@@ -36,6 +38,7 @@ impl ReplicatorService {
     /// `stopping` turns true when the node begins to shut down.
     pub fn new(node: Arc<Node>, limits: Limits, stopping: watch::Receiver<bool>) -> Self {
         Self {
+            node_id: node.clock().node().to_string(),
             node,
             limits,
             stopping,
@@ -58,7 +61,7 @@ impl ReplicatorService {
             ok: true,
             message: format!("applied {changed} of {n}"),
             clock: self.node.clock().physical(),
-            node_id: self.node.clock().node().to_string(),
+            node_id: self.node_id.clone(),
             ..Ack::default()
         })
     }
@@ -208,7 +211,7 @@ impl Replicator for ReplicatorService {
         Ok(Response::new(DigestReply {
             sums,
             clock: self.node.clock().physical(),
-            node_id: self.node.clock().node().to_string(),
+            node_id: self.node_id.clone(),
         }))
     }
 
