@@ -287,6 +287,52 @@ mod tests {
         assert_eq!(h.state(), PeerState::Down);
     }
 
+    /// What `f` logs at WARN and above, one line each.
+    fn warnings_of(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().write(buf)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(String::from).collect()
+    }
+
+    #[test]
+    fn a_peers_clock_past_the_bound_is_one_warning_not_one_per_write() {
+        let h = PeerHealth::new("db2:5001");
+        let bound = Duration::from_millis(500);
+        let day = 25 * 3600 * 1_000_000_000i64;
+        let warned = warnings_of(|| {
+            assert!(!h.note_clock(3_000_000, bound), "3 ms is within");
+            for _ in 0..1000 {
+                assert!(h.note_clock(day, bound));
+            }
+            assert!(!h.note_clock(-2_000_000, bound), "back within");
+            assert!(h.note_clock(-day, bound), "and past, the other way");
+        });
+        assert_eq!(warned.len(), 2, "{warned:#?}");
+        assert!(
+            warned[0].contains("db2:5001") && warned[0].contains("1day 1h ahead of"),
+            "{}",
+            warned[0]
+        );
+        assert!(warned[1].contains("1day 1h behind"), "{}", warned[1]);
+    }
+
     #[test]
     fn a_resync_starts_once_and_takes_on_what_the_peer_needed() {
         let h = PeerHealth::new("p");
