@@ -257,7 +257,15 @@ mod tests {
         assert_eq!(h.last_contact(), None);
         h.mark_up();
         assert_eq!(h.state(), PeerState::Up);
-        assert!(h.last_contact().is_some());
+        assert!(
+            h.last_contact()
+                .is_some_and(|ago| ago < Duration::from_secs(5))
+        );
+        // Down and back: up again, even with a resync pending (only lagging waits for one).
+        h.mark_down(&PeerError::TimedOut);
+        h.mark_needs_resync();
+        h.mark_up();
+        assert_eq!(h.state(), PeerState::Up);
         h.mark_down(&PeerError::TimedOut);
         assert_eq!(h.state(), PeerState::Down);
         h.mark_lagging();
@@ -289,6 +297,11 @@ mod tests {
 
     /// What `f` logs at WARN and above, one line each.
     fn warnings_of(f: impl FnOnce()) -> Vec<String> {
+        logged_at(tracing::Level::WARN, f)
+    }
+
+    /// What `f` logs at `level` and above, one line each.
+    fn logged_at(level: tracing::Level, f: impl FnOnce()) -> Vec<String> {
         #[derive(Clone, Default)]
         struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
         impl std::io::Write for Lines {
@@ -302,7 +315,7 @@ mod tests {
         let lines = Lines::default();
         let writer = lines.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
+            .with_max_level(level)
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
@@ -324,6 +337,10 @@ mod tests {
             assert!(!h.note_clock(-2_000_000, bound), "back within");
             assert!(h.note_clock(-day, bound), "and past, the other way");
         });
+        assert!(
+            !h.note_clock(500_000_000, bound),
+            "the bound itself is within"
+        );
         assert_eq!(warned.len(), 2, "{warned:#?}");
         assert!(
             warned[0].contains("db2:5001") && warned[0].contains("1day 1h ahead of"),
@@ -331,6 +348,30 @@ mod tests {
             warned[0]
         );
         assert!(warned[1].contains("1day 1h behind"), "{}", warned[1]);
+    }
+
+    #[test]
+    fn a_state_is_logged_when_it_changes_not_on_every_exchange() {
+        let h = PeerHealth::new("db3:5001");
+        let logged = logged_at(tracing::Level::INFO, || {
+            for _ in 0..10 {
+                h.mark_down(&PeerError::Unreachable("connection refused".into()));
+            }
+            for _ in 0..10 {
+                h.mark_up();
+            }
+            for _ in 0..10 {
+                h.mark_down(&PeerError::TimedOut);
+            }
+        });
+        assert_eq!(logged.len(), 3, "{logged:#?}");
+        assert!(logged[0].contains("waiting for peer"), "{}", logged[0]);
+        assert!(logged[1].contains("peer up"), "{}", logged[1]);
+        assert!(
+            logged[2].contains("WARN") && logged[2].contains("peer down"),
+            "{}",
+            logged[2]
+        );
     }
 
     #[test]

@@ -634,12 +634,15 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn interval_and_never_modes_ack_before_syncing() {
-        // An interval no test outlives: the ack cannot have waited for it.
+        // An interval no test outlives: the ack cannot have waited for it, and nothing syncs
+        // for a while after it either.
         let dir = CrashDir::default();
         let w = writer(&dir, SyncMode::Interval(Duration::from_secs(3600)));
         let synced = dir.syncs();
         w.append(framed("a")).wait().await.unwrap();
         assert_eq!(dir.syncs(), synced, "acked once written, not synced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(dir.syncs(), synced, "synced long before the interval");
         // The timer syncs what was written, without any further write.
         let dir = CrashDir::default();
         let w = writer(&dir, SyncMode::Interval(Duration::from_millis(50)));
@@ -767,6 +770,14 @@ pub(crate) mod tests {
         // failure; a barrier waits for them, and fails while they cannot be written.
         let refused = w.admit(10).unwrap_err();
         assert_eq!(refused.kind, crate::error::LogFailure::DiskFull);
+        // The retries keep their pace: one every RETRY_EVERY, not as fast as the thread runs.
+        let ops = dir.ops();
+        tokio::time::sleep(RETRY_EVERY / 2).await;
+        assert!(
+            dir.ops() - ops <= 4,
+            "{} retries in half a retry interval",
+            dir.ops() - ops
+        );
         assert!(w.barrier().wait().await.is_err());
         // Space comes back: the writer's own retry writes them, and writes resume.
         dir.set_full(false);
