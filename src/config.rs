@@ -199,6 +199,16 @@ impl Default for NodeConfig {
     }
 }
 
+/// `--log-format`: how log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// A line of text for a person, as `tracing` formats it.
+    #[default]
+    Text,
+    /// One JSON object a line, for a log collector.
+    Json,
+}
+
 /// `--sync`: when the log reaches the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum SyncArg {
@@ -308,6 +318,11 @@ pub struct ServerArgs {
     /// instead.
     #[arg(long, default_value_t = DEFAULT_HANDOFF_CAPACITY, value_parser = parse_count)]
     pub handoff_capacity: usize,
+
+    /// How log lines are written: `text` for a person, `json` (one object a line) for a log
+    /// collector. `RUST_LOG` sets what is logged (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// Threads serving requests (the async runtime's workers). Defaults to one per CPU.
     #[arg(long, value_parser = parse_count)]

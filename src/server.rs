@@ -110,19 +110,30 @@ async fn serve(
         },
     ));
 
+    // One line with every setting in effect, so a log says how the node ran. The cluster
+    // token is only said to be set: a secret never reaches a log.
     tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
         listen = %addr,
         node_id = %node_id,
         peers = ?config.peers,
+        data_dir = ?config.data_dir,
         write_quorum = %config.write_quorum,
         replication_deadline = ?config.replication_deadline,
+        peer_connect_timeout = ?config.peer_connect_timeout,
         peer_mailbox = config.peer_mailbox,
+        handoff_capacity = config.handoff_capacity,
+        anti_entropy_interval = ?config.anti_entropy_interval,
         max_key_bytes = limits.max_key_bytes,
         max_value_bytes = limits.max_value_bytes,
         max_message_bytes = max_message,
-        data_dir = ?config.data_dir,
         sync = ?config.sync,
-        cluster_token = config.cluster_token.is_some(),
+        compact_after_bytes = config.compact_after_bytes,
+        repair_truncate = config.repair_truncate,
+        tombstone_grace = ?config.tombstone_grace,
+        max_clock_offset = ?config.max_clock_offset,
+        shutdown_grace = ?config.shutdown_grace,
+        cluster_token = if config.cluster_token.is_some() { "set" } else { "none" },
         "node started"
     );
 

@@ -247,3 +247,88 @@ async fn cli_output_into_a_closed_pipe_ends_quietly() {
     assert!(out.status.success(), "{}: {stderr}", out.status);
     assert_eq!(stderr, "", "nothing to say when the reader has gone");
 }
+
+#[test]
+fn both_binaries_say_their_version() {
+    for binary in [SERVER, CLI] {
+        let out = Command::new(binary).arg("--version").output().unwrap();
+        assert!(out.status.success(), "{binary}");
+        let said = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            said.trim_end().ends_with(env!("CARGO_PKG_VERSION")),
+            "{binary}: {said}"
+        );
+    }
+}
+
+/// `--log-format json`: one JSON object a line, the start line holding the version and every
+/// setting in effect (the cluster token only as set), inside the node's span.
+#[test]
+fn json_logs_are_one_object_a_line_and_the_start_says_every_setting() {
+    let data = tempfile::tempdir().unwrap();
+    let token = data.path().join("token");
+    std::fs::write(&token, "a secret of the cluster\n").unwrap();
+    let mut server = Command::new(SERVER)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--node-id",
+            "json-node",
+            "--log-format",
+            "json",
+        ])
+        .arg("--data-dir")
+        .arg(data.path().join("node"))
+        .arg("--cluster-token-file")
+        .arg(&token)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Server)
+        .unwrap();
+    let mut stderr = BufReader::new(server.stderr.take().unwrap());
+    let start = loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "exited before starting"
+        );
+        assert!(
+            !line.contains("a secret"),
+            "the token reached the log: {line}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("not one JSON object: {e}: {line}"));
+        if json["fields"]["message"] == "node started" {
+            break json;
+        }
+    };
+    let fields = &start["fields"];
+    assert_eq!(fields["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(fields["cluster_token"], "set");
+    assert_eq!(fields["node_id"], "json-node");
+    for setting in [
+        "listen",
+        "peers",
+        "data_dir",
+        "write_quorum",
+        "replication_deadline",
+        "peer_connect_timeout",
+        "peer_mailbox",
+        "handoff_capacity",
+        "anti_entropy_interval",
+        "max_key_bytes",
+        "max_value_bytes",
+        "sync",
+        "compact_after_bytes",
+        "repair_truncate",
+        "tombstone_grace",
+        "max_clock_offset",
+        "shutdown_grace",
+    ] {
+        assert!(!fields[setting].is_null(), "{setting} missing: {start}");
+    }
+    assert_eq!(start["span"]["id"], "json-node", "{start}");
+    sigterm(&server);
+    assert!(server.wait().unwrap().success());
+}
