@@ -8,6 +8,11 @@ use kvstore_actors::{Version as ActorVersion, Write};
 
 tonic::include_proto!("kvstore.v1");
 
+/// The encoded descriptors of `proto/kvstore.proto` and what it imports, for the reflection
+/// service: from the same protox build as the code above.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/kvstore_descriptor.bin"));
+
 impl From<ActorVersion> for Version {
     fn from(v: ActorVersion) -> Self {
         Version {

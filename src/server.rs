@@ -17,14 +17,17 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tracing::Instrument;
 
+use crate::Node;
 use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
 use crate::peer::{GrpcPeer, PeerSettings};
+use crate::service::Starting;
 use crate::service::kv::KvService;
 use crate::service::replicator::{ReplicatorService, SenderCheck};
 use crate::service::request_errors::RequestErrors;
+use tonic_health::ServingStatus;
 
 /// Runs a node on `listener` until `shutdown` completes, then stops it gracefully. Everything
 /// the node logs is inside a `node` span with its id, so that nodes sharing a process (or a
@@ -53,12 +56,160 @@ async fn serve(
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
 
-    let node = NodeId::known(&node_id);
+    // Health: NOT_SERVING until the log is replayed and the node serves, SERVING while it
+    // does, NOT_SERVING again as soon as it begins to stop. For the node ("") and each service.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+
+    // The shutdown signal is observed three times: by tonic (stop accepting, finish in-flight
+    // calls), by the replication streams peers hold open (end them, or "finish" never comes),
+    // and by the grace timer that bounds how long "finish" may take. The health service hears
+    // first, so that load balancers stop sending calls while in-flight ones finish.
+    // A watch, not a Notify: a signal that fires before anyone waits is still seen.
+    let (stop, stopped) = watch::channel(false);
+    let stop = Arc::new(stop);
+    let signalled = tokio::spawn({
+        let (stop, health) = (stop.clone(), health.clone());
+        async move {
+            shutdown.await;
+            set_health(&health, ServingStatus::NotServing).await;
+            let _ = stop.send(true);
+        }
+        .in_current_span()
+    });
+
+    // The node listens from the start: its health says it is starting, and its handlers answer
+    // UNAVAILABLE until its actors are up.
+    let starting = Starting::default();
+    let rpc_spans = RpcSpans::new(span);
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let serve = Server::builder()
+        // Each call inside an `rpc` span naming its method, inside the node's (tonic serves
+        // connections in tasks of their own, outside any span).
+        .trace_fn(move |request| rpc_spans.span(request.uri().path()))
+        .layer(RequestErrors {
+            max_message_bytes: max_message,
+        })
+        .add_service(health_service)
+        .add_service(
+            reflection()
+                .build_v1()
+                .expect("this build's own descriptors decode"),
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .expect("this build's own descriptors decode"),
+        )
+        .add_service(
+            KvStoreServer::new(KvService::new(
+                starting.clone(),
+                limits,
+                node_id.clone(),
+                config
+                    .data_dir
+                    .as_ref()
+                    .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ReplicatorServer::new(ReplicatorService::new(
+                starting.clone(),
+                node_id.clone(),
+                limits,
+                stopped.clone(),
+            ))
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message),
+            SenderCheck::new(node_id.clone(), config.cluster_token.clone()),
+        ))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        });
+    tokio::pin!(serve);
+
+    let node = tokio::select! {
+        node = start(&config, &node_id, addr) => node,
+        // Stopped (or failed) before it started.
+        served = &mut serve => {
+            signalled.abort();
+            served?;
+            return Ok(());
+        }
+    };
+    let node = match node {
+        Ok(node) => node,
+        Err(error) => {
+            // A node that cannot start (a damaged log, say) stops serving, and says why.
+            let _ = stop.send(true);
+            let _ = serve.await;
+            signalled.abort();
+            return Err(error);
+        }
+    };
+    starting.started(node.clone());
+    if !*stopped.borrow() {
+        set_health(&health, ServingStatus::Serving).await;
+    }
+
+    let mut stopped_for_grace = stopped.clone();
+    let grace = async move {
+        let _ = stopped_for_grace.wait_for(|s| *s).await;
+        tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
+        tokio::time::sleep(config.shutdown_grace).await;
+    };
+    let served = tokio::select! {
+        served = serve => served,
+        () = grace => {
+            tracing::warn!("shutdown grace period over; abandoning in-flight calls");
+            Ok(())
+        }
+    };
+    signalled.abort();
+
+    // Drained even when serving failed: the log is synced and closed, and queued writes go
+    // out, before the error is reported.
+    node.shutdown().await;
+    served?;
+    tracing::info!(listen = %addr, "node stopped");
+    Ok(())
+}
+
+/// Sets the health of the node ("") and of each of its services.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in ["", KVSTORE_SERVICE, REPLICATOR_SERVICE] {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// The services whose health the node reports, by their gRPC names.
+const KVSTORE_SERVICE: &str = "kvstore.v1.KVStore";
+const REPLICATOR_SERVICE: &str = "kvstore.v1.Replicator";
+
+/// Starts the node's actors: replays its log (if it keeps one), and starts the store and a
+/// replication actor per peer.
+async fn start(
+    config: &NodeConfig,
+    node_id: &str,
+    addr: std::net::SocketAddr,
+) -> Result<Arc<Node>, Error> {
+    let limits = config.limits;
+    let max_message = limits.max_message_bytes();
+    let node = NodeId::known(node_id);
     let clock = Arc::new(
         Clock::with_max_offset(node, config.max_clock_offset).skewed_by(config.clock_skew_nanos),
     );
     let settings = PeerSettings {
-        node_id: node_id.clone(),
+        node_id: node_id.to_string(),
         token: config.cluster_token.clone(),
         connect_timeout: config.peer_connect_timeout,
         call_timeout: config.replication_deadline,
@@ -136,77 +287,7 @@ async fn serve(
         cluster_token = if config.cluster_token.is_some() { "set" } else { "none" },
         "node started"
     );
-
-    // The shutdown signal is observed three times: by tonic (stop accepting, finish in-flight
-    // calls), by the replication streams peers hold open (end them, or "finish" never comes),
-    // and by the grace timer that bounds how long "finish" may take.
-    // A watch, not a Notify: a signal that fires before anyone waits is still seen.
-    let (stop, stopped) = watch::channel(false);
-    let signalled = tokio::spawn(
-        async move {
-            shutdown.await;
-            let _ = stop.send(true);
-        }
-        .in_current_span(),
-    );
-    let rpc_spans = RpcSpans::new(span);
-    let serve = Server::builder()
-        // Each call inside an `rpc` span naming its method, inside the node's (tonic serves
-        // connections in tasks of their own, outside any span).
-        .trace_fn(move |request| rpc_spans.span(request.uri().path()))
-        .layer(RequestErrors {
-            max_message_bytes: max_message,
-        })
-        .add_service(
-            KvStoreServer::new(KvService::new(
-                node.clone(),
-                limits,
-                node_id.clone(),
-                config
-                    .data_dir
-                    .as_ref()
-                    .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-        )
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            ReplicatorServer::new(ReplicatorService::new(
-                node.clone(),
-                limits,
-                stopped.clone(),
-            ))
-            .max_decoding_message_size(max_message)
-            .max_encoding_message_size(max_message),
-            SenderCheck::new(node_id.clone(), config.cluster_token.clone()),
-        ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            }
-        });
-    let mut stopped_for_grace = stopped.clone();
-    let grace = async move {
-        let _ = stopped_for_grace.wait_for(|s| *s).await;
-        tracing::info!(grace = ?config.shutdown_grace, "shutting down: finishing in-flight calls");
-        tokio::time::sleep(config.shutdown_grace).await;
-    };
-    let served = tokio::select! {
-        served = serve => served,
-        () = grace => {
-            tracing::warn!("shutdown grace period over; abandoning in-flight calls");
-            Ok(())
-        }
-    };
-    signalled.abort();
-
-    // Drained even when serving failed: the log is synced and closed, and queued writes go
-    // out, before the error is reported.
-    node.shutdown().await;
-    served?;
-    tracing::info!(listen = %addr, "node stopped");
-    Ok(())
+    Ok(node)
 }
 
 /// The `rpc` span of each method, made once and entered by every call to it: the same name and

@@ -1,17 +1,15 @@
 //! `kvstore.v1.KVStore`: the client-facing service (Put, Get, List, Delete).
 
-use std::sync::Arc;
-
 use kvstore_actors::{Entry, WriteOutcome};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::Node;
 use crate::config::Limits;
 use crate::error::Error;
 use crate::pb::kv_store_server::KvStore;
 use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, PeerStatus, Value};
+use crate::service::Starting;
 
 /// Pairs buffered between a List's snapshot and its client. The producer waits when the buffer
 /// is full, so a slow reader holds only its own snapshot, never the store.
@@ -20,14 +18,14 @@ const LIST_BUFFER: usize = 256;
 /// The KVStore service: a handle to the node's actors, the input limits, and what Status
 /// reports about the node's identity.
 pub struct KvService {
-    node: Arc<Node>,
+    node: Starting,
     limits: Limits,
     node_id: String,
     data_dir: String,
 }
 
 impl KvService {
-    pub fn new(node: Arc<Node>, limits: Limits, node_id: String, data_dir: String) -> Self {
+    pub fn new(node: Starting, limits: Limits, node_id: String, data_dir: String) -> Self {
         Self {
             node,
             limits,
@@ -67,7 +65,13 @@ impl KvStore for KvService {
             )
             .into());
         }
-        let outcome = self.node.put(kv.key, kv.value).await.map_err(Error::from)?;
+        let outcome = self
+            .node
+            .node()
+            .await
+            .put(kv.key, kv.value)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(ack(&outcome, "Stored")))
     }
 
@@ -77,11 +81,15 @@ impl KvStore for KvService {
         let entry = match Consistency::try_from(consistency) {
             Ok(Consistency::Local) => self
                 .node
+                .node()
+                .await
                 .get_entry(key.clone())
                 .await
                 .map_err(Error::from)?,
             Ok(Consistency::Quorum) => self
                 .node
+                .node()
+                .await
                 .get_quorum(key.clone())
                 .await
                 .map_err(Error::from)?,
@@ -106,7 +114,7 @@ impl KvStore for KvService {
     type ListStream = ReceiverStream<Result<KeyValue, Status>>;
 
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
-        let pairs = self.node.list().await.map_err(Error::from)?;
+        let pairs = self.node.node().await.list().await.map_err(Error::from)?;
         let (tx, rx) = mpsc::channel(LIST_BUFFER);
         tokio::spawn(tracing::Instrument::in_current_span(async move {
             for (key, value) in pairs {
@@ -126,7 +134,7 @@ impl KvStore for KvService {
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
-        let status = self.node.status().await.map_err(Error::from)?;
+        let status = self.node.node().await.status().await.map_err(Error::from)?;
         Ok(Response::new(NodeStatus {
             node_id: self.node_id.clone(),
             keys: status.store.keys as u64,
@@ -156,7 +164,13 @@ impl KvStore for KvService {
     async fn delete(&self, request: Request<Key>) -> Result<Response<Ack>, Status> {
         let key = request.into_inner().key;
         self.limits.check_key(&key)?;
-        let outcome = self.node.delete(key).await.map_err(Error::from)?;
+        let outcome = self
+            .node
+            .node()
+            .await
+            .delete(key)
+            .await
+            .map_err(Error::from)?;
         Ok(Response::new(ack(&outcome, "Deleted")))
     }
 }

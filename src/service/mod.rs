@@ -4,3 +4,44 @@
 pub mod kv;
 pub mod replicator;
 pub mod request_errors;
+
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::Notify;
+
+use crate::Node;
+
+/// The node's actors, once they have started. A node listens, and answers its health checks
+/// (NOT_SERVING), while it replays its log; a call that comes meanwhile waits for the start, as
+/// it would on a node that had not yet listened, for as long as its own deadline lets it.
+#[derive(Clone, Default)]
+pub struct Starting(Arc<StartingInner>);
+
+#[derive(Default)]
+struct StartingInner {
+    node: OnceLock<Arc<Node>>,
+    started: Notify,
+}
+
+impl Starting {
+    /// The node has started.
+    pub fn started(&self, node: Arc<Node>) {
+        let _ = self.0.node.set(node);
+        self.0.started.notify_waiters();
+    }
+
+    /// The node, once it has started.
+    pub async fn node(&self) -> &Arc<Node> {
+        loop {
+            if let Some(node) = self.0.node.get() {
+                return node;
+            }
+            let started = self.0.started.notified();
+            // Set between the look above and the registration: no notification is coming.
+            if let Some(node) = self.0.node.get() {
+                return node;
+            }
+            started.await;
+        }
+    }
+}

@@ -2,7 +2,6 @@
 //! anti-entropy (digests, bucket pulls) and quorum reads.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use kvstore_actors::{NodeId, Write};
@@ -12,11 +11,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::Node;
 use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
 use crate::pb::{Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::service::Starting;
 use crate::service::request_errors;
 use crate::wire;
 
@@ -27,7 +26,7 @@ const MAX_BUCKETS: u32 = 65_536;
 /// shutdown signal (which ends the peers' replication streams).
 #[derive(Clone)]
 pub struct ReplicatorService {
-    node: Arc<Node>,
+    node: Starting,
     /// This node's id, which every answer carries (see `Ack.node_id`).
     node_id: String,
     limits: Limits,
@@ -36,9 +35,14 @@ pub struct ReplicatorService {
 
 impl ReplicatorService {
     /// `stopping` turns true when the node begins to shut down.
-    pub fn new(node: Arc<Node>, limits: Limits, stopping: watch::Receiver<bool>) -> Self {
+    pub fn new(
+        node: Starting,
+        node_id: String,
+        limits: Limits,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
         Self {
-            node_id: node.clock().node().to_string(),
+            node_id,
             node,
             limits,
             stopping,
@@ -56,11 +60,17 @@ impl ReplicatorService {
 
     async fn apply(&self, writes: Vec<Write>) -> Result<Ack, Status> {
         let n = writes.len();
-        let changed = self.node.apply(writes).await.map_err(Error::from)?;
+        let changed = self
+            .node
+            .node()
+            .await
+            .apply(writes)
+            .await
+            .map_err(Error::from)?;
         Ok(Ack {
             ok: true,
             message: format!("applied {changed} of {n}"),
-            clock: self.node.clock().physical(),
+            clock: self.node.node().await.clock().physical(),
             node_id: self.node_id.clone(),
             ..Ack::default()
         })
@@ -207,10 +217,10 @@ impl Replicator for ReplicatorService {
     ) -> Result<Response<DigestReply>, Status> {
         let buckets = request.into_inner().buckets;
         check_buckets(buckets)?;
-        let sums = self.node.digest(buckets).await;
+        let sums = self.node.node().await.digest(buckets).await;
         Ok(Response::new(DigestReply {
             sums,
-            clock: self.node.clock().physical(),
+            clock: self.node.node().await.clock().physical(),
             node_id: self.node_id.clone(),
         }))
     }
@@ -230,7 +240,7 @@ impl Replicator for ReplicatorService {
         }
         // One scan of the map, handed over a shard's worth at a time as the peer reads it; a
         // peer that goes away stops the scan.
-        let shards = ReceiverStream::new(self.node.entries_in(buckets, which));
+        let shards = ReceiverStream::new(self.node.node().await.entries_in(buckets, which));
         let entries = shards.flat_map(|shard| {
             futures::stream::iter(shard.into_iter().map(|write| Ok(KeyValue::from(write))))
         });
@@ -242,6 +252,8 @@ impl Replicator for ReplicatorService {
         self.limits.check_key(&key)?;
         let entry = self
             .node
+            .node()
+            .await
             .get_entry(key.clone())
             .await
             .map_err(Error::from)?;
