@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::Status;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use crate::error::Error;
 use crate::net::{lazy_channel, parse_addr};
@@ -21,22 +21,41 @@ const CLIENT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct Client {
     inner: KvStoreClient<Channel>,
     addr: String,
+    tls: bool,
 }
 
 impl Client {
     /// A client for the node at `addr`: a port on 127.0.0.1 or `host:port`. `timeout` bounds each
     /// call. Must be called inside a tokio runtime.
     pub fn new(addr: &str, timeout: Duration) -> Result<Self, Error> {
+        Self::with_tls(addr, timeout, None)
+    }
+
+    /// A client that talks TLS to the node when `tls` is given (see [`crate::tls::client_config`]).
+    pub fn with_tls(
+        addr: &str,
+        timeout: Duration,
+        tls: Option<&ClientTlsConfig>,
+    ) -> Result<Self, Error> {
         let addr = parse_addr(addr)?;
-        let inner = KvStoreClient::new(lazy_channel(&addr, timeout, timeout)?)
+        let inner = KvStoreClient::new(lazy_channel(&addr, timeout, timeout, tls)?)
             .max_decoding_message_size(CLIENT_MAX_MESSAGE_BYTES)
             .max_encoding_message_size(CLIENT_MAX_MESSAGE_BYTES);
-        Ok(Self { inner, addr })
+        Ok(Self {
+            inner,
+            addr,
+            tls: tls.is_some(),
+        })
     }
 
     /// The node's address, as `host:port`.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// Whether the client talks TLS.
+    pub fn tls(&self) -> bool {
+        self.tls
     }
 
     pub async fn put(&self, key: &str, value: &str) -> Result<Ack, Status> {

@@ -9,6 +9,7 @@ use clap::{Parser, ValueEnum};
 use kvstore_actors::{SyncMode, WriteQuorum};
 
 use crate::error::Error;
+use crate::tls::{ClientAuth, NodeTls};
 
 /// Default largest key, in bytes.
 pub const DEFAULT_MAX_KEY_BYTES: usize = 4 * 1024;
@@ -136,41 +137,56 @@ pub struct NodeConfig {
     /// Nanoseconds added to this node's reading of the machine's clock. Always 0 but in tests,
     /// which run a node whose clock is wrong; there is no flag for it.
     pub clock_skew_nanos: i64,
+    /// TLS, if the node serves it: its certificate and key, and the cluster's CA.
+    pub tls: Option<NodeTls>,
 }
 
-/// A cluster's shared secret. Its `Debug` does not show it, so it never reaches a log.
+/// A cluster's shared secrets: the first is sent, any of them is accepted, so a new token can
+/// be added to every node, then put first, then the old one removed, one node at a time. Its
+/// `Debug` does not show them, so they never reach a log.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ClusterToken(Vec<u8>);
+pub struct ClusterToken(Vec<Vec<u8>>);
 
 impl ClusterToken {
+    /// One token.
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
-        Self(secret.into())
+        Self(vec![secret.into()])
     }
 
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.0
+    /// Several tokens, the first of them sent; `None` if there are none or one is empty.
+    pub fn several<T: Into<Vec<u8>>>(secrets: impl IntoIterator<Item = T>) -> Option<Self> {
+        let secrets: Vec<Vec<u8>> = secrets.into_iter().map(Into::into).collect();
+        (!secrets.is_empty() && secrets.iter().all(|s| !s.is_empty())).then_some(Self(secrets))
     }
 
-    /// Reads a token file: its contents without trailing whitespace (the newline an editor
-    /// adds), which must leave something.
+    /// The token sent on calls to peers.
+    pub fn sent(&self) -> &[u8] {
+        &self.0[0]
+    }
+
+    /// Every token a call may carry.
+    pub fn accepted(&self) -> impl Iterator<Item = &[u8]> {
+        self.0.iter().map(Vec::as_slice)
+    }
+
+    /// The tokens of a file, one per line; trailing whitespace and blank lines are ignored.
     pub fn read(path: &std::path::Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|e| {
             Error::InvalidArgument(format!("--cluster-token-file {}: {e}", path.display()))
         })?;
-        let len = bytes.trim_ascii_end().len();
-        if len == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "--cluster-token-file {} is empty",
-                path.display()
-            )));
-        }
-        Ok(Self(bytes[..len].to_vec()))
+        let tokens = (bytes.split(|b| *b == b'\n'))
+            .map(<[u8]>::trim_ascii_end)
+            .filter(|line| !line.is_empty());
+        Self::several(tokens).ok_or_else(|| {
+            Error::InvalidArgument(format!("--cluster-token-file {} is empty", path.display()))
+        })
     }
 }
 
 impl std::fmt::Debug for ClusterToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ClusterToken({} bytes)", self.0.len())
+        let lengths: Vec<usize> = self.0.iter().map(Vec::len).collect();
+        write!(f, "ClusterToken(bytes: {lengths:?})")
     }
 }
 
@@ -195,6 +211,7 @@ impl Default for NodeConfig {
             cluster_token: None,
             max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
             clock_skew_nanos: 0,
+            tls: None,
         }
     }
 }
@@ -341,14 +358,35 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_CLOCK_OFFSET.into(), value_parser = flag_clock_offset)]
     pub max_clock_offset: humantime::Duration,
 
-    /// A file holding a secret every node of the cluster shares (trailing whitespace is
-    /// ignored). With it, a node sends the secret on every call to its peers' Replicator
-    /// service and refuses Replicator calls without it (UNAUTHENTICATED), so no one else who
-    /// can reach the port can replicate writes into the node or read its data through anti-
-    /// entropy. Client calls (Put, Get, List, Delete, Status) are not affected. A file rather
-    /// than the secret itself, which `ps` would show.
+    /// A file holding the secret every node of the cluster shares, one token per line
+    /// (trailing whitespace and blank lines are ignored). With it, a node sends the first
+    /// token on every call to its peers' Replicator service and refuses Replicator calls that
+    /// carry none of the file's tokens (UNAUTHENTICATED), so no one else who can reach the
+    /// port can replicate writes into the node or read its data through anti-entropy. Several
+    /// lines let a token be replaced one node at a time. Client calls (Put, Get, List, Delete,
+    /// Status) are not affected. A file rather than the secret itself, which `ps` would show.
     #[arg(long, value_name = "PATH")]
     pub cluster_token_file: Option<PathBuf>,
+
+    /// The node's certificate (PEM, the chain from the node's own certificate up): with
+    /// --tls-key, both services are served over TLS on the node's one port.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The cluster's CA (PEM). With it, the node calls its peers over TLS, checks their
+    /// certificates against it and presents its own, and its Replicator takes calls only from
+    /// callers whose certificate chains to it (others get UNAUTHENTICATED).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Which clients must present a certificate from --tls-ca: `none` (only the cluster's
+    /// nodes, calling the Replicator) or `require` (every client).
+    #[arg(long, value_enum, default_value_t = ClientAuth::None, requires = "tls_ca")]
+    pub tls_client_auth: ClientAuth,
 }
 
 impl ServerArgs {
@@ -406,6 +444,24 @@ impl ServerArgs {
                 "listening on {listen}, which every node could share: give --node-id (unique in the cluster)"
             )));
         }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(NodeTls::load(
+                cert,
+                key,
+                self.tls_ca.as_deref(),
+                self.tls_client_auth,
+            )?),
+            _ => None,
+        };
+        // A node serving TLS takes only TLS, its peers too: it could not call them without
+        // a CA to check their certificates against.
+        if tls.as_ref().is_some_and(|tls| !tls.checks_peers()) && !peers.is_empty() {
+            return Err(Error::InvalidArgument(
+                "--tls-cert with peers needs --tls-ca, the cluster's CA: the node calls its \
+                 peers over TLS and checks their certificates against it"
+                    .into(),
+            ));
+        }
         let config = NodeConfig {
             node_id: self.node_id.clone(),
             peers,
@@ -439,6 +495,7 @@ impl ServerArgs {
                 .transpose()?,
             max_clock_offset: self.max_clock_offset.into(),
             clock_skew_nanos: 0,
+            tls,
         };
         Ok((listen, config))
     }
@@ -631,8 +688,17 @@ mod tests {
         assert_eq!(config.cluster_token, Some(ClusterToken::new("s3cret")));
         assert_eq!(
             format!("{:?}", config.cluster_token),
-            "Some(ClusterToken(6 bytes))",
+            "Some(ClusterToken(bytes: [6]))",
             "the secret stays out of logs"
+        );
+        // Several tokens, for a rotation: the first is sent, each is accepted.
+        std::fs::write(&file, "new-one\r\n\nold\n  \n").unwrap();
+        let (_, config) = parse(&["5001", "--cluster-token-file", path]).unwrap();
+        let token = config.cluster_token.unwrap();
+        assert_eq!(token.sent(), b"new-one");
+        assert_eq!(
+            token.accepted().collect::<Vec<_>>(),
+            [&b"new-one"[..], b"old"]
         );
         std::fs::write(&file, " \n").unwrap();
         let err = parse(&["5001", "--cluster-token-file", path]).unwrap_err();

@@ -27,6 +27,13 @@ pub enum Error {
     /// A configured address is not usable.
     #[error("invalid address '{addr}': {reason}")]
     InvalidAddress { addr: String, reason: String },
+    /// A TLS file named by a flag cannot be used.
+    #[error("{flag} {}: {reason}", path.display())]
+    Tls {
+        flag: &'static str,
+        path: std::path::PathBuf,
+        reason: String,
+    },
     /// The node's actors failed (in practice: they are shutting down).
     #[error(transparent)]
     Actors(#[from] kvstore_actors::Error),
@@ -50,7 +57,9 @@ impl From<kvstore_actors::ReadError> for Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
-            Error::InvalidArgument(_) | Error::InvalidAddress { .. } => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::InvalidAddress { .. } | Error::Tls { .. } => {
+                Code::InvalidArgument
+            }
             Error::NotFound(_) => Code::NotFound,
             Error::ResourceExhausted(_) => Code::ResourceExhausted,
             Error::Unavailable(_) => Code::Unavailable,

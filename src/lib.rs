@@ -16,7 +16,8 @@
 //! terminal.
 //!
 //! Shared by both: [`pb`] (the code generated from `proto/kvstore.proto`, the wire contract),
-//! [`net`] (addresses, channels, the words for a failed call) and [`error`] (this crate's
+//! [`net`] (addresses, channels, the words for a failed call), [`tls`] (the PEM files of the
+//! `--tls-*` flags and the rustls settings made from them) and [`error`] (this crate's
 //! error enum, mapped to `tonic::Status` in one place).
 //!
 //! # A Put's path
@@ -40,6 +41,7 @@ pub mod peer;
 pub mod server;
 pub mod service;
 pub mod shell;
+pub mod tls;
 pub mod wire;
 
 pub use config::{Limits, NodeConfig};

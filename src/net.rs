@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use tonic::Status;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
 
 use crate::error::Error;
 
@@ -40,16 +40,26 @@ pub fn parse_addr(addr: &str) -> Result<String, Error> {
 
 /// A channel to `addr` (`host:port`) that connects on first use and reconnects by itself, so it
 /// can be made while the other side is down. Shared by the client and the node's peer links.
+/// With `tls`, the other side's certificate must be valid for the host of `addr`, a name or an
+/// IP address.
 pub fn lazy_channel(
     addr: &str,
     connect_timeout: Duration,
     call_timeout: Duration,
+    tls: Option<&ClientTlsConfig>,
 ) -> Result<Channel, Error> {
-    let endpoint =
-        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| Error::InvalidAddress {
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let bad = |reason: String| Error::InvalidAddress {
+        addr: addr.to_string(),
+        reason,
+    };
+    let mut endpoint =
+        Endpoint::from_shared(format!("{scheme}://{addr}")).map_err(|e| bad(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| bad(format!("TLS: {e}")))?;
+    }
     Ok(endpoint
         .connect_timeout(connect_timeout)
         .timeout(call_timeout)
@@ -66,16 +76,41 @@ pub fn failed_on_the_way(status: &Status) -> bool {
     std::error::Error::source(status).is_some()
 }
 
+/// Whether a call ran out of time, rather than failing otherwise: a deadline, or the client's
+/// own timeout (which tonic reports as CANCELLED). A connection closed under a call is
+/// CANCELLED too, and is not a timeout.
+pub fn timed_out(status: &Status) -> bool {
+    match status.code() {
+        Code::DeadlineExceeded => true,
+        Code::Cancelled => {
+            let mut source = std::error::Error::source(status);
+            while let Some(err) = source {
+                if err.is::<tonic::TimeoutExpired>() {
+                    return true;
+                }
+                source = err.source();
+            }
+            // Said by the other end, or timed out without saying why.
+            !failed_on_the_way(status)
+        }
+        _ => false,
+    }
+}
+
 /// A short, stable reason for a failed call: the underlying I/O error where there is one
-/// ("connection refused"), else the innermost cause ("connection closed before message
-/// completed"), else the status message. tonic's own messages for transport failures
-/// ("tcp connect error", "transport error") say less than the cause they wrap.
+/// ("connection refused"; a TLS failure's own words, "received fatal alert: UnknownCA"), else
+/// the innermost cause ("connection closed before message completed"), else the status
+/// message. tonic's own messages for transport failures ("tcp connect error", "transport
+/// error") say less than the cause they wrap.
 pub fn status_reason(status: &Status) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     let mut innermost = None;
     while let Some(err) = source {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.kind().to_string();
+            return match io.get_ref() {
+                Some(inner) => inner.to_string(),
+                None => io.kind().to_string(),
+            };
         }
         innermost = Some(err);
         source = err.source();

@@ -29,7 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{BinaryMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Code, Request, Status, Streaming};
 
 use crate::config::ClusterToken;
@@ -99,6 +99,8 @@ pub struct PeerSettings {
     pub max_message_bytes: usize,
     /// This node's clock, which the peer's answers are measured against.
     pub clock: Arc<Clock>,
+    /// How to call peers over TLS, if the cluster has a CA.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// Connection to one peer.
@@ -135,8 +137,9 @@ fn client(
     connect_timeout: Duration,
     call_timeout: Duration,
     max_message_bytes: usize,
+    tls: Option<&ClientTlsConfig>,
 ) -> Result<Client, Error> {
-    let channel = crate::net::lazy_channel(addr, connect_timeout, call_timeout)?;
+    let channel = crate::net::lazy_channel(addr, connect_timeout, call_timeout, tls)?;
     Ok(ReplicatorClient::with_interceptor(channel, sender.clone())
         .max_encoding_message_size(max_message_bytes)
         .max_decoding_message_size(max_message_bytes))
@@ -147,13 +150,14 @@ impl GrpcPeer {
     pub fn new(addr: &str, settings: &PeerSettings) -> Result<Self, Error> {
         let sender = Sender {
             node_id: BinaryMetadataValue::from_bytes(settings.node_id.as_bytes()),
-            token: (settings.token.as_ref()).map(|t| BinaryMetadataValue::from_bytes(t.as_bytes())),
+            token: (settings.token.as_ref()).map(|t| BinaryMetadataValue::from_bytes(t.sent())),
         };
         let max = settings.max_message_bytes;
         let connect = settings.connect_timeout;
+        let tls = settings.tls.as_ref();
         Ok(Self {
-            client: client(addr, &sender, connect, settings.call_timeout, max)?,
-            bulk: client(addr, &sender, connect, BULK_CALL_TIMEOUT, max)?,
+            client: client(addr, &sender, connect, settings.call_timeout, max, tls)?,
+            bulk: client(addr, &sender, connect, BULK_CALL_TIMEOUT, max, tls)?,
             clock: settings.clock.clone(),
             offset: Arc::new(AtomicI64::new(i64::MIN)),
             peer_id: Arc::default(),
@@ -283,9 +287,10 @@ fn ack_result(ack: Ack) -> Result<(), PeerError> {
 /// leaves the writes held for redelivery too: an INTERNAL from a connection reset, an
 /// UNAVAILABLE from a failing disk, a RESOURCE_EXHAUSTED from a full one (disks get freed).
 fn peer_error(status: Status) -> PeerError {
+    if crate::net::timed_out(&status) {
+        return PeerError::TimedOut;
+    }
     match status.code() {
-        // tonic reports its own client-side timeout as Cancelled.
-        Code::DeadlineExceeded | Code::Cancelled => PeerError::TimedOut,
         code @ (Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated) => {
             PeerError::Refused(format!("{code:?}: {}", status.message()))
         }
@@ -380,6 +385,7 @@ mod tests {
                 call_timeout: Duration::from_secs(1),
                 max_message_bytes: max,
                 clock: Arc::new(Clock::new(kvstore_actors::NodeId::new("node1").unwrap())),
+                tls: None,
             };
             GrpcPeer::new("127.0.0.1:9", &settings)
                 .unwrap()

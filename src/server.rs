@@ -87,7 +87,11 @@ async fn serve(
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let serve = Server::builder()
+    let mut server = Server::builder();
+    if let Some(tls) = &config.tls {
+        server = server.tls_config(tls.server_config())?;
+    }
+    let serve = server
         // Each call inside an `rpc` span naming its method, inside the node's (tonic serves
         // connections in tasks of their own, outside any span).
         .trace_fn(move |request| rpc_spans.span(request.uri().path()))
@@ -127,7 +131,11 @@ async fn serve(
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
-            SenderCheck::new(node_id.clone(), config.cluster_token.clone()),
+            SenderCheck::new(
+                node_id.clone(),
+                config.cluster_token.clone(),
+                config.tls.as_ref().is_some_and(|tls| tls.checks_peers()),
+            ),
         ))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
             let mut stopped = stopped.clone();
@@ -215,6 +223,7 @@ async fn start(
         call_timeout: config.replication_deadline,
         max_message_bytes: max_message,
         clock: clock.clone(),
+        tls: config.tls.as_ref().and_then(|tls| tls.peer_config()),
     };
     let peers = (config.peers.iter())
         .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
@@ -284,7 +293,11 @@ async fn start(
         tombstone_grace = ?config.tombstone_grace,
         max_clock_offset = ?config.max_clock_offset,
         shutdown_grace = ?config.shutdown_grace,
-        cluster_token = if config.cluster_token.is_some() { "set" } else { "none" },
+        cluster_token = match &config.cluster_token {
+            Some(token) => format!("set ({} accepted)", token.accepted().count()),
+            None => "none".into(),
+        },
+        tls = config.tls.as_ref().map_or_else(|| "none".into(), |tls| tls.describe()),
         "node started"
     );
     Ok(node)

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tonic::{Code, Status};
 
 use crate::client::Client;
-use crate::net::{failed_on_the_way, status_reason};
+use crate::net::{failed_on_the_way, status_reason, timed_out};
 use crate::pb::{Ack, Consistency, NodeStatus};
 
 /// What the REPL prints for `help`.
@@ -339,6 +339,21 @@ impl Shell {
         }
     }
 
+    /// A hint for a connection that failed as one does when only one side talks TLS. A TLS
+    /// client reads a node in the clear's HTTP/2 as a TLS record of no known type; a plaintext
+    /// client's preface is answered with a TLS alert or a closed connection, which look like
+    /// any broken connection, so that hint is only a maybe.
+    fn tls_hint(&self, reason: &str) -> &'static str {
+        let refused = reason == std::io::ErrorKind::ConnectionRefused.to_string();
+        match self.client.tls() {
+            true if reason.contains("InvalidContentType") => {
+                "; the node does not seem to serve TLS: leave out --tls-ca"
+            }
+            false if !refused => "; if the node serves TLS, give its CA with --tls-ca",
+            _ => "",
+        }
+    }
+
     /// Output for a failed call; `write` says whether it was a Put or Delete, whose outcome
     /// is unknown when the node did not answer.
     fn failure(&self, status: &Status, write: bool) -> Output {
@@ -346,16 +361,14 @@ impl Shell {
         Output::error(match status.code() {
             // The node may have stored and replicated the write before its answer was lost:
             // calling it failed would be wrong as often as right.
-            Code::DeadlineExceeded | Code::Cancelled if write => format!(
+            _ if timed_out(status) && write => format!(
                 "node {addr} did not answer in time; the write may or may not have been stored"
             ),
-            Code::DeadlineExceeded | Code::Cancelled => {
-                format!("node {addr} did not answer in time")
-            }
+            _ if timed_out(status) => format!("node {addr} did not answer in time"),
             // A failure of the connection, whatever code the transport gave it (a connection
             // that broke under a call comes as UNKNOWN): not something the node said.
             _ if failed_on_the_way(status) => {
-                let reason = status_reason(status);
+                let reason = status_reason(status) + self.tls_hint(&status_reason(status));
                 let refused =
                     status_reason(status) == std::io::ErrorKind::ConnectionRefused.to_string();
                 if write && !refused {

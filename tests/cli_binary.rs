@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::TestCluster;
+use common::{TestCluster, cli};
 
 const CLI: &str = env!("CARGO_BIN_EXE_kvstore-cli");
 const SERVER: &str = env!("CARGO_BIN_EXE_kvstore-server");
@@ -67,29 +67,6 @@ fn sigterm(server: &std::process::Child) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-/// Runs `kvstore-cli args...` with `stdin` piped in; returns (success, stdout, stderr).
-fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = Command::new(CLI)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,7 +282,8 @@ fn json_logs_are_one_object_a_line_and_the_start_says_every_setting() {
     };
     let fields = &start["fields"];
     assert_eq!(fields["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(fields["cluster_token"], "set");
+    assert_eq!(fields["cluster_token"], "set (1 accepted)");
+    assert_eq!(fields["tls"], "none");
     assert_eq!(fields["node_id"], "json-node");
     for setting in [
         "listen",

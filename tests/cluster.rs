@@ -1048,6 +1048,7 @@ fn tester() -> kvstore::peer::PeerSettings {
         clock: std::sync::Arc::new(kvstore_actors::Clock::new(
             kvstore_actors::NodeId::new("tester").unwrap(),
         )),
+        tls: None,
     }
 }
 

@@ -29,6 +29,7 @@ async fn cluster(nodes: usize, root: &std::path::Path) -> ProcessCluster {
         .map(String::from)
         .to_vec(),
         proxied: true,
+        tls: None,
     })
     .await
     .unwrap()

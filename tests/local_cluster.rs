@@ -49,6 +49,7 @@ async fn a_node_that_dies_is_reported_the_others_go_on_and_restart_brings_it_bac
             ports: ports.clone(),
             data_root: data.path().to_path_buf(),
             extra_args: Vec::new(),
+            tls: None,
         },
         Arc::new(Mutex::new(printed.clone())),
     )
@@ -113,4 +114,56 @@ async fn a_node_that_dies_is_reported_the_others_go_on_and_restart_brings_it_bac
             "{said}"
         );
     }
+}
+
+/// `cargo xtask cluster --tls`: the nodes serve TLS with the plan's certificates and replicate
+/// to each other over it, and the REPL command the cluster prints works as printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_serves_tls_and_the_printed_repl_command_works() {
+    let data = tempfile::tempdir().unwrap();
+    let ports = free_ports(3);
+    let pki = kvstore_testkit::tls::ClusterPki::create(&data.path().join("tls"), 3).unwrap();
+    let plan = Plan {
+        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
+        ports: ports.clone(),
+        data_root: data.path().to_path_buf(),
+        extra_args: Vec::new(),
+        tls: Some(pki.clone()),
+    };
+    let repl_args = plan.repl_args();
+    let mut cluster = Supervisor::start(plan, Arc::new(Mutex::new(Printed::default()))).unwrap();
+    let tls = kvstore::tls::client_config(&pki.ca, None).unwrap();
+    let started = Instant::now();
+    for &port in &ports {
+        let client = Client::with_tls(&port.to_string(), Duration::from_secs(2), Some(&tls));
+        while client.as_ref().unwrap().status().await.is_err() {
+            assert!(started.elapsed() < WAIT, "port {port} never served TLS");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!answers(port).await, "port {port} answers in the clear");
+    }
+
+    let repl = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvstore-cli"))
+            .args(&repl_args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"put name Adnan\n").unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&repl.stderr);
+    assert!(repl.status.success(), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&repl.stdout),
+        "Stored and replicated\n"
+    );
+    assert!(cluster.stop_all(), "a node did not stop cleanly");
 }

@@ -97,6 +97,7 @@ async fn a_stranger_who_fills_the_node_id_table_locks_no_peer_out() {
         root: dir.path().to_path_buf(),
         extra_args: ["--replication-deadline", "10s"].map(String::from).to_vec(),
         proxied: true,
+        tls: None,
     })
     .await
     .unwrap();

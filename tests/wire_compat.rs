@@ -240,12 +240,12 @@ fn provisioned_python() -> PathBuf {
     python
 }
 
-async fn run_seed_client(script: &Path, addrs: &[&str]) -> String {
+async fn run_seed_client(script: &Path, args: &[&str]) -> String {
     let python = tokio::task::spawn_blocking(python).await.unwrap();
     let mut command = tokio::process::Command::new(&python);
     command
         .arg(script)
-        .args(addrs)
+        .args(args)
         .env("PYTHONIOENCODING", "utf-8")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .kill_on_drop(true);
@@ -262,16 +262,11 @@ async fn run_seed_client(script: &Path, addrs: &[&str]) -> String {
     String::from_utf8(output.stdout).expect("the transcript is UTF-8")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_python_client_generated_from_the_seed_proto_works() {
-    let cluster = TestCluster::start(3);
-    let script = root().join("tests/compat/seed_client.py");
-    let transcript = run_seed_client(
-        &script,
-        &[cluster.addr(0), cluster.addr(1), cluster.addr(2)],
-    )
-    .await;
-    let expected = "\
+/// The session's transcript on a healthy cluster, as `seed_client.py` prints it; `replicate`
+/// is what the versionless Replicate gets.
+fn expected_session(replicate: &str) -> String {
+    format!(
+        "\
 put 'name' on node 0: ok=True message=Stored and replicated
 get 'name' on node 0: Adnan
 get 'name' on node 1: Adnan
@@ -285,8 +280,54 @@ get 'no-such-key' on node 0: NOT_FOUND (message names the key: True)
 put '' on node 0: INVALID_ARGUMENT: key must not be empty
 put 'big' on node 0: INVALID_ARGUMENT: value is 1048577 bytes, over the limit of 1048576 bytes (--max-value-bytes)
 get 'big' on node 0: NOT_FOUND (message names the key: True)
-replicate without a version: INVALID_ARGUMENT: Replicate requires a version (field 3); none was sent
+replicate without a version: {replicate}
 get 'forged' on node 0: NOT_FOUND (message names the key: True)
-";
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_generated_from_the_seed_proto_works() {
+    let cluster = TestCluster::start(3);
+    let script = root().join("tests/compat/seed_client.py");
+    let transcript = run_seed_client(
+        &script,
+        &[cluster.addr(0), cluster.addr(1), cluster.addr(2)],
+    )
+    .await;
+    let refused = "INVALID_ARGUMENT: Replicate requires a version (field 3); none was sent";
+    assert_eq!(transcript, expected_session(refused));
+}
+
+/// The same client over TLS, with nothing but the cluster's CA: the whole session works, a
+/// call in the clear is refused, and the Replicator refuses a caller with no certificate
+/// before it looks at what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_with_the_ca_works_over_tls_and_none_works_in_the_clear() {
+    let certs = tempfile::tempdir().unwrap();
+    let pki = kvstore_testkit::tls::ClusterPki::create(certs.path(), 3).unwrap();
+    let cluster = TestCluster::start_with(3, |i| kvstore::NodeConfig {
+        tls: Some(pki.node_tls(i, kvstore::tls::ClientAuth::None).unwrap()),
+        ..common::patient()
+    });
+    let script = root().join("tests/compat/seed_client.py");
+    let ca = pki.ca.to_str().unwrap();
+    let transcript = run_seed_client(
+        &script,
+        &[
+            "--tls-ca",
+            ca,
+            cluster.addr(0),
+            cluster.addr(1),
+            cluster.addr(2),
+        ],
+    )
+    .await;
+    let refused = "UNAUTHENTICATED: this node's Replicator takes calls only from the cluster's \
+                   nodes: the caller presented no certificate from the cluster's CA (--tls-ca)";
+    let expected = format!(
+        "get in the clear: UNAVAILABLE\n{}",
+        expected_session(refused)
+    );
     assert_eq!(transcript, expected);
 }

@@ -200,6 +200,7 @@ impl Kvstore {
                     root,
                     extra_args,
                     proxied: false,
+                    tls: None,
                 })
                 .await?,
             ));
@@ -572,6 +573,7 @@ async fn big_node(
         root: root.join("big"),
         extra_args: Vec::new(),
         proxied: false,
+        tls: None,
     })
     .await?;
     let addrs = vec![cluster.addr(0)];
@@ -614,6 +616,7 @@ async fn catchup(
         root: root.join("catchup"),
         extra_args: Vec::new(),
         proxied: false,
+        tls: None,
     })
     .await?;
     cluster.kill(2);

@@ -23,6 +23,19 @@ struct Args {
     #[arg(long, value_name = "HOST:PORT")]
     addr: Option<String>,
 
+    /// Talk TLS to the node, whose certificate must chain to this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+
+    /// This client's certificate (PEM), for a node that requires one (--tls-client-auth
+    /// require).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+
     /// How long to wait for each call.
     #[arg(long, default_value = "5s", value_parser = kvstore::config::at_least_1ms)]
     timeout: Duration,
@@ -71,7 +84,14 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     let _guard = runtime.enter();
-    let mut shell = Shell::new(Client::new(&node, args.timeout)?);
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            let identity = (args.tls_cert.as_deref()).zip(args.tls_key.as_deref());
+            Some(kvstore::tls::client_config(ca, identity)?)
+        }
+    };
+    let mut shell = Shell::new(Client::with_tls(&node, args.timeout, tls.as_ref())?);
 
     if !command.is_empty() {
         // Already split by the user's shell: the words go through as they are.

@@ -94,8 +94,10 @@ impl ReplicatorService {
 
 /// Checks who calls the Replicator, before any handler runs.
 ///
-/// With a cluster token, a call without it is refused (UNAUTHENTICATED): only the cluster's
-/// nodes may replicate writes in or read the data out through anti-entropy.
+/// With the cluster's CA (`--tls-ca`), a call over a connection without a client certificate
+/// is refused (UNAUTHENTICATED); one with a certificate from anywhere else never got past the
+/// TLS handshake. With a cluster token, a call without one of its tokens is refused too. Only
+/// the cluster's nodes may replicate writes in or read the data out through anti-entropy.
 ///
 /// A call that says it comes from this very node is refused (FAILED_PRECONDITION): the node is
 /// listed as its own peer under another address, or another node has its id. Either way a
@@ -106,25 +108,47 @@ impl ReplicatorService {
 pub struct SenderCheck {
     own_id: String,
     token: Option<ClusterToken>,
+    /// Whether the caller must have presented a certificate the TLS layer checked against
+    /// the cluster's CA.
+    needs_certificate: bool,
 }
 
 impl SenderCheck {
-    pub fn new(own_id: String, token: Option<ClusterToken>) -> Self {
-        Self { own_id, token }
+    pub fn new(own_id: String, token: Option<ClusterToken>, needs_certificate: bool) -> Self {
+        Self {
+            own_id,
+            token,
+            needs_certificate,
+        }
     }
 }
 
 impl Interceptor for SenderCheck {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        // The handshake already checked any certificate against the CA; what is left to
+        // see is that there was one.
+        if self.needs_certificate && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Error::Unauthenticated(
+                "this node's Replicator takes calls only from the cluster's nodes: the caller \
+                 presented no certificate from the cluster's CA (--tls-ca)"
+                    .into(),
+            )
+            .into());
+        }
         if let Some(token) = &self.token {
             let sent = request.metadata().get_bin(crate::peer::TOKEN_HEADER);
             let sent = sent.and_then(|v| v.to_bytes().ok());
-            // Constant time: how long a refusal takes says nothing about how close a guess was.
-            let valid = sent.is_some_and(|s| same_secret(&s, token.as_bytes()));
+            // Every token compared, each in constant time: how long a refusal takes says
+            // nothing about how close a guess was, nor which token it was near.
+            let valid = sent.is_some_and(|sent| {
+                token
+                    .accepted()
+                    .fold(false, |any, secret| any | same_secret(&sent, secret))
+            });
             if !valid {
                 return Err(Error::Unauthenticated(
                     "this node's Replicator needs the cluster's token: the caller sent none, \
-                     or another (every node needs the same --cluster-token-file)"
+                     or another (every node needs a token of the others' --cluster-token-file)"
                         .into(),
                 )
                 .into());
@@ -263,7 +287,45 @@ impl Replicator for ReplicatorService {
 
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::*;
+
+    fn call(token: Option<&str>) -> Request<()> {
+        let mut request = Request::new(());
+        if let Some(token) = token {
+            let value = tonic::metadata::BinaryMetadataValue::from_bytes(token.as_bytes());
+            request
+                .metadata_mut()
+                .insert_bin(crate::peer::TOKEN_HEADER, value);
+        }
+        request
+    }
+
+    #[test]
+    fn any_of_the_cluster_tokens_lets_a_call_in() {
+        let tokens = ClusterToken::several(["new", "old"]).unwrap();
+        let mut check = SenderCheck::new("node1".into(), Some(tokens), false);
+        assert!(check.call(call(Some("new"))).is_ok());
+        assert!(check.call(call(Some("old"))).is_ok());
+        for refused in [None, Some("other"), Some("ne"), Some("newold")] {
+            let status = check.call(call(refused)).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        }
+    }
+
+    #[test]
+    fn a_call_without_a_certificate_is_refused_when_the_cluster_has_a_ca() {
+        // A request that came over no TLS connection carries no certificates.
+        let mut check = SenderCheck::new("node1".into(), None, true);
+        let status = check.call(call(None)).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated);
+        assert!(
+            status.message().contains("--tls-ca"),
+            "{}",
+            status.message()
+        );
+        let mut open = SenderCheck::new("node1".into(), None, false);
+        assert!(open.call(call(None)).is_ok());
+    }
 
     #[test]
     fn only_the_same_secret_matches() {

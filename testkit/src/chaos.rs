@@ -117,6 +117,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
         .map(String::from)
         .to_vec(),
         proxied: true,
+        tls: None,
     })
     .await?;
     let mut report = ChaosReport {

@@ -7,6 +7,7 @@
 //! - [`chaos`]: the seeded chaos run behind `cargo xtask chaos`, built from both.
 //! - [`supervise`]: the local cluster behind `cargo xtask cluster`: nodes whose log lines are
 //!   prefixed with their name, reported when they exit, restarted on request.
+//! - [`tls`]: a throwaway CA and the certificates it signs, for TLS clusters.
 //! - [`Error`]: this crate's one error enum.
 //!
 //! Everything binds loopback addresses only, and stops the processes it started by PID.
@@ -15,6 +16,7 @@ pub mod chaos;
 pub mod process;
 pub mod proxy;
 pub mod supervise;
+pub mod tls;
 
 pub use process::ProcessCluster;
 pub use proxy::Proxy;
@@ -36,4 +38,7 @@ pub enum Error {
     Transport(#[from] tonic::transport::Error),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// A test certificate could not be made.
+    #[error("certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
 }

@@ -16,6 +16,7 @@ use kvstore::client::Client;
 
 use crate::Error;
 use crate::proxy::Proxy;
+use crate::tls::ClusterPki;
 
 /// How long a node gets to start accepting connections.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +40,9 @@ pub struct ClusterSpec {
     /// Link nodes through [`Proxy`]s (so they can be partitioned) rather than directly (as a
     /// benchmark wants, with nothing in between).
     pub proxied: bool,
+    /// Serve TLS with these certificates, node i with its own and every node with the CA;
+    /// [`ProcessCluster::client`] then talks TLS with the client certificate.
+    pub tls: Option<ClusterPki>,
 }
 
 struct Node {
@@ -159,9 +163,14 @@ impl ProcessCluster {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
-    /// A client of node `i`.
+    /// A client of node `i`, over TLS if the cluster serves it.
     pub fn client(&self, i: usize) -> Client {
-        Client::new(&self.addr(i), Duration::from_secs(10)).expect("valid address")
+        let tls = (self.spec.tls.as_ref()).map(|pki| {
+            pki.client_config()
+                .expect("the cluster's own certificates load")
+        });
+        Client::with_tls(&self.addr(i), Duration::from_secs(10), tls.as_ref())
+            .expect("valid address")
     }
 
     fn spawn_with(&mut self, i: usize, extra: &[&str]) -> Result<(), Error> {
@@ -194,6 +203,9 @@ impl ProcessCluster {
                     .expect("a direct cluster's nodes have addresses");
                 cmd.arg("--peer").arg(other.to_string());
             }
+        }
+        if let Some(pki) = &self.spec.tls {
+            cmd.args(pki.node_args(i));
         }
         cmd.args(&self.spec.extra_args)
             .args(extra)

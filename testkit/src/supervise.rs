@@ -17,6 +17,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::Error;
+use crate::tls::ClusterPki;
 
 /// How long a node gets to stop after SIGTERM before it is killed: its shutdown grace (10 s by
 /// default) and the drain after it.
@@ -33,6 +34,22 @@ pub struct Plan {
     pub data_root: PathBuf,
     /// Flags added to every node's command line.
     pub extra_args: Vec<String>,
+    /// Serve TLS, node N with its own certificate and every node with the CA.
+    pub tls: Option<ClusterPki>,
+}
+
+impl Plan {
+    /// The arguments of `kvstore-cli` that open a REPL on the first node, e.g.
+    /// `--tls-ca target/cluster/tls/ca.pem 5001`.
+    pub fn repl_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(pki) = &self.tls {
+            args.push("--tls-ca".to_string());
+            args.push(pki.ca.display().to_string());
+        }
+        args.push(self.ports.first().map_or(0, |p| *p).to_string());
+        args
+    }
 }
 
 /// Where the cluster's output goes (its own lines and the nodes'), shared with the threads
@@ -122,6 +139,9 @@ impl Supervisor {
             .arg(plan.data_root.join(format!("node{}", i + 1)));
         for peer in plan.ports.iter().filter(|p| **p != port) {
             cmd.arg("--peer").arg(format!("127.0.0.1:{peer}"));
+        }
+        if let Some(pki) = &plan.tls {
+            cmd.args(pki.node_args(i));
         }
         cmd.args(&plan.extra_args)
             .stdin(Stdio::null())

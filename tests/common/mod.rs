@@ -16,6 +16,28 @@ use tokio::sync::oneshot;
 /// machine's load.
 pub const PATIENT: Duration = Duration::from_secs(10);
 
+/// Runs `kvstore-cli args...` with `stdin` piped in; returns (success, stdout, stderr).
+pub fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvstore-cli"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
 /// Default settings, with a [`PATIENT`] replication deadline.
 pub fn patient() -> NodeConfig {
     NodeConfig {

@@ -7,9 +7,11 @@ tests/compat/seed.proto by grpcio-tools (which carries its own protoc: the Rust 
 needs none). It knows nothing of our additions, so every answer it reads also shows that the
 added fields are ignored by an old client as proto3 promises.
 
-Usage: seed_client.py ADDR0 ADDR1 ADDR2 (three nodes of one cluster, host:port). It prints a
-transcript of what it saw, one line per call, which the Rust test compares with the expected
-one; it exits non-zero only when it cannot run at all.
+Usage: seed_client.py [--tls-ca CA.pem] ADDR0 ADDR1 ADDR2 (three nodes of one cluster,
+host:port). It prints a transcript of what it saw, one line per call, which the Rust test
+compares with the expected one; it exits non-zero only when it cannot run at all. With
+--tls-ca it talks TLS, checking the nodes' certificates against that CA, and first tries one
+call in the clear, which a node serving TLS must refuse.
 """
 
 import os
@@ -64,19 +66,36 @@ def code_of(call):
 
 def main():
     addrs = sys.argv[1:]
+    ca = None
+    if addrs[:1] == ["--tls-ca"] and len(addrs) > 1:
+        with open(addrs[1], "rb") as f:
+            ca = f.read()
+        addrs = addrs[2:]
     if len(addrs) != 3:
-        print("usage: seed_client.py ADDR0 ADDR1 ADDR2", file=sys.stderr)
+        print("usage: seed_client.py [--tls-ca CA.pem] ADDR0 ADDR1 ADDR2", file=sys.stderr)
         sys.exit(2)
     with tempfile.TemporaryDirectory() as out:
         pb, rpc = generate(out)
         from google.protobuf import empty_pb2
 
         # grpc core would follow http_proxy even to 127.0.0.1.
-        channels = [grpc.insecure_channel(a, options=[("grpc.enable_http_proxy", 0)]) for a in addrs]
-        kv = [rpc.KVStoreStub(c) for c in channels]
-        # Calls take milliseconds; 5 s each keeps all 15 inside the Rust test's 120 s, so a
+        options = [("grpc.enable_http_proxy", 0)]
+        # Calls take milliseconds; 5 s each keeps all 16 inside the Rust test's 120 s, so a
         # stuck call shows in the transcript rather than as a killed process.
         timeout = 5
+        lines = []
+        if ca is None:
+            channels = [grpc.insecure_channel(a, options=options) for a in addrs]
+        else:
+            clear = grpc.insecure_channel(addrs[0], options=options)
+            _, error = code_of(
+                lambda: rpc.KVStoreStub(clear).Get(pb.Key(key="name"), timeout=timeout)
+            )
+            lines.append(f"get in the clear: {error[0] if error else 'answered'}")
+            clear.close()
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+            channels = [grpc.secure_channel(a, credentials, options=options) for a in addrs]
+        kv = [rpc.KVStoreStub(c) for c in channels]
 
         def put(node, key, value):
             ack, error = code_of(lambda: kv[node].Put(pb.KeyValue(key=key, value=value), timeout=timeout))
@@ -99,7 +118,6 @@ def main():
                 return f"list on node {node}: {error[0]}"
             return f"list on node {node}: " + ", ".join(f"{k}={v}" for k, v in pairs)
 
-        lines = []
         # The seed's own session: put on one node, read it from every node, list it.
         lines.append(put(0, "name", "Adnan"))
         for node in range(3):

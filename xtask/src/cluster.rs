@@ -1,7 +1,8 @@
 //! `cargo xtask cluster`: builds `kvstore-server` and runs N nodes on consecutive loopback
 //! ports, each peered with all the others, under `kvstore_testkit::supervise`: every log line
 //! prefixed with its node, a node that dies reported while the others go on, `restart N` typed
-//! here to start it again, and Ctrl-C (or `stop`) to stop them all.
+//! here to start it again, and Ctrl-C (or `stop`) to stop them all. With `--tls`, over mutual
+//! TLS with a throwaway CA.
 
 use std::io::BufRead;
 use std::sync::{Arc, Mutex, mpsc};
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use kvstore_testkit::supervise::{self, Plan, Supervisor};
+use kvstore_testkit::tls::ClusterPki;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -21,6 +23,10 @@ pub struct Args {
     /// Build and run the release binary.
     #[arg(long)]
     release: bool,
+    /// Serve TLS: a throwaway CA and a certificate per node (and one for a client) are made
+    /// under target/cluster/tls, and the nodes talk mutual TLS to each other.
+    #[arg(long)]
+    tls: bool,
     /// Extra flags passed to every node, after `--` (e.g. `-- --write-quorum all`).
     #[arg(last = true)]
     server_args: Vec<String>,
@@ -42,12 +48,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let server = crate::build::build(&["kvstore-server"], args.release)?.join("kvstore-server");
+    let data_root = crate::build::target_dir()?.join("cluster");
+    let tls = args
+        .tls
+        .then(|| ClusterPki::create(&data_root.join("tls"), usize::from(args.nodes)))
+        .transpose()
+        .context("making the cluster's TLS certificates")?;
     let plan = Plan {
         server,
         ports: (0..args.nodes).map(|i| args.base_port + i).collect(),
-        data_root: crate::build::target_dir()?.join("cluster"),
+        data_root,
         extra_args: args.server_args,
+        tls,
     };
+    let repl = plan.repl_args().join(" ");
 
     let (input, inputs) = mpsc::channel();
     let interrupt = input.clone();
@@ -69,9 +83,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let nodes = plan.ports.len();
     let mut cluster = Supervisor::start(plan, Arc::new(Mutex::new(std::io::stdout())))?;
     cluster.say(&format!(
-        "{nodes} nodes on 127.0.0.1:{}-{last}; open a REPL with `cargo run --bin kvstore-cli -- {}`; {}",
+        "{nodes} nodes on 127.0.0.1:{}-{last}{}; open a REPL with `cargo run --bin kvstore-cli -- {repl}`; {}",
         args.base_port,
-        args.base_port,
+        if args.tls { " over TLS" } else { "" },
         supervise::HELP
     ));
     let clean = loop {
