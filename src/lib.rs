@@ -10,6 +10,7 @@
 //! - [`peer`]: the gRPC link a replication actor uses to reach its peer.
 //! - [`config`]: every flag of `kvstore-server`, the node's settings and input limits.
 //! - [`wire`]: wire messages into the actors' types, checked.
+//! - [`metrics`]: the Prometheus series and the exposition served at `GET /metrics`.
 //!
 //! The client: [`client`] and [`shell`], what `kvstore-cli` is made of; [`shell::Shell`]
 //! executes one REPL line and returns its output, so whole sessions are testable without a
@@ -35,6 +36,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod net;
 pub mod pb;
 pub mod peer;

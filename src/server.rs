@@ -20,11 +20,13 @@ use tracing::Instrument;
 use crate::Node;
 use crate::config::NodeConfig;
 use crate::error::Error;
+use crate::metrics::{NodeMetrics, NodeState};
 use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
 use crate::peer::{GrpcPeer, PeerSettings};
 use crate::service::Starting;
 use crate::service::kv::KvService;
+use crate::service::observe::{Observe, Scrape};
 use crate::service::replicator::{ReplicatorService, SenderCheck};
 use crate::service::request_errors::RequestErrors;
 use tonic_health::ServingStatus;
@@ -82,6 +84,20 @@ async fn serve(
     // UNAVAILABLE until its actors are up.
     let starting = Starting::default();
     let rpc_spans = RpcSpans::new(span);
+    let metrics = Arc::new(NodeMetrics::default());
+    let scrape: Scrape = {
+        let (metrics, starting, node_id) = (metrics.clone(), starting.clone(), node_id.clone());
+        Arc::new(move || {
+            let (metrics, starting, node_id) = (metrics.clone(), starting.clone(), node_id.clone());
+            Box::pin(async move {
+                let state = match starting.get() {
+                    Some(node) => Some(NodeState::read(node).await),
+                    None => None,
+                };
+                crate::metrics::render(&metrics, &node_id, state.as_ref())
+            })
+        })
+    };
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
@@ -92,9 +108,16 @@ async fn serve(
         server = server.tls_config(tls.server_config())?;
     }
     let serve = server
+        // HTTP/1.1 as well as HTTP/2 on the one port, for `GET /metrics` from a scraper that
+        // speaks only HTTP/1.1; gRPC calls need HTTP/2 and get it.
+        .accept_http1(true)
         // Each call inside an `rpc` span naming its method, inside the node's (tonic serves
         // connections in tasks of their own, outside any span).
         .trace_fn(move |request| rpc_spans.span(request.uri().path()))
+        .layer(Observe {
+            metrics: metrics.clone(),
+            scrape,
+        })
         .layer(RequestErrors {
             max_message_bytes: max_message,
         })
@@ -146,7 +169,7 @@ async fn serve(
     tokio::pin!(serve);
 
     let node = tokio::select! {
-        node = start(&config, &node_id, addr) => node,
+        node = start(&config, &node_id, addr, &metrics) => node,
         // Stopped (or failed) before it started.
         served = &mut serve => {
             signalled.abort();
@@ -209,6 +232,7 @@ async fn start(
     config: &NodeConfig,
     node_id: &str,
     addr: std::net::SocketAddr,
+    metrics: &NodeMetrics,
 ) -> Result<Arc<Node>, Error> {
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
@@ -236,6 +260,7 @@ async fn start(
                 compact_after_bytes: config.compact_after_bytes,
                 repair: config.repair_truncate,
                 tombstone_grace: config.tombstone_grace,
+                metrics: metrics.storage.clone(),
             };
             let opened = std::time::Instant::now();
             let path = dir.clone();

@@ -5,9 +5,7 @@
 //! Two checks: the descriptors of both protos, compiled by protox, are compared field by field
 //! and method by method; and a Python grpcio client generated from the original proto runs the
 //! original session (and its errors) against a real cluster. The Python side needs `grpcio`
-//! and `grpcio-tools`: `KVSTORE_COMPAT_PYTHON` may name an interpreter that has them; without
-//! it, the test installs pinned versions from the package registry into a virtualenv under
-//! `target/` the first time it runs, and fails with a clear message only if it cannot.
+//! and `grpcio-tools`, which [`common::python`] provides.
 
 mod common;
 
@@ -175,73 +173,10 @@ fn the_contract_check_reports_each_kind_of_break() {
     );
 }
 
-/// The grpcio packages the Python client is run with: pinned, so that the test is the same on
-/// every machine.
-const GRPCIO: [&str; 2] = ["grpcio==1.84.0", "grpcio-tools==1.84.0"];
-
-/// The interpreter for the Python client: `KVSTORE_COMPAT_PYTHON` if set, else a virtualenv
-/// under `target/` with [`GRPCIO`] in it, made on first use.
-fn python() -> PathBuf {
-    match std::env::var_os("KVSTORE_COMPAT_PYTHON") {
-        Some(python) => PathBuf::from(python),
-        None => provisioned_python(),
-    }
-}
-
-/// Makes (once; later runs find it ready) a virtualenv under `target/` holding [`GRPCIO`], and
-/// returns its interpreter. A lock file keeps two test processes from building it at once.
-fn provisioned_python() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compat-venv");
-    let python = dir.join("bin").join("python");
-    let ready = dir.join("ready");
-    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
-    let lock = std::fs::File::create(dir.with_extension("lock")).unwrap();
-    lock.lock().expect("locking the compat virtualenv");
-    let wanted = GRPCIO.join(" ");
-    if std::fs::read_to_string(&ready).is_ok_and(|have| have == wanted) {
-        return python;
-    }
-    let _ = std::fs::remove_dir_all(&dir);
-    let run = |program: &Path, args: &[&str], what: &str| {
-        let output = std::process::Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{what}: running {}: {e}", program.display()));
-        assert!(
-            output.status.success(),
-            "{what} failed ({}). The wire-compatibility test needs Python 3 with venv and pip, \
-             and the Python package registry (PyPI), or KVSTORE_COMPAT_PYTHON set to an \
-             interpreter that has {wanted}.\n{}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr),
-        );
-    };
-    let dir_arg = dir.to_str().expect("a UTF-8 target dir");
-    run(
-        Path::new("python3"),
-        &["-m", "venv", dir_arg],
-        "creating a virtualenv for grpcio",
-    );
-    let mut install = vec![
-        "-m",
-        "pip",
-        "install",
-        "--quiet",
-        "--disable-pip-version-check",
-    ];
-    install.extend(GRPCIO);
-    run(
-        &python,
-        &install,
-        "installing grpcio from the package registry",
-    );
-    std::fs::write(&ready, &wanted).unwrap();
-    python
-}
-
 async fn run_seed_client(script: &Path, args: &[&str]) -> String {
-    let python = tokio::task::spawn_blocking(python).await.unwrap();
+    let python = tokio::task::spawn_blocking(common::python::python)
+        .await
+        .unwrap();
     let mut command = tokio::process::Command::new(&python);
     command
         .arg(script)

@@ -122,6 +122,7 @@ fn log(c: &mut Criterion) {
                 compact_after_bytes: u64::MAX,
                 repair: false,
                 tombstone_grace: std::time::Duration::from_secs(3600),
+                metrics: Default::default(),
             };
             let mut storage = Storage::open(dir.path(), &config).unwrap().storage;
             let mut i = 0u64;

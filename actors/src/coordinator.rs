@@ -14,6 +14,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -187,6 +188,9 @@ pub struct Coordinator<P: PeerClient> {
     clock: Arc<crate::clock::Clock>,
     /// Whether the node refused writes at the last check of its clock (see `clock_check`).
     refusing_writes: std::sync::atomic::AtomicBool,
+    /// Writes this node took from clients that met the write quorum, and that did not.
+    quorum_met: AtomicU64,
+    quorum_missed: AtomicU64,
 }
 
 /// What the store's refusal of a write, or its absence, means to a caller.
@@ -242,6 +246,10 @@ pub struct PeerStatus {
     /// How far the peer's clock is ahead of this node's (negative: behind), in nanoseconds,
     /// as last measured.
     pub clock_offset: Option<i64>,
+    /// Writes waiting for a batch to the peer or being delivered.
+    pub in_flight: u64,
+    /// Anti-entropy rounds with the peer, and what they repaired.
+    pub anti_entropy: crate::health::AntiEntropyCounts,
 }
 
 impl<P: PeerClient> Coordinator<P> {
@@ -299,6 +307,8 @@ impl<P: PeerClient> Coordinator<P> {
             ticker,
             clock,
             refusing_writes: std::sync::atomic::AtomicBool::new(false),
+            quorum_met: AtomicU64::new(0),
+            quorum_missed: AtomicU64::new(0),
         }
     }
 
@@ -326,6 +336,15 @@ impl<P: PeerClient> Coordinator<P> {
         &self.clock
     }
 
+    /// Writes taken from clients since the node started that met the write quorum, and that
+    /// did not (kept here, and delivered to the peers later).
+    pub fn write_outcomes(&self) -> (u64, u64) {
+        (
+            self.quorum_met.load(Ordering::Relaxed),
+            self.quorum_missed.load(Ordering::Relaxed),
+        )
+    }
+
     /// The node's state: its store and every peer's health.
     pub async fn status(&self) -> Result<NodeStatus, Error> {
         let store = self
@@ -349,6 +368,8 @@ impl<P: PeerClient> Coordinator<P> {
                     last_contact: p.health.last_contact(),
                     confirmed_batches,
                     confirmed_writes,
+                    in_flight: p.health.in_flight(),
+                    anti_entropy: p.health.anti_entropy(),
                 }
             })
             .collect();
@@ -608,6 +629,12 @@ impl<P: PeerClient> Coordinator<P> {
             failures,
             version: write.entry.version,
         };
+        let counter = if outcome.ok() {
+            &self.quorum_met
+        } else {
+            &self.quorum_missed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         if !outcome.failures.is_empty() {
             tracing::warn!(
                 acks = outcome.acks,

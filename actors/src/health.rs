@@ -44,6 +44,17 @@ impl std::fmt::Display for PeerState {
     }
 }
 
+/// Anti-entropy with one peer, counted since the node started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AntiEntropyCounts {
+    pub rounds: u64,
+    pub failed: u64,
+    /// Entries received that were newer than this node's.
+    pub pulled: u64,
+    /// Entries sent to the peer.
+    pub pushed: u64,
+}
+
 /// A peer's health, shared between its replication actor (which sees deliveries) and the
 /// coordinator (which sees a full mailbox). Atomics, because both sides only ever set flags.
 #[derive(Debug)]
@@ -58,6 +69,15 @@ pub struct PeerHealth {
     /// Batches and writes the peer has confirmed, since this node started.
     batches: AtomicU64,
     writes: AtomicU64,
+    /// Writes handed to the replication actor and not yet answered: waiting for a batch, or in
+    /// the batch being delivered.
+    in_flight: AtomicU64,
+    /// Anti-entropy rounds with the peer that completed and that failed, and the entries they
+    /// brought here (pulled) and sent there (pushed), since this node started.
+    rounds: AtomicU64,
+    rounds_failed: AtomicU64,
+    repaired_here: AtomicU64,
+    repaired_there: AtomicU64,
     /// Milliseconds after `born` of the last successful exchange, plus one (0: never).
     last_contact: AtomicU64,
     born: Instant,
@@ -78,6 +98,11 @@ impl PeerHealth {
             backlog: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            rounds: AtomicU64::new(0),
+            rounds_failed: AtomicU64::new(0),
+            repaired_here: AtomicU64::new(0),
+            repaired_there: AtomicU64::new(0),
             last_contact: AtomicU64::new(0),
             born: Instant::now(),
             clock_beyond: AtomicBool::new(false),
@@ -137,6 +162,41 @@ impl PeerHealth {
             self.batches.load(Ordering::Relaxed),
             self.writes.load(Ordering::Relaxed),
         )
+    }
+
+    /// Writes waiting for a batch or being delivered to the peer.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_in_flight(&self, writes: usize) {
+        self.in_flight.store(writes as u64, Ordering::Relaxed);
+    }
+
+    /// Anti-entropy with the peer since this node started: rounds completed, rounds failed,
+    /// entries pulled from it and entries pushed to it.
+    pub fn anti_entropy(&self) -> AntiEntropyCounts {
+        AntiEntropyCounts {
+            rounds: self.rounds.load(Ordering::Relaxed),
+            failed: self.rounds_failed.load(Ordering::Relaxed),
+            pulled: self.repaired_here.load(Ordering::Relaxed),
+            pushed: self.repaired_there.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_round(&self, outcome: Option<(usize, usize)>) {
+        match outcome {
+            Some((pulled, pushed)) => {
+                self.rounds.fetch_add(1, Ordering::Relaxed);
+                self.repaired_here
+                    .fetch_add(pulled as u64, Ordering::Relaxed);
+                self.repaired_there
+                    .fetch_add(pushed as u64, Ordering::Relaxed);
+            }
+            None => {
+                self.rounds_failed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub(crate) fn count_confirmed(&self, writes: usize) {

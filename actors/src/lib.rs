@@ -84,7 +84,7 @@ pub use health::{PeerHealth, PeerState};
 pub use peer::{PeerClient, PeerError};
 pub use replication::ReplicationActor;
 pub use storage::record::MAX_WRITE_BYTES;
-pub use storage::{Storage, StorageConfig, SyncMode};
+pub use storage::{Storage, StorageConfig, StorageMetrics, SyncMode};
 pub use store::{StoreActor, StoreReader, StoreStats};
 pub use version::{NodeId, Version};
 

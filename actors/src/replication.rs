@@ -89,6 +89,8 @@ pub struct ReplicationActor<P: PeerClient> {
     pending: Vec<(Write, Waiter)>,
     /// The task delivering the batch in flight, if one is.
     in_flight: Option<tokio::task::JoinHandle<()>>,
+    /// Writes in the batch in flight.
+    sending: usize,
     /// The tasks of a redelivery and of an anti-entropy round, if they run: the actor's own
     /// work, which ends with it (see `on_stop`).
     redelivery: Option<AbortHandle>,
@@ -126,6 +128,7 @@ impl<P: PeerClient> ReplicationActor<P> {
             client,
             pending: Vec::new(),
             in_flight: None,
+            sending: 0,
             redelivery: None,
             resync: None,
             pending_capacity,
@@ -231,6 +234,12 @@ impl<P: PeerClient> ReplicationActor<P> {
             self.pending.push((write, waiter));
             self.flush(me);
         }
+        self.note_in_flight();
+    }
+
+    /// Publishes how many writes wait for a batch or are being delivered.
+    fn note_in_flight(&self) {
+        self.health.set_in_flight(self.pending.len() + self.sending);
     }
 
     /// A delivery succeeded: the peer is up, and if it missed writes, a resync starts now.
@@ -252,6 +261,7 @@ impl<P: PeerClient> ReplicationActor<P> {
         );
         let (writes, waiters): (Vec<Write>, Vec<Waiter>) = self.pending.drain(..n).unzip();
         self.pending_bytes -= writes.iter().map(write_size).sum::<usize>();
+        self.sending = writes.len();
         let client = self.client.clone();
         let task = tokio::spawn(
             async move {
@@ -318,7 +328,9 @@ impl<P: PeerClient> ReplicationActor<P> {
         );
         let task = tokio::spawn(
             async move {
-                match antientropy::sync(&client, &store, &reader).await {
+                let round = antientropy::sync(&client, &store, &reader).await;
+                health.count_round(round.as_ref().ok().map(|r| (r.pulled, r.pushed)));
+                match round {
                     Ok(report) => {
                         // A round is an exchange like any delivery: the peer is up (and, if it
                         // was lagging and nothing was missed meanwhile, caught up).
@@ -462,6 +474,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
 
     async fn handle(&mut self, msg: Delivered, ctx: &mut Context<Self, Self::Reply>) {
         self.in_flight = None;
+        self.sending = 0;
         match msg.result {
             Ok(rejected) => {
                 // The peer answered: it is up, even if it rejected some writes. Those it would
@@ -488,6 +501,7 @@ impl<P: PeerClient> Message<Delivered> for ReplicationActor<P> {
                 self.schedule_redelivery(ctx.actor_ref().downgrade());
             }
         }
+        self.note_in_flight();
     }
 }
 

@@ -2,6 +2,7 @@
 //! node's actors, and maps the reply to a response; the logic lives in the actors.
 
 pub mod kv;
+pub mod observe;
 pub mod replicator;
 pub mod request_errors;
 
@@ -28,6 +29,11 @@ impl Starting {
     pub fn started(&self, node: Arc<Node>) {
         let _ = self.0.node.set(node);
         self.0.started.notify_waiters();
+    }
+
+    /// The node, if it has started.
+    pub fn get(&self) -> Option<&Arc<Node>> {
+        self.0.node.get()
     }
 
     /// The node, once it has started.

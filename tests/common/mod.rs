@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod python;
+
 use std::time::Duration;
 
 use kvstore::client::Client;

@@ -38,6 +38,7 @@
 //! the map (it owns every change to it).
 
 pub mod fs;
+pub mod metrics;
 pub mod record;
 pub mod scan;
 pub mod snapshot;
@@ -53,6 +54,7 @@ use crate::entry::{Map, Slot, Write, new_map};
 use crate::error::Error;
 use crate::version::NodeId;
 use fs::{DataDir, OsDir};
+pub use metrics::StorageMetrics;
 use scan::OnDamage;
 pub use writer::{Durable, SyncMode};
 
@@ -70,6 +72,8 @@ pub struct StorageConfig {
     pub repair: bool,
     /// Tombstones older than this are dropped at the next snapshot.
     pub tombstone_grace: Duration,
+    /// Where the log's measurements go.
+    pub metrics: StorageMetrics,
 }
 
 /// What recovery found.
@@ -100,6 +104,7 @@ pub struct Storage {
     compact_after_bytes: u64,
     tombstone_grace: Duration,
     compaction: Arc<Compaction>,
+    metrics: StorageMetrics,
     purges: mpsc::Receiver<Purge>,
     purge_tx: mpsc::Sender<Purge>,
 }
@@ -252,7 +257,14 @@ impl Storage {
                 (base, file, record::LOG_HEADER_LEN as u64, nonce)
             }
         };
-        let writer = writer::LogWriter::start(dir.clone(), file, len, nonce, config.sync);
+        let writer = writer::LogWriter::start(
+            dir.clone(),
+            file,
+            len,
+            nonce,
+            config.sync,
+            config.metrics.clone(),
+        );
         report.keys = map.len();
         let map = Arc::new(map);
         let (purge_tx, purges) = mpsc::channel();
@@ -268,6 +280,7 @@ impl Storage {
                 compact_after_bytes: config.compact_after_bytes,
                 tombstone_grace: config.tombstone_grace,
                 compaction: Arc::default(),
+                metrics: config.metrics.clone(),
                 purges,
                 purge_tx,
             },
@@ -335,6 +348,7 @@ impl Storage {
         let rotated = self.writer.rotate(next);
         self.generation = next;
         let (dir, map, compaction) = (self.dir.clone(), self.map.clone(), self.compaction.clone());
+        let metrics = self.metrics.clone();
         let purges = self.purge_tx.clone();
         let purge_before = crate::clock::now_minus(self.tombstone_grace);
         let span = tracing::Span::current();
@@ -353,6 +367,7 @@ impl Storage {
                         expired_tombstones = encoded.expired.len(),
                         "snapshot written, older logs dropped"
                     );
+                    metrics.snapshots.inc();
                     if !encoded.expired.is_empty() {
                         let _ = purges.send(Purge {
                             keys: encoded.expired,
@@ -362,6 +377,7 @@ impl Storage {
                     Ok(())
                 });
                 if let Err(error) = result {
+                    metrics.snapshots_failed.inc();
                     tracing::error!(%error, "compaction failed; keeping the logs, retrying later");
                     *compaction
                         .not_before
@@ -413,6 +429,7 @@ pub(crate) mod tests {
             compact_after_bytes: u64::MAX,
             repair: false,
             tombstone_grace: Duration::from_secs(3600),
+            metrics: StorageMetrics::default(),
         }
     }
 

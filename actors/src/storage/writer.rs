@@ -166,6 +166,7 @@ impl LogWriter {
         len: u64,
         nonce: u32,
         sync: SyncMode,
+        metrics: super::StorageMetrics,
     ) -> Self {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
@@ -184,6 +185,7 @@ impl LogWriter {
             poisoned: None,
             dirty_since: None,
             kept: Vec::new(),
+            metrics,
         };
         // Its log lines belong to the node that started it.
         let span = tracing::Span::current();
@@ -290,6 +292,8 @@ struct WriterThread {
     poisoned: Option<LogError>,
     /// When the first unsynced byte was written (interval mode).
     dirty_since: Option<Instant>,
+    /// Where fsync times and group sizes go.
+    metrics: super::StorageMetrics,
     /// Records of groups whose append failed: in the store's map, not yet in the log. Written
     /// before anything else.
     kept: Vec<u8>,
@@ -422,6 +426,11 @@ impl WriterThread {
             kept
         };
         let result = self.write(&records, sync);
+        if !waiters.is_empty() {
+            self.metrics
+                .group_commit_writes
+                .observe(waiters.len() as f64);
+        }
         match &result {
             Ok(()) => {
                 self.shared
@@ -483,7 +492,12 @@ impl WriterThread {
         if self.dirty_since.is_none() || self.poisoned.is_some() {
             return;
         }
-        match self.file.sync() {
+        let started = Instant::now();
+        let synced = self.file.sync();
+        self.metrics
+            .fsync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match synced {
             Ok(()) => {
                 self.dirty_since = None;
                 self.synced = self.len;
@@ -539,6 +553,14 @@ pub(crate) mod tests {
 
     /// A writer on a new log (generation 0) in `dir`.
     fn writer(dir: &CrashDir, sync: SyncMode) -> LogWriter {
+        measured_writer(dir, sync, super::super::StorageMetrics::default())
+    }
+
+    fn measured_writer(
+        dir: &CrashDir,
+        sync: SyncMode,
+        metrics: super::super::StorageMetrics,
+    ) -> LogWriter {
         let (file, nonce) = create_log(dir, 0).unwrap();
         LogWriter::start(
             Arc::new(dir.clone()),
@@ -546,7 +568,39 @@ pub(crate) mod tests {
             LOG_HEADER_LEN as u64,
             nonce,
             sync,
+            metrics,
         )
+    }
+
+    #[tokio::test]
+    async fn each_group_commit_and_each_fsync_is_measured() {
+        let dir = CrashDir::default();
+        let metrics = super::super::StorageMetrics::default();
+        let w = measured_writer(&dir, SyncMode::Always, metrics.clone());
+        w.append(framed("one")).wait().await.unwrap();
+        assert_eq!(metrics.group_commit_writes.count(), 1);
+        assert_eq!(metrics.group_commit_writes.sum(), 1.0);
+        let fsyncs = metrics.fsync_seconds.count();
+        assert!(fsyncs >= 1, "the acknowledged write was synced");
+        // Three appends queued while the thread is busy share one group and one fsync, or
+        // take more groups; either way every write is counted once.
+        let pending = [
+            w.append(framed("a")),
+            w.append(framed("b")),
+            w.append(framed("c")),
+        ];
+        for durable in pending {
+            durable.wait().await.unwrap();
+        }
+        assert_eq!(metrics.group_commit_writes.sum(), 4.0);
+        assert!(metrics.fsync_seconds.count() > fsyncs);
+        // Without fsync, nothing is measured as one.
+        let never = CrashDir::default();
+        let unsynced = super::super::StorageMetrics::default();
+        let w = measured_writer(&never, SyncMode::Never, unsynced.clone());
+        w.append(framed("one")).wait().await.unwrap();
+        assert_eq!(unsynced.group_commit_writes.count(), 1);
+        assert_eq!(unsynced.fsync_seconds.count(), 0);
     }
 
     fn log(dir: &CrashDir, generation: u64) -> Vec<u8> {
