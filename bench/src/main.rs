@@ -33,6 +33,8 @@ use anyhow::Context;
 use clap::Parser;
 use kvstore_testkit::ProcessCluster;
 use kvstore_testkit::process::ClusterSpec;
+use kvstore_testkit::tls::ClusterPki;
+use tonic::transport::ClientTlsConfig;
 use serde::Serialize;
 
 use load::{Figures, Workload};
@@ -101,6 +103,10 @@ pub struct Args {
     /// A/B mode: node flags for the second cluster (its binary is --b-server, or the same).
     #[arg(long, allow_hyphen_values = true)]
     b_node_args: Option<String>,
+    /// A/B mode: cluster B serves mutual TLS (a throwaway CA and certificates, made under the
+    /// results' scratch dir), and its clients talk TLS: B/A is what TLS costs.
+    #[arg(long)]
+    b_tls: bool,
     /// How many times each cell runs on each target, the targets taking turns; the report
     /// gives the median of each figure.
     #[arg(long, default_value_t = 1)]
@@ -191,6 +197,7 @@ impl Kvstore {
         root: PathBuf,
         nodes: usize,
         extra_args: Vec<String>,
+        tls: Option<&ClusterPki>,
     ) -> anyhow::Result<Self> {
         if let Some(server) = server {
             return Ok(Self::Processes(
@@ -200,7 +207,7 @@ impl Kvstore {
                     root,
                     extra_args,
                     proxied: false,
-                    tls: None,
+                    tls: tls.cloned(),
                 })
                 .await?,
             ));
@@ -219,6 +226,9 @@ impl Kvstore {
             let config = kvstore::NodeConfig {
                 peers: addrs.iter().filter(|a| **a != addrs[i]).cloned().collect(),
                 data_dir: Some(dir.path().join(format!("node{i}"))),
+                tls: tls
+                    .map(|pki| pki.node_tls(i, kvstore::tls::ClientAuth::None))
+                    .transpose()?,
                 ..kvstore::NodeConfig::default()
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -359,23 +369,36 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
             root.join("kvstore"),
             3,
             split(&args.node_args),
+            None,
         );
         list.push(Target::kvstore(
             "kvstore",
             a.await?.addrs_into(&mut kvstores),
+            None,
         ));
-        if args.b_server.is_some() || args.b_node_args.is_some() {
+        if args.b_server.is_some() || args.b_node_args.is_some() || args.b_tls {
             let b_args = split(args.b_node_args.as_deref().unwrap_or(&args.node_args));
             let b_server = args.b_server.clone().or(server.clone());
-            let b = Kvstore::start(b_server, root.join("kvstore-b"), 3, b_args).await?;
-            list.push(Target::kvstore("kvstore-b", b.addrs_into(&mut kvstores)));
+            let pki = match args.b_tls {
+                true => Some(ClusterPki::create(&root.join("kvstore-b-tls"), 3)?),
+                false => None,
+            };
+            let b = Kvstore::start(b_server, root.join("kvstore-b"), 3, b_args, pki.as_ref());
+            let client_tls = pki.as_ref().map(|pki| pki.client_config()).transpose()?;
+            let b = b.await?.addrs_into(&mut kvstores);
+            list.push(Target::kvstore("kvstore-b", b, client_tls));
             results.notes.push(format!(
-                "A/B run: A = kvstore {:?}, B = {} {:?}",
+                "A/B run: A = kvstore {:?}, B = {} {:?}{}",
                 args.node_args,
                 args.b_server
                     .as_ref()
                     .map_or("the same binary".into(), |p| p.display().to_string()),
                 args.b_node_args.as_deref().unwrap_or(&args.node_args),
+                if args.b_tls {
+                    ", serving mutual TLS to its peers and TLS to its clients"
+                } else {
+                    ""
+                },
             ));
         }
         if let Some(binary) = &etcd {
@@ -440,13 +463,13 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                     progress.step(&label(t.name));
                     let batching = t.etcd_serializable.is_none() && workload.writes();
                     let before = match batching {
-                        true => Some(replicated(&t.addrs).await?),
+                        true => Some(replicated(&t.addrs, t.tls.as_ref()).await?),
                         false => None,
                     };
                     let figures = load::run(t.connect(c).await?, workload, keys, duration).await;
                     let writes_per_batch = match before {
                         Some((writes, batches)) => {
-                            let (w, b) = replicated(&t.addrs).await?;
+                            let (w, b) = replicated(&t.addrs, t.tls.as_ref()).await?;
                             // Saturating: a node that restarted mid-cell starts counting anew.
                             // No batch at all: a build without the counters (an older B).
                             let (w, b) = (w.saturating_sub(writes), b.saturating_sub(batches));
@@ -483,10 +506,13 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
 
 /// Writes and batches the kvstore nodes at `addrs` have had confirmed by their peers, summed
 /// over every node and peer.
-async fn replicated(addrs: &[String]) -> anyhow::Result<(u64, u64)> {
+async fn replicated(
+    addrs: &[String],
+    tls: Option<&ClientTlsConfig>,
+) -> anyhow::Result<(u64, u64)> {
     let mut total = (0, 0);
     for addr in addrs {
-        let status = kvstore::client::Client::new(addr, Duration::from_secs(10))?
+        let status = kvstore::client::Client::with_tls(addr, Duration::from_secs(10), tls)?
             .status()
             .await?;
         for peer in status.peers {
@@ -506,15 +532,18 @@ struct Target {
     addrs: Vec<String>,
     /// For etcd: read from the member's local state rather than through Raft.
     etcd_serializable: Option<bool>,
+    /// A kvstore cluster serving TLS: how its clients talk to it.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Target {
-    fn kvstore(name: &'static str, addrs: Vec<String>) -> Self {
+    fn kvstore(name: &'static str, addrs: Vec<String>, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             name,
             cluster: name,
             addrs,
             etcd_serializable: None,
+            tls,
         }
     }
 
@@ -528,6 +557,7 @@ impl Target {
             cluster: "etcd",
             addrs,
             etcd_serializable: Some(serializable),
+            tls: None,
         }
     }
 
@@ -539,7 +569,11 @@ impl Target {
     /// `n` connections of its own.
     async fn connect(&self, n: usize) -> anyhow::Result<Vec<Conn>> {
         match self.etcd_serializable {
-            None => connect(&self.addrs, n, Conn::kvstore).await,
+            None => {
+                let tls = self.tls.clone();
+                let conn = async |a: &str| Conn::kvstore_with(a, tls.clone()).await;
+                connect(&self.addrs, n, conn).await
+            }
             Some(ser) => connect(&self.addrs, n, async |a: &str| Conn::etcd(a, ser).await).await,
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use kvstore::pb::kv_store_client::KvStoreClient;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::pb::echo::Payload;
 use super::pb::echo::echo_client::EchoClient;
@@ -40,16 +40,29 @@ pub enum Conn {
 
 /// A new connection (not shared with any other client) to `addr`.
 pub async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
+    channel_with(addr, None).await
+}
+
+/// A new connection to `addr`, over TLS if `tls` is given.
+pub async fn channel_with(addr: &str, tls: Option<ClientTlsConfig>) -> anyhow::Result<Channel> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?.tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    Ok(endpoint.connect().await?)
 }
 
 impl Conn {
     pub async fn kvstore(addr: &str) -> anyhow::Result<Self> {
+        Self::kvstore_with(addr, None).await
+    }
+
+    /// A kvstore client, over TLS if `tls` is given.
+    pub async fn kvstore_with(addr: &str, tls: Option<ClientTlsConfig>) -> anyhow::Result<Self> {
         Ok(Self::Kv(
-            KvStoreClient::new(channel(addr).await?).max_decoding_message_size(MAX_MESSAGE),
+            KvStoreClient::new(channel_with(addr, tls).await?)
+                .max_decoding_message_size(MAX_MESSAGE),
         ))
     }
 
