@@ -24,7 +24,9 @@ pub fn target_dir() -> anyhow::Result<PathBuf> {
 pub fn build(bins: &[&str], release: bool) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = Command::new(&cargo);
-    build.current_dir(workspace()?).arg("build");
+    // --workspace: the binaries live in several of the workspace's packages (kvstore-bench in
+    // its own), and without it cargo looks in the default package only.
+    build.current_dir(workspace()?).args(["build", "--workspace"]);
     for bin in bins {
         build.args(["--bin", bin]);
     }
