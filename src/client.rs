@@ -94,6 +94,12 @@ impl Client {
         Ok(self.inner.clone().status(()).await?.into_inner())
     }
 
+    /// Every entry the node holds, tombstones included, with its version: the node's side of
+    /// a backup (see [`crate::backup::write`]).
+    pub async fn backup_stream(&self) -> Result<tonic::Streaming<KeyValue>, Status> {
+        Ok(self.inner.clone().backup(()).await?.into_inner())
+    }
+
     /// Every pair the node holds, in key order.
     pub async fn list(&self) -> Result<Vec<(String, String)>, Status> {
         let mut stream = self.inner.clone().list(()).await?.into_inner();

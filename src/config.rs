@@ -139,6 +139,8 @@ pub struct NodeConfig {
     pub clock_skew_nanos: i64,
     /// TLS, if the node serves it: its certificate and key, and the cluster's CA.
     pub tls: Option<NodeTls>,
+    /// A backup to seed the node from before it serves (its data dir must be empty).
+    pub restore: Option<PathBuf>,
 }
 
 /// A cluster's shared secrets: the first is sent, any of them is accepted, so a new token can
@@ -212,6 +214,7 @@ impl Default for NodeConfig {
             max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
             clock_skew_nanos: 0,
             tls: None,
+            restore: None,
         }
     }
 }
@@ -383,6 +386,13 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
 
+    /// Seed this new node from a backup (`kvstore-cli ADDR backup FILE`) before it serves: the
+    /// file is checked whole first (a damaged or cut-short one is refused, naming the byte), and
+    /// --data-dir must be empty. Versions are kept, so the data merges with the cluster's by
+    /// the usual rule; the node's peers get it through anti-entropy.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
+
     /// Which clients must present a certificate from --tls-ca: `none` (only the cluster's
     /// nodes, calling the Replicator) or `require` (every client).
     #[arg(long, value_enum, default_value_t = ClientAuth::None, requires = "tls_ca")]
@@ -496,6 +506,7 @@ impl ServerArgs {
             max_clock_offset: self.max_clock_offset.into(),
             clock_skew_nanos: 0,
             tls,
+            restore: self.restore.clone(),
         };
         Ok((listen, config))
     }

@@ -43,6 +43,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A call this node or client made failed with this status (a backup's stream, say).
+    #[error("{}", .0.message())]
+    Call(tonic::Status),
 }
 
 impl From<kvstore_actors::ReadError> for Error {
@@ -57,6 +60,8 @@ impl From<kvstore_actors::ReadError> for Error {
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {
+            // Passed on as it came.
+            Error::Call(status) => return status.clone(),
             Error::InvalidArgument(_) | Error::InvalidAddress { .. } | Error::Tls { .. } => {
                 Code::InvalidArgument
             }

@@ -12,7 +12,8 @@
 //! - [`wire`]: wire messages into the actors' types, checked.
 //! - [`metrics`]: the Prometheus series and the exposition served at `GET /metrics`.
 //!
-//! The client: [`client`] and [`shell`], what `kvstore-cli` is made of; [`shell::Shell`]
+//! The client: [`client`] and [`shell`], what `kvstore-cli` is made of, and [`backup`], the
+//! backup file it writes and `kvstore-server --restore` reads; [`shell::Shell`]
 //! executes one REPL line and returns its output, so whole sessions are testable without a
 //! terminal.
 //!
@@ -33,6 +34,7 @@
 //!    applies each write that is newer than what it holds, logs the batch, and answers.
 //! 5. The Ack says whether the write quorum was met, and names every peer that missed it.
 
+pub mod backup;
 pub mod client;
 pub mod config;
 pub mod error;

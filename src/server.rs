@@ -252,6 +252,18 @@ async fn start(
     let peers = (config.peers.iter())
         .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
         .collect::<Result<Vec<_>, Error>>()?;
+    // A restore seeds a new node: refused before the data dir is touched if it holds data,
+    // or if the backup is damaged anywhere.
+    if let Some(file) = &config.restore {
+        if let Some(dir) = &config.data_dir {
+            crate::backup::check_empty(dir)?;
+        }
+        let path = file.clone();
+        let summary = tokio::task::spawn_blocking(move || crate::backup::verify(&path))
+            .await
+            .expect("checking a backup panicked")?;
+        tracing::info!(backup = %file.display(), entries = summary.entries, "backup checked; restoring it");
+    }
     let store = match &config.data_dir {
         None => StoreActor::new(clock),
         Some(dir) => {
@@ -294,6 +306,20 @@ async fn start(
             anti_entropy_interval: config.anti_entropy_interval,
         },
     ));
+    if let Some(file) = &config.restore {
+        let restored = restore(&node, file).await;
+        if restored.is_err() {
+            node.shutdown().await;
+        }
+        let summary = restored?;
+        tracing::info!(
+            backup = %file.display(),
+            entries = summary.entries,
+            tombstones = summary.tombstones,
+            "restored; the peers get the data through anti-entropy"
+        );
+        node.resync_peers();
+    }
 
     // One line with every setting in effect, so a log says how the node ran. The cluster
     // token is only said to be set: a secret never reaches a log.
@@ -323,9 +349,30 @@ async fn start(
             None => "none".into(),
         },
         tls = config.tls.as_ref().map_or_else(|| "none".into(), |tls| tls.describe()),
+        restore = ?config.restore,
         "node started"
     );
     Ok(node)
+}
+
+/// Applies the backup at `path` to `node`, a batch at a time, as replicated writes: versions
+/// kept, logged like any other, not sent on to peers.
+async fn restore(node: &Node, path: &std::path::Path) -> Result<crate::backup::Summary, Error> {
+    const BATCH: usize = 1000;
+    let (batches, mut to_apply) = tokio::sync::mpsc::channel(4);
+    let path = path.to_path_buf();
+    let reading = tokio::task::spawn_blocking(move || {
+        crate::backup::read(&path, BATCH, |batch| {
+            // The other end stops only when applying failed, which it reports.
+            batches
+                .blocking_send(batch)
+                .map_err(|_| Error::InvalidArgument("restore stopped".into()))
+        })
+    });
+    while let Some(batch) = to_apply.recv().await {
+        node.apply(batch).await?;
+    }
+    reading.await.expect("reading a backup panicked")
 }
 
 /// The `rpc` span of each method, made once and entered by every call to it: the same name and

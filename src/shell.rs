@@ -6,6 +6,7 @@
 //! anyone's bytes, and must not drive the terminal they are printed on.
 
 use std::borrow::Cow;
+use std::path::Path;
 use std::time::Duration;
 
 use tonic::{Code, Status};
@@ -23,6 +24,7 @@ commands:
   delete KEY      delete KEY
   list            print every pair, in key order
   status          this node's keys and log size, and each peer's state
+  backup FILE     write every entry of this node, with its version, to FILE
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
 
@@ -309,6 +311,14 @@ impl Shell {
                 },
                 Err(status) => self.failure(&status, false),
             },
+            ("backup", [file]) => match crate::backup::write(&self.client, Path::new(file)).await {
+                Ok(summary) => Output::out(format!(
+                    "Backed up {} entries ({} tombstones, {} bytes) to {file}",
+                    summary.entries, summary.tombstones, summary.bytes
+                )),
+                Err(crate::Error::Call(status)) => self.failure(&status, false),
+                Err(error) => Output::error(error.to_string()),
+            },
             ("help", _) => Output {
                 stdout: HELP.lines().map(String::from).collect(),
                 ..Output::default()
@@ -320,6 +330,7 @@ impl Shell {
             ("put", _) => Output::error("usage: put KEY VALUE"),
             ("get", _) => Output::error("usage: get [-q|--quorum] KEY"),
             ("delete" | "del", _) => Output::error("usage: delete KEY"),
+            ("backup", _) => Output::error("usage: backup FILE"),
             ("list" | "status" | "exit" | "quit", _) => Output::error(format!("usage: {command}")),
             (other, _) => Output::error(format!("unknown command '{other}' (try 'help')")),
         }

@@ -192,7 +192,7 @@ async fn reflection_lists_and_describes_every_service_in_both_versions() {
             .flat_map(|service| service.method)
             .map(|method| method.name().to_string())
             .collect();
-        assert_eq!(methods, ["Put", "Get", "List", "Delete", "Status"]);
+        assert_eq!(methods, ["Put", "Get", "List", "Delete", "Status", "Backup"]);
     }
 
     // v1alpha, which older tools still speak

@@ -336,6 +336,15 @@ impl<P: PeerClient> Coordinator<P> {
         &self.clock
     }
 
+    /// Starts an anti-entropy round with every peer now, rather than at the next period: after
+    /// the node was seeded behind replication's back (a restore), say.
+    pub fn resync_peers(&self) {
+        for peer in &self.peers {
+            // A full mailbox means a busy peer; the periodic round will come.
+            let _ = peer.actor.tell(Resync).try_send();
+        }
+    }
+
     /// Writes taken from clients since the node started that met the write quorum, and that
     /// did not (kept here, and delivered to the peers later).
     pub fn write_outcomes(&self) -> (u64, u64) {

@@ -34,8 +34,8 @@ use clap::Parser;
 use kvstore_testkit::ProcessCluster;
 use kvstore_testkit::process::ClusterSpec;
 use kvstore_testkit::tls::ClusterPki;
-use tonic::transport::ClientTlsConfig;
 use serde::Serialize;
+use tonic::transport::ClientTlsConfig;
 
 use load::{Figures, Workload};
 use targets::{Conn, EtcdCluster};
@@ -506,10 +506,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
 
 /// Writes and batches the kvstore nodes at `addrs` have had confirmed by their peers, summed
 /// over every node and peer.
-async fn replicated(
-    addrs: &[String],
-    tls: Option<&ClientTlsConfig>,
-) -> anyhow::Result<(u64, u64)> {
+async fn replicated(addrs: &[String], tls: Option<&ClientTlsConfig>) -> anyhow::Result<(u64, u64)> {
     let mut total = (0, 0);
     for addr in addrs {
         let status = kvstore::client::Client::with_tls(addr, Duration::from_secs(10), tls)?

@@ -1,5 +1,8 @@
-//! `kvstore.v1.KVStore`: the client-facing service (Put, Get, List, Delete).
+//! `kvstore.v1.KVStore`: the client-facing service (Put, Get, List, Delete, Status, Backup).
 
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
 use kvstore_actors::{Entry, WriteOutcome};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -131,6 +134,18 @@ impl KvStore for KvService {
             }
         }));
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type BackupStream = Pin<Box<dyn Stream<Item = Result<KeyValue, Status>> + Send>>;
+
+    async fn backup(&self, _: Request<()>) -> Result<Response<Self::BackupStream>, Status> {
+        // One scan of the map, in turn with the node's other scans, handed over a shard's
+        // worth at a time as the client reads it; a client that goes away stops it.
+        let shards = ReceiverStream::new(self.node.node().await.entries_in(1, vec![0]));
+        let entries = shards.flat_map(|shard| {
+            futures::stream::iter(shard.into_iter().map(|write| Ok(KeyValue::from(write))))
+        });
+        Ok(Response::new(Box::pin(entries)))
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {

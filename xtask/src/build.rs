@@ -26,7 +26,9 @@ pub fn build(bins: &[&str], release: bool) -> anyhow::Result<PathBuf> {
     let mut build = Command::new(&cargo);
     // --workspace: the binaries live in several of the workspace's packages (kvstore-bench in
     // its own), and without it cargo looks in the default package only.
-    build.current_dir(workspace()?).args(["build", "--workspace"]);
+    build
+        .current_dir(workspace()?)
+        .args(["build", "--workspace"]);
     for bin in bins {
         build.args(["--bin", bin]);
     }
