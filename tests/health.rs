@@ -10,11 +10,11 @@ use std::time::Duration;
 use common::TestCluster;
 use prost::Message;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// Generous: a node on a busy machine.
 const WAIT: Duration = Duration::from_secs(30);
@@ -142,10 +142,10 @@ async fn reflection_lists_and_describes_every_service_in_both_versions() {
 
     // v1
     {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
         use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1::ServerReflectionRequest;
         let mut client = ServerReflectionClient::new(channel(cluster.addr(0)).await);
         let requests = [
             MessageRequest::ListServices(String::new()),
@@ -200,10 +200,10 @@ async fn reflection_lists_and_describes_every_service_in_both_versions() {
 
     // v1alpha, which older tools still speak
     {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
         use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
         use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
         let mut client = ServerReflectionClient::new(channel(cluster.addr(0)).await);
         let request = ServerReflectionRequest {
             host: String::new(),
