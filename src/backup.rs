@@ -65,38 +65,74 @@ fn partial_path(path: &Path) -> PathBuf {
 }
 
 async fn write_to(client: &Client, partial: &Path, path: &Path) -> Result<Summary, Error> {
-    let file = std::fs::File::create(partial).map_err(io_error(partial, "creating"))?;
-    let mut out = Checksummed::new(BufWriter::new(file));
-    let failed = io_error(partial, "writing");
-    out.put(MAGIC).map_err(&failed)?;
-    out.put(&FORMAT.to_le_bytes()).map_err(&failed)?;
-    let mut summary = Summary::default();
+    let mut out = Writer::create(partial)?;
     let mut stream = client.backup_stream().await.map_err(Error::Call)?;
-    let mut payload = Vec::new();
     while let Some(entry) = stream.next().await {
-        let entry = entry.map_err(Error::Call)?;
-        payload.clear();
-        entry.encode(&mut payload).expect("a Vec grows as needed");
-        out.put(&(payload.len() as u32).to_le_bytes())
-            .map_err(&failed)?;
-        out.put(&crc32fast::hash(&payload).to_le_bytes())
-            .map_err(&failed)?;
-        out.put(&payload).map_err(&failed)?;
-        summary.entries += 1;
-        summary.tombstones += u64::from(entry.deleted);
+        out.add(&entry.map_err(Error::Call)?)?;
     }
-    out.put(&END.to_le_bytes()).map_err(&failed)?;
-    out.put(&summary.entries.to_le_bytes()).map_err(&failed)?;
-    let sum = out.sum();
-    out.put(&sum.to_le_bytes()).map_err(&failed)?;
-    summary.bytes = out.written;
-    let file = out
-        .into_inner()
-        .into_inner()
-        .map_err(|e| failed(e.into_error()))?;
-    file.sync_all().map_err(&failed)?;
+    let summary = out.finish()?;
     std::fs::rename(partial, path).map_err(io_error(path, "renaming the backup to"))?;
     Ok(summary)
+}
+
+/// Writes a backup file entry by entry: what [`write`] does with a node's stream, for tools
+/// that make a backup from elsewhere (a migration, a test's data set).
+pub struct Writer {
+    out: Checksummed<BufWriter<std::fs::File>>,
+    path: PathBuf,
+    summary: Summary,
+    payload: Vec<u8>,
+}
+
+impl Writer {
+    /// Creates (or truncates) `path` and writes the header.
+    pub fn create(path: &Path) -> Result<Self, Error> {
+        let file = std::fs::File::create(path).map_err(io_error(path, "creating"))?;
+        let mut writer = Self {
+            out: Checksummed::new(BufWriter::new(file)),
+            path: path.to_path_buf(),
+            summary: Summary::default(),
+            payload: Vec::new(),
+        };
+        writer.put(MAGIC)?;
+        writer.put(&FORMAT.to_le_bytes())?;
+        Ok(writer)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), Error> {
+        (self.out.put(bytes)).map_err(io_error(&self.path, "writing"))
+    }
+
+    /// Adds one entry (a tombstone if `entry.deleted`).
+    pub fn add(&mut self, entry: &KeyValue) -> Result<(), Error> {
+        let mut payload = std::mem::take(&mut self.payload);
+        payload.clear();
+        entry.encode(&mut payload).expect("a Vec grows as needed");
+        self.put(&(payload.len() as u32).to_le_bytes())?;
+        self.put(&crc32fast::hash(&payload).to_le_bytes())?;
+        self.put(&payload)?;
+        self.payload = payload;
+        self.summary.entries += 1;
+        self.summary.tombstones += u64::from(entry.deleted);
+        Ok(())
+    }
+
+    /// Writes the trailer and syncs the file to disk.
+    pub fn finish(mut self) -> Result<Summary, Error> {
+        self.put(&END.to_le_bytes())?;
+        self.put(&self.summary.entries.to_le_bytes())?;
+        let sum = self.out.sum();
+        self.put(&sum.to_le_bytes())?;
+        self.summary.bytes = self.out.written;
+        let failed = io_error(&self.path, "writing");
+        let file = self
+            .out
+            .into_inner()
+            .into_inner()
+            .map_err(|e| failed(e.into_error()))?;
+        file.sync_all().map_err(&failed)?;
+        Ok(self.summary)
+    }
 }
 
 /// A writer that keeps a running CRC-32 and count of what went through it.

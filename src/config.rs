@@ -43,6 +43,21 @@ pub const DEFAULT_MAX_CLOCK_OFFSET: Duration = kvstore_actors::clock::DEFAULT_MA
 /// clock that disagrees and becomes one that pins keys.
 const MAX_MAX_CLOCK_OFFSET: Duration = Duration::from_secs(24 * 3600);
 
+/// Default memory all Lists in progress may hold together.
+pub const DEFAULT_MAX_LIST_MEMORY: usize = 256 * 1024 * 1024;
+/// Default time a List waits for a client that takes nothing before it ends.
+pub const DEFAULT_LIST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default calls at once on one connection (HTTP/2's MAX_CONCURRENT_STREAMS, advertised).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
+/// Default time a one-message request's body has to arrive.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default connections a node keeps open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default time a connection whose client sends nothing stays open. A live client answers the
+/// node's HTTP/2 pings (every 30 s, or half this timeout if shorter), so only a silent or vanished
+/// one reaches it.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Most a key and a value may hold together, whatever the flags say: what one write in the log
 /// may hold ([`kvstore_actors::MAX_WRITE_BYTES`]). The gRPC message limit (key and value plus
 /// `MESSAGE_OVERHEAD_BYTES`) then stays within 64 MiB, which `kvstore-cli` accepts.
@@ -105,6 +120,36 @@ impl Limits {
     }
 }
 
+/// What one client may make the node hold, and for how long.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientBounds {
+    /// Bytes all Lists in progress may hold together.
+    pub max_list_memory: usize,
+    /// A List whose client takes nothing for this long is ended.
+    pub list_idle_timeout: Duration,
+    /// Calls at once on one connection.
+    pub max_concurrent_streams: u32,
+    /// Time a one-message request's body has to arrive.
+    pub request_body_timeout: Duration,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// A connection whose client sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ClientBounds {
+    fn default() -> Self {
+        Self {
+            max_list_memory: DEFAULT_MAX_LIST_MEMORY,
+            list_idle_timeout: DEFAULT_LIST_IDLE_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
 /// Settings of one node.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -141,6 +186,8 @@ pub struct NodeConfig {
     pub tls: Option<NodeTls>,
     /// A backup to seed the node from before it serves (its data dir must be empty).
     pub restore: Option<PathBuf>,
+    /// What one client may make the node hold.
+    pub bounds: ClientBounds,
 }
 
 /// A cluster's shared secrets: the first is sent, any of them is accepted, so a new token can
@@ -215,6 +262,7 @@ impl Default for NodeConfig {
             clock_skew_nanos: 0,
             tls: None,
             restore: None,
+            bounds: ClientBounds::default(),
         }
     }
 }
@@ -386,6 +434,36 @@ pub struct ServerArgs {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
 
+    /// Memory all Lists in progress may hold together, in bytes. A List holds its keys (it
+    /// reads values as the client takes them); one that would pass the bound waits a second
+    /// for others to finish, then is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = DEFAULT_MAX_LIST_MEMORY, value_parser = parse_nonzero)]
+    pub max_list_memory: usize,
+
+    /// A List whose client takes nothing for this long is ended (RESOURCE_EXHAUSTED, saying
+    /// so), and what it held is let go.
+    #[arg(long, default_value_t = DEFAULT_LIST_IDLE_TIMEOUT.into(), value_parser = flag_at_least_1ms)]
+    pub list_idle_timeout: humantime::Duration,
+
+    /// Calls at once on one connection, advertised to clients (HTTP/2 MAX_CONCURRENT_STREAMS).
+    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_streams: u32,
+
+    /// Time a request's body has to arrive (requests that are one message; a stream of them
+    /// may pause). A body still arriving after it fails, and so does its call.
+    #[arg(long, default_value_t = DEFAULT_REQUEST_BODY_TIMEOUT.into(), value_parser = flag_at_least_1ms)]
+    pub request_body_timeout: humantime::Duration,
+
+    /// Connections open at once; one more is closed as it arrives.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = parse_count)]
+    pub max_connections: usize,
+
+    /// A connection whose client sends nothing for this long is closed. Live clients answer
+    /// the node's HTTP/2 pings (every 30 s, or twice per timeout if it is shorter), so only
+    /// silent or vanished ones are.
+    #[arg(long, default_value_t = DEFAULT_IDLE_TIMEOUT.into(), value_parser = flag_at_least_1ms)]
+    pub idle_timeout: humantime::Duration,
+
     /// Seed this new node from a backup (`kvstore-cli ADDR backup FILE`) before it serves: the
     /// file is checked whole first (a damaged or cut-short one is refused, naming the byte), and
     /// --data-dir must be empty. Versions are kept, so the data merges with the cluster's by
@@ -507,6 +585,14 @@ impl ServerArgs {
             clock_skew_nanos: 0,
             tls,
             restore: self.restore.clone(),
+            bounds: ClientBounds {
+                max_list_memory: self.max_list_memory,
+                list_idle_timeout: self.list_idle_timeout.into(),
+                max_concurrent_streams: self.max_concurrent_streams,
+                request_body_timeout: self.request_body_timeout.into(),
+                max_connections: self.max_connections,
+                idle_timeout: self.idle_timeout.into(),
+            },
         };
         Ok((listen, config))
     }

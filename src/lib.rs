@@ -5,6 +5,7 @@
 //! # Layout
 //! The node:
 //! - [`server`]: [`server::run`], which starts a node on a listener and stops it when told.
+//! - [`listener`]: the connections it accepts, bounded in number and idle time.
 //! - [`service`]: the tonic handlers, thin: validate, send one message, map the reply; and
 //!   the layer that words tonic's refusals of undecodable requests.
 //! - [`peer`]: the gRPC link a replication actor uses to reach its peer.
@@ -38,6 +39,7 @@ pub mod backup;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod net;
 pub mod pb;

@@ -20,12 +20,15 @@ use tracing::Instrument;
 use crate::Node;
 use crate::config::NodeConfig;
 use crate::error::Error;
+use crate::listener::Incoming;
 use crate::metrics::{NodeMetrics, NodeState};
 use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
 use crate::peer::{GrpcPeer, PeerSettings};
 use crate::service::Starting;
+use crate::service::body_timeout::BodyTimeout;
 use crate::service::kv::KvService;
+use crate::service::list::ListBounds;
 use crate::service::observe::{Observe, Scrape};
 use crate::service::replicator::{ReplicatorService, SenderCheck};
 use crate::service::request_errors::RequestErrors;
@@ -103,7 +106,13 @@ async fn serve(
             .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let mut server = Server::builder();
+    let bounds = config.bounds;
+    let mut server = Server::builder()
+        .max_concurrent_streams(Some(bounds.max_concurrent_streams))
+        // A ping every 30 s on every connection: a client that does not answer within 20 s is
+        // gone, and its connection closed; one that does is not idle (see `listener`).
+        .http2_keepalive_interval(Some(keep_alive_interval(bounds.idle_timeout)))
+        .http2_keepalive_timeout(Some(KEEP_ALIVE_TIMEOUT));
     if let Some(tls) = &config.tls {
         server = server.tls_config(tls.server_config())?;
     }
@@ -117,6 +126,9 @@ async fn serve(
         .layer(Observe {
             metrics: metrics.clone(),
             scrape,
+        })
+        .layer(BodyTimeout {
+            timeout: bounds.request_body_timeout,
         })
         .layer(RequestErrors {
             max_message_bytes: max_message,
@@ -136,6 +148,7 @@ async fn serve(
             KvStoreServer::new(KvService::new(
                 starting.clone(),
                 limits,
+                ListBounds::new(bounds.max_list_memory, bounds.list_idle_timeout),
                 node_id.clone(),
                 config
                     .data_dir
@@ -160,12 +173,20 @@ async fn serve(
                 config.tls.as_ref().is_some_and(|tls| tls.checks_peers()),
             ),
         ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            }
-        });
+        .serve_with_incoming_shutdown(
+            Incoming::new(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                bounds.max_connections,
+                bounds.idle_timeout,
+                stopped.clone(),
+            ),
+            {
+                let mut stopped = stopped.clone();
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                }
+            },
+        );
     tokio::pin!(serve);
 
     let node = tokio::select! {
@@ -213,6 +234,16 @@ async fn serve(
     served?;
     tracing::info!(listen = %addr, "node stopped");
     Ok(())
+}
+
+/// How often the node pings each connection, and how long an answer may take.
+const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Pings come at least twice per idle timeout, so that a live client's answers always keep its
+/// connection from counting as idle, however short the timeout is set.
+fn keep_alive_interval(idle_timeout: std::time::Duration) -> std::time::Duration {
+    KEEP_ALIVE_INTERVAL.min(idle_timeout / 2)
 }
 
 /// Sets the health of the node ("") and of each of its services.
@@ -350,6 +381,12 @@ async fn start(
         },
         tls = config.tls.as_ref().map_or_else(|| "none".into(), |tls| tls.describe()),
         restore = ?config.restore,
+        max_list_memory = config.bounds.max_list_memory,
+        list_idle_timeout = ?config.bounds.list_idle_timeout,
+        max_concurrent_streams = config.bounds.max_concurrent_streams,
+        request_body_timeout = ?config.bounds.request_body_timeout,
+        max_connections = config.bounds.max_connections,
+        idle_timeout = ?config.bounds.idle_timeout,
         "node started"
     );
     Ok(node)

@@ -231,6 +231,36 @@ pub struct NodeStatus {
     pub refusing_writes: Option<String>,
 }
 
+/// A List in progress: a view of the map as of when it began, and its keys in order.
+pub struct Listing {
+    view: crate::view::ListView,
+    keys: Vec<Box<str>>,
+    next: usize,
+}
+
+impl Listing {
+    /// The next pairs, from up to `keys` keys (fewer pairs where keys were absent or deleted
+    /// when the List began); empty when it is done.
+    pub fn next_chunk(&mut self, keys: usize) -> Vec<(String, String)> {
+        while self.next < self.keys.len() {
+            let end = (self.next + keys).min(self.keys.len());
+            let pairs = self.view.read(&self.keys[self.next..end]);
+            self.next = end;
+            if !pairs.is_empty() {
+                return pairs;
+            }
+        }
+        Vec::new()
+    }
+
+    /// Bytes the keys hold, about.
+    pub fn key_bytes(&self) -> usize {
+        (self.keys.iter())
+            .map(|k| k.len() + std::mem::size_of::<Box<str>>())
+            .sum()
+    }
+}
+
 /// One peer in a [`NodeStatus`].
 #[derive(Clone, Debug)]
 pub struct PeerStatus {
@@ -581,19 +611,25 @@ impl<P: PeerClient> Coordinator<P> {
             .map_err(|_| Error::StoreStopped)
     }
 
-    /// Every live pair, in key order, as of one instant.
-    pub async fn list(&self) -> Result<Vec<(String, String)>, Error> {
-        // The permit comes first, so that the view (and the pre-images the store saves for it)
-        // lives only while it is being copied. The List's instant is then when its copy
-        // starts: still between its request and its first pair.
+    /// Every live pair, in key order, as of one instant, read lazily: the keys are copied
+    /// now, and [`Listing::next_chunk`] reads values as they are wanted. What it holds is the
+    /// keys, and the pre-images of keys written while it lives (see [`crate::view`]).
+    pub async fn listing(&self) -> Result<Listing, Error> {
         let turn = self.reader.turn().await;
         let view = self
             .store
             .ask(store::TakeView)
             .await
             .map_err(|_| Error::StoreStopped)?;
-        // The copy is the slow part (a second at 1M keys), and runs while the store goes on.
-        Ok(store::run_holding(turn, move || view.collect()).await)
+        Ok(store::run_holding(turn, move || {
+            let keys = view.sorted_keys();
+            Listing {
+                view,
+                keys,
+                next: 0,
+            }
+        })
+        .await)
     }
 
     /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.

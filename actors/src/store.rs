@@ -855,6 +855,34 @@ mod tests {
         assert_eq!(s.ask(TakeView).await.unwrap().collect().len(), 6);
     }
 
+    #[tokio::test]
+    async fn a_view_read_lazily_is_the_map_as_of_when_it_was_taken() {
+        let s = store("n1");
+        for k in ["a", "b", "c", "d"] {
+            put(&s, k, "old").await;
+        }
+        s.ask(Delete { key: "d".into() }).await.unwrap();
+        let view = s.ask(TakeView).await.unwrap();
+        // Written between the view and the copy of its keys, which sees them all.
+        put(&s, "a", "new").await;
+        s.ask(Delete { key: "b".into() }).await.unwrap();
+        put(&s, "e", "added").await;
+        let keys = view.sorted_keys();
+        assert_eq!(keys.len(), 5);
+        // And written while the values are read, a chunk at a time.
+        let mut listed = Vec::new();
+        for (i, chunk) in keys.chunks(2).enumerate() {
+            listed.extend(view.read(chunk));
+            put(&s, "c", &format!("during {i}")).await;
+            put(&s, "d", "back").await;
+        }
+        assert_eq!(listed, pairs(&[("a", "old"), ("b", "old"), ("c", "old")]));
+        // Only the keys written since the view began were saved for it.
+        assert_eq!(view.saved(), 5);
+        drop(view);
+        put(&s, "z", "after").await;
+    }
+
     #[test]
     fn a_copy_stopped_midway_while_keys_change_on_both_sides_of_it_returns_the_old_map() {
         // The copy stops in the middle of the map; the store then overwrites and adds keys in

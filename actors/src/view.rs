@@ -13,6 +13,11 @@
 //!
 //! Either way the copy is the map at the instant of registration, a consistent cut, and the
 //! actor waits at most for one stripe's worth of copying (1/64 of the map), not the whole map.
+//!
+//! A List need not copy the values at all: [`ListView::sorted_keys`] copies the keys, and
+//! [`ListView::read`] reads values a chunk at a time as the client takes them, by the same rule.
+//! The view then lives as long as the List streams, and what it holds beyond the keys is the
+//! pre-images of the keys written meanwhile.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -100,6 +105,42 @@ impl ListView {
         // Done reading: dropping `before` (with `self`) ends the actor's saving.
         drop(self);
         pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        pairs
+    }
+
+    /// Every key in the map now, sorted: with [`ListView::read`], a List that holds the keys
+    /// and reads each value as its turn to be sent comes, rather than a copy of every value.
+    /// Keys written since the view was taken are among them, and [`ListView::read`] skips
+    /// those that did not exist then. Blocking work: run it off the async workers.
+    pub fn sorted_keys(&self) -> Vec<Box<str>> {
+        let mut keys: Vec<Box<str>> = self.map.iter().map(|item| item.key().clone()).collect();
+        // A key taken out of the map since the view was taken (a purged tombstone, an expired
+        // entry) is no longer met by the walk, but its pre-image was saved before it went.
+        // Read after the walk, so a key removed while it ran is caught one way or the other.
+        let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
+        keys.extend(before.keys().cloned());
+        drop(before);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+
+    /// The live pairs of `keys` as the view sees them: what each held when the view was taken.
+    pub fn read(&self, keys: &[Box<str>]) -> Vec<(String, String)> {
+        let mut pairs = Vec::with_capacity(keys.len());
+        for key in keys {
+            // The key's stripe is read-locked while its pre-image is looked up, as in
+            // `collect`: a write to it waits, so what is read is what the key held.
+            let current = self.map.get(&**key);
+            let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
+            let slot = match before.get(&**key) {
+                Some(saved) => saved.as_ref(),
+                None => current.as_deref(),
+            };
+            if let Some(value) = slot.and_then(Slot::value_str) {
+                pairs.push((key.to_string(), value.to_string()));
+            }
+        }
         pairs
     }
 

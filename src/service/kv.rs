@@ -1,10 +1,7 @@
 //! `kvstore.v1.KVStore`: the client-facing service (Put, Get, List, Delete, Status, Backup).
 
-use std::pin::Pin;
-
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use kvstore_actors::{Entry, WriteOutcome};
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -13,25 +10,30 @@ use crate::error::Error;
 use crate::pb::kv_store_server::KvStore;
 use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, PeerStatus, Value};
 use crate::service::Starting;
+use crate::service::list::{ListBounds, ListStream};
 
-/// Pairs buffered between a List's snapshot and its client. The producer waits when the buffer
-/// is full, so a slow reader holds only its own snapshot, never the store.
-const LIST_BUFFER: usize = 256;
-
-/// The KVStore service: a handle to the node's actors, the input limits, and what Status
-/// reports about the node's identity.
+/// The KVStore service: a handle to the node's actors, the input limits, the bounds on Lists,
+/// and what Status reports about the node's identity.
 pub struct KvService {
     node: Starting,
     limits: Limits,
+    lists: ListBounds,
     node_id: String,
     data_dir: String,
 }
 
 impl KvService {
-    pub fn new(node: Starting, limits: Limits, node_id: String, data_dir: String) -> Self {
+    pub fn new(
+        node: Starting,
+        limits: Limits,
+        lists: ListBounds,
+        node_id: String,
+        data_dir: String,
+    ) -> Self {
         Self {
             node,
             limits,
+            lists,
             node_id,
             data_dir,
         }
@@ -114,38 +116,27 @@ impl KvStore for KvService {
         }
     }
 
-    type ListStream = ReceiverStream<Result<KeyValue, Status>>;
+    type ListStream = ListStream;
 
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
-        let pairs = self.node.node().await.list().await.map_err(Error::from)?;
-        let (tx, rx) = mpsc::channel(LIST_BUFFER);
-        tokio::spawn(tracing::Instrument::in_current_span(async move {
-            for (key, value) in pairs {
-                let kv = KeyValue {
-                    key,
-                    value,
-                    ..Default::default()
-                };
-                // A failed send means the client went away: stop, and drop the snapshot.
-                if tx.send(Ok(kv)).await.is_err() {
-                    tracing::debug!("list client went away; stream stopped");
-                    break;
-                }
-            }
-        }));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let listing = self
+            .node
+            .node()
+            .await
+            .listing()
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(self.lists.stream(listing).await?))
     }
 
-    type BackupStream = Pin<Box<dyn Stream<Item = Result<KeyValue, Status>> + Send>>;
+    type BackupStream = ListStream;
 
     async fn backup(&self, _: Request<()>) -> Result<Response<Self::BackupStream>, Status> {
         // One scan of the map, in turn with the node's other scans, handed over a shard's
         // worth at a time as the client reads it; a client that goes away stops it.
         let shards = ReceiverStream::new(self.node.node().await.entries_in(1, vec![0]));
-        let entries = shards.flat_map(|shard| {
-            futures::stream::iter(shard.into_iter().map(|write| Ok(KeyValue::from(write))))
-        });
-        Ok(Response::new(Box::pin(entries)))
+        let entries = shards.map(|shard| shard.into_iter().map(KeyValue::from).collect());
+        Ok(Response::new(self.lists.backup(entries)))
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {

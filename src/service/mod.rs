@@ -1,7 +1,9 @@
 //! The node's gRPC services. Each handler validates its input, sends one message to the
 //! node's actors, and maps the reply to a response; the logic lives in the actors.
 
+pub mod body_timeout;
 pub mod kv;
+pub mod list;
 pub mod observe;
 pub mod replicator;
 pub mod request_errors;

@@ -1,0 +1,167 @@
+//! `List`, bounded: what the node holds for the Lists in progress, and for how long.
+//!
+//! A List copies only the keys, in order, and reads the values a chunk at a time as the client
+//! takes them (`kvstore_actors::Listing`), so what it holds is its keys plus what waits in its
+//! buffer. All Lists together may hold at most `--max-list-memory`: a List that would pass it
+//! waits a moment for others to finish, then is refused with RESOURCE_EXHAUSTED. A List whose
+//! client takes nothing for `--list-idle-timeout` is ended, and the client is told why when it
+//! reads again. A Backup is ended the same way (its scan holds one of the node's turns at
+//! scanning the map).
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use kvstore_actors::coordinator::Listing;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::Status;
+
+use crate::error::Error;
+use crate::pb::KeyValue;
+
+/// Pairs a List holds ready beyond what the client has taken.
+const BUFFER: usize = 256;
+/// Keys whose values are read at once.
+const CHUNK: usize = 256;
+/// How long a List waits for room under the memory bound before it is refused.
+const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
+/// The unit the bound is counted in: a semaphore counts permits in a u32.
+const UNIT: usize = 1024;
+
+/// The bound on what all Lists hold together, and on how long one may wait for its client.
+#[derive(Clone, Debug)]
+pub struct ListBounds {
+    room: Arc<Semaphore>,
+    max_bytes: usize,
+    idle_timeout: Duration,
+}
+
+impl ListBounds {
+    pub fn new(max_bytes: usize, idle_timeout: Duration) -> Self {
+        let units = (max_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        Self {
+            room: Arc::new(Semaphore::new(units)),
+            max_bytes,
+            idle_timeout,
+        }
+    }
+
+    /// Room for a List that holds `bytes`, waiting briefly for others to finish.
+    async fn reserve(&self, bytes: usize) -> Result<OwnedSemaphorePermit, Status> {
+        let units = bytes.div_ceil(UNIT).max(1);
+        let too_big = || {
+            Error::ResourceExhausted(format!(
+                "this List would hold {} MiB, and the Lists in progress hold {} MiB of the \
+                 node's {} MiB for Lists (--max-list-memory); try again when they finish",
+                mib(bytes),
+                mib(self.held()),
+                mib(self.max_bytes)
+            ))
+        };
+        let units = u32::try_from(units).map_err(|_| Status::from(too_big()))?;
+        let acquired =
+            tokio::time::timeout(WAIT_FOR_ROOM, self.room.clone().acquire_many_owned(units)).await;
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; a List bigger than the whole bound never fits.
+            Ok(Err(_)) | Err(_) => Err(too_big().into()),
+        }
+    }
+
+    /// Bytes the Lists in progress hold, as reserved.
+    fn held(&self) -> usize {
+        let total = (self.max_bytes / UNIT).max(1);
+        total.saturating_sub(self.room.available_permits()) * UNIT
+    }
+
+    /// Streams `listing` to the client, within the bounds.
+    pub async fn stream(&self, listing: Listing) -> Result<ListStream, Status> {
+        let held = listing.key_bytes() + BUFFER * std::mem::size_of::<KeyValue>();
+        let room = self.reserve(held).await?;
+        let chunks = futures::stream::unfold(listing, |mut listing| async move {
+            let chunk: Vec<KeyValue> = (listing.next_chunk(CHUNK).into_iter())
+                .map(|(key, value)| KeyValue {
+                    key,
+                    value,
+                    ..Default::default()
+                })
+                .collect();
+            (!chunk.is_empty()).then_some((chunk, listing))
+        });
+        Ok(forward(chunks, Some(room), self.idle_timeout, "List"))
+    }
+
+    /// Streams a `Backup`'s entries to the client, ending it as an idle List is: the scan
+    /// behind it holds one of the node's turns at scanning the map (which anti-entropy and
+    /// Lists wait for), and must not hold it for a client that reads nothing.
+    pub fn backup(
+        &self,
+        entries: impl Stream<Item = Vec<KeyValue>> + Send + 'static,
+    ) -> ListStream {
+        forward(entries, None, self.idle_timeout, "Backup")
+    }
+}
+
+/// Sends `chunks` on to the client from a task of its own, holding `room` until the stream
+/// ends however it ends, and ending it if the client takes nothing for `idle`.
+fn forward(
+    chunks: impl Stream<Item = Vec<KeyValue>> + Send + 'static,
+    room: Option<OwnedSemaphorePermit>,
+    idle: Duration,
+    call: &'static str,
+) -> ListStream {
+    let (tx, rx) = mpsc::channel(BUFFER);
+    let ended = Arc::new(OnceLock::new());
+    let why = ended.clone();
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
+        let _room = room;
+        let mut chunks = std::pin::pin!(chunks);
+        while let Some(chunk) = chunks.next().await {
+            for kv in chunk {
+                match tokio::time::timeout(idle, tx.send(Ok(kv))).await {
+                    Ok(Ok(())) => {}
+                    Err(_) => {
+                        tracing::info!(idle = ?idle, call, "stream ended: its client took nothing");
+                        let _ = why.set(Status::resource_exhausted(format!(
+                            "{call} ended: the client took nothing for {} \
+                             (--list-idle-timeout), and the node does not hold a {call} \
+                             for a reader that does not read",
+                            humantime::format_duration(idle)
+                        )));
+                        return;
+                    }
+                    // The client went away: stop, and let what the stream holds go.
+                    Ok(Err(_)) => return,
+                }
+            }
+        }
+    }));
+    ListStream { rx, ended }
+}
+
+fn mib(bytes: usize) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A List's (or a Backup's) stream: its entries, then, if the node ended it, why.
+pub struct ListStream {
+    rx: mpsc::Receiver<Result<KeyValue, Status>>,
+    ended: Arc<OnceLock<Status>>,
+}
+
+impl Stream for ListStream {
+    type Item = Result<KeyValue, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) => {
+                // Once: the stream then ends.
+                let ended = std::mem::replace(&mut self.ended, Arc::new(OnceLock::new()));
+                Poll::Ready(ended.get().cloned().map(Err))
+            }
+            other => other,
+        }
+    }
+}
