@@ -178,11 +178,23 @@ impl GrpcPeer {
 
     /// Takes the peer's clock reading `theirs` from an answer to a call sent when our clock
     /// read `sent`: the peer read it, give or take half the round trip, at its middle.
+    ///
+    /// An answer that took longer than the clock bound itself is not taken: it could be off by
+    /// half its round trip, and one held up by a cut link, its packets resent seconds later,
+    /// would make a good clock look seconds off and stop a node taking writes.
     fn measure(&self, sent: u64, theirs: u64) {
         if theirs == 0 {
             return;
         }
         let now = self.clock.physical();
+        let round_trip = now.saturating_sub(sent);
+        if round_trip > kvstore_actors::clock::ntp_duration(self.clock.max_offset()) {
+            tracing::debug!(
+                round_trip = ?kvstore_actors::clock::duration_from_ntp(round_trip),
+                "peer's clock reading not taken: its answer took too long to tell"
+            );
+            return;
+        }
         let middle = sent / 2 + now / 2;
         let ahead = (theirs as i128 - middle as i128).clamp(i64::MIN as i128 + 1, i64::MAX as i128);
         let nanos = kvstore_actors::clock::nanos_from_ntp(ahead as i64);
@@ -396,5 +408,34 @@ mod tests {
         // The default limits allow the full batch size.
         let default = crate::config::Limits::default().max_message_bytes();
         assert_eq!(peer(default), kvstore_actors::peer::BATCH_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_clock_reading_is_taken_only_from_an_answer_within_the_bound() {
+        let settings = PeerSettings {
+            node_id: "node1".into(),
+            token: None,
+            connect_timeout: Duration::from_secs(1),
+            call_timeout: Duration::from_secs(1),
+            max_message_bytes: 1 << 20,
+            clock: Arc::new(Clock::new(kvstore_actors::NodeId::new("node1").unwrap())),
+            tls: None,
+        };
+        let peer = GrpcPeer::new("127.0.0.1:9", &settings).unwrap();
+        let ntp = kvstore_actors::clock::ntp_duration;
+        let now = settings.clock.physical();
+        // An answer held up for 6 s, read by a good clock as it left: not taken.
+        peer.measure(now - ntp(Duration::from_secs(6)), now);
+        assert_eq!(peer.clock_offset(), None);
+        // A quick answer from a clock 2 s ahead: taken, give or take the quick round trip.
+        peer.measure(
+            now - ntp(Duration::from_millis(1)),
+            now + ntp(Duration::from_secs(2)),
+        );
+        let ahead = peer.clock_offset().expect("taken");
+        assert!((1_990_000_000..=2_010_000_000).contains(&ahead), "{ahead}");
+        // And a slow one after it leaves that reading alone.
+        peer.measure(now - ntp(Duration::from_secs(3)), now);
+        assert_eq!(peer.clock_offset(), Some(ahead));
     }
 }
