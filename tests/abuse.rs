@@ -58,6 +58,7 @@ async fn node(dir: &Path, args: &[&str]) -> ProcessCluster {
         extra_args: args.iter().map(|a| a.to_string()).collect(),
         proxied: false,
         tls: None,
+        netns: None,
     })
     .await
     .unwrap()

@@ -13,6 +13,7 @@ async fn a_short_chaos_run_finds_no_violation() {
         seed: 20_261_127,
         clients: 6,
         root: dir.path().to_path_buf(),
+        netns: false,
     })
     .await
     .unwrap();

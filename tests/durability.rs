@@ -30,6 +30,7 @@ async fn cluster(nodes: usize, root: &std::path::Path) -> ProcessCluster {
         .to_vec(),
         proxied: true,
         tls: None,
+        netns: None,
     })
     .await
     .unwrap()
@@ -208,7 +209,7 @@ type Written = ((u64, String), String, bool);
 async fn a_healed_partition_converges_to_the_newest_version_losing_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster(3, dir.path()).await;
-    c.isolate(2);
+    c.isolate(2).unwrap();
     // Both sides take writes, on the same keys too. Each write's version comes back in its Ack.
     let mut writes: BTreeMap<String, Vec<Written>> = BTreeMap::new();
     for round in 0..20 {
@@ -234,7 +235,7 @@ async fn a_healed_partition_converges_to_the_newest_version_losing_nothing_ackno
             .all(|w| w.1.starts_with("majority"))
     );
 
-    c.heal();
+    c.heal().unwrap();
     let all: BTreeMap<String, String> = converged(&c).await.into_iter().collect();
     for (key, ws) in &writes {
         // The survivor is the newest write made, acknowledged or not, so no write a quorum

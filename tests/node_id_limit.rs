@@ -98,6 +98,7 @@ async fn a_stranger_who_fills_the_node_id_table_locks_no_peer_out() {
         extra_args: ["--replication-deadline", "10s"].map(String::from).to_vec(),
         proxied: true,
         tls: None,
+        netns: None,
     })
     .await
     .unwrap();

@@ -99,6 +99,7 @@ async fn rotating_the_token_one_node_at_a_time_loses_no_write() {
         ],
         proxied: true,
         tls: Some(pki.clone()),
+        netns: None,
     })
     .await
     .unwrap();

@@ -208,6 +208,7 @@ impl Kvstore {
                     extra_args,
                     proxied: false,
                     tls: tls.cloned(),
+                    netns: None,
                 })
                 .await?,
             ));
@@ -605,6 +606,7 @@ async fn big_node(
         extra_args: Vec::new(),
         proxied: false,
         tls: None,
+        netns: None,
     })
     .await?;
     let addrs = vec![cluster.addr(0)];
@@ -648,6 +650,7 @@ async fn catchup(
         extra_args: Vec::new(),
         proxied: false,
         tls: None,
+        netns: None,
     })
     .await?;
     cluster.kill(2);

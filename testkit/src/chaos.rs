@@ -1,6 +1,8 @@
 //! The chaos run behind `cargo xtask chaos`: a 3-node cluster of real processes under a
 //! concurrent Put/Delete/Get workload while a seeded schedule kills (SIGKILL), restarts and
-//! partitions nodes; then everything is healed and checked.
+//! partitions nodes; then everything is healed and checked. With `netns`, the nodes are hosts
+//! with a network between them (see [`crate::netns`]), with latency and loss on it, and links
+//! set down join the faults.
 //!
 //! The checks, after healing and waiting for the cluster to settle:
 //! - every node holds exactly the same entries (versions and tombstones included) for every
@@ -26,6 +28,7 @@ use kvstore::pb::Key;
 use kvstore::pb::replicator_client::ReplicatorClient;
 
 use crate::Error;
+use crate::netns::Topology;
 use crate::process::{ClusterSpec, ProcessCluster};
 
 /// Keys the workload draws from: few enough that writes collide often.
@@ -44,7 +47,16 @@ pub struct ChaosConfig {
     pub clients: usize,
     /// Where node data and logs go (kept after the run for inspection).
     pub root: PathBuf,
+    /// Run the nodes as hosts in network namespaces (needs root), with [`NETNS_DELAY`] on
+    /// every link between them, [`NETNS_LOSS_PERCENT`] of every host's packets dropped, and
+    /// links set down among the faults.
+    pub netns: bool,
 }
+
+/// Latency on each link between hosts in a `netns` run, each way: a base and a jitter.
+pub const NETNS_DELAY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(5));
+/// Share of packets each host drops in a `netns` run.
+pub const NETNS_LOSS_PERCENT: u32 = 1;
 
 /// What a run did and found.
 #[derive(Debug, Default)]
@@ -102,6 +114,10 @@ type Held = Option<((u64, String), Option<String>)>;
 /// Runs the chaos schedule and checks the result.
 pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     std::fs::create_dir_all(&config.root)?;
+    let topology = match config.netns {
+        true => Some(Arc::new(Topology::create(3)?)),
+        false => None,
+    };
     let mut cluster = ProcessCluster::start(ClusterSpec {
         server: config.server.clone(),
         nodes: 3,
@@ -118,12 +134,22 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
         .to_vec(),
         proxied: true,
         tls: None,
+        netns: topology.clone(),
     })
     .await?;
     let mut report = ChaosReport {
         seed: config.seed,
         ..ChaosReport::default()
     };
+    if let Some(hosts) = &topology {
+        cluster.set_delay(Some(NETNS_DELAY));
+        hosts.set_loss(NETNS_LOSS_PERCENT)?;
+        report.events.push(format!(
+            "start: hosts in network namespaces, links delayed {:?} +- {:?} each way (proxy), \
+             {NETNS_LOSS_PERCENT}% of packets dropped (nftables)",
+            NETNS_DELAY.0, NETNS_DELAY.1
+        ));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked: Arc<Mutex<BTreeMap<String, Vec<Acked>>>> = Arc::default();
@@ -202,20 +228,28 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
                 format!("t={t:5.1}s restart node{}", n + 1)
             }
             (None, Some(n)) => {
-                cluster.heal();
+                cluster.heal()?;
                 isolated = None;
                 format!("t={t:5.1}s heal node{}", n + 1)
             }
-            (None, None) if rng.random_bool(0.5) => {
-                cluster.kill(node);
-                down = Some(node);
-                format!("t={t:5.1}s kill -9 node{}", node + 1)
-            }
-            (None, None) => {
-                cluster.isolate(node);
-                isolated = Some(node);
-                format!("t={t:5.1}s partition node{} from its peers", node + 1)
-            }
+            (None, None) => match (rng.random_range(0..3), &topology) {
+                (0, _) => {
+                    cluster.kill(node);
+                    down = Some(node);
+                    format!("t={t:5.1}s kill -9 node{}", node + 1)
+                }
+                // A pulled cable: clients lose the node too.
+                (1, Some(hosts)) => {
+                    hosts.set_link(node, false)?;
+                    isolated = Some(node);
+                    format!("t={t:5.1}s link down on node{}", node + 1)
+                }
+                _ => {
+                    cluster.isolate(node)?;
+                    isolated = Some(node);
+                    format!("t={t:5.1}s partition node{} from its peers", node + 1)
+                }
+            },
         };
         report.events.push(event);
     }
@@ -223,7 +257,7 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     for w in workers {
         let _ = w.await;
     }
-    cluster.heal();
+    cluster.heal()?;
     if let Some(n) = down {
         cluster.restart(n).await?;
         report.events.push(format!("end: restart node{}", n + 1));

@@ -13,6 +13,7 @@
 //! Everything binds loopback addresses only, and stops the processes it started by PID.
 
 pub mod chaos;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod supervise;

@@ -10,11 +10,13 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvstore::client::Client;
 
 use crate::Error;
+use crate::netns::Topology;
 use crate::proxy::Proxy;
 use crate::tls::ClusterPki;
 
@@ -43,7 +45,15 @@ pub struct ClusterSpec {
     /// Serve TLS with these certificates, node i with its own and every node with the CA;
     /// [`ProcessCluster::client`] then talks TLS with the client certificate.
     pub tls: Option<ClusterPki>,
+    /// Run node i on host i of this topology, listening on the host's own address (port
+    /// [`NETNS_PORT`]). Proxied, the links between nodes go through proxies on the bridge
+    /// (which can delay and cut them); direct, nodes call each other's addresses, and
+    /// [`ProcessCluster::isolate`] cuts them with nftables.
+    pub netns: Option<Arc<Topology>>,
 }
+
+/// The port every node listens on in its own network namespace.
+pub const NETNS_PORT: u16 = 5001;
 
 struct Node {
     /// Where the node listens: picked here for a direct cluster (whose nodes must know each
@@ -94,10 +104,13 @@ impl ProcessCluster {
         for i in 0..spec.nodes {
             let data_dir = spec.root.join(format!("node{}", i + 1));
             let log = spec.root.join(format!("node{}.log", i + 1));
-            let (listen, front) = if spec.proxied {
-                (None, Some(Proxy::start(NOWHERE).await?))
-            } else {
-                (Some(free_addr()?), None)
+            let (listen, front) = match (&spec.netns, spec.proxied) {
+                (Some(hosts), _) => (
+                    Some(SocketAddr::new(hosts.addr(i).into(), NETNS_PORT)),
+                    None,
+                ),
+                (None, true) => (None, Some(Proxy::start(NOWHERE).await?)),
+                (None, false) => (Some(free_addr()?), None),
             };
             nodes.push(Node {
                 listen,
@@ -110,13 +123,17 @@ impl ProcessCluster {
             });
         }
         let count = nodes.len();
+        let listens: Vec<Option<SocketAddr>> = nodes.iter().map(|n| n.listen).collect();
         for (i, node) in nodes.iter_mut().enumerate().filter(|_| spec.proxied) {
             let mut links = Vec::new();
-            for j in 0..count {
-                links.push(if i == j {
-                    None
-                } else {
-                    Some(Proxy::start(NOWHERE).await?)
+            for (j, listen) in listens.iter().enumerate().take(count) {
+                links.push(match (&spec.netns, listen) {
+                    _ if i == j => None,
+                    // Between namespaces: on the bridge, to the host's fixed address.
+                    (Some(hosts), Some(listen)) => {
+                        Some(Proxy::start_on(hosts.host_addr().into(), *listen).await?)
+                    }
+                    _ => Some(Proxy::start(NOWHERE).await?),
                 });
             }
             node.links = links;
@@ -181,11 +198,14 @@ impl ProcessCluster {
             .open(&node.log)?;
         let log_start = log.metadata()?.len();
         // A proxied node binds port 0: the proxies follow it wherever it lands.
-        let listen = match (self.spec.proxied, node.listen) {
+        let listen = match (self.spec.proxied && self.spec.netns.is_none(), node.listen) {
             (false, Some(addr)) => addr.to_string(),
             _ => "127.0.0.1:0".to_string(),
         };
-        let mut cmd = Command::new(&self.spec.server);
+        let mut cmd = match &self.spec.netns {
+            Some(hosts) => hosts.command(i, &self.spec.server),
+            None => Command::new(&self.spec.server),
+        };
         cmd.arg("--listen")
             .arg(listen)
             .arg("--node-id")
@@ -371,7 +391,13 @@ impl ProcessCluster {
     }
 
     /// Cuts node `i` off from every other node, both directions. Clients still reach it.
-    pub fn isolate(&self, i: usize) {
+    /// Proxied, the proxies cut the links; direct in network namespaces, nftables drops
+    /// what passes between the hosts.
+    pub fn isolate(&self, i: usize) -> Result<(), Error> {
+        if let (Some(hosts), false) = (&self.spec.netns, self.spec.proxied) {
+            let others: Vec<usize> = (0..self.nodes.len()).filter(|&j| j != i).collect();
+            return hosts.partition(&[&[i], &others]);
+        }
         for (j, node) in self.nodes.iter().enumerate() {
             if j == i {
                 node.links.iter().flatten().for_each(Proxy::cut);
@@ -379,13 +405,33 @@ impl ProcessCluster {
                 link.cut();
             }
         }
+        Ok(())
     }
 
-    /// Restores every link.
-    pub fn heal(&self) {
+    /// Restores every link (and, in network namespaces, removes every partition).
+    pub fn heal(&self) -> Result<(), Error> {
         for node in &self.nodes {
             node.links.iter().flatten().for_each(Proxy::heal);
         }
+        match &self.spec.netns {
+            Some(hosts) => hosts.heal(),
+            None => Ok(()),
+        }
+    }
+
+    /// Delays every link between nodes by `base` +- `jitter` each way, from their next
+    /// connections on (a proxied cluster's; None ends it).
+    pub fn set_delay(&self, delay: Option<(Duration, Duration)>) {
+        for node in &self.nodes {
+            for link in node.links.iter().flatten() {
+                link.set_delay(delay);
+            }
+        }
+    }
+
+    /// The topology the nodes run on, if any.
+    pub fn topology(&self) -> Option<&Arc<Topology>> {
+        self.spec.netns.as_ref()
     }
 }
 

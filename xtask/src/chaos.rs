@@ -1,4 +1,4 @@
-//! `cargo xtask chaos --seconds N --seed S`: builds the server and runs
+//! `cargo xtask chaos [--netns] --seconds N --seed S`: builds the server and runs
 //! `kvstore_testkit::chaos` (see there for what it does and checks). Prints what it did and
 //! found; exits non-zero on any violation, with the seed to replay it.
 
@@ -19,6 +19,10 @@ pub struct Args {
     /// Use the release build.
     #[arg(long)]
     release: bool,
+    /// Run the nodes as hosts in network namespaces, with latency and loss between them and
+    /// links cut among the faults (needs root, `ip` and `nft`).
+    #[arg(long)]
+    netns: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -47,6 +51,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed,
         clients: args.clients,
         root,
+        netns: args.netns,
     }))?;
     println!("{report}");
     if !report.violations.is_empty() {
