@@ -49,7 +49,7 @@ pub const DEFAULT_MAX_LIST_MEMORY: usize = 256 * 1024 * 1024;
 pub const DEFAULT_LIST_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default calls at once on one connection (HTTP/2's MAX_CONCURRENT_STREAMS, advertised).
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 256;
-/// Default time a one-message request's body has to arrive.
+/// Default time a request's body has to arrive, and a new connection its first byte.
 pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default connections a node keeps open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -129,7 +129,7 @@ pub struct ClientBounds {
     pub list_idle_timeout: Duration,
     /// Calls at once on one connection.
     pub max_concurrent_streams: u32,
-    /// Time a one-message request's body has to arrive.
+    /// Time a request's body has to arrive, and a new connection its first byte.
     pub request_body_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
@@ -449,8 +449,9 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_streams: u32,
 
-    /// Time a request's body has to arrive (requests that are one message; a stream of them
-    /// may pause). A body still arriving after it fails, and so does its call.
+    /// Time a request's body has to arrive (all of it, for a reflection session too; only the
+    /// peers' replication streams may pause). A body still arriving after it fails, and so
+    /// does its call. Also how long a new connection may stay silent before its first byte.
     #[arg(long, default_value_t = DEFAULT_REQUEST_BODY_TIMEOUT.into(), value_parser = flag_at_least_1ms)]
     pub request_body_timeout: humantime::Duration,
 

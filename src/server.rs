@@ -176,8 +176,9 @@ async fn serve(
         .serve_with_incoming_shutdown(
             Incoming::new(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
-                bounds.max_connections,
+                connection_bound(bounds.max_connections),
                 bounds.idle_timeout,
+                bounds.request_body_timeout,
                 stopped.clone(),
             ),
             {
@@ -239,6 +240,36 @@ async fn serve(
 /// How often the node pings each connection, and how long an answer may take.
 const KEEP_ALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Files a node keeps open besides its clients' connections: its log and snapshots, its
+/// peers' connections, the listener, with room to spare.
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// The connections the node can keep open: `wanted` (`--max-connections`), if the open-file
+/// limit allows it. The soft limit is raised to the hard one first (often 1024 against
+/// 524288): past the limit, accepting fails and so do the node's own files.
+fn connection_bound(wanted: usize) -> usize {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(files) => {
+            let room = files.saturating_sub(FILES_BESIDES_CONNECTIONS).max(1);
+            let room = usize::try_from(room).unwrap_or(usize::MAX);
+            if wanted > room {
+                tracing::warn!(
+                    max_connections = wanted,
+                    open_files = files,
+                    using = room,
+                    "--max-connections is past what the open-file limit allows (raise it with \
+                     ulimit -n or LimitNOFILE=): keeping fewer connections"
+                );
+            }
+            wanted.min(room)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "could not read or raise the open-file limit");
+            wanted
+        }
+    }
+}
 
 /// Pings come at least twice per idle timeout, so that a live client's answers always keep its
 /// connection from counting as idle, however short the timeout is set.

@@ -178,19 +178,68 @@ async fn ended_by_the_node(mut stream: tonic::Streaming<KeyValue>, call: &str) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unread_list_of_big_values_holds_a_window_of_them_not_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let backup = dir.path().join("big.backup");
+    // 48 values of 1 MiB (the largest a node takes by default).
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let mut out = kvstore::backup::Writer::create(&backup).unwrap();
+    for i in 0..48 {
+        out.add(&KeyValue {
+            key: format!("big{i:02}"),
+            value: "x".repeat(MIB as usize - 64),
+            version: Some(Version {
+                hlc: (now.as_secs() - 60) << 32,
+                node_id: "seed".into(),
+            }),
+            deleted: false,
+        })
+        .unwrap();
+    }
+    out.finish().unwrap();
+    let restore = backup.to_str().unwrap();
+    let mut cluster = node(&dir.path().join("n"), &["--restore", restore]).await;
+    let pid = cluster.pid(0).unwrap();
+    let addr = cluster.addr(0);
+    let before = rss(pid);
+
+    let mut unread = Vec::new();
+    for _ in 0..10 {
+        let mut list = raw(&addr).await;
+        let mut stream = list.list(()).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        unread.push((list, stream));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = rss(pid);
+    eprintln!(
+        "RSS {} MiB with 10 unread Lists of 1 MiB values, from {} MiB",
+        during / MIB,
+        before / MIB
+    );
+    // Each List's buffer is a window of about 1 MiB, and the value being read; one that
+    // buffered its 256 next pairs would hold the whole 48 MiB store, 480 MiB for ten.
+    let grown = during.saturating_sub(before);
+    assert!(grown < 120 * MIB, "grew by {} MiB", grown / MIB);
+    served(&cluster.client(0), "elsewhere").await;
+    drop(unread);
+    cluster.stop(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_past_the_memory_bound_are_refused_and_unread_lists_and_backups_are_ended() {
     let dir = tempfile::tempdir().unwrap();
     let backup = dir.path().join("seed.backup");
     seed_backup(&backup);
     let restore = backup.to_str().unwrap();
-    // Room for one List of this store (its keys take about 3 MiB), not two.
+    // Room for one List of this store (its keys take about 3 MiB, its buffers 2.25), not two.
     let mut cluster = node(
         &dir.path().join("n"),
         &[
             "--restore",
             restore,
             "--max-list-memory",
-            &(5 * MIB).to_string(),
+            &(8 * MIB).to_string(),
             "--list-idle-timeout",
             "3s",
         ],
@@ -213,15 +262,15 @@ async fn lists_past_the_memory_bound_are_refused_and_unread_lists_and_backups_ar
     );
     served(&client, "elsewhere").await;
 
-    // Backups never read: each holds a turn at scanning the map (a node has one per core, and
-    // a List and anti-entropy wait for one), so they are ended the same way.
-    let mut backups = Vec::new();
-    for _ in 0..4 {
-        let mut backup = raw(&addr).await;
-        let mut stream = backup.backup(()).await.unwrap().into_inner();
-        assert!(stream.message().await.unwrap().is_some());
-        backups.push((backup, stream));
-    }
+    // A Backup holds a turn at scanning the map (a node has one per core, and Lists and
+    // anti-entropy wait for one) for as long as it runs: one runs at a time, and one never
+    // read is ended the same way.
+    let mut backup = raw(&addr).await;
+    let mut unread_backup = backup.backup(()).await.unwrap().into_inner();
+    assert!(unread_backup.message().await.unwrap().is_some());
+    let second = raw(&addr).await.backup(()).await.unwrap_err();
+    assert_eq!(second.code(), Code::ResourceExhausted, "{second:?}");
+    assert!(second.message().contains("already running"), "{second:?}");
 
     // The unread List and Backups are ended once they have waited out --list-idle-timeout,
     // and what they held is free again: a new List is served in full, while the old ones are
@@ -229,10 +278,12 @@ async fn lists_past_the_memory_bound_are_refused_and_unread_lists_and_backups_ar
     tokio::time::sleep(Duration::from_secs(4)).await;
     let pairs = client.list().await.unwrap();
     assert_eq!(pairs.len(), KEYS + 1);
-    for (_, stream) in backups {
-        let ended = ended_by_the_node(stream, "Backup").await;
-        assert!(ended.starts_with("Backup ended"), "{ended}");
-    }
+    let ended = ended_by_the_node(unread_backup, "Backup").await;
+    assert!(ended.starts_with("Backup ended"), "{ended}");
+    // Its turn is free again: a Backup runs to the end.
+    let file = dir.path().join("after.backup");
+    let summary = kvstore::backup::write(&client, &file).await.unwrap();
+    assert_eq!(summary.entries, KEYS as u64 + 1);
     // The List's reader, coming back, gets what was sent before, then why it ended.
     let ended = ended_by_the_node(held, "List").await;
     assert!(ended.contains("--list-idle-timeout"), "{ended}");
@@ -302,6 +353,8 @@ async fn bodies_that_never_finish_are_bounded_per_connection_and_in_time() {
 
     // Four connections, each with Puts that declare a 1 MiB message and send all of it but
     // its last byte.
+    // A connection that never says anything is closed at the same timeout.
+    let silent = TcpStream::connect(&addr).unwrap();
     let mut calls = Vec::new();
     for _ in 0..4 {
         let mut send = h2_connection(&addr).await;
@@ -344,6 +397,10 @@ async fn bodies_that_never_finish_are_bounded_per_connection_and_in_time() {
         );
         assert!(message.contains("--request-body-timeout"), "{message}");
     }
+    assert!(
+        closed(&silent),
+        "a silent connection outlived --request-body-timeout"
+    );
     // 4 connections x 8 streams x 1 MiB, with room for the buffers on the way. Unbounded,
     // 4 x 50 such Puts grew a node by 240 MiB and held it for as long as they liked.
     let grown = during.saturating_sub(before);

@@ -239,18 +239,28 @@ pub struct Listing {
 }
 
 impl Listing {
-    /// The next pairs, from up to `keys` keys (fewer pairs where keys were absent or deleted
-    /// when the List began); empty when it is done.
-    pub fn next_chunk(&mut self, keys: usize) -> Vec<(String, String)> {
-        while self.next < self.keys.len() {
-            let end = (self.next + keys).min(self.keys.len());
-            let pairs = self.view.read(&self.keys[self.next..end]);
-            self.next = end;
-            if !pairs.is_empty() {
-                return pairs;
+    /// The next pairs, from up to `keys` keys, and no more once they hold `bytes` (fewer
+    /// pairs where keys were absent or deleted when the List began); empty when it is done.
+    pub fn next_chunk(&mut self, keys: usize, bytes: usize) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        let mut held = 0;
+        while self.next < self.keys.len() && pairs.len() < keys && held < bytes {
+            let key = &self.keys[self.next..=self.next];
+            self.next += 1;
+            for (key, value) in self.view.read(key) {
+                held += key.len() + value.len();
+                pairs.push((key, value));
             }
         }
-        Vec::new()
+        if let Some(last) = self.next.checked_sub(1).and_then(|i| self.keys.get(i)) {
+            self.view.read_through(last);
+        }
+        pairs
+    }
+
+    /// Pre-images the List holds for keys written since it began, not yet read.
+    pub fn saved(&self) -> usize {
+        self.view.saved()
     }
 
     /// Bytes the keys hold, about.

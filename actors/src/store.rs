@@ -883,6 +883,35 @@ mod tests {
         put(&s, "z", "after").await;
     }
 
+    #[tokio::test]
+    async fn a_view_read_through_a_key_saves_nothing_more_for_the_keys_up_to_it() {
+        let s = store("n1");
+        for k in ["a", "b", "c", "d"] {
+            put(&s, k, "old").await;
+        }
+        let view = s.ask(TakeView).await.unwrap();
+        put(&s, "a", "new").await;
+        put(&s, "c", "new").await;
+        assert_eq!(view.saved(), 2);
+        // Read up to "b": what was saved for "a" goes, and writes up to "b" save nothing.
+        assert_eq!(
+            view.read(&["a".into(), "b".into()]),
+            pairs(&[("a", "old"), ("b", "old")])
+        );
+        view.read_through("b");
+        assert_eq!(view.saved(), 1);
+        put(&s, "a", "newer").await;
+        put(&s, "b", "new").await;
+        assert_eq!(view.saved(), 1);
+        // The keys after it are still read as they were.
+        put(&s, "d", "new").await;
+        assert_eq!(view.saved(), 2);
+        assert_eq!(
+            view.read(&["c".into(), "d".into()]),
+            pairs(&[("c", "old"), ("d", "old")])
+        );
+    }
+
     #[test]
     fn a_copy_stopped_midway_while_keys_change_on_both_sides_of_it_returns_the_old_map() {
         // The copy stops in the middle of the map; the store then overwrites and adds keys in

@@ -17,15 +17,25 @@
 //! A List need not copy the values at all: [`ListView::sorted_keys`] copies the keys, and
 //! [`ListView::read`] reads values a chunk at a time as the client takes them, by the same rule.
 //! The view then lives as long as the List streams, and what it holds beyond the keys is the
-//! pre-images of the keys written meanwhile.
+//! pre-images of the keys written meanwhile that it has not read yet: once it has read up to
+//! a key ([`ListView::read_through`]), writes to the keys before stop saving for it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use crate::entry::{Map, Slot};
 
-/// What keys held when a [`ListView`] was taken, for those written since: `None` if absent.
-type PreImages = Mutex<HashMap<Box<str>, Option<Slot>>>;
+/// What a [`ListView`] needs saved for it.
+#[derive(Default)]
+struct Saved {
+    /// What keys held when the view was taken, for those written since: `None` if absent.
+    before: BTreeMap<Box<str>, Option<Slot>>,
+    /// Keys up to this one have been read for good (a List reads in key order): writes to
+    /// them need save nothing more for this view, and what was saved for them is let go.
+    read_through: Option<Box<str>>,
+}
+
+type PreImages = Mutex<Saved>;
 
 /// The views whose copies are still running, as the store actor keeps them. Weak, so a copy
 /// that finished (or was dropped) stops costing anything at the next write.
@@ -35,7 +45,7 @@ pub struct Views(Vec<Weak<PreImages>>);
 impl Views {
     /// A view of `map` as of now, registered so that writes save pre-images for it.
     pub fn register(&mut self, map: &Arc<Map>) -> ListView {
-        let before = Arc::new(Mutex::new(HashMap::new()));
+        let before = Arc::new(Mutex::new(Saved::default()));
         // Dropped views are also cleared here, not only on writes: a node that serves Lists
         // and takes no writes would otherwise keep a husk per List.
         self.0.retain(|view| view.strong_count() > 0);
@@ -57,9 +67,10 @@ impl Views {
         let current = map.get(key).map(|slot| slot.clone());
         for view in self.0.iter().filter_map(Weak::upgrade) {
             // Poisoned only if a copy panicked: the store must go on regardless.
-            let mut before = view.lock().unwrap_or_else(PoisonError::into_inner);
-            if !before.contains_key(key) {
-                before.insert(key.into(), current.clone());
+            let mut saved = view.lock().unwrap_or_else(PoisonError::into_inner);
+            let read = (saved.read_through.as_deref()).is_some_and(|through| key <= through);
+            if !read && !saved.before.contains_key(key) {
+                saved.before.insert(key.into(), current.clone());
             }
         }
     }
@@ -92,7 +103,7 @@ impl ListView {
         let mut pairs = Vec::with_capacity(self.map.len());
         for item in self.map.iter() {
             let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
-            let slot = match before.get(item.key()) {
+            let slot = match before.before.get(item.key()) {
                 Some(saved) => saved.as_ref(),
                 None => Some(item.value()),
             };
@@ -118,7 +129,7 @@ impl ListView {
         // entry) is no longer met by the walk, but its pre-image was saved before it went.
         // Read after the walk, so a key removed while it ran is caught one way or the other.
         let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
-        keys.extend(before.keys().cloned());
+        keys.extend(before.before.keys().cloned());
         drop(before);
         keys.sort_unstable();
         keys.dedup();
@@ -133,7 +144,7 @@ impl ListView {
             // `collect`: a write to it waits, so what is read is what the key held.
             let current = self.map.get(&**key);
             let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
-            let slot = match before.get(&**key) {
+            let slot = match before.before.get(&**key) {
                 Some(saved) => saved.as_ref(),
                 None => current.as_deref(),
             };
@@ -144,9 +155,18 @@ impl ListView {
         pairs
     }
 
-    /// Keys saved for this view so far.
-    #[cfg(test)]
-    pub(crate) fn saved(&self) -> usize {
-        self.before.lock().unwrap().len()
+    /// Says that every key up to `key` has been read for good: writes to them stop saving
+    /// pre-images for this view, and those saved are let go.
+    pub fn read_through(&self, key: &str) {
+        let mut saved = self.before.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut after = saved.before.split_off(key);
+        after.remove(key);
+        saved.before = after;
+        saved.read_through = Some(key.into());
+    }
+
+    /// Keys saved for this view and not yet let go.
+    pub fn saved(&self) -> usize {
+        self.before.lock().unwrap().before.len()
     }
 }

@@ -3,8 +3,10 @@
 //! message's size) for as long as it liked. Past `--request-body-timeout`, the body fails, and
 //! the call with it.
 //!
-//! Only requests that are one message are bounded. A stream of them (a peer's long-lived
-//! `ReplicateStream`, a reflection session) may rightly go quiet for hours between messages.
+//! Every request is bounded but a peer's long-lived `ReplicateStream`, which may rightly go
+//! quiet for hours between messages (and which only the cluster's nodes may call when the
+//! cluster has a token or a CA). A reflection session is bounded like a call: the tools that
+//! use it send their requests at once and close.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,12 +17,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-/// The methods whose requests are streams.
-const STREAMING_REQUESTS: [&str; 3] = [
-    "/kvstore.v1.Replicator/ReplicateStream",
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-];
+/// The methods whose requests are streams that may pause.
+const STREAMING_REQUESTS: [&str; 1] = ["/kvstore.v1.Replicator/ReplicateStream"];
 
 /// The layer, for `Server::builder().layer(...)`.
 #[derive(Clone, Copy, Debug)]

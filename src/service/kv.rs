@@ -134,9 +134,10 @@ impl KvStore for KvService {
     async fn backup(&self, _: Request<()>) -> Result<Response<Self::BackupStream>, Status> {
         // One scan of the map, in turn with the node's other scans, handed over a shard's
         // worth at a time as the client reads it; a client that goes away stops it.
+        let turn = self.lists.backup_turn()?;
         let shards = ReceiverStream::new(self.node.node().await.entries_in(1, vec![0]));
         let entries = shards.map(|shard| shard.into_iter().map(KeyValue::from).collect());
-        Ok(Response::new(self.lists.backup(entries)))
+        Ok(Response::new(self.lists.backup(entries, turn)))
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {

@@ -2,7 +2,7 @@
 //!
 //! A List copies only the keys, in order, and reads the values a chunk at a time as the client
 //! takes them (`kvstore_actors::Listing`), so what it holds is its keys plus what waits in its
-//! buffer. All Lists together may hold at most `--max-list-memory`: a List that would pass it
+//! buffer, which is bounded in bytes (a window given back as the client takes each pair). All Lists together may hold at most `--max-list-memory`: a List that would pass it
 //! waits a moment for others to finish, then is refused with RESOURCE_EXHAUSTED. A List whose
 //! client takes nothing for `--list-idle-timeout` is ended, and the client is told why when it
 //! reads again. A Backup is ended the same way (its scan holds one of the node's turns at
@@ -21,10 +21,16 @@ use tonic::Status;
 use crate::error::Error;
 use crate::pb::KeyValue;
 
-/// Pairs a List holds ready beyond what the client has taken.
+/// Pairs a List holds ready beyond what the client has taken, at most.
 const BUFFER: usize = 256;
-/// Keys whose values are read at once.
+/// And the bytes they may hold together (a pair bigger than this goes alone).
+const WINDOW: usize = 1024 * 1024;
+/// Keys whose values are read at once, and the bytes after which a chunk stops.
 const CHUNK: usize = 256;
+const CHUNK_BYTES: usize = 256 * 1024;
+/// What a List holds beyond its keys, at most: its window, the chunk being read, and one
+/// value bigger than either (up to the largest value a node takes, 1 MiB by default).
+const PER_LIST: usize = 2 * WINDOW + CHUNK_BYTES;
 /// How long a List waits for room under the memory bound before it is refused.
 const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
 /// The unit the bound is counted in: a semaphore counts permits in a u32.
@@ -34,6 +40,7 @@ const UNIT: usize = 1024;
 #[derive(Clone, Debug)]
 pub struct ListBounds {
     room: Arc<Semaphore>,
+    backups: Arc<Semaphore>,
     max_bytes: usize,
     idle_timeout: Duration,
 }
@@ -43,6 +50,7 @@ impl ListBounds {
         let units = (max_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             room: Arc::new(Semaphore::new(units)),
+            backups: Arc::new(Semaphore::new(1)),
             max_bytes,
             idle_timeout,
         }
@@ -78,10 +86,10 @@ impl ListBounds {
 
     /// Streams `listing` to the client, within the bounds.
     pub async fn stream(&self, listing: Listing) -> Result<ListStream, Status> {
-        let held = listing.key_bytes() + BUFFER * std::mem::size_of::<KeyValue>();
+        let held = listing.key_bytes() + PER_LIST;
         let room = self.reserve(held).await?;
         let chunks = futures::stream::unfold(listing, |mut listing| async move {
-            let chunk: Vec<KeyValue> = (listing.next_chunk(CHUNK).into_iter())
+            let chunk: Vec<KeyValue> = (listing.next_chunk(CHUNK, CHUNK_BYTES).into_iter())
                 .map(|(key, value)| KeyValue {
                     key,
                     value,
@@ -93,14 +101,28 @@ impl ListBounds {
         Ok(forward(chunks, Some(room), self.idle_timeout, "List"))
     }
 
-    /// Streams a `Backup`'s entries to the client, ending it as an idle List is: the scan
-    /// behind it holds one of the node's turns at scanning the map (which anti-entropy and
-    /// Lists wait for), and must not hold it for a client that reads nothing.
+    /// The node's one Backup at a time: the scan behind a Backup holds one of the node's
+    /// turns at scanning the map (which anti-entropy and Lists wait for) for as long as its
+    /// client takes to read it, so clients cannot take every turn with Backups.
+    pub fn backup_turn(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.backups.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(
+                "a Backup of this node is already running; a node runs one at a time, so \
+                 try again when it finishes"
+                    .into(),
+            )
+            .into()
+        })
+    }
+
+    /// Streams a `Backup`'s entries to the client, holding `turn` (see
+    /// [`ListBounds::backup_turn`]), ending it as an idle List is.
     pub fn backup(
         &self,
         entries: impl Stream<Item = Vec<KeyValue>> + Send + 'static,
+        turn: OwnedSemaphorePermit,
     ) -> ListStream {
-        forward(entries, None, self.idle_timeout, "Backup")
+        forward(entries, Some(turn), self.idle_timeout, "Backup")
     }
 }
 
@@ -113,6 +135,7 @@ fn forward(
     call: &'static str,
 ) -> ListStream {
     let (tx, rx) = mpsc::channel(BUFFER);
+    let window = Arc::new(Semaphore::new(WINDOW / UNIT));
     let ended = Arc::new(OnceLock::new());
     let why = ended.clone();
     tokio::spawn(tracing::Instrument::in_current_span(async move {
@@ -120,7 +143,15 @@ fn forward(
         let mut chunks = std::pin::pin!(chunks);
         while let Some(chunk) = chunks.next().await {
             for kv in chunk {
-                match tokio::time::timeout(idle, tx.send(Ok(kv))).await {
+                // The pair's share of the window, given back as the client takes it.
+                let units = (kv.key.len() + kv.value.len()).div_ceil(UNIT);
+                let units = units.clamp(1, WINDOW / UNIT) as u32;
+                let send = async {
+                    let share = window.clone().acquire_many_owned(units).await;
+                    let share = share.expect("the window is never closed");
+                    tx.send((kv, share)).await
+                };
+                match tokio::time::timeout(idle, send).await {
                     Ok(Ok(())) => {}
                     Err(_) => {
                         tracing::info!(idle = ?idle, call, "stream ended: its client took nothing");
@@ -147,7 +178,7 @@ fn mib(bytes: usize) -> String {
 
 /// A List's (or a Backup's) stream: its entries, then, if the node ended it, why.
 pub struct ListStream {
-    rx: mpsc::Receiver<Result<KeyValue, Status>>,
+    rx: mpsc::Receiver<(KeyValue, OwnedSemaphorePermit)>,
     ended: Arc<OnceLock<Status>>,
 }
 
@@ -161,7 +192,9 @@ impl Stream for ListStream {
                 let ended = std::mem::replace(&mut self.ended, Arc::new(OnceLock::new()));
                 Poll::Ready(ended.get().cloned().map(Err))
             }
-            other => other,
+            // The pair's share of the window goes back as it leaves.
+            Poll::Ready(Some((kv, _share))) => Poll::Ready(Some(Ok(kv))),
+            Poll::Pending => Poll::Pending,
         }
     }
 }
