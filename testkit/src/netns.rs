@@ -28,6 +28,9 @@ pub struct Topology {
     /// The bridge's subnet: 10.77.`subnet`.0/24.
     subnet: u8,
     hosts: usize,
+    /// What was made so far, and is removed on drop (never what someone else made).
+    made_bridge: bool,
+    made_hosts: usize,
 }
 
 /// Runs `program args` and fails, with what it printed, if it does.
@@ -48,23 +51,39 @@ fn run(program: &str, args: &[&str]) -> Result<(), Error> {
     }
 }
 
+/// A subnet 10.77.N.0/24 that no route of this namespace uses yet (another topology's, say).
+fn free_subnet(pid: u32, made: u32) -> Result<u8, Error> {
+    let out = Command::new("ip")
+        .args(["-4", "route", "show"])
+        .output()
+        .map_err(|e| Error::Node(format!("ip: {e} (is it installed?)")))?;
+    let routes = String::from_utf8_lossy(&out.stdout);
+    let first = (pid as u64 * 31 + made as u64) % 200;
+    (0..200)
+        .map(|n| ((first + n) % 200 + 20) as u8)
+        .find(|s| !routes.contains(&format!("10.77.{s}.")))
+        .ok_or_else(|| Error::Node("no free 10.77.N.0/24 subnet for a topology".into()))
+}
+
 impl Topology {
     /// Makes `hosts` namespaces on a new bridge.
     pub fn create(hosts: usize) -> Result<Self, Error> {
         assert!(hosts < 100, "one /24 per topology");
         let made = MADE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let id = format!("kv{}{}", pid % 100_000, (b'a' + (made % 26) as u8) as char);
-        let topology = Self {
+        let id = format!("kv{}x{made}", pid % 100_000);
+        let mut topology = Self {
             bridge: format!("{id}br"),
             id,
-            // Unique among this process's topologies, and most likely among others'.
-            subnet: ((pid as u64 * 31 + made as u64) % 200 + 20) as u8,
+            subnet: free_subnet(pid, made)?,
             hosts,
+            made_bridge: false,
+            made_hosts: 0,
         };
         // From here on, a failure removes what was made (Drop).
-        let bridge = &topology.bridge;
-        run("ip", &["link", "add", bridge, "type", "bridge"])?;
+        run("ip", &["link", "add", &topology.bridge, "type", "bridge"])?;
+        topology.made_bridge = true;
+        let bridge = &topology.bridge.clone();
         let host_cidr = format!("{}/24", topology.host_addr());
         run("ip", &["addr", "add", &host_cidr, "dev", bridge])?;
         run("ip", &["link", "set", bridge, "up"])?;
@@ -72,6 +91,7 @@ impl Topology {
             let ns = topology.namespace(i);
             let outside = topology.veth(i);
             run("ip", &["netns", "add", &ns])?;
+            topology.made_hosts = i + 1;
             run(
                 "ip",
                 &[
@@ -206,10 +226,12 @@ impl Topology {
 impl Drop for Topology {
     fn drop(&mut self) {
         // Removing a namespace removes its end of the veth pair, and with it the other end.
-        for i in 0..self.hosts {
+        for i in 0..self.made_hosts {
             let _ = run("ip", &["netns", "del", &self.namespace(i)]);
             let _ = run("ip", &["link", "del", &self.veth(i)]);
         }
-        let _ = run("ip", &["link", "del", &self.bridge]);
+        if self.made_bridge {
+            let _ = run("ip", &["link", "del", &self.bridge]);
+        }
     }
 }

@@ -49,11 +49,12 @@ impl Proxy {
             let delay = delay.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    // Subscribed first: a cut between the check and here still ends it.
+                    let mut cuts = epoch.subscribe();
                     if cut.load(Ordering::Acquire) {
                         drop(client);
                         continue;
                     }
-                    let mut cuts = epoch.subscribe();
                     let target = *target.lock().unwrap_or_else(PoisonError::into_inner);
                     let delay = *delay.lock().unwrap_or_else(PoisonError::into_inner);
                     tokio::spawn(async move {
@@ -133,10 +134,12 @@ async fn forward(
     };
     let (a_read, a_write) = a.into_split();
     let (b_read, b_write) = b.into_split();
-    tokio::select! {
-        r = delayed(a_read, b_write, base, jitter) => r,
-        r = delayed(b_read, a_write, base, jitter) => r,
-    }
+    // Each way to its end: one side closing its half must not cut what the other still sends.
+    let (ab, ba) = tokio::join!(
+        delayed(a_read, b_write, base, jitter),
+        delayed(b_read, a_write, base, jitter)
+    );
+    ab.and(ba)
 }
 
 /// Copies `from` to `to`, each chunk held until `base` +- `jitter` after it was read (and
@@ -150,16 +153,15 @@ async fn delayed(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
     let reader = async move {
         let mut last = tokio::time::Instant::now();
+        let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let mut buf = vec![0u8; 64 * 1024];
             let n = from.read(&mut buf).await?;
             if n == 0 {
                 return Ok::<(), std::io::Error>(());
             }
-            buf.truncate(n);
             let due = tokio::time::Instant::now() + jittered(base, jitter);
             last = last.max(due);
-            if tx.send((last, buf)).is_err() {
+            if tx.send((last, buf[..n].to_vec())).is_err() {
                 return Ok(());
             }
         }
