@@ -236,6 +236,8 @@ pub struct Listing {
     view: crate::view::ListView,
     keys: Vec<Box<str>>,
     next: usize,
+    /// Tombstones older than this are left out of entries, as anti-entropy leaves them out.
+    expired_before: Option<u64>,
 }
 
 impl Listing {
@@ -256,6 +258,27 @@ impl Listing {
             self.view.read_through(last);
         }
         pairs
+    }
+
+    /// The next entries, tombstones included (see [`ListView::read_entries`]), as
+    /// [`Listing::next_chunk`] reads pairs: what a backup holds.
+    ///
+    /// [`ListView::read_entries`]: crate::view::ListView::read_entries
+    pub fn next_entries(&mut self, keys: usize, bytes: usize) -> Vec<Write> {
+        let mut writes = Vec::new();
+        let mut held = 0;
+        while self.next < self.keys.len() && writes.len() < keys && held < bytes {
+            let key = &self.keys[self.next..=self.next];
+            self.next += 1;
+            for write in self.view.read_entries(key, self.expired_before) {
+                held += write.key.len() + write.entry.value.as_deref().map_or(0, str::len);
+                writes.push(write);
+            }
+        }
+        if let Some(last) = self.next.checked_sub(1).and_then(|i| self.keys.get(i)) {
+            self.view.read_through(last);
+        }
+        writes
     }
 
     /// Pre-images the List holds for keys written since it began, not yet read.
@@ -631,12 +654,14 @@ impl<P: PeerClient> Coordinator<P> {
             .ask(store::TakeView)
             .await
             .map_err(|_| Error::StoreStopped)?;
+        let expired_before = self.reader.expired_before();
         Ok(store::run_holding(turn, move || {
             let keys = view.sorted_keys();
             Listing {
                 view,
                 keys,
                 next: 0,
+                expired_before,
             }
         })
         .await)

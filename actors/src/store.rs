@@ -884,6 +884,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_view_reads_entries_with_versions_and_tombstones_as_of_when_it_was_taken() {
+        let s = store("n1");
+        put(&s, "a", "old").await;
+        put(&s, "b", "old").await;
+        s.ask(Delete { key: "b".into() }).await.unwrap();
+        let view = s.ask(TakeView).await.unwrap();
+        let before: Vec<Write> = view.read_entries(&["a".into(), "b".into()], None);
+        // Written after the view: it still reads what the keys held.
+        put(&s, "a", "new").await;
+        put(&s, "b", "back").await;
+        put(&s, "c", "added").await;
+        let keys = view.sorted_keys();
+        let entries = view.read_entries(&keys, None);
+        assert_eq!(entries, before);
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(entries[0].entry.value.as_deref(), Some("old"));
+        assert_eq!(
+            entries[1].entry.value, None,
+            "the tombstone, with its version"
+        );
+        // A tombstone past its grace is left out, as anti-entropy leaves it out.
+        let all_expired = Some(u64::MAX);
+        let kept = view.read_entries(&keys, all_expired);
+        assert_eq!(
+            kept.iter().map(|w| w.key.as_str()).collect::<Vec<_>>(),
+            ["a"]
+        );
+    }
+
+    #[tokio::test]
     async fn a_view_read_through_a_key_saves_nothing_more_for_the_keys_up_to_it() {
         let s = store("n1");
         for k in ["a", "b", "c", "d"] {

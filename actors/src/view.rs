@@ -23,7 +23,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use crate::entry::{Map, Slot};
+use crate::entry::{Map, Slot, Write};
 
 /// What a [`ListView`] needs saved for it.
 #[derive(Default)]
@@ -140,19 +140,42 @@ impl ListView {
     pub fn read(&self, keys: &[Box<str>]) -> Vec<(String, String)> {
         let mut pairs = Vec::with_capacity(keys.len());
         for key in keys {
-            // The key's stripe is read-locked while its pre-image is looked up, as in
-            // `collect`: a write to it waits, so what is read is what the key held.
-            let current = self.map.get(&**key);
-            let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
-            let slot = match before.before.get(&**key) {
-                Some(saved) => saved.as_ref(),
-                None => current.as_deref(),
-            };
-            if let Some(value) = slot.and_then(Slot::value_str) {
-                pairs.push((key.to_string(), value.to_string()));
-            }
+            self.with_slot(key, |slot| {
+                if let Some(value) = slot.and_then(Slot::value_str) {
+                    pairs.push((key.to_string(), value.to_string()));
+                }
+            });
         }
         pairs
+    }
+
+    /// The entries of `keys` as the view sees them, tombstones included (but those expired
+    /// before `expired_before`), each with its version: what a backup holds.
+    pub fn read_entries(&self, keys: &[Box<str>], expired_before: Option<u64>) -> Vec<Write> {
+        let mut writes = Vec::with_capacity(keys.len());
+        for key in keys {
+            self.with_slot(key, |slot| {
+                if let Some(slot) = slot.filter(|slot| !slot.is_expired(expired_before)) {
+                    writes.push(Write {
+                        key: key.to_string(),
+                        entry: slot.entry(),
+                    });
+                }
+            });
+        }
+        writes
+    }
+
+    /// Calls `f` with what `key` held when the view was taken (None: absent).
+    fn with_slot(&self, key: &str, f: impl FnOnce(Option<&Slot>)) {
+        // The key's stripe is read-locked while its pre-image is looked up, as in `collect`:
+        // a write to it waits, so what is read is what the key held.
+        let current = self.map.get(key);
+        let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
+        match before.before.get(key) {
+            Some(saved) => f(saved.as_ref()),
+            None => f(current.as_deref()),
+        }
     }
 
     /// Says that every key up to `key` has been read for good: writes to them stop saving

@@ -1,8 +1,6 @@
 //! `kvstore.v1.KVStore`: the client-facing service (Put, Get, List, Delete, Status, Backup).
 
-use futures::StreamExt;
 use kvstore_actors::{Entry, WriteOutcome};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::config::Limits;
@@ -132,12 +130,15 @@ impl KvStore for KvService {
     type BackupStream = ListStream;
 
     async fn backup(&self, _: Request<()>) -> Result<Response<Self::BackupStream>, Status> {
-        // One scan of the map, in turn with the node's other scans, handed over a shard's
-        // worth at a time as the client reads it; a client that goes away stops it.
-        let turn = self.lists.backup_turn()?;
-        let shards = ReceiverStream::new(self.node.node().await.entries_in(1, vec![0]));
-        let entries = shards.map(|shard| shard.into_iter().map(KeyValue::from).collect());
-        Ok(Response::new(self.lists.backup(entries, turn)))
+        // Every entry as of one instant, read as the client takes them (see `list`).
+        let listing = self
+            .node
+            .node()
+            .await
+            .listing()
+            .await
+            .map_err(Error::from)?;
+        Ok(Response::new(self.lists.backup(listing).await?))
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {

@@ -5,8 +5,8 @@
 //! buffer, which is bounded in bytes (a window given back as the client takes each pair). All Lists together may hold at most `--max-list-memory`: a List that would pass it
 //! waits a moment for others to finish, then is refused with RESOURCE_EXHAUSTED. A List whose
 //! client takes nothing for `--list-idle-timeout` is ended, and the client is told why when it
-//! reads again. A Backup is ended the same way (its scan holds one of the node's turns at
-//! scanning the map).
+//! reads again. A Backup is a List of every entry, tombstones and versions included, under
+//! the same bounds.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -40,7 +40,6 @@ const UNIT: usize = 1024;
 #[derive(Clone, Debug)]
 pub struct ListBounds {
     room: Arc<Semaphore>,
-    backups: Arc<Semaphore>,
     max_bytes: usize,
     idle_timeout: Duration,
 }
@@ -50,7 +49,6 @@ impl ListBounds {
         let units = (max_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             room: Arc::new(Semaphore::new(units)),
-            backups: Arc::new(Semaphore::new(1)),
             max_bytes,
             idle_timeout,
         }
@@ -101,28 +99,18 @@ impl ListBounds {
         Ok(forward(chunks, Some(room), self.idle_timeout, "List"))
     }
 
-    /// The node's one Backup at a time: the scan behind a Backup holds one of the node's
-    /// turns at scanning the map (which anti-entropy and Lists wait for) for as long as its
-    /// client takes to read it, so clients cannot take every turn with Backups.
-    pub fn backup_turn(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.backups.clone().try_acquire_owned().map_err(|_| {
-            Error::ResourceExhausted(
-                "a Backup of this node is already running; a node runs one at a time, so \
-                 try again when it finishes"
-                    .into(),
-            )
-            .into()
-        })
-    }
-
-    /// Streams a `Backup`'s entries to the client, holding `turn` (see
-    /// [`ListBounds::backup_turn`]), ending it as an idle List is.
-    pub fn backup(
-        &self,
-        entries: impl Stream<Item = Vec<KeyValue>> + Send + 'static,
-        turn: OwnedSemaphorePermit,
-    ) -> ListStream {
-        forward(entries, Some(turn), self.idle_timeout, "Backup")
+    /// Streams `listing`'s entries to the client, tombstones included, each with its version,
+    /// within the same bounds as a List: a Backup is a List of everything, as of one instant.
+    pub async fn backup(&self, listing: Listing) -> Result<ListStream, Status> {
+        let held = listing.key_bytes() + PER_LIST;
+        let room = self.reserve(held).await?;
+        let chunks = futures::stream::unfold(listing, |mut listing| async move {
+            let chunk: Vec<KeyValue> = (listing.next_entries(CHUNK, CHUNK_BYTES).into_iter())
+                .map(KeyValue::from)
+                .collect();
+            (!chunk.is_empty()).then_some((chunk, listing))
+        });
+        Ok(forward(chunks, Some(room), self.idle_timeout, "Backup"))
     }
 }
 
