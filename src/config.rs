@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use kvstore_actors::{SyncMode, WriteQuorum};
+use kvstore_actors::{AckAfter, SyncMode, WriteQuorum};
 
 use crate::error::Error;
 use crate::tls::{ClientAuth, NodeTls};
@@ -158,6 +158,7 @@ pub struct NodeConfig {
     /// Peers, as `host:port`.
     pub peers: Vec<String>,
     pub write_quorum: WriteQuorum,
+    pub ack_after: AckAfter,
     pub replication_deadline: Duration,
     pub peer_connect_timeout: Duration,
     pub peer_mailbox: usize,
@@ -245,6 +246,7 @@ impl Default for NodeConfig {
             node_id: None,
             peers: Vec::new(),
             write_quorum: WriteQuorum::default(),
+            ack_after: AckAfter::default(),
             replication_deadline: DEFAULT_REPLICATION_DEADLINE,
             peer_connect_timeout: DEFAULT_PEER_CONNECT_TIMEOUT,
             peer_mailbox: DEFAULT_PEER_MAILBOX,
@@ -321,6 +323,14 @@ pub struct ServerArgs {
     /// majority or one.
     #[arg(long, default_value_t = WriteQuorum::default(), value_parser = str::parse::<WriteQuorum>)]
     pub write_quorum: WriteQuorum,
+
+    /// When a Put or Delete answers: `all` once every peer has confirmed it, failed, or run
+    /// out --replication-deadline (the Ack then tells of each: "Stored and replicated"), or
+    /// `quorum` as soon as the write quorum holds it durably ("Stored on 2 of 3 nodes; 1
+    /// pending"). The other peers still get it, but the Ack no longer tells whether the
+    /// slowest one has.
+    #[arg(long, default_value_t = AckAfter::default(), value_parser = str::parse::<AckAfter>)]
+    pub ack_after: AckAfter,
 
     /// How long a write waits for its peers before answering (e.g. 500ms, 2s). A peer that has
     /// not confirmed by then is named in the Ack as timed out.
@@ -555,6 +565,7 @@ impl ServerArgs {
             node_id: self.node_id.clone(),
             peers,
             write_quorum: self.write_quorum,
+            ack_after: self.ack_after,
             replication_deadline: self.replication_deadline.into(),
             peer_connect_timeout: self.peer_connect_timeout.into(),
             peer_mailbox: self.peer_mailbox,

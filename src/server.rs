@@ -362,6 +362,7 @@ async fn start(
         peers,
         CoordinatorConfig {
             quorum: config.write_quorum,
+            ack_after: config.ack_after,
             replication_deadline: config.replication_deadline,
             peer_mailbox: config.peer_mailbox,
             handoff_capacity: config.handoff_capacity,
@@ -392,6 +393,7 @@ async fn start(
         peers = ?config.peers,
         data_dir = ?config.data_dir,
         write_quorum = %config.write_quorum,
+        ack_after = %config.ack_after,
         replication_deadline = ?config.replication_deadline,
         peer_connect_timeout = ?config.peer_connect_timeout,
         peer_mailbox = config.peer_mailbox,

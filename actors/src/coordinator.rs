@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use kameo::actor::ActorRef;
 use kameo::error::SendError;
 use tracing::Instrument;
@@ -83,6 +85,41 @@ impl FromStr for WriteQuorum {
     }
 }
 
+/// When a write answers: after every peer's attempt, or once the write quorum has it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AckAfter {
+    /// After every peer has confirmed the write, failed, or run out the deadline: the Ack
+    /// tells of each peer (the original Go system's behaviour).
+    #[default]
+    All,
+    /// As soon as the write quorum holds the write durably. The other peers still get it,
+    /// through the same replication actors; the Ack says how many were pending.
+    Quorum,
+}
+
+impl fmt::Display for AckAfter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::All => "all",
+            Self::Quorum => "quorum",
+        })
+    }
+}
+
+impl FromStr for AckAfter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "all" => Ok(Self::All),
+            "quorum" => Ok(Self::Quorum),
+            other => Err(format!(
+                "unknown ack-after '{other}' (expected all or quorum)"
+            )),
+        }
+    }
+}
+
 /// Why a write did not reach a peer before the deadline.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerFailure {
@@ -118,6 +155,8 @@ pub struct WriteOutcome {
     pub quorum: WriteQuorum,
     /// Peers the write did not reach, with why, in configuration order.
     pub failures: Vec<(String, PeerFailure)>,
+    /// Peers still being sent the write when it answered (`--ack-after quorum`).
+    pub pending: usize,
     /// The version the write was stored under.
     pub version: crate::version::Version,
 }
@@ -137,15 +176,25 @@ impl WriteOutcome {
     /// confirmed it is the original Go system's "Stored and replicated".
     pub fn message(&self, verb: &str) -> String {
         if self.failures.is_empty() {
-            return format!("{verb} and replicated");
+            return match self.pending {
+                0 => format!("{verb} and replicated"),
+                pending => format!(
+                    "{verb} on {} of {} nodes; {pending} pending",
+                    self.acks, self.nodes
+                ),
+            };
         }
         let failed: Vec<String> = self
             .failures
             .iter()
             .map(|(peer, why)| format!("{peer} ({why})"))
             .collect();
+        let pending = match self.pending {
+            0 => String::new(),
+            pending => format!("; {pending} pending"),
+        };
         format!(
-            "{verb} on {} of {} nodes, write quorum {} ({} required) {}; not replicated to {}",
+            "{verb} on {} of {} nodes, write quorum {} ({} required) {}; not replicated to {}{pending}",
             self.acks,
             self.nodes,
             self.quorum,
@@ -160,6 +209,8 @@ impl WriteOutcome {
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
     pub quorum: WriteQuorum,
+    /// When a write answers.
+    pub ack_after: AckAfter,
     /// How long a write (or a quorum read) waits for its peers before answering.
     pub replication_deadline: Duration,
     /// Capacity of each peer's replication mailbox.
@@ -694,19 +745,46 @@ impl<P: PeerClient> Coordinator<P> {
                 }
             }
         });
-        let results = join_all(deliveries).await;
-        let failures: Vec<(String, PeerFailure)> = self
-            .peers
-            .iter()
-            .zip(results)
-            .filter_map(|(peer, failure)| failure.map(|f| (peer.health.addr().to_string(), f)))
-            .collect();
         let nodes = self.peers.len() + 1;
+        // Every delivery is queued on its peer's actor at the first poll; with
+        // `--ack-after quorum` the answer goes as soon as the quorum holds the write, and the
+        // deliveries still out go on in the actors, their replies unread.
+        let enough = match self.config.ack_after {
+            AckAfter::All => nodes,
+            AckAfter::Quorum => self.config.quorum.required(nodes),
+        };
+        let mut deliveries: FuturesUnordered<_> = deliveries
+            .enumerate()
+            .map(|(i, d)| async move { (i, d.await) })
+            .collect();
+        let mut results: Vec<Option<Option<PeerFailure>>> = vec![None; self.peers.len()];
+        let mut acks = 1;
+        while acks < enough {
+            let Some((i, result)) = deliveries.next().await else {
+                break;
+            };
+            acks += usize::from(result.is_none());
+            results[i] = Some(result);
+        }
+        // Those already done count, though the answer did not wait for them.
+        while let Some(Some((i, result))) = deliveries.next().now_or_never() {
+            acks += usize::from(result.is_none());
+            results[i] = Some(result);
+        }
+        drop(deliveries);
+        let pending = results.iter().filter(|r| r.is_none()).count();
+        let failures: Vec<(String, PeerFailure)> = (self.peers.iter().zip(results))
+            .filter_map(|(peer, result)| {
+                let failure = result.flatten()?;
+                Some((peer.health.addr().to_string(), failure))
+            })
+            .collect();
         let outcome = WriteOutcome {
             nodes,
-            acks: nodes - failures.len(),
+            acks,
             quorum: self.config.quorum,
             failures,
+            pending,
             version: write.entry.version,
         };
         let counter = if outcome.ok() {
@@ -783,6 +861,7 @@ mod tests {
             ))),
             peers,
             CoordinatorConfig {
+                ack_after: AckAfter::All,
                 quorum,
                 replication_deadline: deadline,
                 peer_mailbox: mailbox,
@@ -790,6 +869,49 @@ mod tests {
                 anti_entropy_interval: Duration::from_secs(3600),
             },
         )
+    }
+
+    #[tokio::test]
+    async fn with_ack_after_quorum_a_write_answers_once_the_quorum_has_it_and_the_rest_follow() {
+        let (fast, slow) = (FakePeer::default(), FakePeer::default());
+        let node = Coordinator::start(
+            StoreActor::new(Arc::new(crate::clock::Clock::new(
+                crate::version::NodeId::new("local").unwrap(),
+            ))),
+            vec![
+                ("peer1".into(), fast.clone()),
+                ("peer2".into(), slow.clone()),
+            ],
+            CoordinatorConfig {
+                ack_after: AckAfter::Quorum,
+                quorum: WriteQuorum::Majority,
+                replication_deadline: Duration::from_secs(10),
+                peer_mailbox: 64,
+                handoff_capacity: 100,
+                anti_entropy_interval: Duration::from_secs(3600),
+            },
+        );
+        // Let the startup anti-entropy round finish before the peer turns slow.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        slow.delay_ms.store(1500, Ordering::Relaxed);
+        let out = node.put("k".into(), "v".into()).await.unwrap();
+        assert!(out.ok() && out.failures.is_empty(), "{out:?}");
+        assert_eq!((out.acks, out.pending), (2, 1));
+        assert_eq!(out.message("Stored"), "Stored on 2 of 3 nodes; 1 pending");
+        assert_eq!(fast.received_keys(), ["k"]);
+        assert!(
+            slow.received_keys().is_empty(),
+            "answered before the slow peer had it"
+        );
+        // The slow peer still gets it, through its replication actor.
+        let waited = tokio::time::Instant::now();
+        while slow.received_keys().is_empty() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "the slow peer never got it"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// A graceful stop returns only once the store has closed its log: the data dir is free
@@ -807,6 +929,7 @@ mod tests {
             store,
             Vec::new(),
             CoordinatorConfig {
+                ack_after: AckAfter::All,
                 quorum: WriteQuorum::Majority,
                 replication_deadline: Duration::from_secs(1),
                 peer_mailbox: 16,

@@ -75,8 +75,8 @@ mod testing;
 
 pub use clock::Clock;
 pub use coordinator::{
-    Coordinator, CoordinatorConfig, NodeStatus, PeerFailure, PeerStatus, ReadError, WriteOutcome,
-    WriteQuorum,
+    AckAfter, Coordinator, CoordinatorConfig, NodeStatus, PeerFailure, PeerStatus, ReadError,
+    WriteOutcome, WriteQuorum,
 };
 pub use entry::{Entry, Write};
 pub use error::{Error, LogError, LogFailure};
