@@ -150,6 +150,9 @@ pub struct Results {
     pub memory_bytes_per_key: Option<f64>,
     pub restart_seconds: Option<f64>,
     pub catchup_seconds: Option<f64>,
+    /// A/B runs: the flags of cluster B's nodes (`--b-node-args`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub b_node_args: Option<String>,
 }
 
 /// Cargo's target directory.
@@ -205,7 +208,7 @@ impl Kvstore {
                     server,
                     nodes,
                     root,
-                    extra_args,
+                    extra_args: kvstore_testkit::sharing_cores(nodes, extra_args),
                     proxied: false,
                     tls: tls.cloned(),
                     netns: None,
@@ -388,6 +391,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
             let client_tls = pki.as_ref().map(|pki| pki.client_config()).transpose()?;
             let b = b.await?.addrs_into(&mut kvstores);
             list.push(Target::kvstore("kvstore-b", b, client_tls));
+            results.b_node_args = args.b_node_args.clone();
             results.notes.push(format!(
                 "A/B run: A = kvstore {:?}, B = {} {:?}{}",
                 args.node_args,
@@ -647,7 +651,7 @@ async fn catchup(
         server,
         nodes: 3,
         root: root.join("catchup"),
-        extra_args: Vec::new(),
+        extra_args: kvstore_testkit::sharing_cores(3, Vec::new()),
         proxied: false,
         tls: None,
         netns: None,

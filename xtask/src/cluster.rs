@@ -2,7 +2,7 @@
 //! ports, each peered with all the others, under `kvstore_testkit::supervise`: every log line
 //! prefixed with its node, a node that dies reported while the others go on, `restart N` typed
 //! here to start it again, and Ctrl-C (or `stop`) to stop them all. With `--tls`, over mutual
-//! TLS with a throwaway CA.
+//! TLS with a throwaway CA. The nodes share the machine's cores (`--worker-threads`).
 
 use std::io::BufRead;
 use std::sync::{Arc, Mutex, mpsc};
@@ -58,7 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server,
         ports: (0..args.nodes).map(|i| args.base_port + i).collect(),
         data_root,
-        extra_args: args.server_args,
+        extra_args: kvstore_testkit::sharing_cores(usize::from(args.nodes), args.server_args),
         tls,
     };
     let repl = plan.repl_args().join(" ");
