@@ -681,18 +681,12 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// The live value of `key`, from this node alone.
     pub async fn get(&self, key: String) -> Result<Option<String>, Error> {
-        self.store
-            .ask(store::Get { key })
-            .await
-            .map_err(|_| Error::StoreStopped)
+        Ok(self.reader.get(&key))
     }
 
     /// The stored entry of `key`, tombstones included.
     pub async fn get_entry(&self, key: String) -> Result<Option<Entry>, Error> {
-        self.store
-            .ask(store::GetEntry { key })
-            .await
-            .map_err(|_| Error::StoreStopped)
+        Ok(self.reader.get_entry(&key))
     }
 
     /// Every live pair, in key order, as of one instant, read lazily: the keys are copied

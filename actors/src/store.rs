@@ -141,6 +141,17 @@ pub struct StoreReader {
 }
 
 impl StoreReader {
+    /// The live value of `key`, read straight from the map. Only the store actor writes the
+    /// map; a read needs no turn of the actor's, and does not wait behind its writes.
+    pub fn get(&self, key: &str) -> Option<String> {
+        (self.map.get(key)).and_then(|slot| slot.value_str().map(String::from))
+    }
+
+    /// The stored entry of `key`, tombstones included, read straight from the map.
+    pub fn get_entry(&self, key: &str) -> Option<Entry> {
+        self.map.get(key).map(|slot| slot.entry())
+    }
+
     /// The node's clock.
     pub fn clock(&self) -> &Clock {
         &self.clock
