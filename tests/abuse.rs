@@ -83,6 +83,21 @@ async fn raw(addr: &str) -> KvStoreClient<tonic::transport::Channel> {
         .unwrap()
 }
 
+/// `n` Lists, each on its own connection, whose first message has arrived and which are
+/// never read further: each has sent all the flow-control window lets it.
+async fn unread_lists(addr: &str, n: usize) -> Vec<(RawClient, tonic::Streaming<KeyValue>)> {
+    let mut unread = Vec::new();
+    for _ in 0..n {
+        let mut list = raw(addr).await;
+        let mut stream = list.list(()).await.unwrap().into_inner();
+        assert!(stream.message().await.unwrap().is_some());
+        unread.push((list, stream));
+    }
+    unread
+}
+
+type RawClient = KvStoreClient<tonic::transport::Channel>;
+
 /// Another client is served: a write, and a read of it.
 async fn served(client: &Client, key: &str) {
     let ack = client.put(key, "served").await.unwrap();
@@ -105,13 +120,7 @@ async fn twenty_unread_lists_hold_their_keys_not_copies_of_the_store() {
 
     // Twenty Lists, each on its own connection, none ever read. Each has sent all the
     // flow-control window lets it once its first message is here.
-    let mut unread = Vec::new();
-    for _ in 0..20 {
-        let mut list = raw(&addr).await;
-        let mut stream = list.list(()).await.unwrap().into_inner();
-        assert!(stream.message().await.unwrap().is_some());
-        unread.push((list, stream));
-    }
+    let mut unread = unread_lists(&addr, 20).await;
     // The Lists' tasks have filled their buffers, and hold still.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = rss(pid);
@@ -203,13 +212,7 @@ async fn an_unread_list_of_big_values_holds_a_window_of_them_not_all() {
     let addr = cluster.addr(0);
     let before = rss(pid);
 
-    let mut unread = Vec::new();
-    for _ in 0..10 {
-        let mut list = raw(&addr).await;
-        let mut stream = list.list(()).await.unwrap().into_inner();
-        assert!(stream.message().await.unwrap().is_some());
-        unread.push((list, stream));
-    }
+    let unread = unread_lists(&addr, 10).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = rss(pid);
     eprintln!(

@@ -295,20 +295,12 @@ impl Listing {
     /// The next pairs, from up to `keys` keys, and no more once they hold `bytes` (fewer
     /// pairs where keys were absent or deleted when the List began); empty when it is done.
     pub fn next_chunk(&mut self, keys: usize, bytes: usize) -> Vec<(String, String)> {
-        let mut pairs = Vec::new();
-        let mut held = 0;
-        while self.next < self.keys.len() && pairs.len() < keys && held < bytes {
-            let key = &self.keys[self.next..=self.next];
-            self.next += 1;
-            for (key, value) in self.view.read(key) {
-                held += key.len() + value.len();
-                pairs.push((key, value));
-            }
-        }
-        if let Some(last) = self.next.checked_sub(1).and_then(|i| self.keys.get(i)) {
-            self.view.read_through(last);
-        }
-        pairs
+        self.next_by(
+            keys,
+            bytes,
+            |view, key| view.read(key),
+            |(k, v)| k.len() + v.len(),
+        )
     }
 
     /// The next entries, tombstones included (see [`ListView::read_entries`]), as
@@ -316,20 +308,38 @@ impl Listing {
     ///
     /// [`ListView::read_entries`]: crate::view::ListView::read_entries
     pub fn next_entries(&mut self, keys: usize, bytes: usize) -> Vec<Write> {
-        let mut writes = Vec::new();
+        let expired_before = self.expired_before;
+        self.next_by(
+            keys,
+            bytes,
+            |view, key| view.read_entries(key, expired_before),
+            |w| w.key.len() + w.entry.value.as_deref().map_or(0, str::len),
+        )
+    }
+
+    /// What `read` gives for the next keys, up to `keys` of them and no more once `size`
+    /// of what was read passes `bytes`; then tells the view how far the List has read.
+    fn next_by<T>(
+        &mut self,
+        keys: usize,
+        bytes: usize,
+        read: impl Fn(&crate::view::ListView, &[Box<str>]) -> Vec<T>,
+        size: impl Fn(&T) -> usize,
+    ) -> Vec<T> {
+        let mut items = Vec::new();
         let mut held = 0;
-        while self.next < self.keys.len() && writes.len() < keys && held < bytes {
+        while self.next < self.keys.len() && items.len() < keys && held < bytes {
             let key = &self.keys[self.next..=self.next];
             self.next += 1;
-            for write in self.view.read_entries(key, self.expired_before) {
-                held += write.key.len() + write.entry.value.as_deref().map_or(0, str::len);
-                writes.push(write);
+            for item in read(&self.view, key) {
+                held += size(&item);
+                items.push(item);
             }
         }
         if let Some(last) = self.next.checked_sub(1).and_then(|i| self.keys.get(i)) {
             self.view.read_through(last);
         }
-        writes
+        items
     }
 
     /// Pre-images the List holds for keys written since it began, not yet read.

@@ -136,15 +136,11 @@ pub fn markdown(r: &Results) -> String {
     );
     let _ = writeln!(s, "| cell | target | measured | each round | met |");
     let _ = writeln!(s, "|---|---|---|---|---|");
-    let ops = |w, t, c| find(r, w, t, c).map(|x| x.figures.ops_per_sec);
-    let p99 = |w, t, c| find(r, w, t, c).map(|x| x.figures.p99_us as f64);
-    let p50 = |w, t, c| find(r, w, t, c).map(|x| x.figures.p50_us as f64);
     let div =
         |a: Option<f64>, b: Option<f64>| a.zip(b).filter(|(_, b)| *b > 0.0).map(|(a, b)| a / b);
     let mut target = |cell: &str,
                       goal: &str,
-                      value: Option<f64>,
-                      rounds: Vec<f64>,
+                      (value, rounds): (Option<f64>, Vec<f64>),
                       unit: &str,
                       met: fn(f64) -> bool| {
         let each = if rounds.len() > 1 {
@@ -172,51 +168,50 @@ pub fn markdown(r: &Results) -> String {
             value.map_or("not measured".into(), |v| format!("{v:.2}{unit}")),
         );
     };
-    let put = Workload::Put;
-    let ops_of = |f: &Figures| f.ops_per_sec;
+    let ops_of: fn(&Figures) -> f64 = |f| f.ops_per_sec;
+    let p99_of: fn(&Figures) -> f64 = |f| f.p99_us as f64;
+    let p50_of: fn(&Figures) -> f64 = |f| f.p50_us as f64;
+    // `f` of our cell over `f` of theirs: the medians', and each round's.
+    let vs = |w: Workload, ours: &str, theirs: &str, c: usize, f: fn(&Figures) -> f64| {
+        let of = |target: &str| find(r, w, target, c).map(|x| f(&x.figures));
+        (
+            div(of(ours), of(theirs)),
+            round_ratios(r, w, ours, theirs, c, f),
+        )
+    };
+    let (put, get, mixed) = (Workload::Put, Workload::Get, Workload::Mixed);
     target(
         "get c=64 ops/s",
         ">= 0.9x echo",
-        div(
-            ops(Workload::Get, "kvstore", 64),
-            ops(Workload::Get, "echo", 64),
-        ),
-        round_ratios(r, Workload::Get, "kvstore", "echo", 64, ops_of),
+        vs(get, "kvstore", "echo", 64, ops_of),
         "x",
         |v| v >= 0.9,
     );
     target(
         "mixed c=64 ops/s",
         ">= 0.7x echo",
-        div(
-            ops(Workload::Mixed, "kvstore", 64),
-            ops(Workload::Mixed, "echo", 64),
-        ),
-        round_ratios(r, Workload::Mixed, "kvstore", "echo", 64, ops_of),
+        vs(mixed, "kvstore", "echo", 64, ops_of),
         "x",
         |v| v >= 0.7,
     );
     target(
         "put c=64 ops/s",
         ">= 0.5x echo",
-        div(ops(put, "kvstore", 64), ops(put, "echo", 64)),
-        round_ratios(r, put, "kvstore", "echo", 64, ops_of),
+        vs(put, "kvstore", "echo", 64, ops_of),
         "x",
         |v| v >= 0.5,
     );
     target(
         "put c=64 p99",
         "<= 0.3x etcd",
-        div(p99(put, "kvstore", 64), p99(put, "etcd", 64)),
-        round_ratios(r, put, "kvstore", "etcd", 64, |f| f.p99_us as f64),
+        vs(put, "kvstore", "etcd", 64, p99_of),
         "x",
         |v| v <= 0.3,
     );
     target(
         "put c=1 p50, --ack-after all",
         "<= 0.6x etcd",
-        div(p50(put, "kvstore", 1), p50(put, "etcd", 1)),
-        round_ratios(r, put, "kvstore", "etcd", 1, |f| f.p50_us as f64),
+        vs(put, "kvstore", "etcd", 1, p50_of),
         "x",
         |v| v <= 0.6,
     );
@@ -227,43 +222,36 @@ pub fn markdown(r: &Results) -> String {
     target(
         "put c=1 p50, --ack-after quorum",
         "<= 0.5x etcd",
-        div(p50(put, quorum, 1), p50(put, "etcd", 1)),
-        round_ratios(r, put, quorum, "etcd", 1, |f| f.p50_us as f64),
+        vs(put, quorum, "etcd", 1, p50_of),
         "x",
         |v| v <= 0.5,
     );
     target(
         "list of 100k keys, ops/s",
         ">= 3x etcd",
-        div(
-            ops(Workload::List, "kvstore", 1),
-            ops(Workload::List, "etcd", 1),
-        ),
-        round_ratios(r, Workload::List, "kvstore", "etcd", 1, ops_of),
+        vs(Workload::List, "kvstore", "etcd", 1, ops_of),
         "x",
         |v| v >= 3.0,
     );
+    let alone = |value: Option<f64>| (value, Vec::new());
     target(
         "memory at 1M keys",
         "<= 200 bytes/key",
-        r.memory_bytes_per_key,
-        Vec::new(),
+        alone(r.memory_bytes_per_key),
         " B",
         |v| v <= 200.0,
     );
     target(
         "restart with 1M keys",
         "serving in <= 0.5 s",
-        r.restart_seconds,
-        Vec::new(),
+        alone(r.restart_seconds),
         " s",
         |v| v <= 0.5,
     );
     target(
         "catch-up of 100k missed writes",
         "<= 5 s",
-        r.catchup_seconds,
-        Vec::new(),
+        alone(r.catchup_seconds),
         " s",
         |v| v <= 5.0,
     );

@@ -117,28 +117,20 @@ impl KvStore for KvService {
     type ListStream = ListStream;
 
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
-        let listing = self
-            .node
-            .node()
-            .await
-            .listing()
-            .await
-            .map_err(Error::from)?;
-        Ok(Response::new(self.lists.stream(listing).await?))
+        let listing = self.node.node().await.listing().await;
+        Ok(Response::new(
+            self.lists.stream(listing.map_err(Error::from)?).await?,
+        ))
     }
 
     type BackupStream = ListStream;
 
     async fn backup(&self, _: Request<()>) -> Result<Response<Self::BackupStream>, Status> {
         // Every entry as of one instant, read as the client takes them (see `list`).
-        let listing = self
-            .node
-            .node()
-            .await
-            .listing()
-            .await
-            .map_err(Error::from)?;
-        Ok(Response::new(self.lists.backup(listing).await?))
+        let listing = self.node.node().await.listing().await;
+        Ok(Response::new(
+            self.lists.backup(listing.map_err(Error::from)?).await?,
+        ))
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
