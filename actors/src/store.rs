@@ -466,13 +466,18 @@ pub struct Delete {
 #[derive(Debug)]
 pub struct Apply(pub Vec<Write>);
 
-/// Read the live value of a key: `None` if absent or deleted.
+/// Read the live value of a key through the actor: `None` if absent or deleted. Nodes read
+/// the map directly ([`StoreReader::get`]); tests use this to read in turn with the writes
+/// they sent.
+#[cfg(test)]
 #[derive(Debug)]
 pub struct Get {
     pub key: String,
 }
 
-/// Read a key's entry as stored, tombstone and version included (for tests and repair).
+/// Read a key's entry as stored, tombstone and version included, through the actor (see
+/// [`Get`]).
+#[cfg(test)]
 #[derive(Debug)]
 pub struct GetEntry {
     pub key: String,
@@ -511,6 +516,7 @@ impl Message<Apply> for StoreActor {
     }
 }
 
+#[cfg(test)]
 impl Message<Get> for StoreActor {
     type Reply = Option<String>;
 
@@ -521,6 +527,7 @@ impl Message<Get> for StoreActor {
     }
 }
 
+#[cfg(test)]
 impl Message<GetEntry> for StoreActor {
     type Reply = Option<Entry>;
 
