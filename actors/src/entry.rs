@@ -12,8 +12,8 @@ use dashmap::DashMap;
 use crate::version::{NodeId, Version};
 
 /// The map a store keeps: key to [`Slot`]. Keys are boxed `str`s rather than `String`s, 8
-/// bytes less each.
-pub type Map = DashMap<Box<str>, Slot>;
+/// bytes less each. Hashed with aHash under a per-process random seed: clients choose the keys.
+pub type Map = DashMap<Box<str>, Slot, ahash::RandomState>;
 
 /// Lock shards of a store's map. A snapshot walks the map one shard at a time under the shard's
 /// read lock, and the store actor's write to that shard waits for it, which stalls every
@@ -28,7 +28,7 @@ pub const MAP_SHARDS: usize = 64;
 
 /// An empty map with [`MAP_SHARDS`] shards.
 pub fn new_map() -> Map {
-    Map::with_shard_amount(MAP_SHARDS)
+    Map::with_hasher_and_shard_amount(ahash::RandomState::new(), MAP_SHARDS)
 }
 
 /// Calls `f` with every entry of `map`, one lock shard at a time, and `after_shard` after each
@@ -129,20 +129,26 @@ pub struct Slot {
 impl Slot {
     /// The slot holding `entry`.
     pub fn new(entry: &Entry) -> Self {
-        let value = entry.value.as_deref().unwrap_or("");
-        let bits = entry.version.node.to_bits();
+        Self::of(entry.version, entry.value.as_deref())
+    }
+
+    /// The slot holding `value` (`None` for a tombstone) under `version`.
+    pub fn of(version: Version, value: Option<&str>) -> Self {
+        let tombstone = value.is_none();
+        let value = value.unwrap_or("");
+        let bits = version.node.to_bits();
         // Would take 2^31 distinct node ids in one process: memory runs out long before.
         debug_assert_eq!(
             bits & TOMBSTONE,
             0,
             "node id handle collides with the tombstone bit"
         );
-        let word = bits | if entry.value.is_none() { TOMBSTONE } else { 0 };
+        let word = bits | if tombstone { TOMBSTONE } else { 0 };
         let mut blob = Vec::with_capacity(SLOT_HEADER + value.len());
         blob.extend_from_slice(&word.to_le_bytes());
         blob.extend_from_slice(value.as_bytes());
         Self {
-            time: entry.version.time,
+            time: version.time,
             blob: blob.into_boxed_slice(),
         }
     }
@@ -184,9 +190,14 @@ impl Slot {
     /// Whether `entry` wins over this slot in last-writer-wins order ([`precedence`]). The
     /// value is looked at only on a tie of versions, which a correct cluster never makes.
     pub fn loses_to(&self, entry: &Entry) -> bool {
-        match entry.version.cmp(&self.version()) {
+        self.loses_to_parts(entry.version, entry.value.as_deref())
+    }
+
+    /// [`Self::loses_to`] for a write given as its parts.
+    pub fn loses_to_parts(&self, version: Version, value: Option<&str>) -> bool {
+        match version.cmp(&self.version()) {
             std::cmp::Ordering::Equal => {
-                entry.precedence() > precedence(self.version(), self.value_str())
+                precedence(version, value) > precedence(self.version(), self.value_str())
             }
             order => order.is_gt(),
         }

@@ -81,14 +81,6 @@ struct Counts {
 }
 
 impl Counts {
-    fn of(map: &Map) -> Self {
-        let tombstones = map.iter().filter(|e| e.is_tombstone()).count();
-        Self {
-            live: map.len() - tombstones,
-            tombstones,
-        }
-    }
-
     fn count(&mut self, slot: &Slot, sign: isize) {
         let n = if slot.is_tombstone() {
             &mut self.tombstones
@@ -242,7 +234,10 @@ impl StoreActor {
         let own = (recovered.newest_by_node.get(&clock.node())).map_or(0, |&t| t);
         clock.restore(own, recovered.max_time);
         Self {
-            counts: Counts::of(&recovered.map),
+            counts: Counts {
+                live: recovered.map.len() - recovered.tombstones,
+                tombstones: recovered.tombstones,
+            },
             map: recovered.map,
             clock,
             storage: Some(recovered.storage),

@@ -22,6 +22,10 @@ pub trait DataDir: Send + Sync + 'static {
     fn list(&self) -> io::Result<Vec<String>>;
     /// The whole contents of `name`.
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// `name`, open for reading front to back.
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(io::Cursor::new(self.read(name)?)))
+    }
     /// Creates `name`, or empties it if it exists, open for appending.
     fn create(&self, name: &str) -> io::Result<Box<dyn AppendFile>>;
     /// Opens `name` for appending at its end.
@@ -83,6 +87,10 @@ impl DataDir for OsDir {
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         std::fs::read(self.path.join(name))
+    }
+
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
+        Ok(Box::new(File::open(self.path.join(name))?))
     }
 
     fn create(&self, name: &str) -> io::Result<Box<dyn AppendFile>> {

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use crate::entry::{Map, Slot, Write, new_map};
 use crate::error::Error;
-use crate::version::NodeId;
+use crate::version::{NodeId, Version};
 use fs::{DataDir, OsDir};
 pub use metrics::StorageMetrics;
 use scan::OnDamage;
@@ -123,6 +123,9 @@ pub struct Recovered {
     pub max_time: u64,
     /// The newest version time of each node that wrote what was recovered.
     pub newest_by_node: HashMap<NodeId, u64>,
+    /// How many of the map's entries are tombstones (counted as they were applied, so that
+    /// the store need not walk a million keys again to learn it).
+    pub tombstones: usize,
     pub storage: Storage,
     pub report: RecoveryReport,
 }
@@ -169,19 +172,34 @@ impl Storage {
         let map = new_map();
         let mut max_time = 0u64;
         let mut newest_by_node = HashMap::new();
-        let mut apply = |w: Write| {
-            max_time = max_time.max(w.entry.version.time);
-            let newest = newest_by_node.entry(w.entry.version.node).or_insert(0);
-            *newest = w.entry.version.time.max(*newest);
-            match map.entry(w.key.into_boxed_str()) {
+        let mut tombstones = 0usize;
+        let mut apply = |key: &str, version: Version, value: Option<&str>| {
+            max_time = max_time.max(version.time);
+            let newest = newest_by_node.entry(version.node).or_insert(0);
+            *newest = version.time.max(*newest);
+            match map.entry(key.into()) {
                 dashmap::Entry::Occupied(mut slot) => {
-                    if slot.get().loses_to(&w.entry) {
-                        slot.insert(Slot::new(&w.entry));
+                    if slot.get().loses_to_parts(version, value) {
+                        tombstones -= usize::from(slot.get().is_tombstone());
+                        tombstones += usize::from(value.is_none());
+                        slot.insert(Slot::of(version, value));
                     }
                 }
                 dashmap::Entry::Vacant(slot) => {
-                    slot.insert(Slot::new(&w.entry));
+                    tombstones += usize::from(value.is_none());
+                    slot.insert(Slot::of(version, value));
                 }
+            }
+        };
+        // A snapshot names a handful of writers a million times over: look each up here before
+        // the process-wide table.
+        let mut writers: Vec<(Box<str>, NodeId)> = Vec::new();
+        let mut writer = |name: &str| match writers.iter().find(|(n, _)| &**n == name) {
+            Some(&(_, id)) => id,
+            None => {
+                let id = NodeId::known(name);
+                writers.push((name.into(), id));
+                id
             }
         };
 
@@ -189,7 +207,13 @@ impl Storage {
         let base = snapshots.last().copied().unwrap_or(0);
         if let Some(&g) = snapshots.last() {
             let name = snapshot::snapshot_name(g);
-            report.snapshot_entries = snapshot::read(&*dir, &name, config.repair, &mut apply)?;
+            report.snapshot_entries = snapshot::read(&*dir, &name, config.repair, |w| {
+                let version = Version {
+                    time: w.time,
+                    node: writer(w.node),
+                };
+                apply(w.key, version, w.value);
+            })?;
             report.snapshot = Some(dir.path().join(name));
         }
         for &g in logs.iter().filter(|&&g| g < base) {
@@ -210,7 +234,9 @@ impl Storage {
                 // Earlier logs were synced whole before the rotation that closed them.
                 (false, false) => OnDamage::Refuse,
             };
-            let end = scan::scan_log(&path, &data, on_damage, &mut apply)?;
+            let end = scan::scan_log(&path, &data, on_damage, |w| {
+                apply(&w.key, w.entry.version, w.entry.value.as_deref());
+            })?;
             report.log_records += end.records;
             let mut file = None;
             if let Some(torn) = &end.torn {
@@ -272,6 +298,7 @@ impl Storage {
             map: map.clone(),
             max_time,
             newest_by_node,
+            tombstones,
             storage: Storage {
                 dir,
                 map,
@@ -467,13 +494,28 @@ pub(crate) mod tests {
                 write("a", Some("1"), 10),
                 write("b", Some("2"), 11),
                 write("a", None, 12),
+                write("c", None, 13),
+                write("c", Some("3"), 14),
+                write("d", Some("4"), 16),
+                write("d", None, 15),
             ],
         )
         .await;
         assert_eq!(value(&r, "a"), Some(None), "the tombstone is recovered");
         assert_eq!(value(&r, "b"), Some(Some("2".into())));
-        assert_eq!(r.max_time, 12);
-        assert_eq!(r.report.log_records, 3);
+        assert_eq!(
+            value(&r, "c"),
+            Some(Some("3".into())),
+            "a newer write revives"
+        );
+        assert_eq!(
+            value(&r, "d"),
+            Some(Some("4".into())),
+            "an older delete loses"
+        );
+        assert_eq!(r.max_time, 16);
+        assert_eq!(r.report.log_records, 7);
+        assert_eq!(r.tombstones, 1, "tombstones counted as they were applied");
     }
 
     #[tokio::test]
@@ -734,7 +776,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_damaged_snapshot_is_refused() {
         let dir = CrashDir::default();
-        let map = Map::new();
+        let map = crate::entry::new_map();
         map.insert("k".into(), Slot::new(&write("k", Some("v"), 1).entry));
         snapshot::write(&dir, 3, &snapshot::encode(&map, None)).unwrap();
         let name = snapshot::snapshot_name(3);

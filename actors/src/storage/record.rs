@@ -316,8 +316,69 @@ impl std::fmt::Display for FrameError {
     }
 }
 
+/// A write as it lies in a record, borrowed from the bytes read: what recovery applies to the
+/// map without copying each field into a [`Write`] on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WriteRef<'a> {
+    pub key: &'a str,
+    pub time: u64,
+    /// The writer's node id as stored (interning it is the caller's choice).
+    pub node: &'a str,
+    /// `None` for a tombstone.
+    pub value: Option<&'a str>,
+}
+
+impl WriteRef<'_> {
+    /// The write, copied out.
+    pub fn to_write(&self) -> Write {
+        Write {
+            key: self.key.to_owned(),
+            entry: Entry {
+                value: self.value.map(Box::from),
+                version: Version {
+                    time: self.time,
+                    node: NodeId::known(self.node),
+                },
+            },
+        }
+    }
+}
+
+/// What a record holds, borrowed from the bytes read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordRef<'a> {
+    Write(WriteRef<'a>),
+    /// End of a snapshot, with its entry count.
+    End(u64),
+}
+
+impl RecordRef<'_> {
+    /// The record, copied out.
+    pub fn to_record(&self) -> Record {
+        match self {
+            Self::Write(w) => Record::Write(w.to_write()),
+            Self::End(n) => Record::End(*n),
+        }
+    }
+}
+
 /// Reads the frame at the start of `data`: the record and the bytes it took.
 pub fn decode(data: &[u8]) -> Result<(Record, usize), FrameError> {
+    decode_ref(data).map(|(record, used)| (record.to_record(), used))
+}
+
+/// [`decode`], borrowing the record's fields from `data`.
+pub fn decode_ref(data: &[u8]) -> Result<(RecordRef<'_>, usize), FrameError> {
+    decode_frame(data, true)
+}
+
+/// [`decode_ref`] of a frame that [`decode_ref`] has already read whole, so its checksum is
+/// not computed again. Panics if it does not read (a bug: the bytes changed in between).
+pub fn decode_checked(data: &[u8]) -> (RecordRef<'_>, usize) {
+    decode_frame(data, false).expect("a frame read once reads again")
+}
+
+fn decode_frame(data: &[u8], check_crc: bool) -> Result<(RecordRef<'_>, usize), FrameError> {
     if data.len() < FRAME_LEN {
         return Err(FrameError::Truncated);
     }
@@ -330,18 +391,18 @@ pub fn decode(data: &[u8]) -> Result<(Record, usize), FrameError> {
     }
     let crc = u32::from_le_bytes(data[4..8].try_into().unwrap());
     let payload = &data[FRAME_LEN..FRAME_LEN + len];
-    if crc32fast::hash(payload) != crc {
+    if check_crc && crc32fast::hash(payload) != crc {
         return Err(FrameError::BadChecksum);
     }
     let record = parse_payload(payload).map_err(FrameError::BadPayload)?;
     Ok((record, FRAME_LEN + len))
 }
 
-fn parse_payload(p: &[u8]) -> Result<Record, String> {
+fn parse_payload(p: &[u8]) -> Result<RecordRef<'_>, String> {
     let mut r = Reader(p);
     let kind = r.u8()?;
     if kind == KIND_END {
-        return Ok(Record::End(r.u64()?));
+        return Ok(RecordRef::End(r.u64()?));
     }
     let time = r.u64()?;
     let node_len = r.u16()? as usize;
@@ -359,23 +420,19 @@ fn parse_payload(p: &[u8]) -> Result<Record, String> {
     if !r.0.is_empty() {
         return Err(format!("{} trailing bytes", r.0.len()));
     }
-    Ok(Record::Write(Write {
+    Ok(RecordRef::Write(WriteRef {
         key,
-        entry: Entry {
-            value: value.map(String::into_boxed_str),
-            version: Version {
-                time,
-                node: NodeId::known(&node),
-            },
-        },
+        time,
+        node,
+        value,
     }))
 }
 
 /// A cursor over a payload; every read is bounds-checked.
 struct Reader<'a>(&'a [u8]);
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.0.len() < n {
             return Err("field runs past the record".into());
         }
@@ -395,8 +452,8 @@ impl Reader<'_> {
     fn u64(&mut self) -> Result<u64, String> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn str(&mut self, n: usize) -> Result<String, String> {
-        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| "text is not UTF-8".into())
+    fn str(&mut self, n: usize) -> Result<&'a str, String> {
+        std::str::from_utf8(self.take(n)?).map_err(|_| "text is not UTF-8".into())
     }
 }
 

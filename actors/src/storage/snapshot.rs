@@ -8,9 +8,9 @@
 //! replaying an entry that is not newer changes nothing.
 
 use super::fs::DataDir;
-use super::record::{self, Record};
+use super::record::{self, RecordRef, WriteRef};
 use super::scan::scan_snapshot;
-use crate::entry::{Map, Write};
+use crate::entry::Map;
 use crate::error::Error;
 
 /// The file name of generation `g`'s snapshot.
@@ -86,16 +86,16 @@ pub fn read(
     dir: &dyn DataDir,
     name: &str,
     repair: bool,
-    mut f: impl FnMut(Write),
+    mut f: impl FnMut(WriteRef<'_>),
 ) -> Result<u64, Error> {
     let path = dir.path().join(name);
-    let data = dir
-        .read(name)
+    let input = dir
+        .open_read(name)
         .map_err(Error::io(format!("reading {}", path.display())))?;
     let mut end = None;
-    let scanned = scan_snapshot(&path, &data, repair, |r| match r {
-        Record::Write(w) => f(w),
-        Record::End(n) => end = Some(n),
+    let scanned = scan_snapshot(&path, input, repair, |r| match r {
+        RecordRef::Write(w) => f(w),
+        RecordRef::End(n) => end = Some(n),
     })?;
     match end {
         Some(n) if n + 1 == scanned.records => Ok(n),
@@ -124,7 +124,7 @@ mod tests {
     use crate::testing::write as w;
 
     fn map_of(keys: &[&str]) -> Map {
-        let map = Map::new();
+        let map = crate::entry::new_map();
         for (t, k) in (1..).zip(keys) {
             map.insert((*k).into(), Slot::new(&w(k, Some("v"), t, "n1").entry));
         }
@@ -144,7 +144,10 @@ mod tests {
         write(&dir, 4, &encoded).unwrap();
         dir.crash(Tear::Nothing);
         let mut keys = Vec::new();
-        let n = read(&dir, &snapshot_name(4), false, |w| keys.push(w.key)).unwrap();
+        let n = read(&dir, &snapshot_name(4), false, |w| {
+            keys.push(w.key.to_string())
+        })
+        .unwrap();
         keys.sort();
         assert_eq!((n, keys), (3, vec!["a".into(), "b".into(), "c".into()]));
     }
