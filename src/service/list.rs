@@ -2,7 +2,8 @@
 //!
 //! A List copies only the keys, in order, and reads the values a chunk at a time as the client
 //! takes them (`kvstore_actors::Listing`), so what it holds is its keys plus what waits in its
-//! buffer, which is bounded in bytes (a window given back as the client takes each pair). All Lists together may hold at most `--max-list-memory`: a List that would pass it
+//! buffer, which is bounded in bytes (a window, each chunk's share given back once the client has
+//! taken it). All Lists together may hold at most `--max-list-memory`: a List that would pass it
 //! waits a moment for others to finish, then is refused with RESOURCE_EXHAUSTED. A List whose
 //! client takes nothing for `--list-idle-timeout` is ended, and the client is told why when it
 //! reads again. A Backup is a List of every entry, tombstones and versions included, under
@@ -21,8 +22,9 @@ use tonic::Status;
 use crate::error::Error;
 use crate::pb::KeyValue;
 
-/// Pairs a List holds ready beyond what the client has taken, at most.
-const BUFFER: usize = 256;
+/// Chunks a List holds ready beyond what the client has taken, at most (the window bounds
+/// their bytes).
+const BUFFER: usize = 4;
 /// And the bytes they may hold together (a pair bigger than this goes alone).
 const WINDOW: usize = 1024 * 1024;
 /// Keys whose values are read at once, and the bytes after which a chunk stops.
@@ -116,6 +118,9 @@ impl ListBounds {
 
 /// Sends `chunks` on to the client from a task of its own, holding `room` until the stream
 /// ends however it ends, and ending it if the client takes nothing for `idle`.
+///
+/// Pairs travel a chunk at a time: a window share, a timer and a channel send per pair were
+/// most of a List's cost on the node.
 fn forward(
     chunks: impl Stream<Item = Vec<KeyValue>> + Send + 'static,
     room: Option<OwnedSemaphorePermit>,
@@ -130,34 +135,37 @@ fn forward(
         let _room = room;
         let mut chunks = std::pin::pin!(chunks);
         while let Some(chunk) = chunks.next().await {
-            for kv in chunk {
-                // The pair's share of the window, given back as the client takes it.
-                let units = (kv.key.len() + kv.value.len()).div_ceil(UNIT);
-                let units = units.clamp(1, WINDOW / UNIT) as u32;
-                let send = async {
-                    let share = window.clone().acquire_many_owned(units).await;
-                    let share = share.expect("the window is never closed");
-                    tx.send((kv, share)).await
-                };
-                match tokio::time::timeout(idle, send).await {
-                    Ok(Ok(())) => {}
-                    Err(_) => {
-                        tracing::info!(idle = ?idle, call, "stream ended: its client took nothing");
-                        let _ = why.set(Status::resource_exhausted(format!(
-                            "{call} ended: the client took nothing for {} \
-                             (--list-idle-timeout), and the node does not hold a {call} \
-                             for a reader that does not read",
-                            humantime::format_duration(idle)
-                        )));
-                        return;
-                    }
-                    // The client went away: stop, and let what the stream holds go.
-                    Ok(Err(_)) => return,
+            // The chunk's share of the window, given back once the client has taken all of it.
+            let bytes: usize = chunk.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+            let units = bytes.div_ceil(UNIT).clamp(1, WINDOW / UNIT) as u32;
+            let send = async {
+                let share = window.clone().acquire_many_owned(units).await;
+                let share = share.expect("the window is never closed");
+                tx.send((chunk, share)).await
+            };
+            match tokio::time::timeout(idle, send).await {
+                Ok(Ok(())) => {}
+                Err(_) => {
+                    tracing::info!(idle = ?idle, call, "stream ended: its client took nothing");
+                    let _ = why.set(Status::resource_exhausted(format!(
+                        "{call} ended: the client took nothing for {} \
+                         (--list-idle-timeout), and the node does not hold a {call} \
+                         for a reader that does not read",
+                        humantime::format_duration(idle)
+                    )));
+                    return;
                 }
+                // The client went away: stop, and let what the stream holds go.
+                Ok(Err(_)) => return,
             }
         }
     }));
-    ListStream { rx, ended }
+    ListStream {
+        rx,
+        current: Vec::new().into_iter(),
+        share: None,
+        ended,
+    }
 }
 
 fn mib(bytes: usize) -> String {
@@ -166,7 +174,10 @@ fn mib(bytes: usize) -> String {
 
 /// A List's (or a Backup's) stream: its entries, then, if the node ended it, why.
 pub struct ListStream {
-    rx: mpsc::Receiver<(KeyValue, OwnedSemaphorePermit)>,
+    rx: mpsc::Receiver<(Vec<KeyValue>, OwnedSemaphorePermit)>,
+    /// The chunk being taken, and its share of the window.
+    current: std::vec::IntoIter<KeyValue>,
+    share: Option<OwnedSemaphorePermit>,
     ended: Arc<OnceLock<Status>>,
 }
 
@@ -174,15 +185,24 @@ impl Stream for ListStream {
     type Item = Result<KeyValue, Status>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(None) => {
-                // Once: the stream then ends.
-                let ended = std::mem::replace(&mut self.ended, Arc::new(OnceLock::new()));
-                Poll::Ready(ended.get().cloned().map(Err))
+        loop {
+            if let Some(kv) = self.current.next() {
+                return Poll::Ready(Some(Ok(kv)));
             }
-            // The pair's share of the window goes back as it leaves.
-            Poll::Ready(Some((kv, _share))) => Poll::Ready(Some(Ok(kv))),
-            Poll::Pending => Poll::Pending,
+            // The taken chunk's share of the window goes back before the next is waited for.
+            self.share = None;
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(None) => {
+                    // Once: the stream then ends.
+                    let ended = std::mem::replace(&mut self.ended, Arc::new(OnceLock::new()));
+                    return Poll::Ready(ended.get().cloned().map(Err));
+                }
+                Poll::Ready(Some((chunk, share))) => {
+                    self.current = chunk.into_iter();
+                    self.share = Some(share);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
