@@ -20,6 +20,9 @@ pub fn human(d: Duration) -> String {
 /// gRPC status or a startup failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A change of the ring that cannot be made (see [`crate::ring`]).
+    #[error("ring: {0}")]
+    Ring(String),
     /// The store actor is not running (the node is shutting down).
     #[error("the store is shutting down")]
     StoreStopped,

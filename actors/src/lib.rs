@@ -19,6 +19,8 @@
 //! - [`coordinator`]: the [`Coordinator`], the write path: store locally, fan out to every
 //!   replication actor, wait up to the replication deadline, judge the write quorum; and
 //!   quorum reads with read repair.
+//! - [`ring`]: which nodes hold which keys: partitions, their preference lists, and how joins
+//!   and leaves move them.
 //! - [`error`]: this crate's one error enum.
 //!
 //! # How replicas converge
@@ -65,6 +67,7 @@ pub mod error;
 pub mod health;
 pub mod peer;
 pub mod replication;
+pub mod ring;
 pub mod storage;
 pub mod store;
 pub mod version;
