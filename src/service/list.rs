@@ -10,6 +10,7 @@
 //! the same bounds.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,9 +31,11 @@ const WINDOW: usize = 1024 * 1024;
 /// Keys whose values are read at once, and the bytes after which a chunk stops.
 const CHUNK: usize = 256;
 const CHUNK_BYTES: usize = 256 * 1024;
-/// What a List holds beyond its keys, at most: its window, the chunk being read, and one
-/// value bigger than either (up to the largest value a node takes, 1 MiB by default).
-const PER_LIST: usize = 2 * WINDOW + CHUNK_BYTES;
+/// What a List holds beyond its keys, at most: its window, and the chunk waiting for room in
+/// it. A chunk ends once it passes CHUNK_BYTES, so it may hold one value more (up to the
+/// largest value a node takes, 1 MiB by default), and a chunk bigger than the window counts
+/// as the whole window.
+const PER_LIST: usize = 2 * (WINDOW + CHUNK_BYTES);
 /// How long a List waits for room under the memory bound before it is refused.
 const WAIT_FOR_ROOM: Duration = Duration::from_secs(1);
 /// The unit the bound is counted in: a semaphore counts permits in a u32.
@@ -131,6 +134,8 @@ fn forward(
     let window = Arc::new(Semaphore::new(WINDOW / UNIT));
     let ended = Arc::new(OnceLock::new());
     let why = ended.clone();
+    let taken = Arc::new(AtomicU64::new(0));
+    let reading = taken.clone();
     tokio::spawn(tracing::Instrument::in_current_span(async move {
         let _room = room;
         let mut chunks = std::pin::pin!(chunks);
@@ -143,9 +148,21 @@ fn forward(
                 let share = share.expect("the window is never closed");
                 tx.send((chunk, share)).await
             };
-            match tokio::time::timeout(idle, send).await {
-                Ok(Ok(())) => {}
-                Err(_) => {
+            let mut send = std::pin::pin!(send);
+            // Room comes back a chunk at a time, so a client reading slowly can keep this
+            // waiting for longer than `idle`: only a client that took nothing at all in that
+            // time is given up on.
+            let sent = loop {
+                let before = taken.load(Ordering::Relaxed);
+                match tokio::time::timeout(idle, &mut send).await {
+                    Ok(sent) => break Some(sent),
+                    Err(_) if taken.load(Ordering::Relaxed) != before => {}
+                    Err(_) => break None,
+                }
+            };
+            match sent {
+                Some(Ok(())) => {}
+                None => {
                     tracing::info!(idle = ?idle, call, "stream ended: its client took nothing");
                     let _ = why.set(Status::resource_exhausted(format!(
                         "{call} ended: the client took nothing for {} \
@@ -156,7 +173,7 @@ fn forward(
                     return;
                 }
                 // The client went away: stop, and let what the stream holds go.
-                Ok(Err(_)) => return,
+                Some(Err(_)) => return,
             }
         }
     }));
@@ -164,6 +181,7 @@ fn forward(
         rx,
         current: Vec::new().into_iter(),
         share: None,
+        taken: reading,
         ended,
     }
 }
@@ -178,6 +196,8 @@ pub struct ListStream {
     /// The chunk being taken, and its share of the window.
     current: std::vec::IntoIter<KeyValue>,
     share: Option<OwnedSemaphorePermit>,
+    /// Pairs the client has taken, which the sender watches to tell slow from gone.
+    taken: Arc<AtomicU64>,
     ended: Arc<OnceLock<Status>>,
 }
 
@@ -187,6 +207,7 @@ impl Stream for ListStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
             if let Some(kv) = self.current.next() {
+                self.taken.fetch_add(1, Ordering::Relaxed);
                 return Poll::Ready(Some(Ok(kv)));
             }
             // The taken chunk's share of the window goes back before the next is waited for.
@@ -204,5 +225,56 @@ impl Stream for ListStream {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `chunks` chunks of `pairs` small pairs each.
+    fn chunks(chunks: usize, pairs: usize) -> impl Stream<Item = Vec<KeyValue>> + Send {
+        futures::stream::iter((0..chunks).map(move |c| {
+            (0..pairs)
+                .map(|p| KeyValue {
+                    key: format!("k{c:03}-{p:03}"),
+                    value: "v".into(),
+                    ..Default::default()
+                })
+                .collect()
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_served_to_the_end_and_a_stalled_one_is_ended() {
+        let idle = Duration::from_millis(300);
+        // A pair every 60 ms: a chunk of 10 takes twice the idle time to drain, but the
+        // reader never goes `idle` without taking something.
+        let mut slow = forward(chunks(12, 10), None, idle, "List");
+        let mut got = 0;
+        while let Some(pair) = slow.next().await {
+            pair.expect("a reader that keeps reading is not cut off");
+            got += 1;
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        assert_eq!(got, 120);
+
+        // One that takes a pair and then nothing for longer than `idle` is told why.
+        let mut stalled = forward(chunks(12, 10), None, idle, "List");
+        stalled.next().await.unwrap().unwrap();
+        tokio::time::sleep(idle * 3).await;
+        let mut rest = Vec::new();
+        while let Some(pair) = stalled.next().await {
+            rest.push(pair);
+        }
+        let end = rest.pop().expect("the stream ends with why").unwrap_err();
+        assert_eq!(end.code(), tonic::Code::ResourceExhausted);
+        assert!(end.message().contains("--list-idle-timeout"), "{end}");
+        assert!(rest.iter().all(Result::is_ok));
+        assert!(
+            rest.len() < 119,
+            "only what was queued before it was ended: {}",
+            rest.len()
+        );
     }
 }

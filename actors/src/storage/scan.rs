@@ -238,6 +238,11 @@ impl<R: std::io::Read> Window<R> {
         self.start = 0;
         if self.end == self.buf.len() {
             self.buf.resize(self.buf.len() * 2, 0);
+        } else if self.buf.len() > SNAPSHOT_CHUNK && self.end < SNAPSHOT_CHUNK {
+            // Past the big record that grew it: back to a chunk, so the rest of the file is
+            // not read (and handed on) in pieces that large.
+            self.buf.truncate(SNAPSHOT_CHUNK);
+            self.buf.shrink_to_fit();
         }
         let before = self.end;
         while self.end < self.buf.len() {
@@ -281,7 +286,10 @@ pub fn scan_snapshot(
             .name("snapshot-reader".into())
             .spawn_scoped(scope, move || {
                 check_snapshot(path, input, repair, |records| {
-                    let mut chunk = spent_rx.try_recv().unwrap_or_default();
+                    // A buffer grown for a big record is let go rather than kept in turn.
+                    let spent = spent_rx.try_recv().ok();
+                    let spent = spent.filter(|c| c.capacity() <= 2 * SNAPSHOT_CHUNK);
+                    let mut chunk = spent.unwrap_or_default();
                     chunk.clear();
                     chunk.extend_from_slice(records);
                     // The applier is gone only if it panicked; the scope reports that.
