@@ -3,7 +3,7 @@
 //!
 //! - [`Write`]: one versioned write of one key, as it travels between nodes and into the log.
 //! - [`Entry`]: a value (or a tombstone) and its version.
-//! - [`Slot`]: an entry as the map keeps it, packed into 24 bytes and one allocation.
+//! - [`Slot`]: an entry as the map keeps it, packed into 16 bytes and one allocation.
 //! - [`precedence`]: last-writer-wins, with a rule for the tie that should never happen.
 //! - [`expired`]: when a tombstone is past its grace period.
 
@@ -110,19 +110,22 @@ pub fn expired(tombstone: bool, time: u64, before: Option<u64>) -> bool {
 
 /// Set in a slot's node word for a tombstone (interned node ids stay far below it).
 const TOMBSTONE: u32 = 1 << 31;
-/// Bytes of a slot's blob before the value: the node word.
-const SLOT_HEADER: usize = 4;
+/// Where the version time sits in a slot's blob: after the node word.
+const TIME_AT: usize = 4;
+/// Bytes of a slot's blob before the value: the node word and the version time.
+const SLOT_HEADER: usize = TIME_AT + 8;
 
-/// An [`Entry`] as the map keeps it: 24 bytes in the table plus one allocation holding the
-/// writer's interned node id and the value. At a million keys the hash table has about two
-/// million slots, so every byte of slot costs about two bytes per key. Against an `Entry` (32
-/// bytes; 40 when node ids were `Arc<str>`), this layout took a node from 273 to 231 bytes of
-/// RSS per key at 1M keys.
+/// An [`Entry`] as the map keeps it: 16 bytes in the table (one boxed slice) plus one
+/// allocation holding the version and the value. At a million keys the hash table has about
+/// two million slots, so every byte of slot costs about two bytes per key, while a header in the
+/// allocation costs one byte, or nothing when it fits the allocator's rounding. Against an
+/// `Entry` (32 bytes; 40 when node ids were `Arc<str>`) this layout took a node from 273 to
+/// 231 bytes of RSS per key at 1M keys, with the time in the table (24 bytes); see
+/// bench/README.md for what moving it into the allocation bought.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Slot {
-    time: u64,
     /// The node word (little-endian [`NodeId::to_bits`], with [`TOMBSTONE`] for a deletion),
-    /// then the value's bytes, always UTF-8.
+    /// the version time (little-endian), then the value's bytes, always UTF-8.
     blob: Box<[u8]>,
 }
 
@@ -146,23 +149,29 @@ impl Slot {
         let word = bits | if tombstone { TOMBSTONE } else { 0 };
         let mut blob = Vec::with_capacity(SLOT_HEADER + value.len());
         blob.extend_from_slice(&word.to_le_bytes());
+        blob.extend_from_slice(&version.time.to_le_bytes());
         blob.extend_from_slice(value.as_bytes());
         Self {
-            time: version.time,
             blob: blob.into_boxed_slice(),
         }
     }
 
     fn word(&self) -> u32 {
-        let mut word = [0; SLOT_HEADER];
-        word.copy_from_slice(&self.blob[..SLOT_HEADER]);
+        let mut word = [0; TIME_AT];
+        word.copy_from_slice(&self.blob[..TIME_AT]);
         u32::from_le_bytes(word)
+    }
+
+    fn time(&self) -> u64 {
+        let mut time = [0; SLOT_HEADER - TIME_AT];
+        time.copy_from_slice(&self.blob[TIME_AT..SLOT_HEADER]);
+        u64::from_le_bytes(time)
     }
 
     /// The version of the write that produced this entry.
     pub fn version(&self) -> Version {
         Version {
-            time: self.time,
+            time: self.time(),
             node: NodeId::from_bits(self.word() & !TOMBSTONE),
         }
     }
@@ -205,7 +214,7 @@ impl Slot {
 
     /// Whether this is a tombstone past its grace period ([`expired`]).
     pub fn is_expired(&self, before: Option<u64>) -> bool {
-        expired(self.is_tombstone(), self.time, before)
+        expired(self.is_tombstone(), self.time(), before)
     }
 }
 
@@ -230,8 +239,8 @@ mod tests {
             assert_eq!(slot.is_tombstone(), value.is_none());
             assert_eq!(slot.version().node.as_str(), node);
         }
-        // The point of the layout: a slot is a u64 and a boxed slice, nothing more.
-        assert_eq!(std::mem::size_of::<Slot>(), 24);
+        // The point of the layout: a slot is a boxed slice, nothing more.
+        assert_eq!(std::mem::size_of::<Slot>(), 16);
     }
 
     #[test]
