@@ -646,7 +646,135 @@ mod tests {
             (torn.offset, torn.len),
             (at as u64, (data.len() - at) as u64)
         );
+        // Damage before the big record, read in small pieces: the torn length counts what
+        // was never read into the window too.
+        let at = offsets[5_000];
+        let mut damaged = data.clone();
+        damaged[at + 12] ^= 0xFF;
+        let input = Dribble {
+            data: &damaged,
+            max: 4093,
+        };
+        let end = scan_snapshot(Path::new("s"), input, true, |_| ()).unwrap();
+        let torn = end.torn.unwrap();
+        assert_eq!(
+            (torn.offset, torn.len),
+            (at as u64, (data.len() - at) as u64)
+        );
         // A file cut inside its last record is refused, not read short.
         assert!(scan_snapshot(Path::new("s"), &data[..data.len() - 3], false, |_| ()).is_err());
+    }
+
+    /// Hands out at most `max` bytes per read, and is interrupted before every other read,
+    /// as a read may be by a signal.
+    struct Interrupted<'a> {
+        data: &'a [u8],
+        max: usize,
+        calls: usize,
+    }
+
+    impl std::io::Read for Interrupted<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls % 2 == 1 {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(self.max).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn the_window_grows_only_for_a_record_bigger_than_it_and_shrinks_back_after() {
+        let mut data = Vec::new();
+        let big = "b".repeat(3 * SNAPSHOT_CHUNK);
+        let mut lens = Vec::new();
+        for i in 0..60_000u64 {
+            let value = if i == 30_000 {
+                big.clone()
+            } else {
+                format!("v{i}")
+            };
+            let before = data.len();
+            record::encode_write(
+                &crate::testing::write(&format!("k{i}"), Some(&value), 1, "n"),
+                &mut data,
+            );
+            lens.push(data.len() - before);
+        }
+        let input = Interrupted {
+            data: &data,
+            max: 100_000,
+            calls: 0,
+        };
+        let mut window = Window::new(input);
+        let mut read = 0;
+        let mut sizes = Vec::new();
+        loop {
+            match record::decode_ref(window.bytes()) {
+                Ok((_, used)) => {
+                    assert_eq!(used, lens[read], "record {read}");
+                    read += 1;
+                    window.take(used);
+                }
+                Err(FrameError::Truncated) => {
+                    if !window.refill().unwrap() {
+                        break;
+                    }
+                    sizes.push((read, window.buf.len()));
+                }
+                Err(e) => panic!("record {read}: {e}"),
+            }
+        }
+        assert_eq!(read, lens.len(), "every record, through the interruptions");
+        assert!(window.bytes().is_empty());
+        // A chunk until the big record, grown by doubling until it holds it, and a chunk
+        // again after it.
+        let at_big: Vec<usize> = (sizes.iter())
+            .filter(|&&(at, _)| at == 30_000)
+            .map(|&(_, size)| size)
+            .collect();
+        let grown = *at_big.iter().max().unwrap();
+        assert!(
+            grown >= lens[30_000] && grown <= 2 * lens[30_000],
+            "{at_big:?}"
+        );
+        for &(at, size) in &sizes {
+            assert!(at == 30_000 || size == SNAPSHOT_CHUNK, "at {at}: {size}");
+        }
+        assert_eq!(sizes.last().unwrap().1, SNAPSHOT_CHUNK, "after: {sizes:?}");
+    }
+
+    /// Fails every read once its data is used up.
+    struct Failing<'a> {
+        data: &'a [u8],
+    }
+
+    impl std::io::Read for Failing<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.data.is_empty() {
+                return Err(std::io::Error::other("the disk said no"));
+            }
+            let n = buf.len().min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_that_fails_ends_the_scan_naming_the_file() {
+        let data = snapshot_of(&["a", "b"]);
+        let input = Failing {
+            data: &data[..data.len() - 4],
+        };
+        let err = scan_snapshot(Path::new("/data/s.snap"), input, false, |_| ()).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("/data/s.snap") && err.contains("the disk said no"),
+            "{err}"
+        );
     }
 }
