@@ -576,14 +576,37 @@ mod tests {
         );
     }
 
-    /// Hands out at most `max` bytes per read, as a pipe or a slow disk may.
-    struct Dribble<'a> {
+    /// A file being read the ways a real one may be: at most `max` bytes per read (a pipe or
+    /// a slow disk), interrupted before every other read when `interrupt` (a signal), and
+    /// failing once its data is used up when `fail_at_end` (a disk error).
+    #[derive(Default)]
+    struct Reading<'a> {
         data: &'a [u8],
         max: usize,
+        interrupt: bool,
+        fail_at_end: bool,
+        calls: usize,
     }
 
-    impl std::io::Read for Dribble<'_> {
+    impl<'a> Reading<'a> {
+        fn of(data: &'a [u8], max: usize) -> Self {
+            Self {
+                data,
+                max,
+                ..Self::default()
+            }
+        }
+    }
+
+    impl std::io::Read for Reading<'_> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.interrupt && self.calls % 2 == 1 {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            if self.fail_at_end && self.data.is_empty() {
+                return Err(std::io::Error::other("the disk said no"));
+            }
             let n = buf.len().min(self.max).min(self.data.len());
             buf[..n].copy_from_slice(&self.data[..n]);
             self.data = &self.data[n..];
@@ -591,34 +614,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_snapshot_larger_than_its_read_window_reads_whole_with_damage_placed_exactly() {
-        let mut data = record::snapshot_header().to_vec();
-        let mut keys = Vec::new();
-        let mut offsets = Vec::new();
-        // Records straddle every window edge, and one is three windows long by itself.
-        let big = "b".repeat(3 * SNAPSHOT_CHUNK);
-        for i in 0..40_000u64 {
-            let value = if i == 20_000 {
-                big.clone()
+    /// `n` framed writes of small values, the one at `big` three read windows long: the
+    /// bytes, each write's offset in them and its length. Write `i` is of key `k{i}`.
+    fn writes_with_a_big_one(n: u64, big: u64) -> (Vec<u8>, Vec<usize>, Vec<usize>) {
+        let big_value = "b".repeat(3 * SNAPSHOT_CHUNK);
+        let (mut data, mut offsets, mut lens) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n {
+            let value = if i == big {
+                big_value.clone()
             } else {
                 format!("v{i}")
             };
             let w = crate::testing::write(&format!("k{i}"), Some(&value), i + 1, "n1");
             offsets.push(data.len());
             record::encode_write(&w, &mut data);
-            keys.push(w.key);
+            lens.push(data.len() - offsets[offsets.len() - 1]);
         }
-        record::encode_end(keys.len() as u64, &mut data);
+        (data, offsets, lens)
+    }
+
+    #[test]
+    fn a_snapshot_larger_than_its_read_window_reads_whole_with_damage_placed_exactly() {
+        // Records straddle every window edge, and one is three windows long by itself.
+        let (writes, offsets, _) = writes_with_a_big_one(40_000, 20_000);
+        let header = record::snapshot_header();
+        let mut data = header.to_vec();
+        data.extend(&writes);
+        record::encode_end(offsets.len() as u64, &mut data);
+        let offsets: Vec<usize> = offsets.iter().map(|o| o + header.len()).collect();
+        let keys: Vec<String> = (0..offsets.len()).map(|i| format!("k{i}")).collect();
         for max in [usize::MAX, 4093] {
             let mut seen = Vec::new();
-            let input = Dribble { data: &data, max };
-            let end = scan_snapshot(Path::new("s"), input, false, |r| {
+            let end = scan_snapshot(Path::new("s"), Reading::of(&data, max), false, |r| {
                 if let RecordRef::Write(w) = r {
                     assert_eq!(
                         w.value.map(str::len),
                         Some(if w.key == "k20000" {
-                            big.len()
+                            3 * SNAPSHOT_CHUNK
                         } else {
                             w.key.len()
                         })
@@ -651,12 +683,8 @@ mod tests {
         let at = offsets[5_000];
         let mut damaged = data.clone();
         damaged[at + 12] ^= 0xFF;
-        let input = Dribble {
-            data: &damaged,
-            max: 4093,
-        };
-        let end = scan_snapshot(Path::new("s"), input, true, |_| ()).unwrap();
-        let torn = end.torn.unwrap();
+        let end = scan_snapshot(Path::new("s"), Reading::of(&damaged, 4093), true, |_| ());
+        let torn = end.unwrap().torn.unwrap();
         assert_eq!(
             (torn.offset, torn.len),
             (at as u64, (data.len() - at) as u64)
@@ -665,51 +693,13 @@ mod tests {
         assert!(scan_snapshot(Path::new("s"), &data[..data.len() - 3], false, |_| ()).is_err());
     }
 
-    /// Hands out at most `max` bytes per read, and is interrupted before every other read,
-    /// as a read may be by a signal.
-    struct Interrupted<'a> {
-        data: &'a [u8],
-        max: usize,
-        calls: usize,
-    }
-
-    impl std::io::Read for Interrupted<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.calls += 1;
-            if self.calls % 2 == 1 {
-                return Err(std::io::ErrorKind::Interrupted.into());
-            }
-            let n = buf.len().min(self.max).min(self.data.len());
-            buf[..n].copy_from_slice(&self.data[..n]);
-            self.data = &self.data[n..];
-            Ok(n)
-        }
-    }
-
     #[test]
     fn the_window_grows_only_for_a_record_bigger_than_it_and_shrinks_back_after() {
-        let mut data = Vec::new();
-        let big = "b".repeat(3 * SNAPSHOT_CHUNK);
-        let mut lens = Vec::new();
-        for i in 0..60_000u64 {
-            let value = if i == 30_000 {
-                big.clone()
-            } else {
-                format!("v{i}")
-            };
-            let before = data.len();
-            record::encode_write(
-                &crate::testing::write(&format!("k{i}"), Some(&value), 1, "n"),
-                &mut data,
-            );
-            lens.push(data.len() - before);
-        }
-        let input = Interrupted {
-            data: &data,
-            max: 100_000,
-            calls: 0,
-        };
-        let mut window = Window::new(input);
+        let (data, _, lens) = writes_with_a_big_one(60_000, 30_000);
+        let mut window = Window::new(Reading {
+            interrupt: true,
+            ..Reading::of(&data, 100_000)
+        });
         let mut read = 0;
         let mut sizes = Vec::new();
         loop {
@@ -730,8 +720,8 @@ mod tests {
         }
         assert_eq!(read, lens.len(), "every record, through the interruptions");
         assert!(window.bytes().is_empty());
-        // A chunk until the big record, grown by doubling until it holds it, and a chunk
-        // again after it.
+        // A chunk until the big record, grown in a few doublings until it holds it, and a
+        // chunk again after it.
         let at_big: Vec<usize> = (sizes.iter())
             .filter(|&&(at, _)| at == 30_000)
             .map(|&(_, size)| size)
@@ -741,34 +731,19 @@ mod tests {
             grown >= lens[30_000] && grown <= 2 * lens[30_000],
             "{at_big:?}"
         );
+        assert!(at_big.len() <= 8, "{at_big:?}");
         for &(at, size) in &sizes {
             assert!(at == 30_000 || size == SNAPSHOT_CHUNK, "at {at}: {size}");
         }
         assert_eq!(sizes.last().unwrap().1, SNAPSHOT_CHUNK, "after: {sizes:?}");
     }
 
-    /// Fails every read once its data is used up.
-    struct Failing<'a> {
-        data: &'a [u8],
-    }
-
-    impl std::io::Read for Failing<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            if self.data.is_empty() {
-                return Err(std::io::Error::other("the disk said no"));
-            }
-            let n = buf.len().min(self.data.len());
-            buf[..n].copy_from_slice(&self.data[..n]);
-            self.data = &self.data[n..];
-            Ok(n)
-        }
-    }
-
     #[test]
     fn a_read_that_fails_ends_the_scan_naming_the_file() {
         let data = snapshot_of(&["a", "b"]);
-        let input = Failing {
-            data: &data[..data.len() - 4],
+        let input = Reading {
+            fail_at_end: true,
+            ..Reading::of(&data[..data.len() - 4], usize::MAX)
         };
         let err = scan_snapshot(Path::new("/data/s.snap"), input, false, |_| ()).unwrap_err();
         let err = err.to_string();
