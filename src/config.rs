@@ -17,6 +17,11 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 4 * 1024;
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 /// Room in a gRPC message beyond the key and value: field tags, version, framing.
 const MESSAGE_OVERHEAD_BYTES: usize = 64 * 1024;
+/// Default copies of each key.
+pub const DEFAULT_REPLICAS: usize = 3;
+/// Most copies of each key `--replicas` takes: far past any useful count, and a bound on what
+/// one write costs.
+const MAX_REPLICAS: usize = 64;
 /// Default time a write waits for its peers before answering.
 pub const DEFAULT_REPLICATION_DEADLINE: Duration = Duration::from_secs(1);
 /// Default time to establish a connection to a peer.
@@ -157,6 +162,11 @@ pub struct NodeConfig {
     pub node_id: Option<String>,
     /// Peers, as `host:port`.
     pub peers: Vec<String>,
+    /// Copies of each key. With at least as many as nodes, every node holds every key.
+    pub replicas: usize,
+    /// The address the other nodes know this node by, as they list it among their peers;
+    /// `None` means its listen address. Names the node in the ring.
+    pub advertise: Option<String>,
     pub write_quorum: WriteQuorum,
     pub ack_after: AckAfter,
     pub replication_deadline: Duration,
@@ -245,6 +255,8 @@ impl Default for NodeConfig {
         Self {
             node_id: None,
             peers: Vec::new(),
+            replicas: DEFAULT_REPLICAS,
+            advertise: None,
             write_quorum: WriteQuorum::default(),
             ack_after: AckAfter::default(),
             replication_deadline: DEFAULT_REPLICATION_DEADLINE,
@@ -318,6 +330,19 @@ pub struct ServerArgs {
     /// the cluster. Defaults to the listen address.
     #[arg(long)]
     pub node_id: Option<String>,
+
+    /// Copies of each key (1 to 64). With at least as many as there are nodes, every node
+    /// holds every key; with fewer, the keys are spread over the nodes, N copies each, and
+    /// the write quorum and quorum reads count over a key's N copies. Give every node the
+    /// same value.
+    #[arg(long, default_value_t = DEFAULT_REPLICAS, value_parser = parse_replicas)]
+    pub replicas: usize,
+
+    /// The address the other nodes list this node by among their peers (host:port), which
+    /// names it in the ring. Defaults to the listen address; needed when that is 0.0.0.0 and
+    /// --replicas is below the node count.
+    #[arg(long, value_name = "ADDR")]
+    pub advertise: Option<String>,
 
     /// How many nodes, counting this one, must hold a write for its Ack to say ok: all,
     /// majority or one.
@@ -543,6 +568,28 @@ impl ServerArgs {
                 "listening on {listen}, which every node could share: give --node-id (unique in the cluster)"
             )));
         }
+        let advertise = self
+            .advertise
+            .as_deref()
+            .map(crate::net::parse_addr)
+            .transpose()?;
+        // The ring names nodes by the addresses their peers list them by: one listening on
+        // every interface has no such name of its own.
+        if self.replicas <= peers.len() && advertise.is_none() && listen.ip().is_unspecified() {
+            return Err(Error::InvalidArgument(format!(
+                "listening on {listen} with --replicas {} of {} nodes: give --advertise, the                  address the other nodes list this one by",
+                self.replicas,
+                peers.len() + 1
+            )));
+        }
+        if let Some(addr) = &advertise
+            && peers.contains(addr)
+        {
+            return Err(Error::InvalidAddress {
+                addr: addr.clone(),
+                reason: "this node's own --advertise address is also given as a peer".into(),
+            });
+        }
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(NodeTls::load(
                 cert,
@@ -564,6 +611,8 @@ impl ServerArgs {
         let config = NodeConfig {
             node_id: self.node_id.clone(),
             peers,
+            replicas: self.replicas,
+            advertise,
             write_quorum: self.write_quorum,
             ack_after: self.ack_after,
             replication_deadline: self.replication_deadline.into(),
@@ -638,6 +687,13 @@ fn parse_nonzero(s: &str) -> Result<usize, String> {
 fn parse_count(s: &str) -> Result<usize, String> {
     match parse_nonzero(s)? {
         n if n > 1_000_000 => Err("must be at most 1000000".into()),
+        n => Ok(n),
+    }
+}
+
+fn parse_replicas(s: &str) -> Result<usize, String> {
+    match parse_nonzero(s)? {
+        n if n > MAX_REPLICAS => Err(format!("must be at most {MAX_REPLICAS}")),
         n => Ok(n),
     }
 }
@@ -768,6 +824,34 @@ mod tests {
         assert_eq!(config.write_quorum, WriteQuorum::All);
         assert_eq!(config.replication_deadline, Duration::from_millis(250));
         assert_eq!(config.limits.max_value_bytes, 100);
+    }
+
+    #[test]
+    fn a_ring_node_listening_everywhere_needs_its_address_and_copies_are_bounded() {
+        let ring = [
+            "--listen",
+            "0.0.0.0:7000",
+            "--node-id",
+            "db1",
+            "--peer",
+            "db2:7000",
+        ];
+        let err = parse(&[&ring[..], &["--replicas", "1"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("--advertise"), "{err}");
+        // Every node holding everything needs no name in a ring.
+        assert!(parse(&ring).is_ok());
+        let (_, config) =
+            parse(&[&ring[..], &["--replicas", "1", "--advertise", "db1:7000"]].concat()).unwrap();
+        assert_eq!(
+            (config.replicas, config.advertise.as_deref()),
+            (1, Some("db1:7000"))
+        );
+        let err = parse(&[&ring[..], &["--advertise", "db2:7000"]].concat()).unwrap_err();
+        assert!(err.to_string().contains("also given as a peer"), "{err}");
+        for bad in ["0", "65", "three"] {
+            let args = ["kvstore-server", "5001", "--replicas", bad];
+            assert!(ServerArgs::try_parse_from(args).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -57,6 +57,15 @@ impl From<kvstore_actors::ReadError> for Error {
     }
 }
 
+impl From<kvstore_actors::merge::ListError> for Error {
+    fn from(error: kvstore_actors::merge::ListError) -> Self {
+        match error {
+            kvstore_actors::merge::ListError::Local(e) => Error::Actors(e),
+            unreachable => Error::Unavailable(unreachable.to_string()),
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
         let code = match &error {

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use kvstore_actors::merge::Pairs;
 use kvstore_actors::peer::Pulled;
+use kvstore_actors::placement::PartitionSet;
 use kvstore_actors::{Clock, Entry, PeerClient, PeerError, Write};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::StreamExt;
@@ -36,7 +38,7 @@ use crate::config::ClusterToken;
 use crate::error::Error;
 use crate::net::status_reason;
 use crate::pb::replicator_client::ReplicatorClient;
-use crate::pb::{Ack, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::pb::{Ack, DigestRequest, Key, KeyValue, PullRequest, ScanRequest, WriteBatch};
 use crate::wire;
 
 /// Bound on one anti-entropy call (a digest or a bucket pull).
@@ -328,9 +330,13 @@ impl PeerClient for GrpcPeer {
         }
     }
 
-    async fn digest(&self, buckets: u32) -> Result<Vec<u64>, PeerError> {
+    async fn digest(&self, buckets: u32, scope: &PartitionSet) -> Result<Vec<u64>, PeerError> {
         let sent = self.clock.physical();
-        let reply = self.bulk.clone().digest(DigestRequest { buckets }).await;
+        let request = DigestRequest {
+            buckets,
+            partitions: wire::partitions_to_bytes(scope),
+        };
+        let reply = self.bulk.clone().digest(request).await;
         let reply = reply.map_err(peer_error)?.into_inner();
         self.learn(&reply.node_id, sent, reply.clock);
         Ok(reply.sums)
@@ -340,8 +346,17 @@ impl PeerClient for GrpcPeer {
         Some(self.offset.load(Ordering::Relaxed)).filter(|&o| o != i64::MIN)
     }
 
-    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Pulled, PeerError> {
-        let request = PullRequest { buckets, which };
+    async fn pull(
+        &self,
+        buckets: u32,
+        which: Vec<u32>,
+        scope: &PartitionSet,
+    ) -> Result<Pulled, PeerError> {
+        let request = PullRequest {
+            buckets,
+            which,
+            partitions: wire::partitions_to_bytes(scope),
+        };
         let stream = self
             .bulk
             .clone()
@@ -365,6 +380,21 @@ impl PeerClient for GrpcPeer {
             },
         });
         Ok(Box::pin(writes))
+    }
+
+    async fn scan(&self, scope: &PartitionSet) -> Result<Pairs, PeerError> {
+        let request = ScanRequest {
+            partitions: wire::partitions_to_bytes(scope),
+        };
+        let stream = self
+            .bulk
+            .clone()
+            .scan(request)
+            .await
+            .map_err(peer_error)?
+            .into_inner();
+        let pairs = stream.map(|kv| kv.map(|kv| (kv.key, kv.value)).map_err(peer_error));
+        Ok(Box::pin(pairs))
     }
 
     async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {

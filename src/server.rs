@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 
+use kvstore_actors::placement::Placement;
 use kvstore_actors::{
     Clock, Coordinator, CoordinatorConfig, NodeId, Storage, StorageConfig, StoreActor,
 };
@@ -116,6 +117,9 @@ async fn serve(
     if let Some(tls) = &config.tls {
         server = server.tls_config(tls.server_config())?;
     }
+    // One bound for every List this node serves: its clients' and its share of the Lists of
+    // other nodes of a ring.
+    let lists = ListBounds::new(bounds.max_list_memory, bounds.list_idle_timeout);
     let serve = server
         // HTTP/1.1 as well as HTTP/2 on the one port, for `GET /metrics` from a scraper that
         // speaks only HTTP/1.1; gRPC calls need HTTP/2 and get it.
@@ -148,7 +152,7 @@ async fn serve(
             KvStoreServer::new(KvService::new(
                 starting.clone(),
                 limits,
-                ListBounds::new(bounds.max_list_memory, bounds.list_idle_timeout),
+                lists.clone(),
                 node_id.clone(),
                 config
                     .data_dir
@@ -163,6 +167,7 @@ async fn serve(
                 starting.clone(),
                 node_id.clone(),
                 limits,
+                lists,
                 stopped.clone(),
             ))
             .max_decoding_message_size(max_message)
@@ -314,6 +319,7 @@ async fn start(
     let peers = (config.peers.iter())
         .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
         .collect::<Result<Vec<_>, Error>>()?;
+    let placement = placement(config, addr)?;
     // A restore seeds a new node: refused before the data dir is touched if it holds data,
     // or if the backup is damaged anywhere.
     if let Some(file) = &config.restore {
@@ -367,6 +373,7 @@ async fn start(
             peer_mailbox: config.peer_mailbox,
             handoff_capacity: config.handoff_capacity,
             anti_entropy_interval: config.anti_entropy_interval,
+            placement: Some(placement),
         },
     ));
     if let Some(file) = &config.restore {
@@ -391,6 +398,8 @@ async fn start(
         listen = %addr,
         node_id = %node_id,
         peers = ?config.peers,
+        replicas = config.replicas,
+        advertise = ?config.advertise,
         data_dir = ?config.data_dir,
         write_quorum = %config.write_quorum,
         ack_after = %config.ack_after,
@@ -423,6 +432,14 @@ async fn start(
         "node started"
     );
     Ok(node)
+}
+
+/// Which keys this node and its peers hold: the first ring of the node and its peers, each
+/// named by the address the others list it by.
+fn placement(config: &NodeConfig, addr: std::net::SocketAddr) -> Result<Placement, Error> {
+    let me = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    Placement::bootstrap(&me, &config.peers, config.replicas)
+        .map_err(|e| Error::InvalidArgument(format!("the ring: {e}")))
 }
 
 /// Applies the backup at `path` to `node`, a batch at a time, as replicated writes: versions

@@ -116,6 +116,16 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
         count(status.log_bytes, "byte", "bytes"),
         status.data_dir
     )];
+    // A ring: say what share of the keys the node holds. A node that predates rings reports
+    // no partitions (0), and holds every key.
+    let all = u32::from(kvstore_actors::ring::PARTITIONS);
+    if status.partitions != 0 && status.partitions < all {
+        lines.push(format!(
+            "holds {} of {all} partitions ({} of each key)",
+            status.partitions,
+            count(u64::from(status.replicas), "copy", "copies")
+        ));
+    }
     if !status.refusing_writes.is_empty() {
         lines.push(format!("refusing writes: {}", status.refusing_writes));
     }
@@ -488,6 +498,8 @@ mod tests {
             data_dir: "/data/node1".into(),
             max_clock_offset_ms: 500,
             refusing_writes: "its clock is off".into(),
+            replicas: 3,
+            partitions: 1024,
             peers: vec![
                 PeerStatus {
                     address: "db2:5001".into(),
@@ -530,5 +542,27 @@ mod tests {
                  last contact 3ms ago",
             ]
         );
+    }
+
+    #[test]
+    fn a_node_of_a_ring_says_what_share_it_holds() {
+        let mut status = NodeStatus {
+            node_id: "node1".into(),
+            keys: 5,
+            data_dir: "/d".into(),
+            replicas: 3,
+            partitions: 512,
+            ..NodeStatus::default()
+        };
+        let lines = render_status(&status);
+        assert_eq!(
+            lines[1],
+            "holds 512 of 1024 partitions (3 copies of each key)"
+        );
+        // Every partition, or a node that does not report them: nothing to say.
+        for partitions in [1024, 0] {
+            status.partitions = partitions;
+            assert_eq!(render_status(&status).len(), 1);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Wire messages into the actors' types, checked: what a peer or a stranger sends is a public
 //! input like any client's, and is refused with a message naming the problem.
 
+use kvstore_actors::placement::PartitionSet;
 use kvstore_actors::{Entry, NodeId, Version as ActorVersion, Write};
 
 use crate::error::Error;
@@ -76,6 +77,24 @@ pub fn checked_into_write(kv: KeyValue) -> Result<Write, Error> {
     })
 }
 
+/// A partition set as a Digest or Pull carries it: empty for every partition, which is what
+/// a node that predates partitions sends and understands.
+pub fn partitions_to_bytes(set: &PartitionSet) -> Vec<u8> {
+    if set.is_all() {
+        Vec::new()
+    } else {
+        set.to_bytes()
+    }
+}
+
+/// The partition set of a Digest or Pull (see [`partitions_to_bytes`]).
+pub fn partitions_from_bytes(bytes: &[u8]) -> Result<PartitionSet, Error> {
+    if bytes.is_empty() {
+        return Ok(PartitionSet::all());
+    }
+    PartitionSet::from_bytes(bytes).map_err(|e| Error::InvalidArgument(format!("partitions: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +126,19 @@ mod tests {
         };
         let err = checked(kv).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(m) if m.contains("version")));
+    }
+
+    #[test]
+    fn a_partition_set_travels_as_a_bitmap_or_not_at_all() {
+        assert!(partitions_to_bytes(&PartitionSet::all()).is_empty());
+        assert!(partitions_from_bytes(&[]).unwrap().is_all());
+        let set: PartitionSet = [3, 700].into_iter().collect();
+        assert_eq!(
+            partitions_from_bytes(&partitions_to_bytes(&set)).unwrap(),
+            set
+        );
+        let err = partitions_from_bytes(&[0xff; 12]).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert!(err.to_string().contains("128 bytes"), "{err}");
     }
 }

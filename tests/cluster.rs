@@ -996,6 +996,15 @@ impl Replicator for ScriptedPeer {
         Ok(Response::new(tokio_stream::iter(entries)))
     }
 
+    type ScanStream = tokio_stream::Empty<Result<KeyValue, Status>>;
+
+    async fn scan(
+        &self,
+        _: Request<kvstore::pb::ScanRequest>,
+    ) -> Result<Response<Self::ScanStream>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+
     async fn read(&self, _: Request<Key>) -> Result<Response<KeyValue>, Status> {
         Err(Status::unimplemented("scripted peer"))
     }
@@ -1022,7 +1031,9 @@ async fn a_bucket_pull_skips_an_entry_it_cannot_take_and_keeps_the_rest() {
     let (addr, server) = scripted.serve(None);
     let peer = GrpcPeer::new(&addr, &tester()).unwrap();
     let pulled = async {
-        let stream = peer.pull(16, vec![0]).await?;
+        let stream = peer
+            .pull(16, vec![0], &kvstore_actors::placement::PartitionSet::all())
+            .await?;
         futures::TryStreamExt::try_collect::<Vec<_>>(stream).await
     };
     let pulled = tokio::time::timeout(NO_HANG, pulled)
@@ -1147,12 +1158,19 @@ async fn with_a_cluster_token_only_the_clusters_nodes_may_replicate() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let err = raw.digest(DigestRequest { buckets: 16 }).await.unwrap_err();
+    let err = raw
+        .digest(DigestRequest {
+            buckets: 16,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     let err = raw
         .pull(PullRequest {
             buckets: 16,
             which: vec![0],
+            ..Default::default()
         })
         .await
         .unwrap_err();

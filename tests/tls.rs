@@ -138,7 +138,10 @@ async fn the_replicator_takes_only_callers_with_a_certificate_from_the_clusters_
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("--tls-ca"), "{}", err.message());
     let err = bare
-        .digest(DigestRequest { buckets: 16 })
+        .digest(DigestRequest {
+            buckets: 16,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");

@@ -73,7 +73,13 @@ async fn digest_with(cluster: &ProcessCluster, pki: &ClusterPki, i: usize, token
                 .insert_bin(kvstore::peer::TOKEN_HEADER, token.clone());
             Ok(req)
         });
-    match client.digest(DigestRequest { buckets: 16 }).await {
+    match client
+        .digest(DigestRequest {
+            buckets: 16,
+            ..Default::default()
+        })
+        .await
+    {
         Ok(_) => Code::Ok,
         Err(status) => status.code(),
     }

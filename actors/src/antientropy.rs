@@ -38,6 +38,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::entry::Write;
 use crate::peer::{PeerClient, PeerError};
+use crate::placement::PartitionSet;
 use crate::store::{self, StoreActor, StoreReader};
 use crate::version::Version;
 
@@ -76,16 +77,24 @@ pub fn add_to_digest(sums: &mut [u64], key: &str, version: Version, value: Optio
     sums[b] = sums[b].wrapping_add(entry_hash(key, version, value));
 }
 
-/// This node's digest: one wrapping sum of entry hashes per bucket. One scan of the map.
-pub fn digest(reader: &StoreReader, buckets: u32) -> Vec<u64> {
+/// This node's digest over the partitions of `scope`: one wrapping sum of entry hashes per
+/// bucket. One scan of the map.
+pub fn digest(reader: &StoreReader, buckets: u32, scope: &PartitionSet) -> Vec<u64> {
     let mut sums = vec![0u64; buckets as usize];
     let expired_before = reader.expired_before();
+    let in_scope = in_scope(scope);
     reader.for_each(|key, slot| {
-        if !slot.is_expired(expired_before) {
+        if in_scope(key) && !slot.is_expired(expired_before) {
             add_to_digest(&mut sums, key, slot.version(), slot.value_str());
         }
     });
     sums
+}
+
+/// Whether a key is in `scope`; with every partition in it, without hashing the key.
+fn in_scope(scope: &PartitionSet) -> impl Fn(&str) -> bool + Send + 'static {
+    let scope = (!scope.is_all()).then_some(*scope);
+    move |key| scope.as_ref().is_none_or(|s| s.contains_key(key))
 }
 
 /// Which of `buckets` buckets `which` names.
@@ -133,21 +142,23 @@ fn stream_scan(
     rx
 }
 
-/// Every entry in buckets `which` (of `buckets`), tombstones included, but for tombstones past
-/// their grace: one scan, streamed a shard's worth at a time (see `stream_scan`).
+/// Every entry of the partitions of `scope` in buckets `which` (of `buckets`), tombstones
+/// included, but for tombstones past their grace: one scan, streamed a shard's worth at a time
+/// (see `stream_scan`).
 pub fn stream_buckets(
     reader: StoreReader,
     buckets: u32,
     which: Vec<u32>,
+    scope: &PartitionSet,
 ) -> mpsc::Receiver<Vec<Write>> {
     let wanted = bucket_set(buckets, &which);
     let expired_before = reader.expired_before();
+    let in_scope = in_scope(scope);
     stream_scan(reader, move |key, slot| {
-        (wanted[bucket_of(key, buckets) as usize] && !slot.is_expired(expired_before)).then(|| {
-            Write {
-                key: key.to_string(),
-                entry: slot.entry(),
-            }
+        let wanted = wanted[bucket_of(key, buckets) as usize] && in_scope(key);
+        (wanted && !slot.is_expired(expired_before)).then(|| Write {
+            key: key.to_string(),
+            entry: slot.entry(),
         })
     })
 }
@@ -180,14 +191,22 @@ pub enum SyncError {
     Local(#[from] crate::Error),
 }
 
-/// One push-pull round with `peer` (see the module's doc).
+/// One push-pull round with `peer` over the partitions of `scope`, those both nodes hold (see
+/// the module's doc). Nothing is exchanged when they share none.
 pub async fn sync<P: PeerClient>(
     peer: &P,
     store: &ActorRef<StoreActor>,
     reader: &StoreReader,
+    scope: &PartitionSet,
 ) -> Result<SyncReport, SyncError> {
-    let theirs = peer.digest(BUCKETS).await?;
-    let ours = reader.scan(|reader| digest(reader, BUCKETS)).await;
+    if scope.is_empty() {
+        return Ok(SyncReport::default());
+    }
+    let theirs = peer.digest(BUCKETS, scope).await?;
+    let mine = *scope;
+    let ours = reader
+        .scan(move |reader| digest(reader, BUCKETS, &mine))
+        .await;
     let differing: Vec<u32> = (0..BUCKETS)
         .filter(|&b| theirs.get(b as usize) != ours.get(b as usize))
         .collect();
@@ -208,7 +227,17 @@ pub async fn sync<P: PeerClient>(
     // than give up the round every time.
     let mut todo = vec![differing.clone()];
     while let Some(which) = todo.pop() {
-        match pull(peer, store, reader, &which, &mut sent_here, &mut report).await {
+        match pull(
+            peer,
+            store,
+            reader,
+            &which,
+            scope,
+            &mut sent_here,
+            &mut report,
+        )
+        .await
+        {
             Ok(()) => {}
             Err(SyncError::Peer(PeerError::Rejected(why))) if which.len() > 1 => {
                 tracing::debug!(%why, buckets = which.len(), "peer could not send its buckets; halved");
@@ -224,7 +253,16 @@ pub async fn sync<P: PeerClient>(
             Err(e) => return Err(e),
         }
     }
-    push(peer, reader, &differing, &unsent, sent_here, &mut report).await?;
+    push(
+        peer,
+        reader,
+        &differing,
+        &unsent,
+        scope,
+        sent_here,
+        &mut report,
+    )
+    .await?;
     if report.ahead > 0 {
         tracing::warn!(
             entries = report.ahead,
@@ -241,10 +279,11 @@ async fn pull<P: PeerClient>(
     store: &ActorRef<StoreActor>,
     reader: &StoreReader,
     which: &[u32],
+    scope: &PartitionSet,
     sent_here: &mut HashSet<u64>,
     report: &mut SyncReport,
 ) -> Result<(), SyncError> {
-    let mut pulled = peer.pull(BUCKETS, which.to_vec()).await?;
+    let mut pulled = peer.pull(BUCKETS, which.to_vec(), scope).await?;
     let mut batch = Vec::new();
     loop {
         let next = pulled.next().await.transpose()?;
@@ -287,15 +326,17 @@ async fn push<P: PeerClient>(
     reader: &StoreReader,
     differing: &[u32],
     unsent: &[u32],
+    scope: &PartitionSet,
     sent_here: HashSet<u64>,
     report: &mut SyncReport,
 ) -> Result<(), PeerError> {
     let wanted = bucket_set(BUCKETS, differing);
     let all = bucket_set(BUCKETS, unsent);
     let expired_before = reader.expired_before();
+    let in_scope = in_scope(scope);
     let mut shards = stream_scan(reader.clone(), move |key, slot| {
         let bucket = bucket_of(key, BUCKETS) as usize;
-        if !wanted[bucket] || slot.is_expired(expired_before) {
+        if !wanted[bucket] || !in_scope(key) || slot.is_expired(expired_before) {
             return None;
         }
         let (version, value) = (slot.version(), slot.value_str());
@@ -369,10 +410,13 @@ mod tests {
         let (_s1, r1) = store_with(&ws).await;
         let reversed: Vec<Write> = ws.iter().rev().cloned().collect();
         let (_s2, r2) = store_with(&reversed).await;
-        assert_eq!(digest(&r1, BUCKETS), digest(&r2, BUCKETS));
+        assert_eq!(
+            digest(&r1, BUCKETS, &PartitionSet::all()),
+            digest(&r2, BUCKETS, &PartitionSet::all())
+        );
         let (_s3, r3) = store_with(&[write("a", Some("1"), 1), write("b", Some("2"), 2)]).await;
-        let d1 = digest(&r1, BUCKETS);
-        let d3 = digest(&r3, BUCKETS);
+        let d1 = digest(&r1, BUCKETS, &PartitionSet::all());
+        let d3 = digest(&r3, BUCKETS, &PartitionSet::all());
         let differing = (0..BUCKETS as usize).filter(|&b| d1[b] != d3[b]).count();
         assert!(
             (1..=2).contains(&differing),
@@ -396,7 +440,9 @@ mod tests {
         theirs.push(write("k2", None, 11));
         peer.set_data(&theirs);
 
-        let report = sync(&peer, &store, &reader).await.unwrap();
+        let report = sync(&peer, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         assert!(report.buckets <= 4, "{report:?}");
         assert_eq!(
             peer.pulls.load(Ordering::Relaxed),
@@ -406,7 +452,10 @@ mod tests {
         assert_eq!(report.pulled, 2, "only-theirs and the k2 tombstone");
         assert_eq!(report.pushed, 2, "only-mine and the newer k1: {report:?}");
         // Both sides now hold the newest of everything.
-        assert_eq!(digest(&reader, BUCKETS), peer.digest_now(BUCKETS));
+        assert_eq!(
+            digest(&reader, BUCKETS, &PartitionSet::all()),
+            peer.digest_now(BUCKETS)
+        );
         let get = |k: &str| store.ask(store::GetEntry { key: k.into() });
         assert_eq!(
             get("only-theirs").await.unwrap().unwrap().value.as_deref(),
@@ -424,7 +473,9 @@ mod tests {
             store_with(&[write("a", Some("banana"), 5), write("b", Some("apple"), 5)]).await;
         let peer = FakePeer::default();
         peer.set_data(&[write("a", Some("apple"), 5), write("b", Some("banana"), 5)]);
-        let report = sync(&peer, &store, &reader).await.unwrap();
+        let report = sync(&peer, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         assert_eq!((report.pulled, report.pushed), (1, 1), "{report:?}");
         for key in ["a", "b"] {
             assert_eq!(peer.value(key), Some(Some("banana".into())), "{key}");
@@ -434,7 +485,10 @@ mod tests {
                 .unwrap();
             assert_eq!(here.unwrap().value.as_deref(), Some("banana"), "{key}");
         }
-        assert_eq!(digest(&reader, BUCKETS), peer.digest_now(BUCKETS));
+        assert_eq!(
+            digest(&reader, BUCKETS, &PartitionSet::all()),
+            peer.digest_now(BUCKETS)
+        );
     }
 
     #[tokio::test]
@@ -457,7 +511,9 @@ mod tests {
         peer.set_data(&theirs);
         // Its answers may hold no value over 100 bytes: the bucket of "huge" cannot come.
         (peer.max_pull_value_bytes).store(100, std::sync::atomic::Ordering::Relaxed);
-        let report = sync(&peer, &store, &reader).await.unwrap();
+        let report = sync(&peer, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         assert_eq!(report.skipped, 1, "{report:?}");
         assert_eq!(peer.value(&beside), Some(Some("b".into())));
         let sharing = (0..50)
@@ -489,19 +545,29 @@ mod tests {
         let (store, reader) = store_with(&[]).await;
         let peer = FakePeer::default();
         peer.set_data(&theirs);
-        let report = sync(&peer, &store, &reader).await.unwrap();
+        let report = sync(&peer, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         let used: HashSet<u32> = theirs.iter().map(|w| bucket_of(&w.key, BUCKETS)).collect();
         assert!(used.len() > 1000);
         assert_eq!(report.buckets, used.len());
         assert_eq!((report.pulled, report.pushed), (5000, 0), "{report:?}");
         assert_eq!(peer.pulls.load(Ordering::Relaxed), 1);
-        assert_eq!(digest(&reader, BUCKETS), peer.digest_now(BUCKETS));
+        assert_eq!(
+            digest(&reader, BUCKETS, &PartitionSet::all()),
+            peer.digest_now(BUCKETS)
+        );
         // The other way round: a full node pushes everything to an empty peer, in batches,
         // from one scan.
         let empty = FakePeer::default();
-        let report = sync(&empty, &store, &reader).await.unwrap();
+        let report = sync(&empty, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         assert_eq!((report.pulled, report.pushed), (0, 5000), "{report:?}");
-        assert_eq!(digest(&reader, BUCKETS), empty.digest_now(BUCKETS));
+        assert_eq!(
+            digest(&reader, BUCKETS, &PartitionSet::all()),
+            empty.digest_now(BUCKETS)
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -514,14 +580,17 @@ mod tests {
         for _ in 0..cpus {
             held.push(reader.turn().await);
         }
-        let round = sync(&peer, &store, &reader);
+        let all = PartitionSet::all();
+        let round = sync(&peer, &store, &reader, &all);
         let waited = tokio::time::timeout(std::time::Duration::from_millis(200), round).await;
         assert!(
             waited.is_err(),
             "the round scanned beside {cpus} other scans"
         );
         drop(held);
-        let report = sync(&peer, &store, &reader).await.unwrap();
+        let report = sync(&peer, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         assert_eq!(report.pushed, 1);
     }
 
@@ -531,7 +600,9 @@ mod tests {
         let peer = FakePeer::default();
         let far = crate::clock::now_minus(std::time::Duration::ZERO) + (3600 << 32);
         peer.set_data(&[write("far", Some("v"), far), write("near", Some("v"), 5)]);
-        let report = sync(&peer, &store, &reader).await.unwrap();
+        let report = sync(&peer, &store, &reader, &PartitionSet::all())
+            .await
+            .unwrap();
         assert_eq!((report.pulled, report.ahead), (1, 1), "{report:?}");
         let get = |k: &str| store.ask(store::GetEntry { key: k.into() });
         assert!(get("far").await.unwrap().is_none());

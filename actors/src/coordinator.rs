@@ -28,7 +28,9 @@ use crate::antientropy;
 use crate::entry::{Entry, Write};
 use crate::error::Error;
 use crate::health::{PeerHealth, PeerState};
+use crate::merge::{ListError, Source};
 use crate::peer::{PeerClient, PeerError};
+use crate::placement::{Holders, PartitionSet, Placement};
 use crate::replication::{Repair, Replicate, ReplicationActor, Resync};
 use crate::store::{self, StoreActor, StoreReader, StoreStats};
 
@@ -219,6 +221,8 @@ pub struct CoordinatorConfig {
     pub handoff_capacity: usize,
     /// Time between periodic anti-entropy rounds with each peer.
     pub anti_entropy_interval: Duration,
+    /// Which nodes hold which keys; `None` when every node holds every key.
+    pub placement: Option<Placement>,
 }
 
 /// One peer as the coordinator sees it.
@@ -234,6 +238,8 @@ pub struct Coordinator<P: PeerClient> {
     store: ActorRef<StoreActor>,
     reader: StoreReader,
     peers: Vec<Peer<P>>,
+    /// Every peer's index: the holders of every key when there is no placement.
+    all_peers: Vec<u16>,
     config: CoordinatorConfig,
     ticker: tokio::task::JoinHandle<()>,
     clock: Arc<crate::clock::Clock>,
@@ -264,6 +270,15 @@ pub enum ReadError {
         nodes: usize,
         required: usize,
         /// Each peer that did not answer, with why: "addr (reason)".
+        missing: Vec<String>,
+    },
+    #[error(
+        "this node holds no copy of the key, and none of its {} holders answered: {}",
+        missing.len(),
+        missing.join(", ")
+    )]
+    NoCopy {
+        /// Each holder, with why it did not answer: "addr (reason)".
         missing: Vec<String>,
     },
     #[error(transparent)]
@@ -355,6 +370,26 @@ impl Listing {
     }
 }
 
+/// A List over a ring in progress (see [`Coordinator::list_ring`]).
+pub struct RingListing {
+    /// Bytes this node's own keys take, which it holds for the List.
+    pub key_bytes: usize,
+    /// Peers the List reads from, each a stream.
+    pub remote: usize,
+    /// The pairs, in key order, a chunk at a time.
+    pub chunks: futures::stream::BoxStream<'static, Result<Vec<(String, String)>, ListError>>,
+}
+
+/// A listing's pairs as a stream, a pair at a time (read from the view a chunk at a time).
+fn local_pairs(listing: Listing) -> crate::merge::Pairs {
+    futures::stream::unfold(listing, |mut listing| async move {
+        let chunk = listing.next_chunk(256, 256 * 1024);
+        (!chunk.is_empty()).then(|| (futures::stream::iter(chunk.into_iter().map(Ok)), listing))
+    })
+    .flatten()
+    .boxed()
+}
+
 /// One peer in a [`NodeStatus`].
 #[derive(Clone, Debug)]
 pub struct PeerStatus {
@@ -382,10 +417,15 @@ impl<P: PeerClient> Coordinator<P> {
         let reader = store.reader();
         let clock = store.clock().clone();
         let store = crate::spawn_in_span(store, store::STORE_MAILBOX);
+        let all_peers = (0..peers.len() as u16).collect();
         let peers: Vec<Peer<P>> = peers
             .into_iter()
-            .map(|(addr, client)| {
+            .enumerate()
+            .map(|(i, (addr, client))| {
                 let health = Arc::new(PeerHealth::new(addr));
+                // Anti-entropy with a peer compares only the partitions both nodes hold.
+                let scope =
+                    (config.placement.as_ref()).map_or(PartitionSet::all(), |p| p.shared_with(i));
                 let actor = crate::spawn_in_span(
                     ReplicationActor::new(
                         client.clone(),
@@ -395,7 +435,8 @@ impl<P: PeerClient> Coordinator<P> {
                         config.handoff_capacity,
                         config.peer_mailbox,
                     )
-                    .with_drain_limit(config.replication_deadline),
+                    .with_drain_limit(config.replication_deadline)
+                    .with_scope(scope),
                     config.peer_mailbox,
                 );
                 Peer {
@@ -427,6 +468,7 @@ impl<P: PeerClient> Coordinator<P> {
             store,
             reader,
             peers,
+            all_peers,
             config,
             ticker,
             clock,
@@ -438,21 +480,23 @@ impl<P: PeerClient> Coordinator<P> {
 
     /// This node's anti-entropy digest, for a peer. Scans the map off the async threads, in
     /// turn with other whole-map scans (see `StoreReader::scan`).
-    pub async fn digest(&self, buckets: u32) -> Vec<u64> {
+    pub async fn digest(&self, buckets: u32, scope: PartitionSet) -> Vec<u64> {
         self.reader
-            .scan(move |reader| antientropy::digest(reader, buckets))
+            .scan(move |reader| antientropy::digest(reader, buckets, &scope))
             .await
     }
 
-    /// Every entry in buckets `which` (of `buckets`), for a peer, tombstones included: one scan
-    /// of the map, in turn with the others, handed over a shard's worth at a time as the peer
-    /// reads them, so what is held at once is a shard's worth, however many buckets differ.
+    /// Every entry of the partitions of `scope` in buckets `which` (of `buckets`), for a peer,
+    /// tombstones included: one scan of the map, in turn with the others, handed over a shard's
+    /// worth at a time as the peer reads them, so what is held at once is a shard's worth,
+    /// however many buckets differ.
     pub fn entries_in(
         &self,
         buckets: u32,
         which: Vec<u32>,
+        scope: &PartitionSet,
     ) -> tokio::sync::mpsc::Receiver<Vec<Write>> {
-        antientropy::stream_buckets(self.reader.clone(), buckets, which)
+        antientropy::stream_buckets(self.reader.clone(), buckets, which, scope)
     }
 
     /// The node's clock.
@@ -556,13 +600,59 @@ impl<P: PeerClient> Coordinator<P> {
         })
     }
 
-    /// Reads `key` from a majority of nodes (this one included) and returns the newest entry
-    /// seen, tombstones included. Replicas seen holding an older entry, this one too, are
-    /// repaired in the background.
+    /// Who holds `key`: this node or not, and which peers.
+    pub fn holders(&self, key: &str) -> Holders<'_> {
+        match &self.config.placement {
+            Some(placement) => placement.holders(key),
+            None => Holders {
+                local: true,
+                peers: &self.all_peers,
+            },
+        }
+    }
+
+    /// The placement of keys, if not every node holds every key.
+    pub fn placement(&self) -> Option<&Placement> {
+        self.config.placement.as_ref()
+    }
+
+    /// The entry of `key`, tombstones included, from one copy: this node's if it holds the
+    /// key, or else the first of the key's holders that answers, the peers seen up first.
+    pub async fn read(&self, key: String) -> Result<Option<Entry>, ReadError> {
+        let holders = self.holders(&key);
+        if holders.local {
+            return Ok(self.reader.get_entry(&key));
+        }
+        let deadline = tokio::time::Instant::now() + self.config.replication_deadline;
+        let mut order: Vec<&Peer<P>> = (holders.peers.iter())
+            .map(|&i| &self.peers[usize::from(i)])
+            .collect();
+        order.sort_by_key(|p| p.health.state() != PeerState::Up);
+        let mut missing = Vec::new();
+        for peer in order {
+            match tokio::time::timeout_at(deadline, peer.client.read(key.clone())).await {
+                Ok(Ok(entry)) => return Ok(entry),
+                Ok(Err(error)) => missing.push(format!("{} ({error})", peer.health.addr())),
+                Err(_) => missing.push(format!("{} (timed out)", peer.health.addr())),
+            }
+        }
+        Err(ReadError::NoCopy { missing })
+    }
+
+    /// Reads `key` from a majority of its holders (this node among them, if it is one) and
+    /// returns the newest entry seen, tombstones included. Holders seen holding an older
+    /// entry, this node too, are repaired in the background.
     pub async fn get_quorum(&self, key: String) -> Result<Option<Entry>, ReadError> {
         let deadline = tokio::time::Instant::now() + self.config.replication_deadline;
-        let local = self.get_entry(key.clone()).await?;
-        let reads = self.peers.iter().map(|p| {
+        let holders = self.holders(&key);
+        let local = match holders.local {
+            true => Some(self.get_entry(key.clone()).await?),
+            false => None,
+        };
+        let peers: Vec<&Peer<P>> = (holders.peers.iter())
+            .map(|&i| &self.peers[usize::from(i)])
+            .collect();
+        let reads = peers.iter().map(|p| {
             let key = key.clone();
             async move { tokio::time::timeout_at(deadline, p.client.read(key)).await }
         });
@@ -574,11 +664,11 @@ impl<P: PeerClient> Coordinator<P> {
                 Err(_) => Err("timed out".to_string()),
             })
             .collect();
-        let nodes = self.peers.len() + 1;
+        let nodes = holders.nodes();
         let required = WriteQuorum::Majority.required(nodes);
-        let answered = 1 + answers.iter().filter(|a| a.is_ok()).count();
+        let answered = usize::from(local.is_some()) + answers.iter().filter(|a| a.is_ok()).count();
         if answered < required {
-            let missing = (self.peers.iter().zip(&answers))
+            let missing = (peers.iter().zip(&answers))
                 .filter_map(|(peer, answer)| {
                     let why = answer.as_ref().err()?;
                     Some(format!("{} ({why})", peer.health.addr()))
@@ -596,7 +686,7 @@ impl<P: PeerClient> Coordinator<P> {
         let newest = answers
             .iter()
             .flatten()
-            .chain(std::iter::once(&local))
+            .chain(local.iter())
             .flatten()
             .filter(|e| self.clock.beyond_bound(e.version.time).is_none())
             .max_by(|a, b| a.precedence().cmp(&b.precedence()))
@@ -610,10 +700,10 @@ impl<P: PeerClient> Coordinator<P> {
                 seen.as_ref()
                     .is_none_or(|e| e.precedence() < newest.precedence())
             };
-            if stale(&local) {
+            if local.as_ref().is_some_and(stale) {
                 let _ = self.apply(vec![repair.clone()]).await;
             }
-            for (peer, answer) in self.peers.iter().zip(&answers) {
+            for (peer, answer) in peers.iter().zip(&answers) {
                 if let Ok(seen) = answer
                     && stale(seen)
                 {
@@ -634,26 +724,45 @@ impl<P: PeerClient> Coordinator<P> {
         self.peers.iter().map(|p| &*p.health)
     }
 
-    /// Stores `value` under `key` and replicates it.
+    /// Stores `value` under `key` on its holders.
     pub async fn put(&self, key: String, value: String) -> Result<WriteOutcome, Error> {
-        self.clock_check()?;
-        let local = self
-            .store
-            .ask(store::Put { key, value })
-            .await
-            .map_err(store_error)?;
-        self.finish_write(local).await
+        self.write(key, Some(value)).await
     }
 
-    /// Deletes `key` (stores a tombstone) and replicates the tombstone.
+    /// Deletes `key` (stores a tombstone) on its holders.
     pub async fn delete(&self, key: String) -> Result<WriteOutcome, Error> {
+        self.write(key, None).await
+    }
+
+    /// A client's write (`None` deletes), coordinated here whether or not this node holds the
+    /// key. A holder stores it first, which gives it its version; a node that is not one gives
+    /// it a version from its clock and sends it to the holders only.
+    async fn write(&self, key: String, value: Option<String>) -> Result<WriteOutcome, Error> {
         self.clock_check()?;
-        let local = self
-            .store
-            .ask(store::Delete { key })
-            .await
-            .map_err(store_error)?;
-        self.finish_write(local).await
+        let holders = self.holders(&key);
+        if !holders.local {
+            let write = Write {
+                key,
+                entry: Entry {
+                    value: value.map(String::into_boxed_str),
+                    version: self.clock.now(),
+                },
+            };
+            return Ok(self.replicate(write, holders).await);
+        }
+        let local = match value {
+            Some(value) => self
+                .store
+                .ask(store::Put { key, value })
+                .await
+                .map_err(store_error),
+            None => self
+                .store
+                .ask(store::Delete { key })
+                .await
+                .map_err(store_error),
+        }?;
+        self.finish_write(local, holders.peers).await
     }
 
     /// Waits for the local log and the peers together: the peers do not wait for our fsync.
@@ -661,7 +770,11 @@ impl<P: PeerClient> Coordinator<P> {
     /// client is told so, though the write may still take effect through the peers that have
     /// it. It is in this node's memory and theirs, and the log keeps it to write it first
     /// when it can (see `storage::writer`).
-    async fn finish_write(&self, local: store::LocalWrite) -> Result<WriteOutcome, Error> {
+    async fn finish_write(
+        &self,
+        local: store::LocalWrite,
+        peers: &[u16],
+    ) -> Result<WriteOutcome, Error> {
         let durable = async {
             // Bounded, so a stalled disk cannot hang a Put.
             let limit = self.config.replication_deadline + LOCAL_SYNC_GRACE;
@@ -674,7 +787,8 @@ impl<P: PeerClient> Coordinator<P> {
                 })),
             }
         };
-        let (durable, outcome) = futures::join!(durable, self.replicate(local.write));
+        let holders = Holders { local: true, peers };
+        let (durable, outcome) = futures::join!(durable, self.replicate(local.write, holders));
         durable?;
         Ok(outcome)
     }
@@ -703,6 +817,11 @@ impl<P: PeerClient> Coordinator<P> {
     /// now, and [`Listing::next_chunk`] reads values as they are wanted. What it holds is the
     /// keys, and the pre-images of keys written while it lives (see [`crate::view`]).
     pub async fn listing(&self) -> Result<Listing, Error> {
+        self.listing_of(PartitionSet::all()).await
+    }
+
+    /// A [`Coordinator::listing`] of the keys of the partitions of `scope` only.
+    pub async fn listing_of(&self, scope: PartitionSet) -> Result<Listing, Error> {
         let turn = self.reader.turn().await;
         let view = self
             .store
@@ -711,7 +830,10 @@ impl<P: PeerClient> Coordinator<P> {
             .map_err(|_| Error::StoreStopped)?;
         let expired_before = self.reader.expired_before();
         Ok(store::run_holding(turn, move || {
-            let keys = view.sorted_keys();
+            let mut keys = view.sorted_keys();
+            if !scope.is_all() {
+                keys.retain(|k| scope.contains_key(k));
+            }
             Listing {
                 view,
                 keys,
@@ -722,12 +844,93 @@ impl<P: PeerClient> Coordinator<P> {
         .await)
     }
 
-    /// Hands `write` to every peer's replication actor and waits, up to the deadline, for them.
-    async fn replicate(&self, write: Write) -> WriteOutcome {
+    /// Every live pair of the cluster, in key order, when this node holds only some
+    /// partitions: its own, and each other partition's from one of its holders, merged (see
+    /// [`crate::merge`]). Chunks hold up to `keys` pairs and stop once they hold `bytes`.
+    pub async fn list_ring(&self, keys: usize, bytes: usize) -> Result<RingListing, ListError> {
+        let local_scope = match &self.config.placement {
+            Some(placement) => *placement.local(),
+            None => PartitionSet::all(),
+        };
+        let listing = self.listing_of(local_scope).await?;
+        let key_bytes = listing.key_bytes();
+        let mut sources = vec![Source {
+            name: "this node".into(),
+            pairs: local_pairs(listing),
+        }];
+        let mut todo = PartitionSet::all().minus(&local_scope);
+        let mut failed = vec![false; self.peers.len()];
+        let mut missing = Vec::new();
+        while !todo.is_empty() {
+            let placement = self
+                .config
+                .placement
+                .as_ref()
+                .expect("only a ring leaves any");
+            // Each partition from its first holder not yet failed, those seen up first.
+            let mut groups: std::collections::BTreeMap<u16, PartitionSet> = Default::default();
+            let mut orphans = PartitionSet::none();
+            for p in todo.iter() {
+                let pick = (placement.peers_of(p).iter())
+                    .filter(|&&i| !failed[usize::from(i)])
+                    .min_by_key(|&&i| self.peers[usize::from(i)].health.state() != PeerState::Up);
+                match pick {
+                    Some(&i) => groups.entry(i).or_insert_with(PartitionSet::none).insert(p),
+                    None => orphans.insert(p),
+                }
+            }
+            if !orphans.is_empty() {
+                return Err(ListError::NoHolder {
+                    partitions: orphans.len(),
+                    missing,
+                });
+            }
+            todo = PartitionSet::none();
+            let scans = groups.iter().map(|(&i, scope)| async move {
+                let peer = &self.peers[usize::from(i)];
+                let deadline = self.config.replication_deadline;
+                match tokio::time::timeout(deadline, peer.client.scan(scope)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(PeerError::Unreachable(format!(
+                        "no answer in {}ms",
+                        deadline.as_millis()
+                    ))),
+                }
+            });
+            let started = join_all(scans).await;
+            for ((&i, scope), result) in groups.iter().zip(started) {
+                let peer = &self.peers[usize::from(i)];
+                match result {
+                    Ok(pairs) => sources.push(Source {
+                        name: peer.health.addr().to_string(),
+                        pairs,
+                    }),
+                    Err(error) => {
+                        missing.push(format!("{} ({error})", peer.health.addr()));
+                        failed[usize::from(i)] = true;
+                        todo = todo.or(scope);
+                    }
+                }
+            }
+        }
+        Ok(RingListing {
+            key_bytes,
+            remote: sources.len() - 1,
+            chunks: crate::merge::merge(sources, keys, bytes),
+        })
+    }
+
+    /// Hands `write` to the replication actors of the key's holders and waits, up to the
+    /// deadline, for them. This node counts as one copy if it holds the key (it has stored the
+    /// write by then).
+    async fn replicate(&self, write: Write, holders: Holders<'_>) -> WriteOutcome {
         let write = &write;
         let wait = self.config.replication_deadline;
         let deadline = tokio::time::Instant::now() + wait;
-        let deliveries = self.peers.iter().map(|peer| {
+        let targets: Vec<&Peer<P>> = (holders.peers.iter())
+            .map(|&i| &self.peers[usize::from(i)])
+            .collect();
+        let deliveries = targets.iter().map(|peer| {
             let write = write.clone();
             async move {
                 // `try_send` enqueues without waiting for mailbox space (a full mailbox is an
@@ -749,7 +952,7 @@ impl<P: PeerClient> Coordinator<P> {
                 }
             }
         });
-        let nodes = self.peers.len() + 1;
+        let nodes = holders.nodes();
         // Every delivery is queued on its peer's actor at the first poll; with
         // `--ack-after quorum` the answer goes as soon as the quorum holds the write, and the
         // deliveries still out go on in the actors, their replies unread.
@@ -761,8 +964,8 @@ impl<P: PeerClient> Coordinator<P> {
             .enumerate()
             .map(|(i, d)| async move { (i, d.await) })
             .collect();
-        let mut results: Vec<Option<Option<PeerFailure>>> = vec![None; self.peers.len()];
-        let mut acks = 1;
+        let mut results: Vec<Option<Option<PeerFailure>>> = vec![None; targets.len()];
+        let mut acks = usize::from(holders.local);
         while acks < enough {
             let Some((i, result)) = deliveries.next().await else {
                 break;
@@ -777,7 +980,7 @@ impl<P: PeerClient> Coordinator<P> {
         }
         drop(deliveries);
         let pending = results.iter().filter(|r| r.is_none()).count();
-        let failures: Vec<(String, PeerFailure)> = (self.peers.iter().zip(results))
+        let failures: Vec<(String, PeerFailure)> = (targets.iter().zip(results))
             .filter_map(|(peer, result)| {
                 let failure = result.flatten()?;
                 Some((peer.health.addr().to_string(), failure))
@@ -871,6 +1074,7 @@ mod tests {
                 peer_mailbox: mailbox,
                 handoff_capacity: 1000,
                 anti_entropy_interval: Duration::from_secs(3600),
+                placement: None,
             },
         )
     }
@@ -893,6 +1097,7 @@ mod tests {
                 peer_mailbox: 64,
                 handoff_capacity: 100,
                 anti_entropy_interval: Duration::from_secs(3600),
+                placement: None,
             },
         );
         // Let the startup anti-entropy round finish before the peer turns slow.
@@ -939,6 +1144,7 @@ mod tests {
                 peer_mailbox: 16,
                 handoff_capacity: 16,
                 anti_entropy_interval: Duration::from_secs(3600),
+                placement: None,
             },
         );
         node.put("k".into(), "v".into()).await.unwrap();
@@ -1128,15 +1334,19 @@ mod tests {
         for _ in 0..cpus {
             held.push(c.reader.turn().await);
         }
-        let waited = tokio::time::timeout(Duration::from_millis(100), c.digest(16)).await;
+        let waited = tokio::time::timeout(
+            Duration::from_millis(100),
+            c.digest(16, PartitionSet::all()),
+        )
+        .await;
         assert!(waited.is_err(), "a digest ran beside {cpus} copies");
-        let mut pull = c.entries_in(1, vec![0]);
+        let mut pull = c.entries_in(1, vec![0], &PartitionSet::all());
         let waited = tokio::time::timeout(Duration::from_millis(100), pull.recv()).await;
         assert!(waited.is_err(), "a pull ran beside {cpus} copies");
         drop(held);
         assert_eq!(pull.recv().await.map(|shard| shard.len()), Some(1));
         assert_eq!(pull.recv().await, None, "one entry, in one shard");
-        assert_eq!(c.digest(16).await.len(), 16);
+        assert_eq!(c.digest(16, PartitionSet::all()).await.len(), 16);
     }
 
     #[test]
@@ -1268,5 +1478,241 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(got[0].entry.value.as_deref(), Some("v"));
         assert_eq!(got[1].entry.value, None);
+    }
+}
+
+/// A node of six with three copies of each key, against scripted peers.
+#[cfg(test)]
+mod placed {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::testing::FakePeer;
+
+    /// This node ("local") and five peers, with `replicas` copies of each key.
+    fn ring_node(replicas: usize) -> (Coordinator<FakePeer>, Vec<FakePeer>, Placement) {
+        let names: Vec<String> = (1..=5).map(|i| format!("peer{i}")).collect();
+        let placement = Placement::bootstrap("local", &names, replicas).unwrap();
+        let peers: Vec<FakePeer> = (0..5).map(|_| FakePeer::default()).collect();
+        let node = Coordinator::start(
+            StoreActor::new(Arc::new(crate::clock::Clock::new(
+                crate::version::NodeId::new("local").unwrap(),
+            ))),
+            names.iter().cloned().zip(peers.iter().cloned()).collect(),
+            CoordinatorConfig {
+                ack_after: AckAfter::All,
+                quorum: WriteQuorum::Majority,
+                replication_deadline: Duration::from_secs(5),
+                peer_mailbox: 64,
+                handoff_capacity: 100,
+                anti_entropy_interval: Duration::from_secs(3600),
+                placement: Some(placement.clone()),
+            },
+        );
+        (node, peers, placement)
+    }
+
+    /// The first key of the form `key{i}` for which this node's holding is `local`.
+    fn key_where(placement: &Placement, local: bool) -> String {
+        (0..)
+            .map(|i| format!("key{i}"))
+            .find(|k| placement.holders(k).local == local)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_write_goes_to_the_keys_holders_only() {
+        let (node, peers, placement) = ring_node(3);
+        for local in [true, false] {
+            let key = key_where(&placement, local);
+            let out = node.put(key.clone(), "v".into()).await.unwrap();
+            assert_eq!((out.nodes, out.acks), (3, 3), "{out:?}");
+            assert_eq!(out.message("Stored"), "Stored and replicated");
+            let holders = placement.holders(&key);
+            for (i, peer) in peers.iter().enumerate() {
+                let holds = holders.peers.contains(&(i as u16));
+                assert_eq!(peer.value(&key).is_some(), holds, "{key} on peer{}", i + 1);
+            }
+            // Stored here only where this node is a holder.
+            assert_eq!(node.get(key.clone()).await.unwrap().is_some(), local);
+            // A read through any node finds it.
+            let read = node.read(key.clone()).await.unwrap().unwrap();
+            assert_eq!(read.value.as_deref(), Some("v"));
+            assert_eq!(read.version, out.version);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_through_a_node_that_holds_no_copy_counts_its_quorum_over_the_holders() {
+        let (node, peers, placement) = ring_node(3);
+        let key = key_where(&placement, false);
+        let holders = placement.holders(&key).peers.to_vec();
+        peers[usize::from(holders[0])]
+            .fail
+            .store(true, Ordering::Relaxed);
+        let out = node.put(key.clone(), "v".into()).await.unwrap();
+        assert_eq!((out.nodes, out.acks, out.ok()), (3, 2, true), "{out:?}");
+        let failed = format!("peer{}", holders[0] + 1);
+        assert_eq!(out.failures.len(), 1);
+        assert_eq!(out.failures[0].0, failed);
+        // A LOCAL read goes to a holder that answers; a quorum read needs two of the three.
+        let read = node.read(key.clone()).await.unwrap().unwrap();
+        assert_eq!(read.value.as_deref(), Some("v"));
+        let read = node.get_quorum(key.clone()).await.unwrap().unwrap();
+        assert_eq!(read.value.as_deref(), Some("v"));
+        peers[usize::from(holders[1])]
+            .fail
+            .store(true, Ordering::Relaxed);
+        let out = node.delete(key.clone()).await.unwrap();
+        assert_eq!((out.acks, out.ok()), (1, false), "{out:?}");
+        match node.get_quorum(key.clone()).await {
+            Err(ReadError::NoQuorum {
+                answered: 1,
+                nodes: 3,
+                required: 2,
+                missing,
+            }) => assert_eq!(missing.len(), 2, "{missing:?}"),
+            other => panic!("{other:?}"),
+        }
+        // One holder is enough for a LOCAL read, and it has the tombstone.
+        assert_eq!(node.read(key.clone()).await.unwrap().unwrap().value, None);
+        peers[usize::from(holders[2])]
+            .fail
+            .store(true, Ordering::Relaxed);
+        match node.read(key).await {
+            Err(ReadError::NoCopy { missing }) => {
+                assert_eq!(missing.len(), 3);
+                assert!(missing[0].contains("connection refused"), "{missing:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    async fn listed(
+        node: &Coordinator<FakePeer>,
+    ) -> Result<(usize, Vec<(String, String)>), ListError> {
+        let list = node.list_ring(7, usize::MAX).await?;
+        let chunks: Vec<_> = list.chunks.collect().await;
+        let mut pairs = Vec::new();
+        for chunk in chunks {
+            pairs.extend(chunk?);
+        }
+        Ok((list.remote, pairs))
+    }
+
+    /// A List through a node of a ring has every key once, in order, each partition read
+    /// from one holder; a holder that does not answer is replaced by another, and only a
+    /// partition none of whose holders answers fails the List, naming them.
+    #[tokio::test]
+    async fn a_list_merges_every_partition_once_from_the_holders_that_answer() {
+        let (node, peers, placement) = ring_node(3);
+        let mut expected = Vec::new();
+        for k in 0..300 {
+            let key = format!("key{k:03}");
+            node.put(key.clone(), format!("v{k}")).await.unwrap();
+            expected.push((key, format!("v{k}")));
+        }
+        let (remote, pairs) = listed(&node).await.unwrap();
+        assert_eq!(pairs, expected);
+        // This node holds half: the rest comes from peers, two of them here (one group).
+        assert!(remote >= 1, "{remote}");
+        // The first choice of every partition fails: each is read from another holder.
+        let firsts: std::collections::BTreeSet<u16> = (0..crate::ring::PARTITIONS)
+            .filter(|&p| !placement.local().contains(p))
+            .map(|p| placement.peers_of(p)[0])
+            .collect();
+        for &i in &firsts {
+            peers[usize::from(i)].fail.store(true, Ordering::Relaxed);
+        }
+        assert_eq!(listed(&node).await.unwrap().1, expected);
+        for peer in &peers {
+            peer.fail.store(true, Ordering::Relaxed);
+        }
+        match listed(&node).await {
+            Err(ListError::NoHolder {
+                partitions,
+                missing,
+            }) => {
+                assert_eq!(partitions, 1024 - placement.local().len());
+                assert!(
+                    missing.iter().all(|m| m.contains("connection refused")),
+                    "{missing:?}"
+                );
+            }
+            other => panic!("{:?}", other.map(|(r, _)| r)),
+        }
+    }
+
+    /// Anti-entropy with a peer trades only the partitions both hold: a peer holding keys
+    /// of every partition gives this node only those this node holds, and a peer that shares
+    /// no partition with it is neither asked nor sent anything.
+    #[tokio::test]
+    async fn anti_entropy_trades_only_the_partitions_both_nodes_hold() {
+        let names: Vec<String> = (1..=5).map(|i| format!("peer{i}")).collect();
+        let placement = Placement::bootstrap("local", &names, 3).unwrap();
+        let (sharing, apart) = {
+            let mut by_share = (0..5).map(|i| (placement.shared_with(i).len(), i));
+            let sharing = by_share.clone().find(|(n, _)| *n > 0).unwrap().1;
+            (sharing, by_share.find(|(n, _)| *n == 0).unwrap().1)
+        };
+        let writes: Vec<Write> = (0..500)
+            .map(|i| crate::testing::write(&format!("k{i}"), Some("v"), 1 << 40, "peer9"))
+            .collect();
+        let peers: Vec<FakePeer> = (0..5).map(|_| FakePeer::default()).collect();
+        for (i, p) in peers.iter().enumerate() {
+            if i == sharing || i == apart {
+                p.set_data(&writes);
+            } else {
+                p.fail.store(true, Ordering::Relaxed);
+            }
+        }
+        let node = Coordinator::start(
+            StoreActor::new(Arc::new(crate::clock::Clock::new(
+                crate::version::NodeId::new("local").unwrap(),
+            ))),
+            names.iter().cloned().zip(peers.iter().cloned()).collect(),
+            CoordinatorConfig {
+                ack_after: AckAfter::All,
+                quorum: WriteQuorum::Majority,
+                replication_deadline: Duration::from_secs(5),
+                peer_mailbox: 64,
+                handoff_capacity: 100,
+                anti_entropy_interval: Duration::from_secs(3600),
+                placement: Some(placement.clone()),
+            },
+        );
+        let local = placement.local();
+        let expected = writes.iter().filter(|w| local.contains_key(&w.key)).count();
+        assert!(expected > 0 && expected < writes.len());
+        let waited = std::time::Instant::now();
+        while node.status().await.unwrap().store.keys < expected
+            || node.peers().nth(sharing).unwrap().resyncing()
+        {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never repaired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(node.status().await.unwrap().store.keys, expected);
+        for w in &writes {
+            let here = node.get(w.key.clone()).await.unwrap().is_some();
+            assert_eq!(here, local.contains_key(&w.key), "{}", w.key);
+        }
+        // A write here, then a round with each: it goes to the sharing peer, not the other.
+        let mine = (0..)
+            .map(|i| format!("mine{i}"))
+            .find(|k| local.contains_key(k))
+            .unwrap();
+        let newer = crate::testing::write(&mine, Some("x"), 2 << 40, "local");
+        node.apply(vec![newer]).await.unwrap();
+        node.resync_peers();
+        let waited = std::time::Instant::now();
+        while peers[sharing].value(&mine).is_none() {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never pushed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while node.peers().nth(apart).unwrap().resyncing() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(peers[apart].pulls.load(Ordering::Relaxed), 0);
+        assert!(peers[apart].received_keys().is_empty());
     }
 }

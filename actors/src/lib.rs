@@ -21,6 +21,9 @@
 //!   quorum reads with read repair.
 //! - [`ring`]: which nodes hold which keys: partitions, their preference lists, and how joins
 //!   and leaves move them.
+//! - [`merge`]: a List over a ring, merged from the sorted streams of the nodes read from.
+//! - [`placement`]: the ring as one node sees it: which of its peers hold a key, and which
+//!   partitions it shares with each.
 //! - [`error`]: this crate's one error enum.
 //!
 //! # How replicas converge
@@ -65,7 +68,9 @@ pub mod coordinator;
 pub mod entry;
 pub mod error;
 pub mod health;
+pub mod merge;
 pub mod peer;
+pub mod placement;
 pub mod replication;
 pub mod ring;
 pub mod storage;

@@ -6,6 +6,7 @@
 use std::future::Future;
 
 use crate::entry::{Entry, Write};
+use crate::placement::PartitionSet;
 
 /// Most bytes per replication batch, when the peer's message limit allows it: big enough that
 /// a batch's cost per write is small, small enough that one batch does not hold a stream long.
@@ -17,14 +18,26 @@ pub trait PeerClient: Clone + Send + Sync + 'static {
     /// Delivers writes. `Ok` means the peer has applied them (or already had newer versions).
     /// Borrowed, so that the caller keeps them for a redelivery without copying them first.
     fn replicate(&self, writes: &[Write]) -> impl Future<Output = Result<(), PeerError>> + Send;
-    /// The peer's anti-entropy digest with `buckets` buckets.
-    fn digest(&self, buckets: u32) -> impl Future<Output = Result<Vec<u64>, PeerError>> + Send;
-    /// The peer's entries in buckets `which`, tombstones included, as it sends them.
+    /// The peer's anti-entropy digest with `buckets` buckets, over the partitions of `scope`.
+    fn digest(
+        &self,
+        buckets: u32,
+        scope: &PartitionSet,
+    ) -> impl Future<Output = Result<Vec<u64>, PeerError>> + Send;
+    /// The peer's entries of the partitions of `scope` in buckets `which`, tombstones
+    /// included, as it sends them.
     fn pull(
         &self,
         buckets: u32,
         which: Vec<u32>,
+        scope: &PartitionSet,
     ) -> impl Future<Output = Result<Pulled, PeerError>> + Send;
+    /// The peer's live pairs of the partitions of `scope`, in key order, as of when the call
+    /// began (its share of a List over a ring).
+    fn scan(
+        &self,
+        scope: &PartitionSet,
+    ) -> impl Future<Output = Result<crate::merge::Pairs, PeerError>> + Send;
     /// The peer's entry for `key`, tombstone included (for quorum reads).
     fn read(&self, key: String) -> impl Future<Output = Result<Option<Entry>, PeerError>> + Send;
     /// Most bytes (as [`write_size`] counts them) to send in one batch: a batch over the

@@ -41,6 +41,7 @@ use crate::antientropy;
 use crate::entry::Write;
 use crate::health::{PeerHealth, PeerState};
 use crate::peer::{PeerClient, PeerError, RejectedWrite, batch_len, deliver, write_size};
+use crate::placement::PartitionSet;
 use crate::store::{StoreActor, StoreReader};
 
 /// First wait before redelivering a backlog.
@@ -113,6 +114,8 @@ pub struct ReplicationActor<P: PeerClient> {
     redelivering: bool,
     /// How long the last deliveries may take when the actor stops.
     drain_limit: Duration,
+    /// The partitions this node and the peer both hold: what anti-entropy compares.
+    scope: PartitionSet,
 }
 
 impl<P: PeerClient> ReplicationActor<P> {
@@ -142,12 +145,19 @@ impl<P: PeerClient> ReplicationActor<P> {
             backoff: BACKOFF_MIN,
             redelivering: false,
             drain_limit: Duration::from_secs(1),
+            scope: PartitionSet::all(),
         }
     }
 
     /// Sets how long the last deliveries may take when the actor stops (default 1 s).
     pub fn with_drain_limit(mut self, limit: Duration) -> Self {
         self.drain_limit = limit;
+        self
+    }
+
+    /// Sets the partitions anti-entropy compares with the peer (default: all of them).
+    pub fn with_scope(mut self, scope: PartitionSet) -> Self {
+        self.scope = scope;
         self
     }
 
@@ -320,15 +330,16 @@ impl<P: PeerClient> ReplicationActor<P> {
         if !self.health.begin_resync() {
             return;
         }
-        let (client, store, reader, health) = (
+        let (client, store, reader, health, scope) = (
             self.client.clone(),
             self.store.clone(),
             self.reader.clone(),
             self.health.clone(),
+            self.scope,
         );
         let task = tokio::spawn(
             async move {
-                let round = antientropy::sync(&client, &store, &reader).await;
+                let round = antientropy::sync(&client, &store, &reader, &scope).await;
                 health.count_round(round.as_ref().ok().map(|r| (r.pulled, r.pushed)));
                 match round {
                     Ok(report) => {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::antientropy;
 use crate::entry::{Entry, Write};
 use crate::peer::{PeerClient, PeerError, Pulled};
+use crate::placement::PartitionSet;
 use crate::version::{NodeId, Version};
 use futures::StreamExt;
 
@@ -87,8 +88,14 @@ impl FakePeer {
     }
 
     pub fn digest_now(&self, buckets: u32) -> Vec<u64> {
+        self.digest_of(buckets, &PartitionSet::all())
+    }
+
+    /// The digest over the partitions of `scope`.
+    pub fn digest_of(&self, buckets: u32, scope: &PartitionSet) -> Vec<u64> {
         let mut sums = vec![0; buckets as usize];
-        for (k, e) in self.data.lock().unwrap().iter() {
+        let data = self.data.lock().unwrap();
+        for (k, e) in data.iter().filter(|(k, _)| scope.contains_key(k)) {
             antientropy::add_to_digest(&mut sums, k, e.version, e.value.as_deref());
         }
         sums
@@ -131,18 +138,24 @@ impl PeerClient for FakePeer {
         Ok(())
     }
 
-    async fn digest(&self, buckets: u32) -> Result<Vec<u64>, PeerError> {
+    async fn digest(&self, buckets: u32, scope: &PartitionSet) -> Result<Vec<u64>, PeerError> {
         self.gate().await?;
-        Ok(self.digest_now(buckets))
+        Ok(self.digest_of(buckets, scope))
     }
 
-    async fn pull(&self, buckets: u32, which: Vec<u32>) -> Result<Pulled, PeerError> {
+    async fn pull(
+        &self,
+        buckets: u32,
+        which: Vec<u32>,
+        scope: &PartitionSet,
+    ) -> Result<Pulled, PeerError> {
         self.pulls.fetch_add(1, Ordering::Relaxed);
         self.gate().await?;
         let data = self.data.lock().unwrap();
         let pulled: Vec<Write> = data
             .iter()
             .filter(|(k, _)| which.contains(&antientropy::bucket_of(k, buckets)))
+            .filter(|(k, _)| scope.contains_key(k))
             .map(|(k, e)| Write {
                 key: k.clone(),
                 entry: e.clone(),
@@ -156,6 +169,16 @@ impl PeerClient for FakePeer {
             ));
         }
         Ok(futures::stream::iter(pulled.into_iter().map(Ok)).boxed())
+    }
+
+    async fn scan(&self, scope: &PartitionSet) -> Result<crate::merge::Pairs, PeerError> {
+        self.gate().await?;
+        let mut pairs: Vec<(String, String)> = (self.data.lock().unwrap().iter())
+            .filter(|(k, _)| scope.contains_key(k))
+            .filter_map(|(k, e)| Some((k.clone(), e.value.as_deref()?.to_string())))
+            .collect();
+        pairs.sort();
+        Ok(futures::stream::iter(pairs.into_iter().map(Ok)).boxed())
     }
 
     async fn read(&self, key: String) -> Result<Option<Entry>, PeerError> {

@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::pb::kv_store_server::KvStore;
 use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, PeerStatus, Value};
 use crate::service::Starting;
-use crate::service::list::{ListBounds, ListStream};
+use crate::service::list::{CHUNK, CHUNK_BYTES, ListBounds, ListStream};
 
 /// The KVStore service: a handle to the node's actors, the input limits, the bounds on Lists,
 /// and what Status reports about the node's identity.
@@ -86,7 +86,7 @@ impl KvStore for KvService {
                 .node
                 .node()
                 .await
-                .get_entry(key.clone())
+                .read(key.clone())
                 .await
                 .map_err(Error::from)?,
             Ok(Consistency::Quorum) => self
@@ -117,7 +117,16 @@ impl KvStore for KvService {
     type ListStream = ListStream;
 
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
-        let listing = self.node.node().await.listing().await;
+        let node = self.node.node().await;
+        if node.placement().is_some_and(|p| !p.is_everywhere()) {
+            let listing = node.list_ring(CHUNK, CHUNK_BYTES).await;
+            return Ok(Response::new(
+                self.lists
+                    .stream_ring(listing.map_err(Error::from)?)
+                    .await?,
+            ));
+        }
+        let listing = node.listing().await;
         Ok(Response::new(
             self.lists.stream(listing.map_err(Error::from)?).await?,
         ))
@@ -134,8 +143,18 @@ impl KvStore for KvService {
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
-        let status = self.node.node().await.status().await.map_err(Error::from)?;
+        let node = self.node.node().await;
+        let status = node.status().await.map_err(Error::from)?;
+        let (replicas, partitions) = match node.placement() {
+            Some(p) => (p.ring().replicas(), p.local().len()),
+            None => (
+                status.peers.len() + 1,
+                usize::from(kvstore_actors::ring::PARTITIONS),
+            ),
+        };
         Ok(Response::new(NodeStatus {
+            replicas: replicas as u32,
+            partitions: partitions as u32,
             node_id: self.node_id.clone(),
             keys: status.store.keys as u64,
             tombstones: status.store.tombstones as u64,

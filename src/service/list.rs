@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use kvstore_actors::coordinator::Listing;
+use kvstore_actors::coordinator::{Listing, RingListing};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::Status;
 
@@ -29,8 +29,8 @@ const BUFFER: usize = 4;
 /// And the bytes they may hold together (a pair bigger than this goes alone).
 const WINDOW: usize = 1024 * 1024;
 /// Keys whose values are read at once, and the bytes after which a chunk stops.
-const CHUNK: usize = 256;
-const CHUNK_BYTES: usize = 256 * 1024;
+pub const CHUNK: usize = 256;
+pub const CHUNK_BYTES: usize = 256 * 1024;
 /// What a List holds beyond its keys, at most: its window, and the chunk waiting for room in
 /// it. A chunk ends once it passes CHUNK_BYTES, so it may hold one value more (up to the
 /// largest value a node takes, 1 MiB by default), and a chunk bigger than the window counts
@@ -99,7 +99,25 @@ impl ListBounds {
                     ..Default::default()
                 })
                 .collect();
-            (!chunk.is_empty()).then_some((chunk, listing))
+            (!chunk.is_empty()).then_some((Ok(chunk), listing))
+        });
+        Ok(forward(chunks, Some(room), self.idle_timeout, "List"))
+    }
+
+    /// Streams a List over a ring to the client, within the same bounds: what it holds is
+    /// this node's keys, its own window, and what each stream from a peer may buffer.
+    pub async fn stream_ring(&self, listing: RingListing) -> Result<ListStream, Status> {
+        let held = listing.key_bytes + PER_LIST * (1 + listing.remote);
+        let room = self.reserve(held).await?;
+        let chunks = listing.chunks.map(|chunk| {
+            let chunk = chunk.map_err(|e| Status::from(Error::from(e)))?;
+            Ok((chunk.into_iter())
+                .map(|(key, value)| KeyValue {
+                    key,
+                    value,
+                    ..Default::default()
+                })
+                .collect())
         });
         Ok(forward(chunks, Some(room), self.idle_timeout, "List"))
     }
@@ -113,19 +131,20 @@ impl ListBounds {
             let chunk: Vec<KeyValue> = (listing.next_entries(CHUNK, CHUNK_BYTES).into_iter())
                 .map(KeyValue::from)
                 .collect();
-            (!chunk.is_empty()).then_some((chunk, listing))
+            (!chunk.is_empty()).then_some((Ok(chunk), listing))
         });
         Ok(forward(chunks, Some(room), self.idle_timeout, "Backup"))
     }
 }
 
 /// Sends `chunks` on to the client from a task of its own, holding `room` until the stream
-/// ends however it ends, and ending it if the client takes nothing for `idle`.
+/// ends however it ends, and ending it if the client takes nothing for `idle`. An error in
+/// `chunks` ends the stream with that error.
 ///
 /// Pairs travel a chunk at a time: a window share, a timer and a channel send per pair were
 /// most of a List's cost on the node.
 fn forward(
-    chunks: impl Stream<Item = Vec<KeyValue>> + Send + 'static,
+    chunks: impl Stream<Item = Result<Vec<KeyValue>, Status>> + Send + 'static,
     room: Option<OwnedSemaphorePermit>,
     idle: Duration,
     call: &'static str,
@@ -140,6 +159,14 @@ fn forward(
         let _room = room;
         let mut chunks = std::pin::pin!(chunks);
         while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), call, "stream ended: {call} failed");
+                    let _ = why.set(status);
+                    return;
+                }
+            };
             // The chunk's share of the window, given back once the client has taken all of it.
             let bytes: usize = chunk.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
             let units = bytes.div_ceil(UNIT).clamp(1, WINDOW / UNIT) as u32;
@@ -233,15 +260,18 @@ mod tests {
     use super::*;
 
     /// `chunks` chunks of `pairs` small pairs each.
-    fn chunks(chunks: usize, pairs: usize) -> impl Stream<Item = Vec<KeyValue>> + Send {
+    fn chunks(
+        chunks: usize,
+        pairs: usize,
+    ) -> impl Stream<Item = Result<Vec<KeyValue>, Status>> + Send {
         futures::stream::iter((0..chunks).map(move |c| {
-            (0..pairs)
+            Ok((0..pairs)
                 .map(|p| KeyValue {
                     key: format!("k{c:03}-{p:03}"),
                     value: "v".into(),
                     ..Default::default()
                 })
-                .collect()
+                .collect())
         }))
     }
 
@@ -276,5 +306,24 @@ mod tests {
             "only what was queued before it was ended: {}",
             rest.len()
         );
+    }
+
+    /// A source that fails (a peer of a ring gone mid-List) ends the stream with its error,
+    /// after every pair sent before it.
+    #[tokio::test]
+    async fn a_failing_source_ends_the_stream_with_its_error() {
+        let failing = chunks(3, 10).chain(futures::stream::iter([Err(Status::unavailable(
+            "db2 stopped sending",
+        ))]));
+        let mut stream = forward(failing, None, Duration::from_secs(30), "List");
+        let mut pairs = Vec::new();
+        while let Some(pair) = stream.next().await {
+            pairs.push(pair);
+        }
+        let end = pairs.pop().unwrap().unwrap_err();
+        assert_eq!(end.code(), tonic::Code::Unavailable);
+        assert_eq!(end.message(), "db2 stopped sending");
+        assert_eq!(pairs.len(), 30);
+        assert!(pairs.iter().all(Result::is_ok));
     }
 }

@@ -14,8 +14,11 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
-use crate::pb::{Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, WriteBatch};
+use crate::pb::{
+    Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, ScanRequest, WriteBatch,
+};
 use crate::service::Starting;
+use crate::service::list::{ListBounds, ListStream};
 use crate::service::request_errors;
 use crate::wire;
 
@@ -30,6 +33,8 @@ pub struct ReplicatorService {
     /// This node's id, which every answer carries (see `Ack.node_id`).
     node_id: String,
     limits: Limits,
+    /// The node's bound on Lists, which its share of a ring's Lists counts against.
+    lists: ListBounds,
     stopping: watch::Receiver<bool>,
 }
 
@@ -39,12 +44,14 @@ impl ReplicatorService {
         node: Starting,
         node_id: String,
         limits: Limits,
+        lists: ListBounds,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         Self {
             node_id,
             node,
             limits,
+            lists,
             stopping,
         }
     }
@@ -239,9 +246,13 @@ impl Replicator for ReplicatorService {
         &self,
         request: Request<DigestRequest>,
     ) -> Result<Response<DigestReply>, Status> {
-        let buckets = request.into_inner().buckets;
+        let DigestRequest {
+            buckets,
+            partitions,
+        } = request.into_inner();
         check_buckets(buckets)?;
-        let sums = self.node.node().await.digest(buckets).await;
+        let scope = wire::partitions_from_bytes(&partitions)?;
+        let sums = self.node.node().await.digest(buckets, scope).await;
         Ok(Response::new(DigestReply {
             sums,
             clock: self.node.node().await.clock().physical(),
@@ -255,8 +266,13 @@ impl Replicator for ReplicatorService {
         &self,
         request: Request<PullRequest>,
     ) -> Result<Response<Self::PullStream>, Status> {
-        let PullRequest { buckets, which } = request.into_inner();
+        let PullRequest {
+            buckets,
+            which,
+            partitions,
+        } = request.into_inner();
         check_buckets(buckets)?;
+        let scope = wire::partitions_from_bytes(&partitions)?;
         if let Some(bad) = which.iter().find(|&&b| b >= buckets) {
             return Err(
                 Error::InvalidArgument(format!("bucket {bad} out of range 0..{buckets}")).into(),
@@ -264,11 +280,21 @@ impl Replicator for ReplicatorService {
         }
         // One scan of the map, handed over a shard's worth at a time as the peer reads it; a
         // peer that goes away stops the scan.
-        let shards = ReceiverStream::new(self.node.node().await.entries_in(buckets, which));
+        let shards = ReceiverStream::new(self.node.node().await.entries_in(buckets, which, &scope));
         let entries = shards.flat_map(|shard| {
             futures::stream::iter(shard.into_iter().map(|write| Ok(KeyValue::from(write))))
         });
         Ok(Response::new(Box::pin(entries)))
+    }
+
+    type ScanStream = ListStream;
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ListStream>, Status> {
+        let scope = wire::partitions_from_bytes(&request.into_inner().partitions)?;
+        let listing = self.node.node().await.listing_of(scope).await;
+        Ok(Response::new(
+            self.lists.stream(listing.map_err(Error::from)?).await?,
+        ))
     }
 
     async fn read(&self, request: Request<Key>) -> Result<Response<KeyValue>, Status> {

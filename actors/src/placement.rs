@@ -1,0 +1,357 @@
+//! The ring as one node sees it: for each key, whether this node holds it and which of its
+//! peers do, and which partitions it shares with each peer (what anti-entropy compares with
+//! that peer).
+//!
+//! The node keeps its peers in configuration order, indexed by position; the ring names
+//! nodes by id. A [`Placement`] maps one onto the other once, so the write path looks up a
+//! key's holders with one hash and one index, and a ring where every node holds everything
+//! (N at least the node count, the default 3 of 3) skips even that.
+
+use crate::error::Error;
+use crate::ring::{PARTITIONS, Ring, partition_of};
+
+/// Words in a [`PartitionSet`].
+const WORDS: usize = PARTITIONS as usize / 64;
+
+/// A set of partitions, as a bitmap: 128 bytes on the wire.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PartitionSet([u64; WORDS]);
+
+impl PartitionSet {
+    /// Bytes of [`PartitionSet::to_bytes`].
+    pub const BYTES: usize = WORDS * 8;
+
+    /// No partition.
+    pub const fn none() -> Self {
+        Self([0; WORDS])
+    }
+
+    /// Every partition.
+    pub const fn all() -> Self {
+        Self([u64::MAX; WORDS])
+    }
+
+    pub fn insert(&mut self, p: u16) {
+        self.0[usize::from(p) / 64] |= 1 << (p % 64);
+    }
+
+    pub fn contains(&self, p: u16) -> bool {
+        usize::from(p) < usize::from(PARTITIONS)
+            && self.0[usize::from(p) / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Whether `key`'s partition is in the set.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.contains(partition_of(key))
+    }
+
+    /// Partitions in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    pub fn is_all(&self) -> bool {
+        self.0.iter().all(|&w| w == u64::MAX)
+    }
+
+    /// The partitions in both sets.
+    pub fn and(&self, other: &Self) -> Self {
+        Self(std::array::from_fn(|i| self.0[i] & other.0[i]))
+    }
+
+    /// The partitions in either set.
+    pub fn or(&self, other: &Self) -> Self {
+        Self(std::array::from_fn(|i| self.0[i] | other.0[i]))
+    }
+
+    /// The partitions of `self` that `other` lacks.
+    pub fn minus(&self, other: &Self) -> Self {
+        Self(std::array::from_fn(|i| self.0[i] & !other.0[i]))
+    }
+
+    /// The partitions in the set, in order.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..PARTITIONS).filter(|&p| self.contains(p))
+    }
+
+    /// The bitmap, little-endian, partition 0 in the lowest bit of the first byte.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// The set [`PartitionSet::to_bytes`] made.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        if bytes.len() != Self::BYTES {
+            return Err(Error::Ring(format!(
+                "a partition set is {} bytes (one bit per partition), got {}",
+                Self::BYTES,
+                bytes.len()
+            )));
+        }
+        let mut words = [0; WORDS];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_le_bytes(chunk.try_into().expect("chunks of 8"));
+        }
+        Ok(Self(words))
+    }
+}
+
+impl std::fmt::Debug for PartitionSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PartitionSet({} of {PARTITIONS})", self.len())
+    }
+}
+
+impl FromIterator<u16> for PartitionSet {
+    fn from_iter<I: IntoIterator<Item = u16>>(iter: I) -> Self {
+        let mut set = Self::none();
+        for p in iter {
+            set.insert(p);
+        }
+        set
+    }
+}
+
+/// Who holds one key: this node or not, and which peers (indexes in configuration order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Holders<'a> {
+    pub local: bool,
+    pub peers: &'a [u16],
+}
+
+impl Holders<'_> {
+    /// Copies of the key: the nodes a write goes to and a quorum counts over.
+    pub fn nodes(&self) -> usize {
+        self.peers.len() + usize::from(self.local)
+    }
+}
+
+/// A ring mapped onto one node's peers.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    ring: Ring,
+    /// Whether every node holds every key: then nothing is looked up.
+    everywhere: bool,
+    /// Every peer's index, for `everywhere`.
+    all_peers: Vec<u16>,
+    /// Partitions this node holds.
+    local: PartitionSet,
+    /// Per partition, the peers holding it, in preference order.
+    peers_of: Vec<Box<[u16]>>,
+    /// Per peer, the partitions both it and this node hold.
+    shared: Vec<PartitionSet>,
+}
+
+impl Placement {
+    /// `ring` seen from node `me`, whose peers are `peers` (ring member ids, in configuration
+    /// order). Every member but `me` must be a peer, and `me` a member.
+    pub fn new(ring: Ring, me: &str, peers: &[String]) -> Result<Self, Error> {
+        if !ring.members().iter().any(|m| m == me) {
+            return Err(Error::Ring(format!("{me} is not a member of the ring")));
+        }
+        let index_of = |member: &str| peers.iter().position(|p| p == member);
+        for member in ring.members().iter().filter(|m| *m != me) {
+            if index_of(member).is_none() {
+                return Err(Error::Ring(format!(
+                    "ring member {member} is not one of this node's peers"
+                )));
+            }
+        }
+        let peer_count = u16::try_from(peers.len())
+            .map_err(|_| Error::Ring(format!("{} peers is too many", peers.len())))?;
+        let everywhere = ring.width() == ring.members().len();
+        let mut local = PartitionSet::none();
+        let mut shared = vec![PartitionSet::none(); peers.len()];
+        let mut peers_of = Vec::with_capacity(usize::from(PARTITIONS));
+        for p in 0..PARTITIONS {
+            let mut here = false;
+            let mut held = Vec::with_capacity(ring.width());
+            for holder in ring.holders(p) {
+                if holder == me {
+                    here = true;
+                } else {
+                    held.push(index_of(holder).expect("checked above") as u16);
+                }
+            }
+            if here {
+                local.insert(p);
+                for &peer in &held {
+                    shared[usize::from(peer)].insert(p);
+                }
+            }
+            peers_of.push(held.into_boxed_slice());
+        }
+        Ok(Self {
+            ring,
+            everywhere,
+            all_peers: (0..peer_count).collect(),
+            local,
+            peers_of,
+            shared,
+        })
+    }
+
+    /// Every node holds everything: the first ring of `me` and `peers` with as many copies
+    /// as nodes.
+    pub fn everywhere(me: &str, peers: &[String]) -> Result<Self, Error> {
+        let members = std::iter::once(me.to_owned()).chain(peers.iter().cloned());
+        Self::new(Ring::bootstrap(members, peers.len() + 1)?, me, peers)
+    }
+
+    /// The first ring of `me` and `peers`, with `replicas` copies of each key.
+    pub fn bootstrap(me: &str, peers: &[String], replicas: usize) -> Result<Self, Error> {
+        let members = std::iter::once(me.to_owned()).chain(peers.iter().cloned());
+        Self::new(Ring::bootstrap(members, replicas)?, me, peers)
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// Whether every node holds every key.
+    pub fn is_everywhere(&self) -> bool {
+        self.everywhere
+    }
+
+    /// Who holds `key`.
+    pub fn holders(&self, key: &str) -> Holders<'_> {
+        if self.everywhere {
+            return Holders {
+                local: true,
+                peers: &self.all_peers,
+            };
+        }
+        let p = partition_of(key);
+        Holders {
+            local: self.local.contains(p),
+            peers: &self.peers_of[usize::from(p)],
+        }
+    }
+
+    /// The peers holding partition `p`, in preference order (this node left out).
+    pub fn peers_of(&self, p: u16) -> &[u16] {
+        &self.peers_of[usize::from(p)]
+    }
+
+    /// Partitions this node holds.
+    pub fn local(&self) -> &PartitionSet {
+        &self.local
+    }
+
+    /// Partitions this node and peer `peer` both hold: what anti-entropy compares with it.
+    pub fn shared_with(&self, peer: usize) -> PartitionSet {
+        self.shared[peer]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: usize) -> Vec<String> {
+        (1..=n).map(|i| format!("127.0.0.1:{}", 5000 + i)).collect()
+    }
+
+    #[test]
+    fn partition_sets_round_trip_and_count() {
+        let set: PartitionSet = [0, 1, 63, 64, 1023].into_iter().collect();
+        assert_eq!(set.len(), 5);
+        assert!(set.contains(63) && set.contains(64) && set.contains(1023));
+        assert!(!set.contains(2) && !set.contains(1024));
+        let bytes = set.to_bytes();
+        assert_eq!(bytes.len(), PartitionSet::BYTES);
+        assert_eq!(bytes[0], 0b11, "partition 0 in the lowest bit");
+        assert_eq!(PartitionSet::from_bytes(&bytes).unwrap(), set);
+        assert!(PartitionSet::from_bytes(&bytes[1..]).is_err());
+        assert_eq!(set.iter().collect::<Vec<_>>(), [0, 1, 63, 64, 1023]);
+        let other: PartitionSet = [1, 64, 500].into_iter().collect();
+        assert_eq!(set.and(&other).iter().collect::<Vec<_>>(), [1, 64]);
+        assert_eq!(set.minus(&other).iter().collect::<Vec<_>>(), [0, 63, 1023]);
+        assert_eq!(
+            set.or(&other).iter().collect::<Vec<_>>(),
+            [0, 1, 63, 64, 500, 1023]
+        );
+        assert!(PartitionSet::all().is_all() && PartitionSet::all().len() == 1024);
+        assert!(PartitionSet::none().is_empty() && !set.is_empty() && !set.is_all());
+    }
+
+    #[test]
+    fn with_as_many_copies_as_nodes_every_node_holds_every_key() {
+        let nodes = addrs(3);
+        let p = Placement::bootstrap(&nodes[0], &nodes[1..], 3).unwrap();
+        assert!(p.is_everywhere());
+        let h = p.holders("any key");
+        assert_eq!((h.local, h.peers), (true, &[0, 1][..]));
+        assert!(p.local().is_all());
+        assert!(p.shared_with(0).is_all() && p.shared_with(1).is_all());
+        // More copies than nodes: the same.
+        assert!(
+            Placement::bootstrap(&nodes[0], &nodes[1..], 5)
+                .unwrap()
+                .is_everywhere()
+        );
+    }
+
+    /// Six nodes, three copies: each node's own view agrees with the ring on every key, every
+    /// key has three holders, and what two nodes share is what both hold.
+    #[test]
+    fn each_node_sees_the_same_three_holders_of_a_key() {
+        let nodes = addrs(6);
+        let placements: Vec<Placement> = (0..6)
+            .map(|i| {
+                let peers: Vec<String> = (nodes.iter().enumerate())
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, n)| n.clone())
+                    .collect();
+                Placement::bootstrap(&nodes[i], &peers, 3).unwrap()
+            })
+            .collect();
+        assert!(!placements[0].is_everywhere());
+        for k in 0..2000 {
+            let key = format!("key{k}");
+            let mut seen: Vec<Vec<String>> = Vec::new();
+            let mut local = 0;
+            for (i, p) in placements.iter().enumerate() {
+                let peers: Vec<&String> = (nodes.iter().enumerate())
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, n)| n)
+                    .collect();
+                let h = p.holders(&key);
+                local += usize::from(h.local);
+                assert_eq!(h.nodes(), 3, "{key} on node {i}");
+                let mut names: Vec<String> = (h.peers.iter())
+                    .map(|&j| peers[usize::from(j)].clone())
+                    .chain(h.local.then(|| nodes[i].clone()))
+                    .collect();
+                names.sort();
+                seen.push(names);
+            }
+            assert_eq!(local, 3, "{key}: held by three nodes");
+            assert!(seen.windows(2).all(|w| w[0] == w[1]), "{key}: {seen:?}");
+            let mut ring: Vec<String> = (placements[0].ring().holders_of_key(&key))
+                .map(String::from)
+                .collect();
+            ring.sort();
+            assert_eq!(seen[0], ring);
+        }
+        // Node 0 and its first peer (node 1) share exactly the partitions both hold.
+        let both = placements[0].local().and(placements[1].local());
+        assert_eq!(placements[0].shared_with(0), both);
+        assert!(!both.is_empty() && !both.is_all());
+        assert_eq!(placements[0].local().len(), 1024 * 3 / 6);
+    }
+
+    #[test]
+    fn a_ring_naming_a_node_that_is_not_a_peer_is_refused() {
+        let nodes = addrs(4);
+        let ring = Ring::bootstrap(nodes.clone(), 2).unwrap();
+        let err = Placement::new(ring.clone(), &nodes[0], &nodes[1..3]).unwrap_err();
+        assert!(err.to_string().contains(&nodes[3]), "{err}");
+        let err = Placement::new(ring, "elsewhere:1", &nodes[1..]).unwrap_err();
+        assert!(err.to_string().contains("not a member"), "{err}");
+    }
+}

@@ -1,0 +1,191 @@
+//! Clusters with fewer copies of each key than nodes (`--replicas`): six nodes, three copies,
+//! in one process, driven through the gRPC API as a client would.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestCluster;
+use kvstore::config::NodeConfig;
+use kvstore::pb::Consistency;
+use tonic::Code;
+
+/// Six nodes holding three copies of each key.
+fn six_by_three() -> TestCluster {
+    TestCluster::start_with(6, |_| NodeConfig {
+        replicas: 3,
+        ..common::patient()
+    })
+}
+
+/// Live keys each node holds, by Status.
+async fn held(cluster: &TestCluster) -> Vec<u64> {
+    let mut keys = Vec::new();
+    for i in 0..cluster.nodes.len() {
+        keys.push(cluster.client(i).status().await.unwrap().keys);
+    }
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_nodes_hold_three_copies_of_each_key_and_any_node_serves_any_key() {
+    let cluster = six_by_three();
+    let status = cluster.client(0).status().await.unwrap();
+    assert_eq!((status.replicas, status.partitions), (3, 512), "{status:?}");
+    const KEYS: usize = 300;
+    for k in 0..KEYS {
+        // Each write through another node, holder or not.
+        let ack = cluster
+            .client(k % 6)
+            .put(&format!("key{k}"), &format!("v{k}"))
+            .await
+            .unwrap();
+        assert!(ack.ok, "{ack:?}");
+        assert_eq!(ack.message, "Stored and replicated", "key{k}");
+    }
+    // Every write was acknowledged by all three copies: each key is on exactly three nodes,
+    // and each node holds about half of them.
+    let keys = held(&cluster).await;
+    assert_eq!(keys.iter().sum::<u64>(), 3 * KEYS as u64, "{keys:?}");
+    assert!(
+        keys.iter().all(|&n| n > 0 && n < KEYS as u64),
+        "every node holds a share, none all: {keys:?}"
+    );
+    // Any node answers for any key, at either consistency.
+    for k in (0..KEYS).step_by(7) {
+        for i in 0..6 {
+            let key = format!("key{k}");
+            assert_eq!(cluster.client(i).get(&key).await.unwrap(), format!("v{k}"));
+            let quorum = cluster.client(i).get_with(&key, Consistency::Quorum).await;
+            assert_eq!(quorum.unwrap().value, format!("v{k}"), "{key} on node {i}");
+        }
+    }
+    // A List through any node has every key once, in order, though none holds them all.
+    let mut expected: Vec<(String, String)> = (0..KEYS)
+        .map(|k| (format!("key{k}"), format!("v{k}")))
+        .collect();
+    expected.sort();
+    for i in 0..6 {
+        assert_eq!(
+            cluster.client(i).list().await.unwrap(),
+            expected,
+            "node {i}"
+        );
+    }
+    // A delete through any node reaches the key's copies.
+    let ack = cluster.client(5).delete("key0").await.unwrap();
+    assert_eq!(ack.message, "Deleted and replicated");
+    for i in 0..6 {
+        let err = cluster.client(i).get("key0").await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "node {i}");
+    }
+    let keys = held(&cluster).await;
+    assert_eq!(keys.iter().sum::<u64>(), 3 * (KEYS as u64 - 1), "{keys:?}");
+}
+
+/// One node of six killed: every key still has two copies up, so majority writes and quorum
+/// reads go on, through every node that is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_node_down_quorum_writes_and_reads_go_on() {
+    let mut cluster = TestCluster::start_with(6, |_| NodeConfig {
+        replicas: 3,
+        replication_deadline: Duration::from_secs(2),
+        ..NodeConfig::default()
+    });
+    cluster.nodes[2].kill().await;
+    const KEYS: usize = 120;
+    let mut missed = 0;
+    for k in 0..KEYS {
+        let via = [0, 1, 3, 4, 5][k % 5];
+        let ack = cluster
+            .client(via)
+            .put(&format!("key{k}"), "v")
+            .await
+            .unwrap();
+        assert!(ack.ok, "key{k}: {ack:?}");
+        if !ack.failed_peers.is_empty() {
+            assert_eq!(ack.failed_peers, [cluster.addr(2)], "key{k}");
+            assert!(ack.message.starts_with("Stored on 2 of 3 nodes"), "{ack:?}");
+            missed += 1;
+        }
+    }
+    // The dead node holds half the keys: it missed about that many.
+    assert!(missed > KEYS / 4 && missed < KEYS * 3 / 4, "{missed}");
+    for k in 0..KEYS {
+        let key = format!("key{k}");
+        let via = [0, 1, 3, 4, 5][(k + 1) % 5];
+        let read = cluster
+            .client(via)
+            .get_with(&key, Consistency::Quorum)
+            .await;
+        assert_eq!(read.unwrap().value, "v", "{key}");
+        assert_eq!(cluster.client(via).get(&key).await.unwrap(), "v", "{key}");
+    }
+    // A List reads each partition of the dead node from another of its holders.
+    for via in [0, 1, 3, 4, 5] {
+        let listed = cluster.client(via).list().await.unwrap();
+        assert_eq!(listed.len(), KEYS, "through node {via}");
+        assert!(listed.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+}
+
+/// With every holder of some partitions down, a List through a node that holds none of them
+/// fails as unavailable, naming what it could not reach, rather than leaving keys out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_with_every_copy_of_a_partition_down_says_so() {
+    let mut cluster = TestCluster::start_with(4, |_| NodeConfig {
+        replicas: 1,
+        replication_deadline: Duration::from_secs(2),
+        ..NodeConfig::default()
+    });
+    for k in 0..40 {
+        cluster
+            .client(0)
+            .put(&format!("key{k}"), "v")
+            .await
+            .unwrap();
+    }
+    assert_eq!(cluster.client(0).list().await.unwrap().len(), 40);
+    cluster.nodes[3].kill().await;
+    let err = cluster.client(0).list().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("256 partitions"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains(cluster.addr(3)), "{}", err.message());
+}
+
+/// The partition sets a Digest, Pull or Scan carries are checked: one of the wrong size is
+/// refused, naming the size it must have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_partition_set_is_refused() {
+    use kvstore::pb::{DigestRequest, PullRequest, ScanRequest};
+    let cluster = TestCluster::start(1);
+    let mut peer = cluster.replicator(0).await;
+    let bad = vec![0xff; 100];
+    let err = peer
+        .digest(DigestRequest {
+            buckets: 16,
+            partitions: bad.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("128 bytes"), "{}", err.message());
+    let err = peer
+        .pull(PullRequest {
+            buckets: 16,
+            which: vec![0],
+            partitions: bad.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = peer
+        .scan(ScanRequest { partitions: bad })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
