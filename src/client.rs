@@ -21,7 +21,8 @@ const CLIENT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub struct Client {
     inner: KvStoreClient<Channel>,
     addr: String,
-    tls: bool,
+    timeout: Duration,
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Client {
@@ -44,8 +45,14 @@ impl Client {
         Ok(Self {
             inner,
             addr,
-            tls: tls.is_some(),
+            timeout,
+            tls: tls.cloned(),
         })
+    }
+
+    /// A client, set up as this one, for another node: one of this node's peers, say.
+    pub fn to(&self, addr: &str) -> Result<Self, Error> {
+        Self::with_tls(addr, self.timeout, self.tls.as_ref())
     }
 
     /// The node's address, as `host:port`.
@@ -55,7 +62,7 @@ impl Client {
 
     /// Whether the client talks TLS.
     pub fn tls(&self) -> bool {
-        self.tls
+        self.tls.is_some()
     }
 
     pub async fn put(&self, key: &str, value: &str) -> Result<Ack, Status> {

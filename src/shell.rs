@@ -24,6 +24,7 @@ commands:
   delete KEY      delete KEY
   list            print every pair, in key order
   status          this node's keys and log size, and each peer's state
+  cluster         every node: its state, the partitions it holds, its keys, its address
   backup FILE     write every entry of this node, with its version, to FILE
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
@@ -104,6 +105,28 @@ pub fn escape_controls(text: &str) -> Cow<'_, str> {
 /// `n` and its noun, `one` if `n` is 1 and `many` otherwise: "1 batch", "5 batches".
 fn count(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Rows of cells as lines, each column padded to its widest cell.
+fn align(rows: &[Vec<String>]) -> Vec<String> {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            (rows.iter())
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    (rows.iter())
+        .map(|row| {
+            let cells: Vec<String> = (row.iter().zip(&widths))
+                .map(|(cell, &width)| format!("{cell:width$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect()
 }
 
 /// The `status` command's lines.
@@ -312,6 +335,10 @@ impl Shell {
                 },
                 Err(status) => self.failure(&status, false),
             },
+            ("cluster", []) => match self.client.status().await {
+                Ok(status) => self.cluster(status).await,
+                Err(status) => self.failure(&status, false),
+            },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
             ("list", []) => match self.client.list().await {
                 Ok(pairs) if pairs.is_empty() => Output::out("(no keys)"),
@@ -341,8 +368,62 @@ impl Shell {
             ("get", _) => Output::error("usage: get [-q|--quorum] KEY"),
             ("delete" | "del", _) => Output::error("usage: delete KEY"),
             ("backup", _) => Output::error("usage: backup FILE"),
-            ("list" | "status" | "exit" | "quit", _) => Output::error(format!("usage: {command}")),
+            ("list" | "status" | "cluster" | "exit" | "quit", _) => {
+                Output::error(format!("usage: {command}"))
+            }
             (other, _) => Output::error(format!("unknown command '{other}' (try 'help')")),
+        }
+    }
+
+    /// The `cluster` table: this node and each of its peers, in address order. A peer's state
+    /// is this node's view of it (`normal` when reached, `down` when not); its partitions and
+    /// keys are what it reports itself, `-` when it does not answer.
+    async fn cluster(&self, own: NodeStatus) -> Output {
+        let mut rows = vec![(self.client.addr().to_string(), "normal", Some(own.clone()))];
+        let asks = own.peers.iter().map(|peer| async move {
+            let status = match self.client.to(&peer.address) {
+                Ok(client) => client.status().await.ok(),
+                Err(_) => None,
+            };
+            let state = match peer.state.as_str() {
+                "up" | "lagging" => "normal",
+                _ => "down",
+            };
+            (peer.address.clone(), state, status)
+        });
+        rows.extend(futures::future::join_all(asks).await);
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let all = u32::from(kvstore_actors::ring::PARTITIONS);
+        let mut table = vec![vec![
+            "address".to_string(),
+            "state".into(),
+            "partitions".into(),
+            "keys".into(),
+        ]];
+        for (addr, state, status) in rows {
+            let (partitions, keys) = match status {
+                // A node that predates rings reports no partitions: it holds every key.
+                Some(s) => (
+                    if s.partitions == 0 { all } else { s.partitions }.to_string(),
+                    s.keys.to_string(),
+                ),
+                None => ("-".into(), "-".into()),
+            };
+            let this = if addr == self.client.addr() {
+                " (this node)"
+            } else {
+                ""
+            };
+            table.push(vec![
+                format!("{addr}{this}"),
+                state.into(),
+                partitions,
+                keys,
+            ]);
+        }
+        Output {
+            stdout: align(&table),
+            ..Output::default()
         }
     }
 

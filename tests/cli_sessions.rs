@@ -56,6 +56,66 @@ async fn seed_example_session() {
     assert_session!("seed_example_session", t);
 }
 
+/// Six nodes holding three copies of each key: any node serves any key, and `cluster` shows
+/// each node's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ring_of_six_with_three_copies() {
+    let cluster = TestCluster::start_with(6, |_| NodeConfig {
+        replicas: 3,
+        ..common::patient()
+    });
+    cluster.settle().await;
+    let t = session(
+        &cluster,
+        "put name Adnan\nput city Lahore\nput lang Urdu\nput fruit mango\ncluster\n\
+         @node5\nget name\nget -q city\nlist\nstatus\ncluster",
+    )
+    .await;
+    // Contact times and clock offsets vary from run to run.
+    let t: Vec<String> = (t.lines())
+        .map(|l| match l.find(", last contact") {
+            Some(i) if l.starts_with("peer ") => l[..i].to_string(),
+            _ => l.to_string(),
+        })
+        .collect();
+    assert_session!("ring_of_six", realign_tables(&t));
+}
+
+/// The transcript with each `cluster` table aligned again: redacting its addresses shortened
+/// the cells of its first column.
+fn realign_tables(lines: &[String]) -> String {
+    let mut out = String::new();
+    let mut table: Vec<Vec<String>> = Vec::new();
+    let mut flush = |table: &mut Vec<Vec<String>>, out: &mut String| {
+        let widths: Vec<usize> = (0..table.first().map_or(0, Vec::len))
+            .map(|c| table.iter().map(|r| r[c].len()).max().unwrap())
+            .collect();
+        for row in table.drain(..) {
+            let cells: Vec<String> = (row.iter().zip(&widths))
+                .map(|(cell, &w)| format!("{cell:w$}"))
+                .collect();
+            writeln!(out, "{}", cells.join("  ").trim_end()).unwrap();
+        }
+    };
+    for line in lines {
+        let in_table = !table.is_empty() || line.starts_with("address ");
+        if in_table && !line.starts_with('>') && !line.starts_with('$') {
+            table.push(
+                line.split("  ")
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(String::from)
+                    .collect(),
+            );
+            continue;
+        }
+        flush(&mut table, &mut out);
+        writeln!(out, "{line}").unwrap();
+    }
+    flush(&mut table, &mut out);
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_on_one_node_get_on_another() {
     let cluster = TestCluster::start(3);

@@ -142,14 +142,17 @@ impl TestCluster {
     }
 
     /// `n` nodes; `config(i)` gives node i's settings (peers are filled in here).
+    /// Nodes are numbered in the order of their addresses, which is the order of the members
+    /// of a ring: which node holds which keys is then the same in every run.
     pub fn start_with(n: usize, config: impl Fn(usize) -> NodeConfig) -> Self {
-        let listeners: Vec<std::net::TcpListener> = (0..n)
+        let mut listeners: Vec<std::net::TcpListener> = (0..n)
             .map(|_| {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 l.set_nonblocking(true).unwrap();
                 l
             })
             .collect();
+        listeners.sort_by_key(|l| l.local_addr().unwrap().to_string());
         let addrs: Vec<String> = listeners
             .iter()
             .map(|l| l.local_addr().unwrap().to_string())

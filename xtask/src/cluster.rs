@@ -2,7 +2,8 @@
 //! ports, each peered with all the others, under `kvstore_testkit::supervise`: every log line
 //! prefixed with its node, a node that dies reported while the others go on, `restart N` typed
 //! here to start it again, and Ctrl-C (or `stop`) to stop them all. With `--tls`, over mutual
-//! TLS with a throwaway CA. The nodes share the machine's cores (`--worker-threads`).
+//! TLS with a throwaway CA. The nodes share the machine's cores (`--worker-threads`). With
+//! `--nodes 6 --replicas 3`, a ring: each key on three of the six.
 
 use std::io::BufRead;
 use std::sync::{Arc, Mutex, mpsc};
@@ -17,6 +18,10 @@ pub struct Args {
     /// Number of nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     nodes: u16,
+    /// Copies of each key (the nodes' --replicas). With fewer than --nodes, the keys are
+    /// spread over the nodes; by default every node holds every key.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    replicas: Option<u16>,
     /// Port of the first node; the others take the next ports.
     #[arg(long, default_value_t = 5001)]
     base_port: u16,
@@ -47,6 +52,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             args.nodes
         );
     }
+    let mut server_args = args.server_args;
+    if let Some(replicas) = args.replicas {
+        server_args.extend(["--replicas".to_string(), replicas.to_string()]);
+    }
     let server = crate::build::build(&["kvstore-server"], args.release)?.join("kvstore-server");
     let data_root = crate::build::target_dir()?.join("cluster");
     let tls = args
@@ -58,7 +67,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server,
         ports: (0..args.nodes).map(|i| args.base_port + i).collect(),
         data_root,
-        extra_args: kvstore_testkit::sharing_cores(usize::from(args.nodes), args.server_args),
+        extra_args: kvstore_testkit::sharing_cores(usize::from(args.nodes), server_args),
         tls,
     };
     let repl = plan.repl_args().join(" ");
