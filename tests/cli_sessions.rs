@@ -86,7 +86,7 @@ async fn a_ring_of_six_with_three_copies() {
 fn realign_tables(lines: &[String]) -> String {
     let mut out = String::new();
     let mut table: Vec<Vec<String>> = Vec::new();
-    let mut flush = |table: &mut Vec<Vec<String>>, out: &mut String| {
+    let flush = |table: &mut Vec<Vec<String>>, out: &mut String| {
         let widths: Vec<usize> = (0..table.first().map_or(0, Vec::len))
             .map(|c| table.iter().map(|r| r[c].len()).max().unwrap())
             .collect();
