@@ -189,3 +189,77 @@ async fn a_malformed_partition_set_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// Six node processes with three copies of each key: once settled every key is on exactly
+/// three of them; with one killed, majority writes go on; restarted, it gets what it missed
+/// and every key is on three nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_processes_keep_three_copies_through_a_kill_and_a_restart() {
+    use kvstore_testkit::ProcessCluster;
+    use kvstore_testkit::process::ClusterSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = ProcessCluster::start(ClusterSpec {
+        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
+        nodes: 6,
+        root: dir.path().to_path_buf(),
+        // Direct: each node names the others by the addresses they listen on, which is
+        // what the ring is built from.
+        extra_args: ["--replicas", "3", "--replication-deadline", "10s"]
+            .map(String::from)
+            .to_vec(),
+        proxied: false,
+        tls: None,
+        netns: None,
+    })
+    .await
+    .unwrap();
+    let held = |cluster: &ProcessCluster| {
+        let clients: Vec<_> = (0..6).map(|i| cluster.client(i)).collect();
+        async move {
+            let mut keys = Vec::new();
+            for client in clients {
+                keys.push(client.status().await.map(|s| s.keys).unwrap_or(0));
+            }
+            keys
+        }
+    };
+    for k in 0..60 {
+        let ack = cluster
+            .client(k % 6)
+            .put(&format!("a{k}"), "v")
+            .await
+            .unwrap();
+        assert_eq!(ack.message, "Stored and replicated", "a{k}");
+    }
+    assert_eq!(held(&cluster).await.iter().sum::<u64>(), 180);
+    cluster.kill(3);
+    for k in 0..60 {
+        let via = [0, 1, 2, 4, 5][k % 5];
+        let ack = cluster
+            .client(via)
+            .put(&format!("b{k}"), "v")
+            .await
+            .unwrap();
+        assert!(ack.ok, "b{k}: {ack:?}");
+    }
+    let listed = cluster.client(0).list().await.unwrap();
+    assert_eq!(listed.len(), 120);
+    cluster.restart(3).await.unwrap();
+    // What node 4 missed comes back (handoff from the nodes that took the writes, or
+    // anti-entropy with the holders of its partitions): three copies of every key.
+    let started = std::time::Instant::now();
+    loop {
+        let keys = held(&cluster).await;
+        if keys.iter().sum::<u64>() == 360 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "copies never settled at three: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for i in 0..6 {
+        assert_eq!(cluster.client(i).list().await.unwrap(), listed, "node {i}");
+    }
+}

@@ -93,6 +93,9 @@ pub struct Args {
     /// Writes a node misses for --catchup.
     #[arg(long, default_value_t = 100_000)]
     missed_writes: u64,
+    /// Nodes in each kvstore cluster (with --node-args "--replicas 3", a ring).
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
     /// Extra flags for every kvstore node, e.g. "--worker-threads 1".
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     node_args: String,
@@ -131,6 +134,20 @@ pub struct Cell {
     /// node and peer (from Status), which says how much batching saved.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub writes_per_batch: Option<f64>,
+    /// kvstore cells that write: copies the nodes sent each other per client write during
+    /// the cell (writes their peers confirmed, from Status, over the cell's writes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_copies_per_write: Option<f64>,
+}
+
+/// The live keys each node of one kvstore cluster held.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeysHeld {
+    pub target: String,
+    /// Distinct keys the cluster held (what was loaded).
+    pub distinct: u64,
+    /// Each node's own count, from its Status.
+    pub keys: Vec<u64>,
 }
 
 /// Everything one run measured.
@@ -150,6 +167,8 @@ pub struct Results {
     pub memory_bytes_per_key: Option<f64>,
     pub restart_seconds: Option<f64>,
     pub catchup_seconds: Option<f64>,
+    /// Live keys each kvstore node held after the last workload that left keys, by target.
+    pub keys_per_node: Vec<KeysHeld>,
     /// A/B runs: the flags of cluster B's nodes (`--b-node-args`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub b_node_args: Option<String>,
@@ -371,7 +390,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
         let a = Kvstore::start(
             server.clone(),
             root.join("kvstore"),
-            3,
+            args.nodes,
             split(&args.node_args),
             None,
         );
@@ -384,10 +403,16 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
             let b_args = split(args.b_node_args.as_deref().unwrap_or(&args.node_args));
             let b_server = args.b_server.clone().or(server.clone());
             let pki = match args.b_tls {
-                true => Some(ClusterPki::create(&root.join("kvstore-b-tls"), 3)?),
+                true => Some(ClusterPki::create(&root.join("kvstore-b-tls"), args.nodes)?),
                 false => None,
             };
-            let b = Kvstore::start(b_server, root.join("kvstore-b"), 3, b_args, pki.as_ref());
+            let b = Kvstore::start(
+                b_server,
+                root.join("kvstore-b"),
+                args.nodes,
+                b_args,
+                pki.as_ref(),
+            );
             let client_tls = pki.as_ref().map(|pki| pki.client_config()).transpose()?;
             let b = b.await?.addrs_into(&mut kvstores);
             list.push(Target::kvstore("kvstore-b", b, client_tls));
@@ -457,6 +482,7 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                         concurrency: c,
                         figures,
                         writes_per_batch: None,
+                        peer_copies_per_write: None,
                     });
                 }
                 for t in list.iter().filter(|t| t.runs(workload)) {
@@ -472,15 +498,18 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                         false => None,
                     };
                     let figures = load::run(t.connect(c).await?, workload, keys, duration).await;
-                    let writes_per_batch = match before {
+                    let (writes_per_batch, peer_copies_per_write) = match before {
                         Some((writes, batches)) => {
                             let (w, b) = replicated(&t.addrs, t.tls.as_ref()).await?;
                             // Saturating: a node that restarted mid-cell starts counting anew.
                             // No batch at all: a build without the counters (an older B).
                             let (w, b) = (w.saturating_sub(writes), b.saturating_sub(batches));
-                            (b > 0).then(|| w as f64 / b as f64)
+                            (
+                                (b > 0).then(|| w as f64 / b as f64),
+                                (b > 0 && figures.ops > 0).then(|| w as f64 / figures.ops as f64),
+                            )
                         }
-                        None => None,
+                        None => (None, None),
                     };
                     results.cells.push(Cell {
                         workload,
@@ -488,12 +517,31 @@ pub async fn measure(args: &Args, server: Option<PathBuf>) -> anyhow::Result<Res
                         concurrency: c,
                         figures,
                         writes_per_batch,
+                        peer_copies_per_write,
                     });
                 }
             }
         }
         if workload == Workload::Delete {
             loaded.clear(); // the keys are gone: reload before reading again
+        } else {
+            for t in list.iter().filter(|t| t.etcd_serializable.is_none()) {
+                let mut held = KeysHeld {
+                    target: t.name.into(),
+                    distinct: keys,
+                    keys: Vec::new(),
+                };
+                for addr in &t.addrs {
+                    let client = kvstore::client::Client::with_tls(
+                        addr,
+                        Duration::from_secs(10),
+                        t.tls.as_ref(),
+                    )?;
+                    held.keys.push(client.status().await?.keys);
+                }
+                results.keys_per_node.retain(|k| k.target != held.target);
+                results.keys_per_node.push(held);
+            }
         }
     }
     echo_runtime.shutdown_background();

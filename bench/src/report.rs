@@ -41,6 +41,9 @@ fn find(r: &Results, w: Workload, target: &str, c: usize) -> Option<Cell> {
         writes_per_batch: (runs.iter().map(|x| x.writes_per_batch))
             .collect::<Option<Vec<f64>>>()
             .map(median),
+        peer_copies_per_write: (runs.iter().map(|x| x.peer_copies_per_write))
+            .collect::<Option<Vec<f64>>>()
+            .map(median),
         ..(*first).clone()
     })
 }
@@ -128,6 +131,7 @@ pub fn markdown(r: &Results) -> String {
     }
     ab_section(r, &mut s);
     batching_section(r, &mut s);
+    placement_section(r, &mut s);
     let _ = writeln!(s, "\n## Targets\n");
     let _ = writeln!(
         s,
@@ -310,6 +314,60 @@ fn batching_section(r: &Results, s: &mut String) {
     }
 }
 
+/// Bytes one replicated copy of a bench write takes on the wire, about: a 16-byte key, a
+/// 100-byte value, a version (8 bytes of time, a node id like "127.0.0.1:40001") and the
+/// protobuf framing, in a batch.
+const COPY_BYTES: f64 = 150.0;
+
+/// Where the keys are: each node's share, and what replication sends between nodes per write.
+fn placement_section(r: &Results, s: &mut String) {
+    if r.keys_per_node.is_empty() {
+        return;
+    }
+    let _ = writeln!(s, "\n## Keys per node, and copies sent between nodes\n");
+    let _ = writeln!(
+        s,
+        "Each node's live keys (its Status) after the last workload, and the copies per key \
+         they add up to.\n"
+    );
+    let _ = writeln!(s, "| target | keys per node | copies per key |");
+    let _ = writeln!(s, "|---|---|---|");
+    for held in &r.keys_per_node {
+        let total: u64 = held.keys.iter().sum();
+        let each: Vec<String> = held.keys.iter().map(u64::to_string).collect();
+        let copies = total as f64 / held.distinct.max(1) as f64;
+        let _ = writeln!(s, "| {} | {} | {copies:.2} |", held.target, each.join(", "));
+    }
+    let keys: Vec<(Workload, usize, &str)> = (r.cells.iter())
+        .filter(|c| c.peer_copies_per_write.is_some())
+        .map(|c| (c.workload, c.concurrency, c.target.as_str()))
+        .collect();
+    if keys.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\nCopies the nodes sent each other per client write (writes their peers confirmed, \
+         median of the rounds), and about {COPY_BYTES:.0} bytes each on the wire.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| target | workload | c | copies per write | bytes per write, about |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    let mut seen = std::collections::HashSet::new();
+    for (w, c, target) in keys {
+        if !seen.insert((w, c, target)) {
+            continue;
+        }
+        if let Some(per) = find(r, w, target, c).and_then(|cell| cell.peer_copies_per_write) {
+            let workload = format!("{w:?}").to_lowercase();
+            let bytes = per * COPY_BYTES;
+            let _ = writeln!(s, "| {target} | {workload} | {c} | {per:.2} | {bytes:.0} |");
+        }
+    }
+}
+
 /// The A/B table (when the run had a cluster B): medians over the rounds, and B/A.
 fn ab_section(r: &Results, s: &mut String) {
     if !r.cells.iter().any(|c| c.target == "kvstore-b") {
@@ -364,6 +422,7 @@ pub fn write(r: &Results, dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::KeysHeld;
 
     fn cell(target: &str, ops_per_sec: f64, p99_us: u64, errors: u64) -> Cell {
         Cell {
@@ -380,6 +439,7 @@ mod tests {
                 first_error: (errors > 0).then(|| "boom".into()),
             },
             writes_per_batch: Some(ops_per_sec / 100.0),
+            peer_copies_per_write: Some(ops_per_sec / 40.0),
         }
     }
 
@@ -401,6 +461,7 @@ mod tests {
         assert_eq!((c.figures.ops, c.figures.errors), (30, 1));
         assert_eq!(c.figures.first_error.as_deref(), Some("boom"));
         assert_eq!(c.writes_per_batch, Some(2.0));
+        assert_eq!(c.peer_copies_per_write, Some(5.0));
         assert_eq!(
             find(&r, Workload::Put, "etcd", 64).unwrap().figures.p99_us,
             100
@@ -409,6 +470,23 @@ mod tests {
         assert_eq!(median(vec![4.0, 1.0]), 2.5);
         // And the table's ratio uses them: 200 / 50.
         assert!(markdown(&r).contains("| 4.00x |"), "{}", markdown(&r));
+    }
+
+    #[test]
+    fn keys_per_node_add_up_to_the_copies_per_key() {
+        let r = Results {
+            cells: vec![cell("kvstore", 100.0, 900, 0)],
+            keys_per_node: vec![KeysHeld {
+                target: "kvstore".into(),
+                distinct: 10,
+                keys: vec![6, 4, 5, 5, 6, 4],
+            }],
+            ..Results::default()
+        };
+        let md = markdown(&r);
+        assert!(md.contains("| kvstore | 6, 4, 5, 5, 6, 4 | 3.00 |"), "{md}");
+        // 100 ops/s / 40 = 2.5 copies a write, 150 bytes each.
+        assert!(md.contains("| kvstore | put | 64 | 2.50 | 375 |"), "{md}");
     }
 
     #[test]
