@@ -577,7 +577,8 @@ impl ServerArgs {
         // every interface has no such name of its own.
         if self.replicas <= peers.len() && advertise.is_none() && listen.ip().is_unspecified() {
             return Err(Error::InvalidArgument(format!(
-                "listening on {listen} with --replicas {} of {} nodes: give --advertise, the                  address the other nodes list this one by",
+                "listening on {listen} with --replicas {} of {} nodes: give --advertise, the \
+                 address the other nodes list this one by",
                 self.replicas,
                 peers.len() + 1
             )));

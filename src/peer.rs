@@ -48,6 +48,10 @@ const BULK_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Binary (`-bin`), since a node id may be any UTF-8.
 pub const SENDER_HEADER: &str = "kvstore-sender-bin";
 
+/// The metadata key under which a node of a ring sends its ring's fingerprint (see
+/// `Placement::fingerprint`), which the peer checks against its own.
+pub const RING_HEADER: &str = "kvstore-ring";
+
 /// The metadata key under which a node sends the cluster's token, when it has one.
 pub const TOKEN_HEADER: &str = "kvstore-token-bin";
 
@@ -62,6 +66,7 @@ pub fn sender_of(metadata: &MetadataMap) -> Option<Vec<u8>> {
 pub struct Sender {
     node_id: BinaryMetadataValue,
     token: Option<BinaryMetadataValue>,
+    ring: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 /// Without the token: a `Debug` of a peer client must not print the secret.
@@ -81,6 +86,9 @@ impl Interceptor for Sender {
         if let Some(token) = &self.token {
             metadata.insert_bin(TOKEN_HEADER, token.clone());
         }
+        if let Some(ring) = &self.ring {
+            metadata.insert(RING_HEADER, ring.clone());
+        }
         Ok(request)
     }
 }
@@ -94,6 +102,8 @@ pub struct PeerSettings {
     pub node_id: String,
     /// The cluster's token, if it has one, sent on every call.
     pub token: Option<ClusterToken>,
+    /// The fingerprint of this node's ring, if it holds only some keys, sent on every call.
+    pub ring: Option<String>,
     pub connect_timeout: Duration,
     /// Bounds each replication call.
     pub call_timeout: Duration,
@@ -153,6 +163,10 @@ impl GrpcPeer {
         let sender = Sender {
             node_id: BinaryMetadataValue::from_bytes(settings.node_id.as_bytes()),
             token: (settings.token.as_ref()).map(|t| BinaryMetadataValue::from_bytes(t.sent())),
+            ring: (settings.ring.as_deref()).map(|r| {
+                r.parse()
+                    .expect("a fingerprint is ASCII digits and letters")
+            }),
         };
         let max = settings.max_message_bytes;
         let connect = settings.connect_timeout;
@@ -423,6 +437,7 @@ mod tests {
             let settings = PeerSettings {
                 node_id: "node1".into(),
                 token: None,
+                ring: None,
                 connect_timeout: Duration::from_secs(1),
                 call_timeout: Duration::from_secs(1),
                 max_message_bytes: max,
@@ -445,6 +460,7 @@ mod tests {
         let settings = PeerSettings {
             node_id: "node1".into(),
             token: None,
+            ring: None,
             connect_timeout: Duration::from_secs(1),
             call_timeout: Duration::from_secs(1),
             max_message_bytes: 1 << 20,

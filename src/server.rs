@@ -108,6 +108,9 @@ async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let bounds = config.bounds;
+    // Checked here as well as when the actors start: the Replicator checks each caller's ring
+    // against this node's from the first call.
+    let ring = placement(&config, addr)?.fingerprint();
     let mut server = Server::builder()
         .max_concurrent_streams(Some(bounds.max_concurrent_streams))
         // A ping every 30 s on every connection: a client that does not answer within 20 s is
@@ -176,7 +179,8 @@ async fn serve(
                 node_id.clone(),
                 config.cluster_token.clone(),
                 config.tls.as_ref().is_some_and(|tls| tls.checks_peers()),
-            ),
+            )
+            .with_ring(ring),
         ))
         .serve_with_incoming_shutdown(
             Incoming::new(
@@ -307,9 +311,11 @@ async fn start(
     let clock = Arc::new(
         Clock::with_max_offset(node, config.max_clock_offset).skewed_by(config.clock_skew_nanos),
     );
+    let placement = placement(config, addr)?;
     let settings = PeerSettings {
         node_id: node_id.to_string(),
         token: config.cluster_token.clone(),
+        ring: placement.fingerprint(),
         connect_timeout: config.peer_connect_timeout,
         call_timeout: config.replication_deadline,
         max_message_bytes: max_message,
@@ -319,7 +325,6 @@ async fn start(
     let peers = (config.peers.iter())
         .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
         .collect::<Result<Vec<_>, Error>>()?;
-    let placement = placement(config, addr)?;
     // A restore seeds a new node: refused before the data dir is touched if it holds data,
     // or if the backup is damaged anywhere.
     if let Some(file) = &config.restore {
@@ -439,7 +444,7 @@ async fn start(
 fn placement(config: &NodeConfig, addr: std::net::SocketAddr) -> Result<Placement, Error> {
     let me = config.advertise.clone().unwrap_or_else(|| addr.to_string());
     Placement::bootstrap(&me, &config.peers, config.replicas)
-        .map_err(|e| Error::InvalidArgument(format!("the ring: {e}")))
+        .map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// Applies the backup at `path` to `node`, a batch at a time, as replicated writes: versions

@@ -92,7 +92,10 @@ pub fn partitions_from_bytes(bytes: &[u8]) -> Result<PartitionSet, Error> {
     if bytes.is_empty() {
         return Ok(PartitionSet::all());
     }
-    PartitionSet::from_bytes(bytes).map_err(|e| Error::InvalidArgument(format!("partitions: {e}")))
+    PartitionSet::from_bytes(bytes).map_err(|e| match e {
+        kvstore_actors::Error::Ring(why) => Error::InvalidArgument(format!("partitions: {why}")),
+        other => Error::Actors(other),
+    })
 }
 
 #[cfg(test)]

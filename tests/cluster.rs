@@ -1053,6 +1053,7 @@ fn tester() -> kvstore::peer::PeerSettings {
     kvstore::peer::PeerSettings {
         node_id: "tester".into(),
         token: None,
+        ring: None,
         connect_timeout: NO_HANG,
         call_timeout: NO_HANG,
         max_message_bytes: 4 << 20,

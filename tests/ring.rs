@@ -263,3 +263,28 @@ async fn six_processes_keep_three_copies_through_a_kill_and_a_restart() {
         assert_eq!(cluster.client(i).list().await.unwrap(), listed, "node {i}");
     }
 }
+
+/// A node given another --replicas computes another ring: its peers refuse its calls and it
+/// refuses theirs, each saying why, rather than placing keys where the others do not look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_ring_is_refused_and_told_why() {
+    let cluster = TestCluster::start_with(4, |i| NodeConfig {
+        replicas: if i == 3 { 2 } else { 3 },
+        ..common::patient()
+    });
+    let mut refused = None;
+    for k in 0..20 {
+        let ack = cluster
+            .client(0)
+            .put(&format!("key{k}"), "v")
+            .await
+            .unwrap();
+        if ack.failed_peers.iter().any(|p| p == cluster.addr(3)) {
+            refused = Some(ack.message);
+            break;
+        }
+    }
+    let message = refused.expect("node 4 holds most keys, and refuses them all");
+    assert!(message.contains("is not this node's"), "{message}");
+    assert!(message.contains("--replicas"), "{message}");
+}

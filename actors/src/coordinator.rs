@@ -417,6 +417,13 @@ impl<P: PeerClient> Coordinator<P> {
         let reader = store.reader();
         let clock = store.clock().clone();
         let store = crate::spawn_in_span(store, store::STORE_MAILBOX);
+        if let Some(placement) = &config.placement {
+            assert_eq!(
+                placement.peers(),
+                peers.len(),
+                "the placement was made for another set of peers"
+            );
+        }
         let all_peers = (0..peers.len() as u16).collect();
         let peers: Vec<Peer<P>> = peers
             .into_iter()
@@ -623,17 +630,30 @@ impl<P: PeerClient> Coordinator<P> {
         if holders.local {
             return Ok(self.reader.get_entry(&key));
         }
-        let deadline = tokio::time::Instant::now() + self.config.replication_deadline;
         let mut order: Vec<&Peer<P>> = (holders.peers.iter())
             .map(|&i| &self.peers[usize::from(i)])
             .collect();
         order.sort_by_key(|p| p.health.state() != PeerState::Up);
+        // Each holder gets its share of the deadline: one that hangs must not leave the
+        // others no time to answer.
+        let each = self.config.replication_deadline / order.len().max(1) as u32;
         let mut missing = Vec::new();
         for peer in order {
-            match tokio::time::timeout_at(deadline, peer.client.read(key.clone())).await {
-                Ok(Ok(entry)) => return Ok(entry),
+            match tokio::time::timeout(each, peer.client.read(key.clone())).await {
+                Ok(Ok(entry)) => {
+                    // A write made here after this read then orders after what it read, as
+                    // it would on a holder.
+                    if let Some(entry) = &entry {
+                        self.clock.observe(&entry.version);
+                    }
+                    return Ok(entry);
+                }
                 Ok(Err(error)) => missing.push(format!("{} ({error})", peer.health.addr())),
-                Err(_) => missing.push(format!("{} (timed out)", peer.health.addr())),
+                Err(_) => missing.push(format!(
+                    "{} (timed out after {}ms)",
+                    peer.health.addr(),
+                    each.as_millis()
+                )),
             }
         }
         Err(ReadError::NoCopy { missing })
@@ -692,6 +712,7 @@ impl<P: PeerClient> Coordinator<P> {
             .max_by(|a, b| a.precedence().cmp(&b.precedence()))
             .cloned();
         if let Some(newest) = &newest {
+            self.clock.observe(&newest.version);
             let repair = Write {
                 key,
                 entry: newest.clone(),
@@ -927,10 +948,8 @@ impl<P: PeerClient> Coordinator<P> {
         let write = &write;
         let wait = self.config.replication_deadline;
         let deadline = tokio::time::Instant::now() + wait;
-        let targets: Vec<&Peer<P>> = (holders.peers.iter())
-            .map(|&i| &self.peers[usize::from(i)])
-            .collect();
-        let deliveries = targets.iter().map(|peer| {
+        let targets = || (holders.peers.iter()).map(|&i| &self.peers[usize::from(i)]);
+        let deliveries = targets().map(|peer| {
             let write = write.clone();
             async move {
                 // `try_send` enqueues without waiting for mailbox space (a full mailbox is an
@@ -964,7 +983,7 @@ impl<P: PeerClient> Coordinator<P> {
             .enumerate()
             .map(|(i, d)| async move { (i, d.await) })
             .collect();
-        let mut results: Vec<Option<Option<PeerFailure>>> = vec![None; targets.len()];
+        let mut results: Vec<Option<Option<PeerFailure>>> = vec![None; holders.peers.len()];
         let mut acks = usize::from(holders.local);
         while acks < enough {
             let Some((i, result)) = deliveries.next().await else {
@@ -980,7 +999,7 @@ impl<P: PeerClient> Coordinator<P> {
         }
         drop(deliveries);
         let pending = results.iter().filter(|r| r.is_none()).count();
-        let failures: Vec<(String, PeerFailure)> = (targets.iter().zip(results))
+        let failures: Vec<(String, PeerFailure)> = (targets().zip(results))
             .filter_map(|(peer, result)| {
                 let failure = result.flatten()?;
                 Some((peer.health.addr().to_string(), failure))
@@ -1598,6 +1617,27 @@ mod placed {
             pairs.extend(chunk?);
         }
         Ok((list.remote, pairs))
+    }
+
+    /// A node holding no copy versions a write from its own clock, so it cannot order it after
+    /// the key's current version; but a write after a read through it orders after what was
+    /// read, even from a holder whose clock runs ahead.
+    #[tokio::test]
+    async fn a_write_through_a_node_holding_no_copy_orders_after_what_it_read() {
+        let (node, peers, placement) = ring_node(3);
+        let key = key_where(&placement, false);
+        let ahead = crate::clock::now_minus(Duration::ZERO)
+            + crate::clock::ntp_duration(Duration::from_millis(300));
+        let newer = crate::testing::write(&key, Some("from a fast clock"), ahead, "peer9");
+        for &i in placement.holders(&key).peers {
+            peers[usize::from(i)].set_data(std::slice::from_ref(&newer));
+        }
+        let read = node.read(key.clone()).await.unwrap().unwrap();
+        assert_eq!(read.version.time, ahead);
+        let out = node.put(key.clone(), "after".into()).await.unwrap();
+        assert!(out.version.time > ahead, "{:?} <= {ahead}", out.version);
+        let read = node.read(key).await.unwrap().unwrap();
+        assert_eq!(read.value.as_deref(), Some("after"));
     }
 
     /// A List through a node of a ring has every key once, in order, each partition read

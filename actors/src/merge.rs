@@ -4,7 +4,8 @@
 //! Each partition is read from one of its holders: this node where it holds it, else the first
 //! of the partition's holders that answers (those seen up first). Each node sends the pairs of
 //! its share of the partitions in key order, so the List is a k-way merge of one sorted stream
-//! per node read from, at most one per node. No partition is read from two nodes, so no key
+//! per node read from (two from a node asked again for the partitions of one that did not
+//! answer). No partition is read from two nodes, so no key
 //! comes twice. What the merge holds is one pair per stream, plus what each stream buffers:
 //! memory bounded by the streams, not by the key count.
 

@@ -242,6 +242,32 @@ impl Placement {
         &self.local
     }
 
+    /// What two nodes must agree on to compute the same ring: the copies of each key and the
+    /// members, hashed; `None` when every node holds every key, where there is nothing to
+    /// agree on. Nodes exchange it on every call, so that two nodes given different
+    /// `--replicas` or different names for one node find out at once.
+    pub fn fingerprint(&self) -> Option<String> {
+        if self.everywhere {
+            return None;
+        }
+        let mut bytes = (self.ring.replicas() as u64).to_le_bytes().to_vec();
+        for member in self.ring.members() {
+            bytes.extend_from_slice(member.as_bytes());
+            bytes.push(b'\n');
+        }
+        let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        Some(format!(
+            "{}x{}-{hash:016x}",
+            self.ring.replicas(),
+            self.ring.members().len()
+        ))
+    }
+
+    /// How many peers the placement was made for.
+    pub fn peers(&self) -> usize {
+        self.shared.len()
+    }
+
     /// Partitions this node and peer `peer` both hold: what anti-entropy compares with it.
     pub fn shared_with(&self, peer: usize) -> PartitionSet {
         self.shared[peer]
@@ -343,6 +369,32 @@ mod tests {
         assert_eq!(placements[0].shared_with(0), both);
         assert!(!both.is_empty() && !both.is_all());
         assert_eq!(placements[0].local().len(), 1024 * 3 / 6);
+    }
+
+    #[test]
+    fn nodes_of_one_ring_share_a_fingerprint_and_other_rings_do_not() {
+        let nodes = addrs(6);
+        let of = |i: usize, replicas: usize, nodes: &[String]| {
+            let peers: Vec<String> = (nodes.iter().enumerate())
+                .filter(|(j, _)| *j != i)
+                .map(|(_, n)| n.clone())
+                .collect();
+            Placement::bootstrap(&nodes[i], &peers, replicas)
+                .unwrap()
+                .fingerprint()
+        };
+        let first = of(0, 3, &nodes).expect("a ring has one");
+        assert!(first.starts_with("3x6-"), "{first}");
+        assert!((1..6).all(|i| of(i, 3, &nodes).as_ref() == Some(&first)));
+        assert_ne!(of(0, 2, &nodes).unwrap(), first, "other copies");
+        let mut renamed = nodes.clone();
+        renamed[4] = "localhost:5005".into();
+        assert_ne!(
+            of(0, 3, &renamed).unwrap(),
+            first,
+            "a member named otherwise"
+        );
+        assert_eq!(of(0, 6, &nodes), None, "every node holds everything");
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl KvStore for KvService {
         let node = self.node.node().await;
         let status = node.status().await.map_err(Error::from)?;
         let (replicas, partitions) = match node.placement() {
-            Some(p) => (p.ring().replicas(), p.local().len()),
+            Some(p) => (p.ring().width(), p.local().len()),
             None => (
                 status.peers.len() + 1,
                 usize::from(kvstore_actors::ring::PARTITIONS),

@@ -114,6 +114,8 @@ impl ReplicatorService {
 #[derive(Clone, Debug)]
 pub struct SenderCheck {
     own_id: String,
+    /// This node's ring's fingerprint; `None` when it holds every key.
+    ring: Option<String>,
     token: Option<ClusterToken>,
     /// Whether the caller must have presented a certificate the TLS layer checked against
     /// the cluster's CA.
@@ -124,9 +126,36 @@ impl SenderCheck {
     pub fn new(own_id: String, token: Option<ClusterToken>, needs_certificate: bool) -> Self {
         Self {
             own_id,
+            ring: None,
             token,
             needs_certificate,
         }
+    }
+
+    /// Also checks that a caller that holds only some keys has the same ring as this node.
+    pub fn with_ring(mut self, ring: Option<String>) -> Self {
+        self.ring = ring;
+        self
+    }
+
+    /// A caller that sends a ring must have this node's. One that sends none (a node holding
+    /// every key, an older one, a client of the original proto) is let in: it sends writes
+    /// wherever it sends them, and this node keeps what it is sent.
+    fn check_ring(&self, request: &Request<()>) -> Result<(), Status> {
+        let Some(theirs) = request.metadata().get(crate::peer::RING_HEADER) else {
+            return Ok(());
+        };
+        let theirs = theirs.to_str().unwrap_or("(not ASCII)");
+        if self.ring.as_deref() == Some(theirs) {
+            return Ok(());
+        }
+        let ours = self.ring.as_deref().unwrap_or("every node holds every key");
+        Err(Error::FailedPrecondition(format!(
+            "the caller's ring ({theirs}: copies x members-hash) is not this node's ({ours}): \
+             give every node the same --replicas, and name each node by the same address \
+             everywhere (its --advertise, and the others' --peer)"
+        ))
+        .into())
     }
 }
 
@@ -161,6 +190,7 @@ impl Interceptor for SenderCheck {
                 .into());
             }
         }
+        self.check_ring(&request)?;
         match crate::peer::sender_of(request.metadata()) {
             Some(sender) if sender == self.own_id.as_bytes() => {
                 Err(Error::FailedPrecondition(format!(
@@ -351,6 +381,37 @@ mod tests {
         );
         let mut open = SenderCheck::new("node1".into(), None, false);
         assert!(open.call(call(None)).is_ok());
+    }
+
+    #[test]
+    fn a_caller_with_another_ring_is_refused() {
+        let with_ring = |ring: Option<&str>| {
+            let mut request = call(None);
+            if let Some(ring) = ring {
+                let value = ring.parse().unwrap();
+                request
+                    .metadata_mut()
+                    .insert(crate::peer::RING_HEADER, value);
+            }
+            request
+        };
+        let mut ring = SenderCheck::new("n1".into(), None, false).with_ring(Some("3x6-ab".into()));
+        assert!(ring.call(with_ring(Some("3x6-ab"))).is_ok());
+        assert!(
+            ring.call(with_ring(None)).is_ok(),
+            "an older node, or a seed client"
+        );
+        let status = ring.call(with_ring(Some("2x6-cd"))).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(status.message().contains("2x6-cd") && status.message().contains("3x6-ab"));
+        // A node holding every key refuses a caller that thinks otherwise.
+        let mut everywhere = SenderCheck::new("n1".into(), None, false);
+        assert!(everywhere.call(with_ring(None)).is_ok());
+        let status = everywhere.call(with_ring(Some("3x6-ab"))).unwrap_err();
+        assert!(
+            status.message().contains("every node holds every key"),
+            "{status}"
+        );
     }
 
     #[test]

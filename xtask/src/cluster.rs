@@ -19,7 +19,7 @@ pub struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
     nodes: u16,
     /// Copies of each key (the nodes' --replicas). With fewer than --nodes, the keys are
-    /// spread over the nodes; by default every node holds every key.
+    /// spread over the nodes. Without it, the nodes' own default (3 copies).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     replicas: Option<u16>,
     /// Port of the first node; the others take the next ports.
