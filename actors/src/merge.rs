@@ -158,8 +158,9 @@ mod tests {
     #[tokio::test]
     async fn a_chunk_stops_once_it_holds_its_bytes() {
         let sources = vec![source("a", &["a", "c"]), source("b", &["b", "d"])];
-        // Each pair holds 1 + 3 bytes: a chunk of 6 bytes ends after its second pair.
-        let chunks: Vec<_> = merge(sources, 10, 6).collect().await;
+        // Each pair holds 1 + 3 bytes: a chunk of 8 bytes ends once its second pair makes it
+        // full, not after a third.
+        let chunks: Vec<_> = merge(sources, 10, 8).collect().await;
         let sizes: Vec<usize> = chunks.iter().map(|c| c.as_ref().unwrap().len()).collect();
         assert_eq!(sizes, [2, 2]);
     }
