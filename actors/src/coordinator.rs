@@ -221,7 +221,8 @@ pub struct CoordinatorConfig {
     pub handoff_capacity: usize,
     /// Time between periodic anti-entropy rounds with each peer.
     pub anti_entropy_interval: Duration,
-    /// Which nodes hold which keys; `None` when every node holds every key.
+    /// Which nodes hold which keys; `None` is every node holding every key, as is a
+    /// placement with as many copies as nodes.
     pub placement: Option<Placement>,
 }
 
@@ -618,7 +619,7 @@ impl<P: PeerClient> Coordinator<P> {
         }
     }
 
-    /// The placement of keys, if not every node holds every key.
+    /// The placement of keys, if the node was given one (see [`Placement::is_everywhere`]).
     pub fn placement(&self) -> Option<&Placement> {
         self.config.placement.as_ref()
     }
