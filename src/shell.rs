@@ -376,8 +376,9 @@ impl Shell {
     }
 
     /// The `cluster` table: this node and each of its peers, in address order. A peer's state
-    /// is this node's view of it (`normal` when reached, `down` when not); its partitions and
-    /// keys are what it reports itself, `-` when it does not answer.
+    /// is this node's view of it (`normal` when reached, `down` when not), or `unreachable`
+    /// when this node reaches it and the REPL does not; its partitions and keys are what it
+    /// reports itself, `-` when it does not answer.
     async fn cluster(&self, own: NodeStatus) -> Output {
         let mut rows = vec![(self.client.addr().to_string(), "normal", Some(own.clone()))];
         let asks = own.peers.iter().map(|peer| async move {
@@ -385,8 +386,10 @@ impl Shell {
                 Ok(client) => client.status().await.ok(),
                 Err(_) => None,
             };
-            let state = match peer.state.as_str() {
-                "up" | "lagging" => "normal",
+            let state = match (peer.state.as_str(), &status) {
+                ("up" | "lagging", Some(_)) => "normal",
+                // This node reaches it, the REPL does not: say so, rather than "normal".
+                ("up" | "lagging", None) => "unreachable",
                 _ => "down",
             };
             (peer.address.clone(), state, status)

@@ -31,7 +31,9 @@ async fn held(cluster: &TestCluster) -> Vec<u64> {
 async fn six_nodes_hold_three_copies_of_each_key_and_any_node_serves_any_key() {
     let cluster = six_by_three();
     let status = cluster.client(0).status().await.unwrap();
-    assert_eq!((status.replicas, status.partitions), (3, 512), "{status:?}");
+    assert_eq!(status.replicas, 3, "{status:?}");
+    // Half of the 1,024 partitions, give or take the copies.
+    assert!((509..=515).contains(&status.partitions), "{status:?}");
     const KEYS: usize = 300;
     for k in 0..KEYS {
         // Each write through another node, holder or not.

@@ -192,7 +192,7 @@ pub enum SyncError {
 }
 
 /// One push-pull round with `peer` over the partitions of `scope`, those both nodes hold (see
-/// the module's doc). Nothing is exchanged when they share none.
+/// the module's doc). When they share none, a digest of nothing only checks the peer is there.
 pub async fn sync<P: PeerClient>(
     peer: &P,
     store: &ActorRef<StoreActor>,
@@ -200,6 +200,9 @@ pub async fn sync<P: PeerClient>(
     scope: &PartitionSet,
 ) -> Result<SyncReport, SyncError> {
     if scope.is_empty() {
+        // Nothing to compare; one cheap call still tells whether the peer is there, which
+        // the node needs to know: it sends the peer the writes it coordinates for its keys.
+        peer.digest(1, scope).await?;
         return Ok(SyncReport::default());
     }
     let theirs = peer.digest(BUCKETS, scope).await?;

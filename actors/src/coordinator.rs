@@ -489,6 +489,10 @@ impl<P: PeerClient> Coordinator<P> {
     /// This node's anti-entropy digest, for a peer. Scans the map off the async threads, in
     /// turn with other whole-map scans (see `StoreReader::scan`).
     pub async fn digest(&self, buckets: u32, scope: PartitionSet) -> Vec<u64> {
+        if scope.is_empty() {
+            // A peer checking that this node is there: nothing to scan for.
+            return vec![0; buckets as usize];
+        }
         self.reader
             .scan(move |reader| antientropy::digest(reader, buckets, &scope))
             .await
@@ -883,6 +887,7 @@ impl<P: PeerClient> Coordinator<P> {
         let mut todo = PartitionSet::all().minus(&local_scope);
         let mut failed = vec![false; self.peers.len()];
         let mut missing = Vec::new();
+        let mut orphans = PartitionSet::none();
         while !todo.is_empty() {
             let placement = self
                 .config
@@ -891,7 +896,6 @@ impl<P: PeerClient> Coordinator<P> {
                 .expect("only a ring leaves any");
             // Each partition from its first holder not yet failed, those seen up first.
             let mut groups: std::collections::BTreeMap<u16, PartitionSet> = Default::default();
-            let mut orphans = PartitionSet::none();
             for p in todo.iter() {
                 let pick = (placement.peers_of(p).iter())
                     .filter(|&&i| !failed[usize::from(i)])
@@ -900,12 +904,6 @@ impl<P: PeerClient> Coordinator<P> {
                     Some(&i) => groups.entry(i).or_insert_with(PartitionSet::none).insert(p),
                     None => orphans.insert(p),
                 }
-            }
-            if !orphans.is_empty() {
-                return Err(ListError::NoHolder {
-                    partitions: orphans.len(),
-                    missing,
-                });
             }
             todo = PartitionSet::none();
             let scans = groups.iter().map(|(&i, scope)| async move {
@@ -934,6 +932,14 @@ impl<P: PeerClient> Coordinator<P> {
                     }
                 }
             }
+        }
+        // Every holder of each partition was tried before giving up, so the error counts all
+        // the partitions the List cannot read.
+        if !orphans.is_empty() {
+            return Err(ListError::NoHolder {
+                partitions: orphans.len(),
+                missing,
+            });
         }
         Ok(RingListing {
             key_bytes,
@@ -1641,6 +1647,33 @@ mod placed {
         assert_eq!(read.value.as_deref(), Some("after"));
     }
 
+    /// A peer that shares no partition with this node is still watched: its anti-entropy
+    /// round is a call that fails when the peer is down, so it is not reported up.
+    #[tokio::test]
+    async fn a_peer_sharing_no_partition_is_seen_down_when_it_is() {
+        let (node, peers, placement) = ring_node(3);
+        let apart = (0..5)
+            .find(|&i| placement.shared_with(i).is_empty())
+            .expect("one peer shares nothing");
+        let up = |node: &Coordinator<FakePeer>| node.peers().nth(apart).unwrap().state();
+        let waited = std::time::Instant::now();
+        while up(&node) != PeerState::Up {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never seen up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        peers[apart].fail.store(true, Ordering::Relaxed);
+        node.resync_peers();
+        let waited = std::time::Instant::now();
+        while up(&node) == PeerState::Up {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "a dead peer stays up"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(up(&node), PeerState::Down);
+    }
+
     /// A List through a node of a ring has every key once, in order, each partition read
     /// from one holder; a holder that does not answer is replaced by another, and only a
     /// partition none of whose holders answers fails the List, naming them.
@@ -1657,14 +1690,14 @@ mod placed {
         assert_eq!(pairs, expected);
         // This node holds half: the rest comes from peers, two of them here (one group).
         assert!(remote >= 1, "{remote}");
-        // The first choice of every partition fails: each is read from another holder.
-        let firsts: std::collections::BTreeSet<u16> = (0..crate::ring::PARTITIONS)
-            .filter(|&p| !placement.local().contains(p))
+        // A peer the List reads from fails: its partitions are read from their other holders.
+        let first = (0..crate::ring::PARTITIONS)
+            .find(|&p| !placement.local().contains(p))
             .map(|p| placement.peers_of(p)[0])
-            .collect();
-        for &i in &firsts {
-            peers[usize::from(i)].fail.store(true, Ordering::Relaxed);
-        }
+            .unwrap();
+        peers[usize::from(first)]
+            .fail
+            .store(true, Ordering::Relaxed);
         assert_eq!(listed(&node).await.unwrap().1, expected);
         for peer in &peers {
             peer.fail.store(true, Ordering::Relaxed);
@@ -1722,8 +1755,13 @@ mod placed {
                 placement: Some(placement.clone()),
             },
         );
-        let local = placement.local();
-        let expected = writes.iter().filter(|w| local.contains_key(&w.key)).count();
+        // What this node and the sharing peer both hold: all this node gets, as the others
+        // that would send it the rest are down.
+        let shared = placement.shared_with(sharing);
+        let expected = writes
+            .iter()
+            .filter(|w| shared.contains_key(&w.key))
+            .count();
         assert!(expected > 0 && expected < writes.len());
         let waited = std::time::Instant::now();
         while node.status().await.unwrap().store.keys < expected
@@ -1735,12 +1773,12 @@ mod placed {
         assert_eq!(node.status().await.unwrap().store.keys, expected);
         for w in &writes {
             let here = node.get(w.key.clone()).await.unwrap().is_some();
-            assert_eq!(here, local.contains_key(&w.key), "{}", w.key);
+            assert_eq!(here, shared.contains_key(&w.key), "{}", w.key);
         }
         // A write here, then a round with each: it goes to the sharing peer, not the other.
         let mine = (0..)
             .map(|i| format!("mine{i}"))
-            .find(|k| local.contains_key(k))
+            .find(|k| shared.contains_key(k))
             .unwrap();
         let newer = crate::testing::write(&mine, Some("x"), 2 << 40, "local");
         node.apply(vec![newer]).await.unwrap();

@@ -57,8 +57,11 @@ pub struct Ring {
 impl Ring {
     /// The first ring of a cluster whose founding members are `members`, with `replicas`
     /// copies of each partition (every node holds everything when there are no more nodes
-    /// than copies). Copy `j` of partition `p` goes to member `(p * width + j) mod M`, which
-    /// gives every member the same number of copies, give or take one.
+    /// than copies). Partition `p` goes to the N members from `p mod M` on, as a walk of the
+    /// ring would give it: every member holds the same number of copies, give or take N, and
+    /// the copies of one member's partitions are spread over the 2(N-1) members around it, so
+    /// a dead member's load and its repair fall on several, not on the one group it would
+    /// share with `(p * N + j) mod M` (two disjoint groups for six members and three copies).
     pub fn bootstrap(
         members: impl IntoIterator<Item = impl Into<String>>,
         replicas: usize,
@@ -81,8 +84,8 @@ impl Ring {
         }
         let m = members.len();
         let width = replicas.min(m);
-        let table = (0..usize::from(PARTITIONS) * width)
-            .map(|slot| (slot % m) as u16)
+        let table = (0..usize::from(PARTITIONS))
+            .flat_map(|p| (0..width).map(move |j| ((p + j) % m) as u16))
             .collect();
         Ok(Self {
             version: 1,
