@@ -365,6 +365,7 @@ async fn start(
                 took = ?opened.elapsed(),
                 "storage recovered"
             );
+            record_ring(dir, &placement, !recovered.map.is_empty())?;
             StoreActor::recovered(clock, recovered)
         }
     };
@@ -437,6 +438,53 @@ async fn start(
         "node started"
     );
     Ok(node)
+}
+
+/// The file in a data dir that names the ring its data was placed by.
+const RING_FILE: &str = "ring";
+/// What [`RING_FILE`] says when every node holds every key.
+const EVERYWHERE: &str = "every node holds every key";
+
+/// Refuses to start a node that holds only some keys on data placed by another ring, and
+/// records the ring otherwise. Every node of a cluster restarted with new members or another
+/// `--replicas` agrees on the new ring, so no peer would object; but a partition whose new
+/// holders all lacked it would never be filled, since the nodes holding its keys no longer
+/// hold it, and its keys would be lost to clients. A data dir from before rings were recorded
+/// was written by a node holding every key. Going to every node holding every key is safe:
+/// anti-entropy then spreads every key everywhere.
+fn record_ring(
+    dir: &std::path::Path,
+    placement: &Placement,
+    holds_data: bool,
+) -> Result<(), Error> {
+    let path = dir.join(RING_FILE);
+    let current = placement.fingerprint().unwrap_or_else(|| EVERYWHERE.into());
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::Io(e)),
+    };
+    let recorded = recorded.or_else(|| holds_data.then(|| EVERYWHERE.to_string()));
+    if let Some(recorded) = &recorded
+        && *recorded != current
+        && holds_data
+        && !placement.is_everywhere()
+    {
+        return Err(Error::FailedPrecondition(format!(
+            "{} holds data placed by another ring ({recorded}) than this node's ({current}): \
+             some keys would be looked for only on nodes that do not have them. Start the node \
+             with the --replicas and peers it had; the members and copies of a ring that holds \
+             data cannot change yet",
+            dir.display()
+        )));
+    }
+    if recorded.as_deref() != Some(current.as_str()) {
+        // Written beside and renamed into place: a crash leaves the old record or the new.
+        let partial = dir.join(format!("{RING_FILE}.tmp"));
+        std::fs::write(&partial, format!("{current}\n"))?;
+        std::fs::rename(&partial, &path)?;
+    }
+    Ok(())
 }
 
 /// Which keys this node and its peers hold: the first ring of the node and its peers, each

@@ -290,3 +290,86 @@ async fn a_node_with_another_ring_is_refused_and_told_why() {
     assert!(message.contains("is not this node's"), "{message}");
     assert!(message.contains("--replicas"), "{message}");
 }
+
+/// A node restarted into another ring on a data dir that holds data refuses to start, naming
+/// both rings: its keys would be looked for where they are not. Into every node holding every
+/// key it starts, as it does on an empty data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_placed_by_another_ring_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three peers that never answer: the node is on its own, whatever its ring.
+    let (held, peers): (Vec<_>, Vec<String>) = (0..3).map(|_| common::closed_port()).unzip();
+    let config = |replicas: usize, data_dir: &std::path::Path| NodeConfig {
+        replicas,
+        peers: peers.clone(),
+        data_dir: Some(data_dir.to_path_buf()),
+        replication_deadline: Duration::from_millis(200),
+        ..NodeConfig::default()
+    };
+    let run = |config: NodeConfig| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let node = tokio::spawn(kvstore::server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        (addr, stop, node)
+    };
+    // Every node holding every key (4 copies of 4 nodes): a write is kept here.
+    let (addr, stop, node) = run(config(4, dir.path())).await;
+    let client = kvstore::client::Client::new(&addr, Duration::from_secs(10)).unwrap();
+    let mut put = client.put("k", "v").await;
+    for _ in 0..100 {
+        if put.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        put = client.put("k", "v").await;
+    }
+    assert_eq!(
+        put.unwrap().message.split(',').next(),
+        Some("Stored on 1 of 4 nodes")
+    );
+    stop.send(()).unwrap();
+    node.await.unwrap().unwrap();
+    assert!(
+        std::fs::read_to_string(dir.path().join("ring"))
+            .unwrap()
+            .contains("every node")
+    );
+    // The same data dir in a ring of one copy each: refused.
+    let (_, _stop, node) = run(config(1, dir.path())).await;
+    let refused = tokio::time::timeout(Duration::from_secs(20), node)
+        .await
+        .expect("refused at once")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("another ring (every node holds every key)"),
+        "{refused}"
+    );
+    assert!(refused.contains("1x4-"), "{refused}");
+    // Back to every node holding every key: it starts, and has its key.
+    let (addr, stop, node) = run(config(4, dir.path())).await;
+    let client = kvstore::client::Client::new(&addr, Duration::from_secs(10)).unwrap();
+    let mut got = client.get("k").await;
+    for _ in 0..100 {
+        if got.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        got = client.get("k").await;
+    }
+    assert_eq!(got.unwrap(), "v");
+    stop.send(()).unwrap();
+    node.await.unwrap().unwrap();
+    // An empty data dir starts in any ring.
+    let empty = tempfile::tempdir().unwrap();
+    let (_, stop, node) = run(config(1, empty.path())).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!node.is_finished(), "a new node of a ring starts");
+    stop.send(()).unwrap();
+    node.await.unwrap().unwrap();
+    drop(held);
+}

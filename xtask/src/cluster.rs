@@ -57,7 +57,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server_args.extend(["--replicas".to_string(), replicas.to_string()]);
     }
     let server = crate::build::build(&["kvstore-server"], args.release)?.join("kvstore-server");
-    let data_root = crate::build::target_dir()?.join("cluster");
+    // Each shape of cluster keeps its data apart: a node refuses to start on data placed by
+    // another ring, and the 3-node default keeps the place it always had.
+    let mut data_root = crate::build::target_dir()?.join("cluster");
+    if args.nodes != 3 || args.replicas.is_some() {
+        let copies = args.replicas.map_or("default".to_string(), |r| r.to_string());
+        data_root = data_root.join(format!("{}-nodes-{copies}-copies", args.nodes));
+    }
     let tls = args
         .tls
         .then(|| ClusterPki::create(&data_root.join("tls"), usize::from(args.nodes)))
