@@ -61,7 +61,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // another ring, and the 3-node default keeps the place it always had.
     let mut data_root = crate::build::target_dir()?.join("cluster");
     if args.nodes != 3 || args.replicas.is_some() {
-        let copies = args.replicas.map_or("default".to_string(), |r| r.to_string());
+        let copies = args
+            .replicas
+            .map_or("default".to_string(), |r| r.to_string());
         data_root = data_root.join(format!("{}-nodes-{copies}-copies", args.nodes));
     }
     let tls = args
