@@ -227,6 +227,8 @@ pub struct NodeState {
     pub writes: (u64, u64),
     /// `None` once the store has stopped (the node is stopping).
     pub status: Option<kvstore_actors::coordinator::NodeStatus>,
+    /// Copies of each key, and the partitions this node holds.
+    pub share: (usize, usize),
 }
 
 impl NodeState {
@@ -234,6 +236,7 @@ impl NodeState {
         Self {
             writes: node.write_outcomes(),
             status: node.status().await.ok(),
+            share: node.share(),
         }
     }
 }
@@ -306,6 +309,13 @@ fn node_series(registry: &mut Registry, state: &NodeState) {
         "writes",
         "Client writes (puts and deletes) taken, by whether they met the write quorum",
         writes,
+    );
+    let (copies, partitions) = state.share;
+    registry.register("replicas", "Copies of each key", gauge(copies as i64));
+    registry.register(
+        "partitions",
+        "Partitions of the key space (of 1,024) this node holds a copy of",
+        gauge(partitions as i64),
     );
     // A node whose store has stopped (it is stopping) has only the series above.
     let Some(status) = &state.status else {

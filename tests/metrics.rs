@@ -143,6 +143,9 @@ async fn a_scrape_parses_and_its_values_move_with_traffic() {
         0.0
     );
     assert_eq!(after.get("kvstore_keys", &[]), 19.0);
+    // Three nodes, three copies: every node holds every partition.
+    assert_eq!(after.get("kvstore_replicas", &[]), 3.0);
+    assert_eq!(after.get("kvstore_partitions", &[]), 1024.0);
     assert_eq!(after.get("kvstore_tombstones", &[]), 1.0);
 
     // Both peers up, each confirmed every write, nothing outstanding.

@@ -623,6 +623,15 @@ impl<P: PeerClient> Coordinator<P> {
         }
     }
 
+    /// The copies each key has, and the partitions (of [`crate::ring::PARTITIONS`]) this node
+    /// holds a copy of.
+    pub fn share(&self) -> (usize, usize) {
+        match &self.config.placement {
+            Some(p) => (p.ring().width(), p.local().len()),
+            None => (self.peers.len() + 1, usize::from(crate::ring::PARTITIONS)),
+        }
+    }
+
     /// The placement of keys, if the node was given one (see [`Placement::is_everywhere`]).
     pub fn placement(&self) -> Option<&Placement> {
         self.config.placement.as_ref()

@@ -145,13 +145,7 @@ impl KvStore for KvService {
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
         let node = self.node.node().await;
         let status = node.status().await.map_err(Error::from)?;
-        let (replicas, partitions) = match node.placement() {
-            Some(p) => (p.ring().width(), p.local().len()),
-            None => (
-                status.peers.len() + 1,
-                usize::from(kvstore_actors::ring::PARTITIONS),
-            ),
-        };
+        let (replicas, partitions) = node.share();
         Ok(Response::new(NodeStatus {
             replicas: replicas as u32,
             partitions: partitions as u32,
