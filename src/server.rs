@@ -365,7 +365,12 @@ async fn start(
                 took = ?opened.elapsed(),
                 "storage recovered"
             );
-            record_ring(dir, &placement, !recovered.map.is_empty())?;
+            if let Err(refused) = record_ring(dir, &placement, !recovered.map.is_empty()) {
+                // Let the data dir go before saying so: whoever starts the node again right
+                // away must find it unlocked.
+                recovered.storage.close().await;
+                return Err(refused);
+            }
             StoreActor::recovered(clock, recovered)
         }
     };

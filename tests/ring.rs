@@ -350,7 +350,8 @@ async fn a_data_dir_placed_by_another_ring_is_refused() {
         "{refused}"
     );
     assert!(refused.contains("1x4-"), "{refused}");
-    // Back to every node holding every key: it starts, and has its key.
+    // Back to every node holding every key, at once: the refused node let go of its data
+    // dir, and this one starts and has its key.
     let (addr, stop, node) = run(config(4, dir.path())).await;
     let client = kvstore::client::Client::new(&addr, Duration::from_secs(10)).unwrap();
     let mut got = client.get("k").await;
@@ -358,6 +359,7 @@ async fn a_data_dir_placed_by_another_ring_is_refused() {
         if got.is_ok() {
             break;
         }
+        assert!(!node.is_finished(), "did not start: {:?}", node.await);
         tokio::time::sleep(Duration::from_millis(50)).await;
         got = client.get("k").await;
     }
