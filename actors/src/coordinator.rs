@@ -1526,14 +1526,26 @@ mod placed {
 
     /// This node ("local") and five peers, with `replicas` copies of each key.
     fn ring_node(replicas: usize) -> (Coordinator<FakePeer>, Vec<FakePeer>, Placement) {
-        let names: Vec<String> = (1..=5).map(|i| format!("peer{i}")).collect();
-        let placement = Placement::bootstrap("local", &names, replicas).unwrap();
         let peers: Vec<FakePeer> = (0..5).map(|_| FakePeer::default()).collect();
-        let node = Coordinator::start(
+        let placement = placement_of_six(replicas);
+        let node = ring_node_with(&peers, &placement);
+        (node, peers, placement)
+    }
+
+    /// The ring of "local" and "peer1" to "peer5".
+    fn placement_of_six(replicas: usize) -> Placement {
+        let names: Vec<String> = (1..=5).map(|i| format!("peer{i}")).collect();
+        Placement::bootstrap("local", &names, replicas).unwrap()
+    }
+
+    /// This node ("local") with `peers` as "peer1" to "peer5", placed by `placement`.
+    fn ring_node_with(peers: &[FakePeer], placement: &Placement) -> Coordinator<FakePeer> {
+        let names = (1..=peers.len()).map(|i| format!("peer{i}"));
+        Coordinator::start(
             StoreActor::new(Arc::new(crate::clock::Clock::new(
                 crate::version::NodeId::new("local").unwrap(),
             ))),
-            names.iter().cloned().zip(peers.iter().cloned()).collect(),
+            names.zip(peers.iter().cloned()).collect(),
             CoordinatorConfig {
                 ack_after: AckAfter::All,
                 quorum: WriteQuorum::Majority,
@@ -1543,8 +1555,7 @@ mod placed {
                 anti_entropy_interval: Duration::from_secs(3600),
                 placement: Some(placement.clone()),
             },
-        );
-        (node, peers, placement)
+        )
     }
 
     /// The first key of the form `key{i}` for which this node's holding is `local`.
@@ -1731,8 +1742,7 @@ mod placed {
     /// no partition with it is neither asked nor sent anything.
     #[tokio::test]
     async fn anti_entropy_trades_only_the_partitions_both_nodes_hold() {
-        let names: Vec<String> = (1..=5).map(|i| format!("peer{i}")).collect();
-        let placement = Placement::bootstrap("local", &names, 3).unwrap();
+        let placement = placement_of_six(3);
         let (sharing, apart) = {
             let mut by_share = (0..5).map(|i| (placement.shared_with(i).len(), i));
             let sharing = by_share.clone().find(|(n, _)| *n > 0).unwrap().1;
@@ -1749,21 +1759,7 @@ mod placed {
                 p.fail.store(true, Ordering::Relaxed);
             }
         }
-        let node = Coordinator::start(
-            StoreActor::new(Arc::new(crate::clock::Clock::new(
-                crate::version::NodeId::new("local").unwrap(),
-            ))),
-            names.iter().cloned().zip(peers.iter().cloned()).collect(),
-            CoordinatorConfig {
-                ack_after: AckAfter::All,
-                quorum: WriteQuorum::Majority,
-                replication_deadline: Duration::from_secs(5),
-                peer_mailbox: 64,
-                handoff_capacity: 100,
-                anti_entropy_interval: Duration::from_secs(3600),
-                placement: Some(placement.clone()),
-            },
-        );
+        let node = ring_node_with(&peers, &placement);
         // What this node and the sharing peer both hold: all this node gets, as the others
         // that would send it the rest are down.
         let shared = placement.shared_with(sharing);

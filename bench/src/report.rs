@@ -288,11 +288,8 @@ fn round_ratios(
 
 /// How many writes went in each replication batch, per kvstore cell that writes.
 fn batching_section(r: &Results, s: &mut String) {
-    let keys: Vec<(Workload, usize, &str)> = (r.cells.iter())
-        .filter(|c| c.writes_per_batch.is_some())
-        .map(|c| (c.workload, c.concurrency, c.target.as_str()))
-        .collect();
-    if keys.is_empty() {
+    let batches = medians(r, |cell| cell.writes_per_batch);
+    if batches.is_empty() {
         return;
     }
     let _ = writeln!(s, "\n## Replication batching\n");
@@ -302,16 +299,24 @@ fn batching_section(r: &Results, s: &mut String) {
     );
     let _ = writeln!(s, "| target | workload | c | writes per batch |");
     let _ = writeln!(s, "|---|---|---|---|");
-    let mut seen = std::collections::HashSet::new();
-    for (w, c, target) in keys {
-        if !seen.insert((w, c, target)) {
-            continue;
-        }
-        if let Some(per) = find(r, w, target, c).and_then(|cell| cell.writes_per_batch) {
-            let workload = format!("{w:?}").to_lowercase();
-            let _ = writeln!(s, "| {target} | {workload} | {c} | {per:.1} |");
-        }
+    for (target, workload, c, per) in batches {
+        let _ = writeln!(s, "| {target} | {workload} | {c} | {per:.1} |");
     }
+}
+
+/// Each cell's figure `of` (median of the rounds), once per cell that has it, in the order
+/// the cells ran: (target, workload, clients, figure).
+fn medians(r: &Results, of: fn(&Cell) -> Option<f64>) -> Vec<(&str, String, usize, f64)> {
+    let mut seen = std::collections::HashSet::new();
+    (r.cells.iter())
+        .filter(|cell| of(cell).is_some())
+        .filter(|cell| seen.insert((cell.workload, cell.concurrency, cell.target.as_str())))
+        .filter_map(|cell| {
+            let (w, c, target) = (cell.workload, cell.concurrency, cell.target.as_str());
+            let figure = find(r, w, target, c).as_ref().and_then(of)?;
+            Some((target, format!("{w:?}").to_lowercase(), c, figure))
+        })
+        .collect()
 }
 
 /// Bytes one replicated copy of a bench write takes on the wire, about: a 16-byte key, a
@@ -338,11 +343,8 @@ fn placement_section(r: &Results, s: &mut String) {
         let copies = total as f64 / held.distinct.max(1) as f64;
         let _ = writeln!(s, "| {} | {} | {copies:.2} |", held.target, each.join(", "));
     }
-    let keys: Vec<(Workload, usize, &str)> = (r.cells.iter())
-        .filter(|c| c.peer_copies_per_write.is_some())
-        .map(|c| (c.workload, c.concurrency, c.target.as_str()))
-        .collect();
-    if keys.is_empty() {
+    let copies = medians(r, |cell| cell.peer_copies_per_write);
+    if copies.is_empty() {
         return;
     }
     let _ = writeln!(
@@ -355,16 +357,9 @@ fn placement_section(r: &Results, s: &mut String) {
         "| target | workload | c | copies per write | bytes per write, about |"
     );
     let _ = writeln!(s, "|---|---|---|---|---|");
-    let mut seen = std::collections::HashSet::new();
-    for (w, c, target) in keys {
-        if !seen.insert((w, c, target)) {
-            continue;
-        }
-        if let Some(per) = find(r, w, target, c).and_then(|cell| cell.peer_copies_per_write) {
-            let workload = format!("{w:?}").to_lowercase();
-            let bytes = per * COPY_BYTES;
-            let _ = writeln!(s, "| {target} | {workload} | {c} | {per:.2} | {bytes:.0} |");
-        }
+    for (target, workload, c, per) in copies {
+        let bytes = per * COPY_BYTES;
+        let _ = writeln!(s, "| {target} | {workload} | {c} | {per:.2} | {bytes:.0} |");
     }
 }
 
