@@ -167,6 +167,8 @@ pub struct NodeConfig {
     /// The address the other nodes know this node by, as they list it among their peers;
     /// `None` means its listen address. Names the node in the ring.
     pub advertise: Option<String>,
+    /// A member of a running ring (`host:port`) to join through, taking a share of its keys.
+    pub join: Option<String>,
     pub write_quorum: WriteQuorum,
     pub ack_after: AckAfter,
     pub replication_deadline: Duration,
@@ -257,6 +259,7 @@ impl Default for NodeConfig {
             peers: Vec::new(),
             replicas: DEFAULT_REPLICAS,
             advertise: None,
+            join: None,
             write_quorum: WriteQuorum::default(),
             ack_after: AckAfter::default(),
             replication_deadline: DEFAULT_REPLICATION_DEADLINE,
@@ -343,6 +346,13 @@ pub struct ServerArgs {
     /// --replicas is below the node count.
     #[arg(long, value_name = "ADDR")]
     pub advertise: Option<String>,
+
+    /// Join a running cluster through ADDR, any of its nodes (host:port): the node takes its
+    /// share of the keys from their holders while the cluster serves, and from then on is a
+    /// member like the others (a restart needs no --join). The cluster must hold its members
+    /// and copies in a ring: give its nodes' --replicas. Instead of --peer.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["peers", "peer_list"])]
+    pub join: Option<String>,
 
     /// How many nodes, counting this one, must hold a write for its Ack to say ok: all,
     /// majority or one.
@@ -575,7 +585,15 @@ impl ServerArgs {
             .transpose()?;
         // The ring names nodes by the addresses their peers list them by: one listening on
         // every interface has no such name of its own.
-        if self.replicas <= peers.len() && advertise.is_none() && listen.ip().is_unspecified() {
+        let join = self
+            .join
+            .as_deref()
+            .map(crate::net::parse_addr)
+            .transpose()?;
+        if (self.replicas <= peers.len() || join.is_some())
+            && advertise.is_none()
+            && listen.ip().is_unspecified()
+        {
             return Err(Error::InvalidArgument(format!(
                 "listening on {listen} with --replicas {} of {} nodes: give --advertise, the \
                  address the other nodes list this one by",
@@ -614,6 +632,7 @@ impl ServerArgs {
             peers,
             replicas: self.replicas,
             advertise,
+            join,
             write_quorum: self.write_quorum,
             ack_after: self.ack_after,
             replication_deadline: self.replication_deadline.into(),

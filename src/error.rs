@@ -93,6 +93,8 @@ impl From<Error> for Status {
                 Code::ResourceExhausted
             }
             Error::Actors(kvstore_actors::Error::Log(_)) => Code::Unavailable,
+            // A ring change refused: asked of a ring that cannot take it.
+            Error::Actors(kvstore_actors::Error::Ring(_)) => Code::FailedPrecondition,
             Error::Actors(_) => Code::Internal,
             Error::Io(_) | Error::Transport(_) => Code::Internal,
         };

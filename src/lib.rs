@@ -40,6 +40,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod listener;
+pub mod membership;
 pub mod metrics;
 pub mod net;
 pub mod pb;

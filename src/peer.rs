@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use kvstore_actors::membership::RingState;
 use kvstore_actors::merge::Pairs;
 use kvstore_actors::peer::Pulled;
 use kvstore_actors::placement::PartitionSet;
@@ -38,7 +39,10 @@ use crate::config::ClusterToken;
 use crate::error::Error;
 use crate::net::status_reason;
 use crate::pb::replicator_client::ReplicatorClient;
-use crate::pb::{Ack, DigestRequest, Key, KeyValue, PullRequest, ScanRequest, WriteBatch};
+use crate::pb::{
+    Ack, DigestRequest, GetRingRequest, JoinRequest, Key, KeyValue, PullRequest, ScanRequest,
+    WriteBatch,
+};
 use crate::wire;
 
 /// Bound on one anti-entropy call (a digest or a bucket pull).
@@ -55,6 +59,28 @@ pub const RING_HEADER: &str = "kvstore-ring";
 /// The metadata key under which a node sends the cluster's token, when it has one.
 pub const TOKEN_HEADER: &str = "kvstore-token-bin";
 
+/// A node's ring fingerprint as it is now (see `Placement::fingerprint`), shared by every
+/// link to a peer, which sends it, and the Replicator, which checks callers' against it;
+/// replaced when the ring changes. `None` when the node holds every key of a first ring.
+pub type RingTag = Arc<arc_swap::ArcSwapOption<tonic::metadata::AsciiMetadataValue>>;
+
+/// A [`RingTag`] holding `fingerprint`.
+pub fn ring_tag(fingerprint: Option<String>) -> RingTag {
+    let tag = RingTag::default();
+    set_ring_tag(&tag, fingerprint);
+    tag
+}
+
+/// Puts `fingerprint` in `tag`.
+pub fn set_ring_tag(tag: &RingTag, fingerprint: Option<String>) {
+    tag.store(fingerprint.map(|f| {
+        Arc::new(
+            f.parse()
+                .expect("a fingerprint is ASCII digits, letters and dots"),
+        )
+    }));
+}
+
 /// The node id a Replicator call says it comes from, if it says.
 pub fn sender_of(metadata: &MetadataMap) -> Option<Vec<u8>> {
     let value = metadata.get_bin(SENDER_HEADER)?;
@@ -66,7 +92,7 @@ pub fn sender_of(metadata: &MetadataMap) -> Option<Vec<u8>> {
 pub struct Sender {
     node_id: BinaryMetadataValue,
     token: Option<BinaryMetadataValue>,
-    ring: Option<tonic::metadata::AsciiMetadataValue>,
+    ring: RingTag,
 }
 
 /// Without the token: a `Debug` of a peer client must not print the secret.
@@ -86,8 +112,8 @@ impl Interceptor for Sender {
         if let Some(token) = &self.token {
             metadata.insert_bin(TOKEN_HEADER, token.clone());
         }
-        if let Some(ring) = &self.ring {
-            metadata.insert(RING_HEADER, ring.clone());
+        if let Some(ring) = &*self.ring.load() {
+            metadata.insert(RING_HEADER, (**ring).clone());
         }
         Ok(request)
     }
@@ -102,8 +128,8 @@ pub struct PeerSettings {
     pub node_id: String,
     /// The cluster's token, if it has one, sent on every call.
     pub token: Option<ClusterToken>,
-    /// The fingerprint of this node's ring, if it holds only some keys, sent on every call.
-    pub ring: Option<String>,
+    /// The fingerprint of this node's ring, sent on every call.
+    pub ring: RingTag,
     pub connect_timeout: Duration,
     /// Bounds each replication call.
     pub call_timeout: Duration,
@@ -163,10 +189,7 @@ impl GrpcPeer {
         let sender = Sender {
             node_id: BinaryMetadataValue::from_bytes(settings.node_id.as_bytes()),
             token: (settings.token.as_ref()).map(|t| BinaryMetadataValue::from_bytes(t.sent())),
-            ring: (settings.ring.as_deref()).map(|r| {
-                r.parse()
-                    .expect("a fingerprint is ASCII digits and letters")
-            }),
+            ring: settings.ring.clone(),
         };
         let max = settings.max_message_bytes;
         let connect = settings.connect_timeout;
@@ -181,6 +204,32 @@ impl GrpcPeer {
             call_timeout: settings.call_timeout,
             max_batch_bytes: (max / 2).min(kvstore_actors::peer::BATCH_BYTES),
         })
+    }
+
+    /// The peer's ring, and any change of it under way.
+    pub async fn get_ring(&self) -> Result<RingState, PeerError> {
+        let reply = self.client.clone().get_ring(GetRingRequest {}).await;
+        ring_state(reply.map_err(peer_error)?.into_inner())
+    }
+
+    /// Offers the peer a newer ring; it answers with the ring it holds after.
+    pub async fn push_ring(&self, state: &RingState) -> Result<RingState, PeerError> {
+        let request = crate::pb::RingState {
+            state: state.to_bytes(),
+        };
+        let reply = self.client.clone().push_ring(request).await;
+        ring_state(reply.map_err(peer_error)?.into_inner())
+    }
+
+    /// Asks the peer, the ring's claimant, to let `node` join, or says it is `ready`.
+    pub async fn join(&self, node: &str, ready: bool) -> Result<RingState, PeerError> {
+        let request = JoinRequest {
+            node: node.to_owned(),
+            ready,
+        };
+        // A join waits for the claimant to tell every member, each within the call timeout.
+        let reply = self.bulk.clone().join(request).await;
+        ring_state(reply.map_err(peer_error)?.into_inner())
     }
 
     /// Takes what an answer of the peer says about it: its id, and its clock reading `theirs`
@@ -329,6 +378,12 @@ fn peer_error(status: Status) -> PeerError {
     }
 }
 
+/// A ring state a peer sent, checked.
+fn ring_state(sent: crate::pb::RingState) -> Result<RingState, PeerError> {
+    RingState::from_bytes(&sent.state)
+        .map_err(|e| PeerError::Rejected(format!("sent a bad ring: {e}")))
+}
+
 impl PeerClient for GrpcPeer {
     fn max_batch_bytes(&self) -> usize {
         self.max_batch_bytes
@@ -437,7 +492,7 @@ mod tests {
             let settings = PeerSettings {
                 node_id: "node1".into(),
                 token: None,
-                ring: None,
+                ring: RingTag::default(),
                 connect_timeout: Duration::from_secs(1),
                 call_timeout: Duration::from_secs(1),
                 max_message_bytes: max,
@@ -460,7 +515,7 @@ mod tests {
         let settings = PeerSettings {
             node_id: "node1".into(),
             token: None,
-            ring: None,
+            ring: RingTag::default(),
             connect_timeout: Duration::from_secs(1),
             call_timeout: Duration::from_secs(1),
             max_message_bytes: 1 << 20,

@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 
+use kvstore_actors::membership::{Phase, RingState};
 use kvstore_actors::placement::Placement;
 use kvstore_actors::{
     Clock, Coordinator, CoordinatorConfig, NodeId, Storage, StorageConfig, StoreActor,
@@ -22,6 +23,7 @@ use crate::Node;
 use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::listener::Incoming;
+use crate::membership::{self, Members};
 use crate::metrics::{NodeMetrics, NodeState};
 use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
@@ -109,8 +111,15 @@ async fn serve(
     };
     let bounds = config.bounds;
     // Checked here as well as when the actors start: the Replicator checks each caller's ring
-    // against this node's from the first call.
-    let ring = placement(&config, addr)?.fingerprint();
+    // against this node's from the first call. A ring recorded in the data dir or joined
+    // replaces it once the node has started.
+    let ring = crate::peer::ring_tag(placement(&config, addr)?.fingerprint());
+    let members = Arc::new(Members::new(
+        ring_id(&config, addr),
+        ring.clone(),
+        config.data_dir.clone(),
+        starting.clone(),
+    ));
     let mut server = Server::builder()
         .max_concurrent_streams(Some(bounds.max_concurrent_streams))
         // A ping every 30 s on every connection: a client that does not answer within 20 s is
@@ -172,6 +181,7 @@ async fn serve(
                 limits,
                 lists,
                 stopped.clone(),
+                members.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
@@ -180,7 +190,7 @@ async fn serve(
                 config.cluster_token.clone(),
                 config.tls.as_ref().is_some_and(|tls| tls.checks_peers()),
             )
-            .with_ring(ring),
+            .with_ring(ring.clone()),
         ))
         .serve_with_incoming_shutdown(
             Incoming::new(
@@ -200,7 +210,7 @@ async fn serve(
     tokio::pin!(serve);
 
     let node = tokio::select! {
-        node = start(&config, &node_id, addr, &metrics) => node,
+        node = start(&config, &node_id, addr, &metrics, &members) => node,
         // Stopped (or failed) before it started.
         served = &mut serve => {
             signalled.abort();
@@ -219,6 +229,22 @@ async fn serve(
         }
     };
     starting.started(node.clone());
+    // The ring the node started in, if it differs from the one its flags gave.
+    crate::peer::set_ring_tag(&ring, node.placement().and_then(|p| p.fingerprint()));
+    let ring_tasks = [
+        tokio::spawn(
+            members
+                .clone()
+                .catch_up(config.anti_entropy_interval)
+                .in_current_span(),
+        ),
+        tokio::spawn(
+            members
+                .clone()
+                .finish_join(config.replication_deadline)
+                .in_current_span(),
+        ),
+    ];
     if !*stopped.borrow() {
         set_health(&health, ServingStatus::Serving).await;
     }
@@ -237,6 +263,9 @@ async fn serve(
         }
     };
     signalled.abort();
+    for task in ring_tasks {
+        task.abort();
+    }
 
     // Drained even when serving failed: the log is synced and closed, and queued writes go
     // out, before the error is reported.
@@ -304,6 +333,7 @@ async fn start(
     node_id: &str,
     addr: std::net::SocketAddr,
     metrics: &NodeMetrics,
+    members: &Members,
 ) -> Result<Arc<Node>, Error> {
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
@@ -311,18 +341,52 @@ async fn start(
     let clock = Arc::new(
         Clock::with_max_offset(node, config.max_clock_offset).skewed_by(config.clock_skew_nanos),
     );
-    let placement = placement(config, addr)?;
+    let first = placement(config, addr)?;
     let settings = PeerSettings {
         node_id: node_id.to_string(),
         token: config.cluster_token.clone(),
-        ring: placement.fingerprint(),
+        ring: members.tag(),
         connect_timeout: config.peer_connect_timeout,
         call_timeout: config.replication_deadline,
         max_message_bytes: max_message,
         clock: clock.clone(),
         tls: config.tls.as_ref().and_then(|tls| tls.peer_config()),
     };
-    let peers = (config.peers.iter())
+    // The ring: a changed one the data dir recorded, or one joined now, or the first.
+    let me = ring_id(config, addr);
+    let changed = match config.data_dir.as_deref().map(membership::recorded) {
+        Some(Ok(Some(state))) if state.epoch() > (1, Phase::Settled) => Some(state),
+        _ => None,
+    };
+    let state = match (&changed, &config.join) {
+        (Some(state), _) => {
+            if state.ring().replicas() != config.replicas {
+                return Err(Error::FailedPrecondition(format!(
+                    "this node's data dir holds ring version {} with {} copies of each key: \
+                     start it with --replicas {}",
+                    state.ring().version(),
+                    state.ring().replicas(),
+                    state.ring().replicas()
+                )));
+            }
+            state.clone()
+        }
+        (None, Some(seed)) => {
+            let state = membership::join(seed, &me, &settings, JOIN_PATIENCE).await?;
+            if state.ring().replicas() != config.replicas {
+                tracing::warn!(
+                    replicas = state.ring().replicas(),
+                    "the ring keeps another number of copies than --replicas; the ring's holds"
+                );
+            }
+            state
+        }
+        (None, None) => first.state().clone(),
+    };
+    let others: Vec<String> = (state.members().into_iter()).filter(|m| *m != me).collect();
+    let placement =
+        Placement::of(state, &me, &others).map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+    let peers = (others.iter())
         .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
         .collect::<Result<Vec<_>, Error>>()?;
     // A restore seeds a new node: refused before the data dir is touched if it holds data,
@@ -365,7 +429,11 @@ async fn start(
                 took = ?opened.elapsed(),
                 "storage recovered"
             );
-            if let Err(refused) = record_ring(dir, &placement, !recovered.map.is_empty()) {
+            let recorded = match changed.is_some() || config.join.is_some() {
+                true => membership::record(dir, placement.state()),
+                false => record_ring(dir, &placement, !recovered.map.is_empty()),
+            };
+            if let Err(refused) = recorded {
                 // Let the data dir go before saying so: whoever starts the node again right
                 // away must find it unlocked.
                 recovered.storage.close().await;
@@ -387,6 +455,7 @@ async fn start(
             placement: Some(placement),
         },
     ));
+    members.started(settings);
     if let Some(file) = &config.restore {
         let restored = restore(&node, file).await;
         if restored.is_err() {
@@ -445,29 +514,32 @@ async fn start(
     Ok(node)
 }
 
-/// The file in a data dir that names the ring its data was placed by.
-const RING_FILE: &str = "ring";
-/// What [`RING_FILE`] says when every node holds every key.
+/// What an older build's ring record said when every node held every key.
 const EVERYWHERE: &str = "every node holds every key";
 
-/// Refuses to start a node that holds only some keys on data placed by another ring, and
-/// records the ring otherwise. Every node of a cluster restarted with new members or another
-/// `--replicas` agrees on the new ring, so no peer would object; but a partition whose new
-/// holders all lacked it would never be filled, since the nodes holding its keys no longer
-/// hold it, and its keys would be lost to clients. A data dir from before rings were recorded
-/// was written by a node holding every key. Going to every node holding every key is safe:
-/// anti-entropy then spreads every key everywhere.
+/// How long a node started with `--join` keeps trying while the ring is changing or one of
+/// its members does not answer.
+const JOIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Refuses to start a node that holds only some keys on data placed by another first ring,
+/// and records the ring otherwise. Every node of a cluster restarted with new members or
+/// another `--replicas` agrees on the new ring, so no peer would object; but a partition whose
+/// new holders all lacked it would never be filled, since the nodes holding its keys no longer
+/// hold it, and its keys would be lost to clients (a ring grows by `--join` instead). A data
+/// dir from before rings were recorded was written by a node holding every key. Going to
+/// every node holding every key is safe: anti-entropy then spreads every key everywhere.
 fn record_ring(
     dir: &std::path::Path,
     placement: &Placement,
     holds_data: bool,
 ) -> Result<(), Error> {
-    let path = dir.join(RING_FILE);
+    let describe = |state: &RingState| state.fingerprint().unwrap_or_else(|| EVERYWHERE.into());
     let current = placement.fingerprint().unwrap_or_else(|| EVERYWHERE.into());
-    let recorded = match std::fs::read_to_string(&path) {
-        Ok(text) => Some(text.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(Error::Io(e)),
+    let recorded = match membership::recorded(dir) {
+        Ok(Some(state)) if state == *placement.state() => return Ok(()),
+        Ok(Some(state)) => Some(describe(&state)),
+        Ok(None) => None,
+        Err(text) => Some(text),
     };
     let recorded = recorded.or_else(|| holds_data.then(|| EVERYWHERE.to_string()));
     if let Some(recorded) = &recorded
@@ -478,24 +550,27 @@ fn record_ring(
         return Err(Error::FailedPrecondition(format!(
             "{} holds data placed by another ring ({recorded}) than this node's ({current}): \
              some keys would be looked for only on nodes that do not have them. Start the node \
-             with the --replicas and peers it had; the members and copies of a ring that holds \
-             data cannot change yet",
+             with the --replicas and peers it had; a ring that holds data grows by --join",
             dir.display()
         )));
     }
-    if recorded.as_deref() != Some(current.as_str()) {
-        // Written beside and renamed into place: a crash leaves the old record or the new.
-        let partial = dir.join(format!("{RING_FILE}.tmp"));
-        std::fs::write(&partial, format!("{current}\n"))?;
-        std::fs::rename(&partial, &path)?;
-    }
-    Ok(())
+    membership::record(dir, placement.state())
+}
+
+/// This node's id in the ring: the address the other nodes list it by.
+fn ring_id(config: &NodeConfig, addr: std::net::SocketAddr) -> String {
+    config.advertise.clone().unwrap_or_else(|| addr.to_string())
 }
 
 /// Which keys this node and its peers hold: the first ring of the node and its peers, each
 /// named by the address the others list it by.
 fn placement(config: &NodeConfig, addr: std::net::SocketAddr) -> Result<Placement, Error> {
-    let me = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+    let me = ring_id(config, addr);
+    if config.join.is_some() {
+        // Not a member yet: alone in a ring of its own until it joins.
+        return Placement::bootstrap(&me, &[], config.replicas)
+            .map_err(|e| Error::InvalidArgument(e.to_string()));
+    }
     Placement::bootstrap(&me, &config.peers, config.replicas)
         .map_err(|e| Error::InvalidArgument(e.to_string()))
 }

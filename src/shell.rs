@@ -376,18 +376,27 @@ impl Shell {
     }
 
     /// The `cluster` table: this node and each of its peers, in address order. A peer's state
-    /// is this node's view of it (`normal` when reached, `down` when not), or `unreachable`
-    /// when this node reaches it and the REPL does not; its partitions and keys are what it
-    /// reports itself, `-` when it does not answer.
+    /// is this node's view of it (`normal` when reached, or `joining` while it says it joins;
+    /// `down` when not reached), or `unreachable` when this node reaches it and the REPL does
+    /// not; its partitions and keys are what it reports itself, `-` when it does not answer.
     async fn cluster(&self, own: NodeStatus) -> Output {
-        let mut rows = vec![(self.client.addr().to_string(), "normal", Some(own.clone()))];
+        // A node says itself whether it is joining; the asked node says whether it is down.
+        let own_state = |s: &NodeStatus| match s.ring_state.as_str() {
+            "joining" => "joining",
+            _ => "normal",
+        };
+        let mut rows = vec![(
+            self.client.addr().to_string(),
+            own_state(&own),
+            Some(own.clone()),
+        )];
         let asks = own.peers.iter().map(|peer| async move {
             let status = match self.client.to(&peer.address) {
                 Ok(client) => client.status().await.ok(),
                 Err(_) => None,
             };
             let state = match (peer.state.as_str(), &status) {
-                ("up" | "lagging", Some(_)) => "normal",
+                ("up" | "lagging", Some(s)) => own_state(s),
                 // This node reaches it, the REPL does not: say so, rather than "normal".
                 ("up" | "lagging", None) => "unreachable",
                 _ => "down",
@@ -584,6 +593,8 @@ mod tests {
             refusing_writes: "its clock is off".into(),
             replicas: 3,
             partitions: 1024,
+            ring_version: 1,
+            ring_state: "normal".into(),
             peers: vec![
                 PeerStatus {
                     address: "db2:5001".into(),

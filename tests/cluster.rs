@@ -1005,6 +1005,27 @@ impl Replicator for ScriptedPeer {
         Err(Status::unimplemented("scripted peer"))
     }
 
+    async fn get_ring(
+        &self,
+        _: Request<kvstore::pb::GetRingRequest>,
+    ) -> Result<Response<kvstore::pb::RingState>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+
+    async fn push_ring(
+        &self,
+        _: Request<kvstore::pb::RingState>,
+    ) -> Result<Response<kvstore::pb::RingState>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+
+    async fn join(
+        &self,
+        _: Request<kvstore::pb::JoinRequest>,
+    ) -> Result<Response<kvstore::pb::RingState>, Status> {
+        Err(Status::unimplemented("scripted peer"))
+    }
+
     async fn read(&self, _: Request<Key>) -> Result<Response<KeyValue>, Status> {
         Err(Status::unimplemented("scripted peer"))
     }
@@ -1053,7 +1074,7 @@ fn tester() -> kvstore::peer::PeerSettings {
     kvstore::peer::PeerSettings {
         node_id: "tester".into(),
         token: None,
-        ring: None,
+        ring: Default::default(),
         connect_timeout: NO_HANG,
         call_timeout: NO_HANG,
         max_message_bytes: 4 << 20,

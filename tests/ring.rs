@@ -332,11 +332,10 @@ async fn a_data_dir_placed_by_another_ring_is_refused() {
     );
     stop.send(()).unwrap();
     node.await.unwrap().unwrap();
-    assert!(
-        std::fs::read_to_string(dir.path().join("ring"))
-            .unwrap()
-            .contains("every node")
-    );
+    // The data dir names the ring its data was placed by.
+    let recorded = kvstore::membership::recorded(dir.path()).unwrap().unwrap();
+    assert_eq!(recorded.ring().members().len(), 4);
+    assert_eq!(recorded.ring().replicas(), 4);
     // The same data dir in a ring of one copy each: refused.
     let (_, _stop, node) = run(config(1, dir.path())).await;
     let refused = tokio::time::timeout(Duration::from_secs(20), node)
@@ -374,4 +373,103 @@ async fn a_data_dir_placed_by_another_ring_is_refused() {
     stop.send(()).unwrap();
     node.await.unwrap().unwrap();
     drop(held);
+}
+
+/// Waits until every node of `cluster` reports ring version `version` and none says it is
+/// joining; panics after a minute.
+async fn ring_settles_at(cluster: &TestCluster, version: u64) {
+    let started = std::time::Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for i in 0..cluster.nodes.len() {
+            let status = cluster.client(i).status().await.unwrap();
+            seen.push((status.ring_version, status.ring_state));
+        }
+        if seen.iter().all(|(v, s)| *v == version && s == "normal") {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the ring did not settle at version {version}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A seventh node joins a six-node ring while clients write: no acknowledged write is lost,
+/// the new node takes its share of the keys, and once the join has settled every key is on
+/// exactly three nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_under_load_takes_its_share_and_loses_no_write() {
+    let config = || NodeConfig {
+        replicas: 3,
+        replication_deadline: Duration::from_secs(2),
+        anti_entropy_interval: Duration::from_secs(1),
+        ..NodeConfig::default()
+    };
+    let mut cluster = TestCluster::start_with(6, |_| config());
+    const BEFORE: usize = 300;
+    for k in 0..BEFORE {
+        let ack = cluster.client(k % 6).put(&format!("before{k}"), "v").await;
+        assert!(ack.unwrap().ok, "before{k}");
+    }
+    // Clients write through every node while the seventh joins, bounded in count.
+    let clients: Vec<_> = (0..6).map(|i| cluster.client(i)).collect();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for k in 0..5_000 {
+            if *stopped.borrow_and_update() {
+                break;
+            }
+            let key = format!("during{k}");
+            if let Ok(ack) = clients[k % 6].put(&key, &format!("v{k}")).await
+                && ack.ok
+            {
+                acked.push((key, format!("v{k}")));
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = cluster.join(config(), 2);
+    ring_settles_at(&cluster, 2).await;
+    let _ = stop.send(true);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 20, "the writes went on: {}", acked.len());
+
+    // Every acknowledged write, and every key from before, reads back at QUORUM through
+    // every node, the new one too.
+    let mut all: Vec<(String, String)> = (0..BEFORE)
+        .map(|k| (format!("before{k}"), "v".to_string()))
+        .chain(acked)
+        .collect();
+    all.sort();
+    for (n, (key, value)) in all.iter().enumerate().step_by(3) {
+        let via = n % cluster.nodes.len();
+        let read = cluster.client(via).get_with(key, Consistency::Quorum).await;
+        assert_eq!(&read.unwrap().value, value, "{key} through node {via}");
+    }
+    // Every copy lands on the key's three holders, and the nodes that gave partitions to the
+    // new one drop them: each key is on exactly three nodes once anti-entropy has run.
+    let started = std::time::Instant::now();
+    let keys = loop {
+        let keys = held(&cluster).await;
+        if keys.iter().sum::<u64>() == 3 * all.len() as u64 {
+            break keys;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not three copies of {} keys: {keys:?}",
+            all.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Its share: 3/7 of the keys, within what hashing leaves to chance.
+    let share = keys[new] as f64 / all.len() as f64;
+    assert!((0.3..0.56).contains(&share), "{keys:?}");
+    let status = cluster.client(new).status().await.unwrap();
+    assert!((435..=443).contains(&status.partitions), "{status:?}");
+    // A List through the new node has every key once.
+    assert_eq!(cluster.client(new).list().await.unwrap(), all);
 }

@@ -28,10 +28,11 @@ use crate::antientropy;
 use crate::entry::{Entry, Write};
 use crate::error::Error;
 use crate::health::{PeerHealth, PeerState};
+use crate::membership::RingState;
 use crate::merge::{ListError, Source};
 use crate::peer::{PeerClient, PeerError};
 use crate::placement::{Holders, PartitionSet, Placement};
-use crate::replication::{Repair, Replicate, ReplicationActor, Resync};
+use crate::replication::{Repair, Replicate, ReplicationActor, Resync, SetScope};
 use crate::store::{self, StoreActor, StoreReader, StoreStats};
 
 /// Time beyond the replication deadline a write may wait for the local log before it is
@@ -234,13 +235,50 @@ struct Peer<P: PeerClient> {
     client: P,
 }
 
+/// The node's peers and where keys live: replaced whole when the ring changes, read by
+/// every request.
+struct Topology<P: PeerClient> {
+    peers: Vec<Arc<Peer<P>>>,
+    /// Every peer's index: the holders of every key when there is no placement.
+    all_peers: Vec<u16>,
+    placement: Option<Arc<Placement>>,
+}
+
+impl<P: PeerClient> Topology<P> {
+    /// Who holds `key` to read it: this node or not, and which peers.
+    fn holders(&self, key: &str) -> Holders<'_> {
+        match &self.placement {
+            Some(placement) => placement.holders(key),
+            None => Holders {
+                local: true,
+                peers: &self.all_peers,
+            },
+        }
+    }
+
+    /// Who takes the writes of `key` (its holders, and during a ring change, its next ones).
+    fn write_holders(&self, key: &str) -> Holders<'_> {
+        match &self.placement {
+            Some(placement) => placement.write_holders(key),
+            None => Holders {
+                local: true,
+                peers: &self.all_peers,
+            },
+        }
+    }
+
+    fn peer(&self, i: u16) -> &Peer<P> {
+        &self.peers[usize::from(i)]
+    }
+}
+
 /// Handle to a node's actors. Cheap to share behind an `Arc`.
 pub struct Coordinator<P: PeerClient> {
     store: ActorRef<StoreActor>,
     reader: StoreReader,
-    peers: Vec<Peer<P>>,
-    /// Every peer's index: the holders of every key when there is no placement.
-    all_peers: Vec<u16>,
+    topology: Arc<arc_swap::ArcSwap<Topology<P>>>,
+    /// Held while the ring changes, so that two changes are adopted one after the other.
+    adopting: std::sync::Mutex<()>,
     config: CoordinatorConfig,
     ticker: tokio::task::JoinHandle<()>,
     clock: Arc<crate::clock::Clock>,
@@ -425,37 +463,31 @@ impl<P: PeerClient> Coordinator<P> {
                 "the placement was made for another set of peers"
             );
         }
-        let all_peers = (0..peers.len() as u16).collect();
-        let peers: Vec<Peer<P>> = peers
+        let placement = config.placement.clone().map(Arc::new);
+        if let Some(placement) = placement.as_ref().filter(|p| !p.is_everywhere()) {
+            // Keys of partitions this node gave up before a restart, brought back by its log.
+            let _ = store
+                .tell(store::Retain(*placement.write_local()))
+                .try_send();
+        }
+        let peers: Vec<Arc<Peer<P>>> = peers
             .into_iter()
             .enumerate()
             .map(|(i, (addr, client))| {
-                let health = Arc::new(PeerHealth::new(addr));
                 // Anti-entropy with a peer compares only the partitions both nodes hold.
-                let scope =
-                    (config.placement.as_ref()).map_or(PartitionSet::all(), |p| p.shared_with(i));
-                let actor = crate::spawn_in_span(
-                    ReplicationActor::new(
-                        client.clone(),
-                        health.clone(),
-                        store.clone(),
-                        reader.clone(),
-                        config.handoff_capacity,
-                        config.peer_mailbox,
-                    )
-                    .with_drain_limit(config.replication_deadline)
-                    .with_scope(scope),
-                    config.peer_mailbox,
-                );
-                Peer {
-                    actor,
-                    health,
-                    client,
-                }
+                let scope = (placement.as_ref()).map_or(PartitionSet::all(), |p| p.shared_with(i));
+                Arc::new(Self::spawn_peer(
+                    addr, client, scope, &store, &reader, &config,
+                ))
             })
             .collect();
+        let topology = Arc::new(arc_swap::ArcSwap::from_pointee(Topology {
+            all_peers: (0..peers.len() as u16).collect(),
+            peers,
+            placement,
+        }));
         let ticker = {
-            let actors: Vec<_> = peers.iter().map(|p| p.actor.downgrade()).collect();
+            let topology = Arc::downgrade(&topology);
             let every = config.anti_entropy_interval;
             tokio::spawn(
                 async move {
@@ -463,9 +495,12 @@ impl<P: PeerClient> Coordinator<P> {
                         tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                     loop {
                         tick.tick().await;
-                        for actor in actors.iter().filter_map(|a| a.upgrade()) {
+                        let Some(topology) = topology.upgrade() else {
+                            return;
+                        };
+                        for peer in &topology.load().peers {
                             // A full mailbox already means a busy peer; the next tick will do.
-                            let _ = actor.tell(Resync).try_send();
+                            let _ = peer.actor.tell(Resync).try_send();
                         }
                     }
                 }
@@ -475,8 +510,8 @@ impl<P: PeerClient> Coordinator<P> {
         Self {
             store,
             reader,
-            peers,
-            all_peers,
+            topology,
+            adopting: std::sync::Mutex::new(()),
             config,
             ticker,
             clock,
@@ -484,6 +519,136 @@ impl<P: PeerClient> Coordinator<P> {
             quorum_met: AtomicU64::new(0),
             quorum_missed: AtomicU64::new(0),
         }
+    }
+
+    /// Starts the replication actor of one peer, whose anti-entropy compares `scope`.
+    fn spawn_peer(
+        addr: String,
+        client: P,
+        scope: PartitionSet,
+        store: &ActorRef<StoreActor>,
+        reader: &StoreReader,
+        config: &CoordinatorConfig,
+    ) -> Peer<P> {
+        let health = Arc::new(PeerHealth::new(addr));
+        let actor = crate::spawn_in_span(
+            ReplicationActor::new(
+                client.clone(),
+                health.clone(),
+                store.clone(),
+                reader.clone(),
+                config.handoff_capacity,
+                config.peer_mailbox,
+            )
+            .with_drain_limit(config.replication_deadline)
+            .with_scope(scope),
+            config.peer_mailbox,
+        );
+        Peer {
+            actor,
+            health,
+            client,
+        }
+    }
+
+    /// The ring this node is in, and any change of it under way; `None` for a node given no
+    /// placement.
+    pub fn ring_state(&self) -> Option<RingState> {
+        (self.topology.load().placement.as_ref()).map(|p| p.state().clone())
+    }
+
+    /// The ids of the members of the ring (either ring, during a change) that are not yet
+    /// this node's peers: those [`Coordinator::adopt`] needs a client for.
+    pub fn strangers(&self, state: &RingState) -> Vec<String> {
+        let topology = self.topology.load();
+        let me = (topology.placement.as_ref()).map(|p| p.me().to_owned());
+        let known: Vec<&str> = topology.peers.iter().map(|p| p.health.addr()).collect();
+        (state.members().into_iter())
+            .filter(|m| Some(m) != me.as_ref() && !known.contains(&m.as_str()))
+            .collect()
+    }
+
+    /// Moves the node to `state` if it is newer than the node's own (see
+    /// [`RingState::epoch`]), with a client for each of its [`Coordinator::strangers`]: starts
+    /// their replication, points each peer's anti-entropy at the partitions both now hold, and
+    /// once a change has settled drops the keys of the partitions this node gave up. Returns
+    /// whether it moved.
+    pub async fn adopt(
+        &self,
+        state: RingState,
+        new_peers: Vec<(String, P)>,
+    ) -> Result<bool, Error> {
+        let keep = {
+            let _one_at_a_time = self.adopting.lock().expect("adopting poisoned");
+            let old = self.topology.load_full();
+            let Some(placement) = &old.placement else {
+                return Err(Error::Ring("this node was started without a ring".into()));
+            };
+            if state.epoch() <= placement.state().epoch() {
+                return Ok(false);
+            }
+            let mut ids = placement.peer_ids().to_vec();
+            ids.extend(new_peers.iter().map(|(id, _)| id.clone()));
+            let next = Arc::new(Placement::of(state, placement.me(), &ids)?);
+            let mut peers = old.peers.clone();
+            for (i, peer) in peers.iter().enumerate() {
+                let scope = next.shared_with(i);
+                if scope != placement.shared_with(i) {
+                    // Into the mailbox behind what is queued, ahead of the round started
+                    // below; a full one waits its turn in a task, since a scope must not be
+                    // lost. A round with the old scope is harmless: the store keeps only the
+                    // partitions it takes.
+                    if let Err(SendError::MailboxFull(message)) =
+                        peer.actor.tell(SetScope(scope)).try_send()
+                    {
+                        let actor = peer.actor.clone();
+                        tokio::spawn(async move { actor.tell(message).await });
+                    }
+                }
+            }
+            for (id, client) in new_peers {
+                let scope = next.shared_with(peers.len());
+                peers.push(Arc::new(Self::spawn_peer(
+                    id,
+                    client,
+                    scope,
+                    &self.store,
+                    &self.reader,
+                    &self.config,
+                )));
+            }
+            // What the node keeps from now on: during a change, both rings' partitions.
+            let keep = (!next.is_everywhere()).then(|| *next.write_local());
+            tracing::info!(
+                ring_version = next.state().ring().version(),
+                phase = next.state().phase().name(),
+                members = next.state().members().len(),
+                partitions = next.local().len(),
+                "ring changed"
+            );
+            self.topology.store(Arc::new(Topology {
+                all_peers: (0..peers.len() as u16).collect(),
+                peers,
+                placement: Some(next),
+            }));
+            keep
+        };
+        if let Some(keep) = keep {
+            let gone = self
+                .store
+                .ask(store::Retain(keep))
+                .await
+                .map_err(|_| Error::StoreStopped)?;
+            if gone > 0 {
+                tracing::info!(
+                    keys = gone,
+                    "dropped the keys of partitions moved to other nodes"
+                );
+            }
+        }
+        // A new holder starts filling its partitions now, not at the next period.
+        self.resync_peers();
+        Ok(true)
     }
 
     /// This node's anti-entropy digest, for a peer. Scans the map off the async threads, in
@@ -519,7 +684,7 @@ impl<P: PeerClient> Coordinator<P> {
     /// Starts an anti-entropy round with every peer now, rather than at the next period: after
     /// the node was seeded behind replication's back (a restore), say.
     pub fn resync_peers(&self) {
-        for peer in &self.peers {
+        for peer in &self.topology.load().peers {
             // A full mailbox means a busy peer; the periodic round will come.
             let _ = peer.actor.tell(Resync).try_send();
         }
@@ -542,9 +707,7 @@ impl<P: PeerClient> Coordinator<P> {
             .await
             .map_err(|_| Error::StoreStopped)?;
         let refusing_writes = self.clock_check().err().map(|e| e.to_string());
-        let peers = self
-            .peers
-            .iter()
+        let peers = (self.topology.load().peers.iter())
             .map(|p| {
                 let (confirmed_batches, confirmed_writes) = p.health.confirmed();
                 PeerStatus {
@@ -575,13 +738,15 @@ impl<P: PeerClient> Coordinator<P> {
     /// bound, or back within it, is logged once; so is this node's own refusal, and its end.
     fn clock_check(&self) -> Result<(), Error> {
         let bound = self.clock.max_offset();
-        let mut off: Vec<i64> = (self.peers.iter())
+        let topology = self.topology.load();
+        let peer_count = topology.peers.len();
+        let mut off: Vec<i64> = (topology.peers.iter())
             .filter_map(|p| {
                 let offset = p.client.clock_offset()?;
                 p.health.note_clock(offset, bound).then_some(offset)
             })
             .collect();
-        let refusing = off.len() * 2 > self.peers.len();
+        let refusing = off.len() * 2 > peer_count;
         // A load first: this runs on every write, and nearly always nothing changes.
         let was = &self.refusing_writes;
         if was.load(std::sync::atomic::Ordering::Relaxed) != refusing
@@ -590,7 +755,7 @@ impl<P: PeerClient> Coordinator<P> {
             if refusing {
                 tracing::warn!(
                     peers_off = off.len(),
-                    peers = self.peers.len(),
+                    peers = peer_count,
                     "this node's clock is off from most of its peers': refusing writes"
                 );
             } else {
@@ -607,46 +772,38 @@ impl<P: PeerClient> Coordinator<P> {
             offset: Duration::from_nanos(median.unsigned_abs()),
             ahead: median < 0,
             off: off.len(),
-            peers: self.peers.len(),
+            peers: peer_count,
             bound,
         })
-    }
-
-    /// Who holds `key`: this node or not, and which peers.
-    pub fn holders(&self, key: &str) -> Holders<'_> {
-        match &self.config.placement {
-            Some(placement) => placement.holders(key),
-            None => Holders {
-                local: true,
-                peers: &self.all_peers,
-            },
-        }
     }
 
     /// The copies each key has, and the partitions (of [`crate::ring::PARTITIONS`]) this node
     /// holds a copy of.
     pub fn share(&self) -> (usize, usize) {
-        match &self.config.placement {
+        let topology = self.topology.load();
+        match &topology.placement {
             Some(p) => (p.ring().width(), p.local().len()),
-            None => (self.peers.len() + 1, usize::from(crate::ring::PARTITIONS)),
+            None => (
+                topology.peers.len() + 1,
+                usize::from(crate::ring::PARTITIONS),
+            ),
         }
     }
 
     /// The placement of keys, if the node was given one (see [`Placement::is_everywhere`]).
-    pub fn placement(&self) -> Option<&Placement> {
-        self.config.placement.as_ref()
+    pub fn placement(&self) -> Option<Arc<Placement>> {
+        self.topology.load().placement.clone()
     }
 
     /// The entry of `key`, tombstones included, from one copy: this node's if it holds the
     /// key, or else the first of the key's holders that answers, the peers seen up first.
     pub async fn read(&self, key: String) -> Result<Option<Entry>, ReadError> {
-        let holders = self.holders(&key);
-        if holders.local {
+        if self.topology.load().holders(&key).local {
             return Ok(self.reader.get_entry(&key));
         }
-        let mut order: Vec<&Peer<P>> = (holders.peers.iter())
-            .map(|&i| &self.peers[usize::from(i)])
-            .collect();
+        let topology = self.topology.load_full();
+        let holders = topology.holders(&key);
+        let mut order: Vec<&Peer<P>> = holders.peers.iter().map(|&i| topology.peer(i)).collect();
         order.sort_by_key(|p| p.health.state() != PeerState::Up);
         // Each holder gets its share of the deadline: one that hangs must not leave the
         // others no time to answer.
@@ -678,14 +835,13 @@ impl<P: PeerClient> Coordinator<P> {
     /// entry, this node too, are repaired in the background.
     pub async fn get_quorum(&self, key: String) -> Result<Option<Entry>, ReadError> {
         let deadline = tokio::time::Instant::now() + self.config.replication_deadline;
-        let holders = self.holders(&key);
+        let topology = self.topology.load_full();
+        let holders = topology.holders(&key);
         let local = match holders.local {
             true => Some(self.get_entry(key.clone()).await?),
             false => None,
         };
-        let peers: Vec<&Peer<P>> = (holders.peers.iter())
-            .map(|&i| &self.peers[usize::from(i)])
-            .collect();
+        let peers: Vec<&Peer<P>> = holders.peers.iter().map(|&i| topology.peer(i)).collect();
         let reads = peers.iter().map(|p| {
             let key = key.clone();
             async move { tokio::time::timeout_at(deadline, p.client.read(key)).await }
@@ -755,8 +911,10 @@ impl<P: PeerClient> Coordinator<P> {
     }
 
     /// Health of every peer, in configuration order.
-    pub fn peers(&self) -> impl Iterator<Item = &PeerHealth> {
-        self.peers.iter().map(|p| &*p.health)
+    pub fn peers(&self) -> Vec<Arc<PeerHealth>> {
+        (self.topology.load().peers.iter())
+            .map(|p| p.health.clone())
+            .collect()
     }
 
     /// Stores `value` under `key` on its holders.
@@ -774,7 +932,8 @@ impl<P: PeerClient> Coordinator<P> {
     /// it a version from its clock and sends it to the holders only.
     async fn write(&self, key: String, value: Option<String>) -> Result<WriteOutcome, Error> {
         self.clock_check()?;
-        let holders = self.holders(&key);
+        let topology = self.topology.load_full();
+        let holders = topology.write_holders(&key);
         if !holders.local {
             let write = Write {
                 key,
@@ -783,7 +942,7 @@ impl<P: PeerClient> Coordinator<P> {
                     version: self.clock.now(),
                 },
             };
-            return Ok(self.replicate(write, holders).await);
+            return Ok(self.replicate(write, &topology, holders).await);
         }
         let local = match value {
             Some(value) => self
@@ -797,7 +956,7 @@ impl<P: PeerClient> Coordinator<P> {
                 .await
                 .map_err(store_error),
         }?;
-        self.finish_write(local, holders.peers).await
+        self.finish_write(local, &topology, holders.peers).await
     }
 
     /// Waits for the local log and the peers together: the peers do not wait for our fsync.
@@ -808,6 +967,7 @@ impl<P: PeerClient> Coordinator<P> {
     async fn finish_write(
         &self,
         local: store::LocalWrite,
+        topology: &Topology<P>,
         peers: &[u16],
     ) -> Result<WriteOutcome, Error> {
         let durable = async {
@@ -823,12 +983,18 @@ impl<P: PeerClient> Coordinator<P> {
             }
         };
         let holders = Holders { local: true, peers };
-        let (durable, outcome) = futures::join!(durable, self.replicate(local.write, holders));
+        let (durable, outcome) =
+            futures::join!(durable, self.replicate(local.write, topology, holders));
         durable?;
         Ok(outcome)
     }
 
     /// Applies writes other nodes made, durably. Returns how many were newer than ours.
+    ///
+    /// In a ring, writes of partitions this node does not take are let go (see
+    /// [`store::Retain`]): a node still finishing a ring change sends them to every holder
+    /// the change had, and this node stopped being one. The nodes that hold the partition
+    /// now are sent the write as well.
     pub async fn apply(&self, writes: Vec<Write>) -> Result<usize, Error> {
         let applied = self
             .store
@@ -883,7 +1049,8 @@ impl<P: PeerClient> Coordinator<P> {
     /// partitions: its own, and each other partition's from one of its holders, merged (see
     /// [`crate::merge`]). Chunks hold up to `keys` pairs and stop once they hold `bytes`.
     pub async fn list_ring(&self, keys: usize, bytes: usize) -> Result<RingListing, ListError> {
-        let local_scope = match &self.config.placement {
+        let topology = self.topology.load_full();
+        let local_scope = match &topology.placement {
             Some(placement) => *placement.local(),
             None => PartitionSet::all(),
         };
@@ -894,29 +1061,26 @@ impl<P: PeerClient> Coordinator<P> {
             pairs: local_pairs(listing),
         }];
         let mut todo = PartitionSet::all().minus(&local_scope);
-        let mut failed = vec![false; self.peers.len()];
+        let mut failed = vec![false; topology.peers.len()];
         let mut missing = Vec::new();
         let mut orphans = PartitionSet::none();
         while !todo.is_empty() {
-            let placement = self
-                .config
-                .placement
-                .as_ref()
-                .expect("only a ring leaves any");
+            let placement = (topology.placement.as_ref()).expect("only a ring leaves any");
             // Each partition from its first holder not yet failed, those seen up first.
             let mut groups: std::collections::BTreeMap<u16, PartitionSet> = Default::default();
             for p in todo.iter() {
                 let pick = (placement.peers_of(p).iter())
                     .filter(|&&i| !failed[usize::from(i)])
-                    .min_by_key(|&&i| self.peers[usize::from(i)].health.state() != PeerState::Up);
+                    .min_by_key(|&&i| topology.peer(i).health.state() != PeerState::Up);
                 match pick {
                     Some(&i) => groups.entry(i).or_insert_with(PartitionSet::none).insert(p),
                     None => orphans.insert(p),
                 }
             }
             todo = PartitionSet::none();
+            let topology = &topology;
             let scans = groups.iter().map(|(&i, scope)| async move {
-                let peer = &self.peers[usize::from(i)];
+                let peer = topology.peer(i);
                 let deadline = self.config.replication_deadline;
                 match tokio::time::timeout(deadline, peer.client.scan(scope)).await {
                     Ok(result) => result,
@@ -928,7 +1092,7 @@ impl<P: PeerClient> Coordinator<P> {
             });
             let started = join_all(scans).await;
             for ((&i, scope), result) in groups.iter().zip(started) {
-                let peer = &self.peers[usize::from(i)];
+                let peer = topology.peer(i);
                 match result {
                     Ok(pairs) => sources.push(Source {
                         name: peer.health.addr().to_string(),
@@ -960,11 +1124,16 @@ impl<P: PeerClient> Coordinator<P> {
     /// Hands `write` to the replication actors of the key's holders and waits, up to the
     /// deadline, for them. This node counts as one copy if it holds the key (it has stored the
     /// write by then).
-    async fn replicate(&self, write: Write, holders: Holders<'_>) -> WriteOutcome {
+    async fn replicate(
+        &self,
+        write: Write,
+        topology: &Topology<P>,
+        holders: Holders<'_>,
+    ) -> WriteOutcome {
         let write = &write;
         let wait = self.config.replication_deadline;
         let deadline = tokio::time::Instant::now() + wait;
-        let targets = || (holders.peers.iter()).map(|&i| &self.peers[usize::from(i)]);
+        let targets = || holders.peers.iter().map(|&i| topology.peer(i));
         let deliveries = targets().map(|peer| {
             let write = write.clone();
             async move {
@@ -1062,7 +1231,8 @@ impl<P: PeerClient> Coordinator<P> {
         // All peers at once, so the bound is the node's, not each peer's: two hung peers
         // must not take twice as long.
         let limit = 2 * self.config.replication_deadline;
-        join_all(self.peers.iter().map(|peer| async move {
+        let topology = self.topology.load_full();
+        join_all(topology.peers.iter().map(|peer| async move {
             let stopped = async {
                 let _ = peer.actor.stop_gracefully().await;
                 peer.actor.wait_for_shutdown_result().await
@@ -1316,6 +1486,7 @@ mod tests {
         for _ in 0..12_000 {
             if node
                 .peers()
+                .iter()
                 .all(|h| h.state() == PeerState::Up && !h.resyncing())
             {
                 return;
@@ -1410,7 +1581,7 @@ mod tests {
             assert_eq!(got[0].key, "k");
             assert_eq!(got[0].entry.value.as_deref(), Some("v"));
         }
-        assert!(c.peers().all(|h| h.state() == PeerState::Up));
+        assert!(c.peers().iter().all(|h| h.state() == PeerState::Up));
     }
 
     #[tokio::test]
@@ -1429,7 +1600,11 @@ mod tests {
         assert!(msg.contains("met"), "{msg}");
         assert!(!msg.contains("peer1"), "{msg}");
         // Never reached: waited for, not down.
-        let health: Vec<_> = c.peers().map(|h| (h.state(), h.needs_resync())).collect();
+        let health: Vec<_> = c
+            .peers()
+            .iter()
+            .map(|h| (h.state(), h.needs_resync()))
+            .collect();
         assert_eq!(health, [(PeerState::Up, false), (PeerState::Waiting, true)]);
 
         let c = coordinator(&peers, WriteQuorum::All, Duration::from_secs(5), 8);
@@ -1484,7 +1659,7 @@ mod tests {
             "a full mailbox must not slow the Put"
         );
         assert_eq!(out.failures, [("peer1".to_string(), PeerFailure::Lagging)]);
-        let health = c.peers().next().unwrap();
+        let health = c.peers().into_iter().next().unwrap();
         assert_eq!(health.state(), PeerState::Lagging);
         assert!(health.needs_resync());
         for b in background {
@@ -1675,7 +1850,8 @@ mod placed {
         let apart = (0..5)
             .find(|&i| placement.shared_with(i).is_empty())
             .expect("one peer shares nothing");
-        let up = |node: &Coordinator<FakePeer>| node.peers().nth(apart).unwrap().state();
+        let up =
+            |node: &Coordinator<FakePeer>| node.peers().into_iter().nth(apart).unwrap().state();
         let waited = std::time::Instant::now();
         while up(&node) != PeerState::Up {
             assert!(waited.elapsed() < Duration::from_secs(10), "never seen up");
@@ -1770,7 +1946,7 @@ mod placed {
         assert!(expected > 0 && expected < writes.len());
         let waited = std::time::Instant::now();
         while node.status().await.unwrap().store.keys < expected
-            || node.peers().nth(sharing).unwrap().resyncing()
+            || node.peers().into_iter().nth(sharing).unwrap().resyncing()
         {
             assert!(waited.elapsed() < Duration::from_secs(10), "never repaired");
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1793,7 +1969,7 @@ mod placed {
             assert!(waited.elapsed() < Duration::from_secs(10), "never pushed");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        while node.peers().nth(apart).unwrap().resyncing() {
+        while node.peers().into_iter().nth(apart).unwrap().resyncing() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(peers[apart].pulls.load(Ordering::Relaxed), 0);

@@ -68,6 +68,7 @@ pub mod coordinator;
 pub mod entry;
 pub mod error;
 pub mod health;
+pub mod membership;
 pub mod merge;
 pub mod peer;
 pub mod placement;

@@ -8,6 +8,7 @@
 //! (N at least the node count, the default 3 of 3) skips even that.
 
 use crate::error::Error;
+use crate::membership::{Phase, RingState};
 use crate::ring::{PARTITIONS, Ring, partition_of};
 
 /// Words in a [`PartitionSet`].
@@ -130,19 +131,31 @@ impl Holders<'_> {
     }
 }
 
-/// A ring mapped onto one node's peers.
+/// A ring mapped onto one node's peers. While the ring changes (see [`crate::membership`]),
+/// reads follow one ring and writes go to the holders of both, so a placement keeps a table
+/// for each.
 #[derive(Clone, Debug)]
 pub struct Placement {
-    ring: Ring,
+    state: RingState,
+    /// This node's id.
+    me: String,
     /// Whether every node holds every key: then nothing is looked up.
     everywhere: bool,
     /// Every peer's index, for `everywhere`.
     all_peers: Vec<u16>,
-    /// Partitions this node holds.
+    /// The peers' ids, in configuration order.
+    peer_ids: Vec<String>,
+    /// Partitions this node holds a copy of to read.
     local: PartitionSet,
-    /// Per partition, the peers holding it, in preference order.
+    /// Per partition, the peers holding it to read, in preference order.
     peers_of: Vec<Box<[u16]>>,
-    /// Per peer, the partitions both it and this node hold.
+    /// Partitions this node takes writes of: `local`, and during a change those it gains or
+    /// has not yet given up.
+    write_local: PartitionSet,
+    /// Per partition, the peers that take its writes.
+    write_peers_of: Vec<Box<[u16]>>,
+    /// Per peer, the partitions both it and this node take writes of: what anti-entropy
+    /// compares with it, and how a new holder fills its partitions.
     shared: Vec<PartitionSet>,
 }
 
@@ -150,11 +163,19 @@ impl Placement {
     /// `ring` seen from node `me`, whose peers are `peers` (ring member ids, in configuration
     /// order). Every member but `me` must be a peer, and `me` a member.
     pub fn new(ring: Ring, me: &str, peers: &[String]) -> Result<Self, Error> {
-        if !ring.members().iter().any(|m| m == me) {
+        Self::of(RingState::settled(ring), me, peers)
+    }
+
+    /// `state` seen from node `me`, whose peers are `peers`: every member of either ring but
+    /// `me` must be a peer, and `me` a member of one of them. Peers that are no member hold
+    /// nothing.
+    pub fn of(state: RingState, me: &str, peers: &[String]) -> Result<Self, Error> {
+        let members = state.members();
+        if !members.iter().any(|m| m == me) {
             return Err(Error::Ring(format!("{me} is not a member of the ring")));
         }
         let index_of = |member: &str| peers.iter().position(|p| p == member);
-        for member in ring.members().iter().filter(|m| *m != me) {
+        for member in members.iter().filter(|m| *m != me) {
             if index_of(member).is_none() {
                 return Err(Error::Ring(format!(
                     "ring member {member} is not one of this node's peers"
@@ -163,11 +184,9 @@ impl Placement {
         }
         let peer_count = u16::try_from(peers.len())
             .map_err(|_| Error::Ring(format!("{} peers is too many", peers.len())))?;
-        let everywhere = ring.width() == ring.members().len();
-        let mut local = PartitionSet::none();
-        let mut shared = vec![PartitionSet::none(); peers.len()];
-        let mut peers_of = Vec::with_capacity(usize::from(PARTITIONS));
-        for p in 0..PARTITIONS {
+        let read = state.read_ring();
+        let everywhere = state.phase() == Phase::Settled && read.width() == read.members().len();
+        let table = |ring: &Ring, p: u16| -> (bool, Vec<u16>) {
             let mut here = false;
             let mut held = Vec::with_capacity(ring.width());
             for holder in ring.holders(p) {
@@ -177,20 +196,50 @@ impl Placement {
                     held.push(index_of(holder).expect("checked above") as u16);
                 }
             }
+            (here, held)
+        };
+        let mut local = PartitionSet::none();
+        let mut write_local = PartitionSet::none();
+        let mut shared = vec![PartitionSet::none(); peers.len()];
+        let mut peers_of = Vec::with_capacity(usize::from(PARTITIONS));
+        let mut write_peers_of = Vec::with_capacity(usize::from(PARTITIONS));
+        for p in 0..PARTITIONS {
+            let (here, held) = table(read, p);
             if here {
                 local.insert(p);
-                for &peer in &held {
+            }
+            // The reading holders first, then any other ring's: the order a write's failures
+            // are named in.
+            let mut writers = held.clone();
+            let mut write_here = here;
+            for ring in state.write_rings() {
+                let (also_here, others) = table(ring, p);
+                write_here |= also_here;
+                for peer in others {
+                    if !writers.contains(&peer) {
+                        writers.push(peer);
+                    }
+                }
+            }
+            if write_here {
+                write_local.insert(p);
+                for &peer in &writers {
                     shared[usize::from(peer)].insert(p);
                 }
             }
             peers_of.push(held.into_boxed_slice());
+            write_peers_of.push(writers.into_boxed_slice());
         }
         Ok(Self {
-            ring,
+            state,
+            me: me.to_owned(),
             everywhere,
             all_peers: (0..peer_count).collect(),
+            peer_ids: peers.to_vec(),
             local,
             peers_of,
+            write_local,
+            write_peers_of,
             shared,
         })
     }
@@ -208,8 +257,34 @@ impl Placement {
         Self::new(Ring::bootstrap(members, replicas)?, me, peers)
     }
 
+    /// The ring reads follow (the one in force, but during the first phase of a change).
     pub fn ring(&self) -> &Ring {
-        &self.ring
+        self.state.read_ring()
+    }
+
+    /// The ring and any change under way.
+    pub fn state(&self) -> &RingState {
+        &self.state
+    }
+
+    /// This node's id in the ring.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// This node's part in the ring: "joining" while a change it joins by is under way,
+    /// "normal" otherwise.
+    pub fn role(&self) -> &'static str {
+        let member = |ring: &Ring| ring.members().contains(&self.me);
+        match self.state.previous() {
+            Some(previous) if member(self.state.ring()) && !member(previous) => "joining",
+            _ => "normal",
+        }
+    }
+
+    /// The peers' ids, in configuration order.
+    pub fn peer_ids(&self) -> &[String] {
+        &self.peer_ids
     }
 
     /// Whether every node holds every key.
@@ -217,7 +292,7 @@ impl Placement {
         self.everywhere
     }
 
-    /// Who holds `key`.
+    /// Who holds `key` to read it.
     pub fn holders(&self, key: &str) -> Holders<'_> {
         if self.everywhere {
             return Holders {
@@ -232,35 +307,40 @@ impl Placement {
         }
     }
 
-    /// The peers holding partition `p`, in preference order (this node left out).
+    /// Who takes the writes of `key`: its holders, and during a change those of the other
+    /// ring too.
+    pub fn write_holders(&self, key: &str) -> Holders<'_> {
+        if self.everywhere {
+            return Holders {
+                local: true,
+                peers: &self.all_peers,
+            };
+        }
+        let p = partition_of(key);
+        Holders {
+            local: self.write_local.contains(p),
+            peers: &self.write_peers_of[usize::from(p)],
+        }
+    }
+
+    /// The peers holding partition `p` to read, in preference order (this node left out).
     pub fn peers_of(&self, p: u16) -> &[u16] {
         &self.peers_of[usize::from(p)]
     }
 
-    /// Partitions this node holds.
+    /// Partitions this node holds to read.
     pub fn local(&self) -> &PartitionSet {
         &self.local
     }
 
-    /// What two nodes must agree on to compute the same ring: the copies of each key and the
-    /// members, hashed; `None` when every node holds every key, where there is nothing to
-    /// agree on. Nodes exchange it on every call, so that two nodes given different
-    /// `--replicas` or different names for one node find out at once.
+    /// Partitions this node takes writes of (and so keeps).
+    pub fn write_local(&self) -> &PartitionSet {
+        &self.write_local
+    }
+
+    /// The ring's fingerprint (see [`RingState::fingerprint`]).
     pub fn fingerprint(&self) -> Option<String> {
-        if self.everywhere {
-            return None;
-        }
-        let mut bytes = (self.ring.replicas() as u64).to_le_bytes().to_vec();
-        for member in self.ring.members() {
-            bytes.extend_from_slice(member.as_bytes());
-            bytes.push(b'\n');
-        }
-        let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
-        Some(format!(
-            "{}x{}-{hash:016x}",
-            self.ring.replicas(),
-            self.ring.members().len()
-        ))
+        self.state.fingerprint()
     }
 
     /// How many peers the placement was made for.
@@ -268,9 +348,41 @@ impl Placement {
         self.shared.len()
     }
 
-    /// Partitions this node and peer `peer` both hold: what anti-entropy compares with it.
+    /// Partitions this node and peer `peer` both take writes of: what anti-entropy compares
+    /// with it.
     pub fn shared_with(&self, peer: usize) -> PartitionSet {
         self.shared[peer]
+    }
+}
+
+/// A ring's fingerprint as another node sent it: which ring, and how far its changes went.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fingerprint<'a> {
+    /// Copies, members and their hash.
+    pub ring: &'a str,
+    /// The ring's version and phase letter; `None` for a first ring.
+    pub epoch: Option<&'a str>,
+}
+
+impl<'a> Fingerprint<'a> {
+    pub fn parse(text: &'a str) -> Self {
+        match text.split_once(".v") {
+            Some((ring, epoch)) => Self {
+                ring,
+                epoch: Some(epoch),
+            },
+            None => Self {
+                ring: text,
+                epoch: None,
+            },
+        }
+    }
+
+    /// Whether two nodes disagree on the ring itself. Nodes at different points of a change
+    /// hold different rings for a while, and that is no disagreement: each sends writes to
+    /// every node that may need them. Nodes at the same point must hold the same ring.
+    pub fn conflicts_with(&self, other: &Fingerprint<'_>) -> bool {
+        self.epoch == other.epoch && self.ring != other.ring
     }
 }
 

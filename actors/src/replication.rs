@@ -594,6 +594,19 @@ impl<P: PeerClient> Message<Resync> for ReplicationActor<P> {
     }
 }
 
+/// The partitions anti-entropy compares with the peer from the next round on: those both
+/// nodes hold since the ring changed. A round already running finishes with the old ones.
+#[derive(Debug)]
+pub struct SetScope(pub PartitionSet);
+
+impl<P: PeerClient> Message<SetScope> for ReplicationActor<P> {
+    type Reply = ();
+
+    async fn handle(&mut self, msg: SetScope, _: &mut Context<Self, Self::Reply>) {
+        self.scope = msg.0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;

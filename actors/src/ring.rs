@@ -210,6 +210,82 @@ impl Ring {
         Ok(next)
     }
 
+    /// Its bytes, for the wire and the data dir: what [`Ring::from_bytes`] reads back.
+    /// Little-endian: version (u64), replicas (u32), width (u32), member count (u32), each
+    /// member as a length (u32) and UTF-8, then the table, a u16 per copy.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20 + self.table.len() * 2);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.replicas as u32).to_le_bytes());
+        out.extend_from_slice(&(self.width as u32).to_le_bytes());
+        out.extend_from_slice(&(self.members.len() as u32).to_le_bytes());
+        for member in &self.members {
+            out.extend_from_slice(&(member.len() as u32).to_le_bytes());
+            out.extend_from_slice(member.as_bytes());
+        }
+        for slot in &self.table {
+            out.extend_from_slice(&slot.to_le_bytes());
+        }
+        out
+    }
+
+    /// A ring from [`Ring::to_bytes`], checked as thoroughly as one made here: sorted, distinct
+    /// members, and every partition held by `width` distinct members. Returns the ring and the
+    /// bytes after it.
+    pub fn from_bytes(bytes: &[u8]) -> Result<(Self, &[u8]), Error> {
+        let bad = |what: &str| Error::Ring(format!("malformed ring: {what}"));
+        let mut rest = bytes;
+        let mut take = |n: usize| -> Result<&[u8], Error> {
+            if rest.len() < n {
+                return Err(bad("truncated"));
+            }
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            Ok(head)
+        };
+        let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize;
+        let version = u64::from_le_bytes(take(8)?.try_into().expect("8 bytes"));
+        let replicas = u32_at(take(4)?);
+        let width = u32_at(take(4)?);
+        let count = u32_at(take(4)?);
+        if count == 0 || count > usize::from(u16::MAX) {
+            return Err(bad("member count"));
+        }
+        let mut members = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = u32_at(take(4)?);
+            let name = std::str::from_utf8(take(len)?).map_err(|_| bad("member not UTF-8"))?;
+            members.push(name.to_owned());
+        }
+        if replicas == 0 || width != replicas.min(count) || version == 0 {
+            return Err(bad("copies"));
+        }
+        if !members.windows(2).all(|w| w[0] < w[1]) {
+            return Err(bad("members not sorted and distinct"));
+        }
+        let table_bytes = take(usize::from(PARTITIONS) * width * 2)?;
+        let table: Vec<u16> = (table_bytes.chunks_exact(2))
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        for held in table.chunks(width) {
+            if held.iter().any(|&i| usize::from(i) >= count)
+                || (1..held.len()).any(|j| held[..j].contains(&held[j]))
+            {
+                return Err(bad("a partition's holders"));
+            }
+        }
+        Ok((
+            Self {
+                version,
+                replicas,
+                members,
+                table,
+                width,
+            },
+            rest,
+        ))
+    }
+
     /// How many changes made this ring (the first ring is version 1).
     pub fn version(&self) -> u64 {
         self.version

@@ -49,6 +49,9 @@ pub struct StoreActor {
     recovered_max: u64,
     /// Turns at whole-map scans, shared with every [`StoreReader`].
     turns: Arc<tokio::sync::Semaphore>,
+    /// The partitions the node keeps, when it holds only some (see [`Retain`]): writes from
+    /// other nodes outside them are let go.
+    keep: Option<crate::placement::PartitionSet>,
 }
 
 /// Runs `scan` on the blocking pool, holding `turn` until it is done.
@@ -224,6 +227,7 @@ impl StoreActor {
             bumped: HashSet::new(),
             recovered_max: 0,
             turns: scan_turns(),
+            keep: None,
         }
     }
 
@@ -245,6 +249,7 @@ impl StoreActor {
             bumped: HashSet::new(),
             recovered_max: recovered.max_time,
             turns: scan_turns(),
+            keep: None,
         }
     }
 
@@ -369,8 +374,11 @@ impl StoreActor {
 
     /// Applies a batch of writes other nodes made, logging the ones that changed the map as
     /// one append.
-    fn apply_all(&mut self, writes: Vec<Write>) -> Result<Applied, Error> {
+    fn apply_all(&mut self, mut writes: Vec<Write>) -> Result<Applied, Error> {
         self.purge_expired();
+        if let Some(keep) = &self.keep {
+            writes.retain(|w| keep.contains_key(&w.key));
+        }
         // A version too far ahead of this clock would win over every write made after it: the
         // batch is refused whole, and its sender holds it until the clocks agree. The newest
         // decides, with one reading of the clock.
@@ -487,6 +495,15 @@ pub struct TakeView;
 #[derive(Debug)]
 pub struct Stats;
 
+/// Keep only these partitions: drop every key outside them, and from now on let go of the
+/// writes of other nodes outside them (those of a ring change that moved them to other nodes,
+/// which a node still finishing the change, or an anti-entropy round begun before it, may
+/// still send). Nothing is logged, because nothing changed for the cluster: a restart brings
+/// the keys back from the log until the next snapshot, and the node drops them again then.
+/// Replies with how many keys it dropped.
+#[derive(Debug)]
+pub struct Retain(pub crate::placement::PartitionSet);
+
 impl Message<Put> for StoreActor {
     type Reply = Result<LocalWrite, Error>;
 
@@ -536,6 +553,25 @@ impl Message<TakeView> for StoreActor {
 
     async fn handle(&mut self, _: TakeView, _: &mut Context<Self, Self::Reply>) -> ListView {
         self.views.register(&self.map)
+    }
+}
+
+impl Message<Retain> for StoreActor {
+    type Reply = usize;
+
+    async fn handle(&mut self, msg: Retain, _: &mut Context<Self, Self::Reply>) -> usize {
+        self.keep = Some(msg.0);
+        let gone: Vec<Box<str>> = (self.map.iter())
+            .filter(|item| !msg.0.contains_key(item.key()))
+            .map(|item| item.key().clone())
+            .collect();
+        for key in &gone {
+            self.views.save_pre_image(&self.map, key);
+            if let Some((_, slot)) = self.map.remove(key) {
+                self.counts.count(&slot, -1);
+            }
+        }
+        gone.len()
     }
 }
 

@@ -146,7 +146,12 @@ impl KvStore for KvService {
         let node = self.node.node().await;
         let status = node.status().await.map_err(Error::from)?;
         let (replicas, partitions) = node.share();
+        let placement = node.placement();
+        let (ring_version, ring_state) =
+            placement.map_or((1, "normal"), |p| (p.state().ring().version(), p.role()));
         Ok(Response::new(NodeStatus {
+            ring_version,
+            ring_state: ring_state.into(),
             replicas: replicas as u32,
             partitions: partitions as u32,
             node_id: self.node_id.clone(),

@@ -11,11 +11,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::Interceptor;
 use tonic::{Request, Response, Status, Streaming};
 
+use kvstore_actors::membership::RingState;
+use kvstore_actors::placement::Fingerprint;
+
 use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
 use crate::pb::{
-    Ack, DigestReply, DigestRequest, Key, KeyValue, PullRequest, ScanRequest, WriteBatch,
+    Ack, DigestReply, DigestRequest, GetRingRequest, JoinRequest, Key, KeyValue, PullRequest,
+    ScanRequest, WriteBatch,
 };
 use crate::service::Starting;
 use crate::service::list::{ListBounds, ListStream};
@@ -36,6 +40,8 @@ pub struct ReplicatorService {
     /// The node's bound on Lists, which its share of a ring's Lists counts against.
     lists: ListBounds,
     stopping: watch::Receiver<bool>,
+    /// The node's part in ring changes.
+    members: std::sync::Arc<crate::membership::Members>,
 }
 
 impl ReplicatorService {
@@ -46,6 +52,7 @@ impl ReplicatorService {
         limits: Limits,
         lists: ListBounds,
         stopping: watch::Receiver<bool>,
+        members: std::sync::Arc<crate::membership::Members>,
     ) -> Self {
         Self {
             node_id,
@@ -53,7 +60,19 @@ impl ReplicatorService {
             limits,
             lists,
             stopping,
+            members,
         }
+    }
+
+    /// The node's ring, as sent: at once, even while the node starts (UNAVAILABLE then), so
+    /// that nodes starting together do not wait on each other.
+    fn ring(&self) -> Result<crate::pb::RingState, Error> {
+        let node = (self.node.get()).ok_or_else(|| Error::Unavailable("starting".into()))?;
+        let state = (node.ring_state())
+            .ok_or_else(|| Error::FailedPrecondition("this node has no ring".into()))?;
+        Ok(crate::pb::RingState {
+            state: state.to_bytes(),
+        })
     }
 
     /// A replicated write, checked like a client's: a Replicate is a public RPC like any other.
@@ -114,8 +133,8 @@ impl ReplicatorService {
 #[derive(Clone, Debug)]
 pub struct SenderCheck {
     own_id: String,
-    /// This node's ring's fingerprint; `None` when it holds every key.
-    ring: Option<String>,
+    /// This node's ring's fingerprint; `None` when it holds every key of a first ring.
+    ring: crate::peer::RingTag,
     token: Option<ClusterToken>,
     /// Whether the caller must have presented a certificate the TLS layer checked against
     /// the cluster's CA.
@@ -126,30 +145,34 @@ impl SenderCheck {
     pub fn new(own_id: String, token: Option<ClusterToken>, needs_certificate: bool) -> Self {
         Self {
             own_id,
-            ring: None,
+            ring: crate::peer::RingTag::default(),
             token,
             needs_certificate,
         }
     }
 
     /// Also checks that a caller that holds only some keys has the same ring as this node.
-    pub fn with_ring(mut self, ring: Option<String>) -> Self {
+    pub fn with_ring(mut self, ring: crate::peer::RingTag) -> Self {
         self.ring = ring;
         self
     }
 
-    /// A caller that sends a ring must have this node's. One that sends none (a node holding
-    /// every key, an older one, a client of the original proto) is let in: it sends writes
-    /// wherever it sends them, and this node keeps what it is sent.
+    /// A caller that sends a ring must have this node's, or be at another point of a change
+    /// of it (see `Fingerprint::conflicts_with`). One that sends none (a node holding every
+    /// key, an older one, a client of the original proto) is let in: it sends writes wherever
+    /// it sends them, and this node keeps what it is sent.
     fn check_ring(&self, request: &Request<()>) -> Result<(), Status> {
         let Some(theirs) = request.metadata().get(crate::peer::RING_HEADER) else {
             return Ok(());
         };
         let theirs = theirs.to_str().unwrap_or("(not ASCII)");
-        if self.ring.as_deref() == Some(theirs) {
+        let ours = self.ring.load();
+        let ours = (ours.as_ref()).map_or("every node holds every key", |r| {
+            r.to_str().expect("set from a fingerprint")
+        });
+        if !Fingerprint::parse(theirs).conflicts_with(&Fingerprint::parse(ours)) {
             return Ok(());
         }
-        let ours = self.ring.as_deref().unwrap_or("every node holds every key");
         Err(Error::FailedPrecondition(format!(
             "the caller's ring ({theirs}: copies x members-hash) is not this node's ({ours}): \
              give every node the same --replicas, and name each node by the same address \
@@ -327,6 +350,39 @@ impl Replicator for ReplicatorService {
         ))
     }
 
+    async fn get_ring(
+        &self,
+        _: Request<GetRingRequest>,
+    ) -> Result<Response<crate::pb::RingState>, Status> {
+        Ok(Response::new(self.ring()?))
+    }
+
+    async fn push_ring(
+        &self,
+        request: Request<crate::pb::RingState>,
+    ) -> Result<Response<crate::pb::RingState>, Status> {
+        let state = RingState::from_bytes(&request.into_inner().state)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        self.node.node().await;
+        self.members.adopt(state).await?;
+        Ok(Response::new(self.ring()?))
+    }
+
+    async fn join(
+        &self,
+        request: Request<JoinRequest>,
+    ) -> Result<Response<crate::pb::RingState>, Status> {
+        let request = request.into_inner();
+        crate::net::parse_addr(&request.node).map_err(|e| {
+            Error::InvalidArgument(format!("a joining node is named by its address: {e}"))
+        })?;
+        self.node.node().await;
+        let state = self.members.join(&request.node, request.ready).await?;
+        Ok(Response::new(crate::pb::RingState {
+            state: state.to_bytes(),
+        }))
+    }
+
     async fn read(&self, request: Request<Key>) -> Result<Response<KeyValue>, Status> {
         let key = request.into_inner().key;
         self.limits.check_key(&key)?;
@@ -395,7 +451,8 @@ mod tests {
             }
             request
         };
-        let mut ring = SenderCheck::new("n1".into(), None, false).with_ring(Some("3x6-ab".into()));
+        let tag = crate::peer::ring_tag(Some("3x6-ab".into()));
+        let mut ring = SenderCheck::new("n1".into(), None, false).with_ring(tag.clone());
         assert!(ring.call(with_ring(Some("3x6-ab"))).is_ok());
         assert!(
             ring.call(with_ring(None)).is_ok(),
@@ -404,6 +461,14 @@ mod tests {
         let status = ring.call(with_ring(Some("2x6-cd"))).unwrap_err();
         assert_eq!(status.code(), tonic::Code::FailedPrecondition);
         assert!(status.message().contains("2x6-cd") && status.message().contains("3x6-ab"));
+        // Nodes at different points of a ring change hold different rings for a while, but
+        // the same ring at the same point.
+        assert!(ring.call(with_ring(Some("3x7-ef.v2p"))).is_ok());
+        crate::peer::set_ring_tag(&tag, Some("3x7-ef.v2p".into()));
+        assert!(ring.call(with_ring(Some("3x6-ab"))).is_ok());
+        assert!(ring.call(with_ring(Some("3x7-ef.v2c"))).is_ok());
+        let status = ring.call(with_ring(Some("3x7-00.v2p"))).unwrap_err();
+        assert!(status.message().contains("3x7-ef.v2p"), "{status}");
         // A node holding every key refuses a caller that thinks otherwise.
         let mut everywhere = SenderCheck::new("n1".into(), None, false);
         assert!(everywhere.call(with_ring(None)).is_ok());

@@ -179,6 +179,17 @@ impl TestCluster {
         Self { nodes }
     }
 
+    /// Starts one more node with `config`, joining the cluster through node `via`; returns
+    /// its index.
+    pub fn join(&mut self, mut config: NodeConfig, via: usize) -> usize {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        config.peers.clear();
+        config.join = Some(self.addr(via).to_string());
+        self.nodes.push(TestNode::start(listener, config));
+        self.nodes.len() - 1
+    }
+
     pub fn addr(&self, i: usize) -> &str {
         &self.nodes[i].addr
     }

@@ -1,0 +1,286 @@
+//! A cluster's ring as it changes: the ring in force, and while a node joins, the ring it
+//! joins into, with the phase of the change.
+//!
+//! A change goes through three phases, each a new [`RingState`] that every node adopts in turn
+//! (the order of states is their [`RingState::epoch`]):
+//! 1. **Pending.** Reads go to the old ring's holders, which hold every acknowledged write;
+//!    writes go to the holders of both rings (Cassandra's pending ranges), so a new holder
+//!    misses nothing written from here on while it copies what was written before.
+//! 2. **Committed.** Once the new holders have copied their partitions, reads go to the new
+//!    ring. Writes still go to both, because a node that has not heard of the commit yet still
+//!    reads from the old holders.
+//! 3. **Settled.** Once every node has heard of the commit, only the new ring's holders take
+//!    writes, and the old holders drop the partitions they no longer hold.
+
+use crate::error::Error;
+use crate::ring::Ring;
+
+/// Where a ring change stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Pending = 0,
+    Committed = 1,
+    Settled = 2,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Committed => "committed",
+            Self::Settled => "settled",
+        }
+    }
+}
+
+/// The ring in force and, during a change, the one before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingState {
+    ring: Ring,
+    /// The ring before the change, until it is settled.
+    previous: Option<Ring>,
+    phase: Phase,
+}
+
+/// First bytes of an encoded [`RingState`], so that anything else in its place (the data dir
+/// file of an older build held a fingerprint) is told apart.
+const MAGIC: &[u8; 8] = b"kvring1\n";
+
+impl RingState {
+    /// A ring with no change under way.
+    pub fn settled(ring: Ring) -> Self {
+        Self {
+            ring,
+            previous: None,
+            phase: Phase::Settled,
+        }
+    }
+
+    /// The state that begins the change from this ring to `next`.
+    pub fn begin(&self, next: Ring) -> Result<Self, Error> {
+        if self.phase != Phase::Settled {
+            return Err(Error::Ring(format!(
+                "a change to ring version {} is still {}",
+                self.ring.version(),
+                self.phase.name()
+            )));
+        }
+        if next.version() != self.ring.version() + 1 {
+            return Err(Error::Ring(format!(
+                "ring version {} does not follow {}",
+                next.version(),
+                self.ring.version()
+            )));
+        }
+        Ok(Self {
+            ring: next,
+            previous: Some(self.ring.clone()),
+            phase: Phase::Pending,
+        })
+    }
+
+    /// The next phase of the change under way; a settled state has none.
+    pub fn advance(&self) -> Result<Self, Error> {
+        let (phase, previous) = match self.phase {
+            Phase::Pending => (Phase::Committed, self.previous.clone()),
+            Phase::Committed => (Phase::Settled, None),
+            Phase::Settled => {
+                return Err(Error::Ring(format!(
+                    "ring version {} has no change under way",
+                    self.ring.version()
+                )));
+            }
+        };
+        Ok(Self {
+            ring: self.ring.clone(),
+            previous,
+            phase,
+        })
+    }
+
+    /// The order of states: a node adopts a state only if its epoch is above its own.
+    pub fn epoch(&self) -> (u64, Phase) {
+        (self.ring.version(), self.phase)
+    }
+
+    /// The newest ring: the one in force once the change settles.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The ring before the change, while one is under way.
+    pub fn previous(&self) -> Option<&Ring> {
+        self.previous.as_ref()
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// The ring reads go to: the old one until the change is committed.
+    pub fn read_ring(&self) -> &Ring {
+        match (self.phase, &self.previous) {
+            (Phase::Pending, Some(previous)) => previous,
+            _ => &self.ring,
+        }
+    }
+
+    /// The rings whose holders take writes: both while a change is under way.
+    pub fn write_rings(&self) -> impl Iterator<Item = &Ring> {
+        std::iter::once(&self.ring).chain(self.previous.as_ref())
+    }
+
+    /// Every node of either ring, sorted.
+    pub fn members(&self) -> Vec<String> {
+        let mut members: Vec<String> = (self.write_rings())
+            .flat_map(|r| r.members().iter().cloned())
+            .collect();
+        members.sort_unstable();
+        members.dedup();
+        members
+    }
+
+    /// The node that makes changes: the first member of the ring in force. One node deciding
+    /// every change (Riak's claimant) is what keeps two changes from being made at once.
+    pub fn claimant(&self) -> &str {
+        &self.ring.members()[0]
+    }
+
+    /// What two nodes must agree on to compute the same ring: the copies of each key and the
+    /// members, hashed, and after the first ring its version and the phase of its change;
+    /// `None` for a first ring where every node holds every key, where there is nothing to
+    /// agree on. Nodes exchange it on every call, so that two nodes given different
+    /// `--replicas` or different names for one node find out at once (see
+    /// [`crate::placement::Fingerprint`]).
+    pub fn fingerprint(&self) -> Option<String> {
+        let ring = &self.ring;
+        let (version, phase) = self.epoch();
+        if (version, phase) == (1, Phase::Settled) && ring.width() == ring.members().len() {
+            return None;
+        }
+        let mut bytes = (ring.replicas() as u64).to_le_bytes().to_vec();
+        for member in ring.members() {
+            bytes.extend_from_slice(member.as_bytes());
+            bytes.push(b'\n');
+        }
+        let hash = xxhash_rust::xxh3::xxh3_64(&bytes);
+        let ring = format!("{}x{}-{hash:016x}", ring.replicas(), ring.members().len());
+        Some(match (version, phase) {
+            (1, Phase::Settled) => ring,
+            (version, phase) => format!("{ring}.v{version}{}", &phase.name()[..1]),
+        })
+    }
+
+    /// Its bytes, for the wire and the data dir: [`MAGIC`], the phase (one byte), the ring,
+    /// and the previous ring while there is one.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.push(self.phase as u8);
+        out.extend_from_slice(&self.ring.to_bytes());
+        if let Some(previous) = &self.previous {
+            out.extend_from_slice(&previous.to_bytes());
+        }
+        out
+    }
+
+    /// A state from [`RingState::to_bytes`], checked.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, Error> {
+        let bad = |what: &str| Error::Ring(format!("malformed ring state: {what}"));
+        let rest = bytes.strip_prefix(MAGIC).ok_or_else(|| bad("not a ring"))?;
+        let (&phase, rest) = rest.split_first().ok_or_else(|| bad("truncated"))?;
+        let phase = match phase {
+            0 => Phase::Pending,
+            1 => Phase::Committed,
+            2 => Phase::Settled,
+            _ => return Err(bad("unknown phase")),
+        };
+        let (ring, rest) = Ring::from_bytes(rest)?;
+        let (previous, rest) = match phase {
+            Phase::Settled => (None, rest),
+            _ => {
+                let (previous, rest) = Ring::from_bytes(rest)?;
+                if previous.version() + 1 != ring.version()
+                    || previous.replicas() != ring.replicas()
+                {
+                    return Err(bad("the previous ring does not precede the ring"));
+                }
+                (Some(previous), rest)
+            }
+        };
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(Self {
+            ring,
+            previous,
+            phase,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring_of(n: usize) -> Ring {
+        Ring::bootstrap((1..=n).map(|i| format!("node{i}")), 3).unwrap()
+    }
+
+    #[test]
+    fn a_change_goes_pending_committed_settled_in_epoch_order() {
+        let first = RingState::settled(ring_of(6));
+        let next = first.ring().with_joined("node7").unwrap();
+        let pending = first.begin(next.clone()).unwrap();
+        let committed = pending.advance().unwrap();
+        let settled = committed.advance().unwrap();
+        assert!(first.epoch() < pending.epoch());
+        assert!(pending.epoch() < committed.epoch());
+        assert!(committed.epoch() < settled.epoch());
+        assert!(settled.advance().is_err());
+        assert!(pending.begin(next.clone()).is_err(), "one change at a time");
+        assert!(
+            settled
+                .begin(first.ring().with_joined("node8").unwrap())
+                .is_err(),
+            "a change must follow the ring in force"
+        );
+
+        // Reads follow the old ring until the commit; writes go to both until settled.
+        assert_eq!(pending.read_ring(), first.ring());
+        assert_eq!(committed.read_ring(), &next);
+        assert_eq!(pending.write_rings().count(), 2);
+        assert_eq!(committed.write_rings().count(), 2);
+        assert_eq!(settled.write_rings().collect::<Vec<_>>(), [&next]);
+        assert_eq!(pending.members().len(), 7);
+        assert_eq!(settled.claimant(), "node1");
+    }
+
+    #[test]
+    fn states_round_trip_and_damage_is_refused() {
+        let first = RingState::settled(ring_of(6));
+        let pending = first
+            .begin(first.ring().with_joined("node7").unwrap())
+            .unwrap();
+        for state in [&first, &pending, &pending.advance().unwrap()] {
+            let bytes = state.to_bytes();
+            assert_eq!(&RingState::from_bytes(&bytes).unwrap(), state);
+            for cut in [0, 8, 9, 30, bytes.len() - 1] {
+                assert!(
+                    RingState::from_bytes(&bytes[..cut]).is_err(),
+                    "cut at {cut}"
+                );
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(RingState::from_bytes(&longer).is_err());
+        }
+        // A partition held twice by one node.
+        let mut bytes = first.to_bytes();
+        let table = bytes.len() - 2 * 3 * usize::from(crate::ring::PARTITIONS);
+        bytes[table + 2] = bytes[table];
+        bytes[table + 3] = bytes[table + 1];
+        let error = RingState::from_bytes(&bytes).unwrap_err().to_string();
+        assert!(error.contains("holders"), "{error}");
+        assert!(RingState::from_bytes(b"4x6-0123456789abcdef").is_err());
+    }
+}
