@@ -81,6 +81,48 @@ async fn a_ring_of_six_with_three_copies() {
     assert_session!("ring_of_six", realign_tables(&t));
 }
 
+/// A fourth node joins three that each hold every key: it takes its share, each key keeps
+/// three copies, and `cluster` shows the new shares.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_and_takes_its_share() {
+    let config = || NodeConfig {
+        replicas: 3,
+        replication_deadline: std::time::Duration::from_secs(2),
+        ..NodeConfig::default()
+    };
+    let mut cluster = TestCluster::start_with(3, |_| config());
+    cluster.settle().await;
+    let before = session(
+        &cluster,
+        "put name Adnan\nput city Lahore\nput lang Urdu\nput fruit mango\ncluster",
+    )
+    .await;
+    let new = cluster.join(config(), 1);
+    // Until the join has settled everywhere: the new node and every other at ring version 2.
+    let started = std::time::Instant::now();
+    loop {
+        let mut settled = true;
+        for i in 0..cluster.nodes.len() {
+            let status = cluster.client(i).status().await.unwrap();
+            settled &= status.ring_version == 2 && status.ring_state == "normal";
+            settled &= status.peers.iter().all(|p| p.state == "up");
+        }
+        if settled && cluster.client(new).status().await.unwrap().keys > 0 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 60, "the join did not settle");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let after = session(&cluster, "cluster\n@node4\nget name\nlist\nstatus\ncluster").await;
+    let t: Vec<String> = (before.lines().chain(after.lines()))
+        .map(|l| match l.find(", last contact") {
+            Some(i) if l.starts_with("peer ") => l[..i].to_string(),
+            _ => l.to_string(),
+        })
+        .collect();
+    assert_session!("a_node_joins", realign_tables(&t));
+}
+
 /// The transcript with each `cluster` table aligned again: redacting its addresses shortened
 /// the cells of its first column.
 fn realign_tables(lines: &[String]) -> String {

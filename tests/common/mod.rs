@@ -180,9 +180,14 @@ impl TestCluster {
     }
 
     /// Starts one more node with `config`, joining the cluster through node `via`; returns
-    /// its index.
+    /// its index. Its address is chosen to sort after every other node's, as far as the
+    /// system's free ports allow, so that it is the ring's last member and which partitions
+    /// it takes is the same in every run.
     pub fn join(&mut self, mut config: NodeConfig, via: usize) -> usize {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let last = self.nodes.iter().map(|n| n.addr.clone()).max();
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let after = |l: &std::net::TcpListener| Some(l.local_addr().unwrap().to_string()) > last;
+        let listener = (0..1000).map(|_| bind()).find(after).unwrap_or_else(bind);
         listener.set_nonblocking(true).unwrap();
         config.peers.clear();
         config.join = Some(self.addr(via).to_string());
