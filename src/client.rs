@@ -96,6 +96,20 @@ impl Client {
         Ok(self.inner.clone().delete(key).await?.into_inner())
     }
 
+    /// Asks the node to leave the ring.
+    pub async fn leave(&self) -> Result<Ack, Status> {
+        let request = crate::pb::LeaveRequest {};
+        Ok(self.inner.clone().leave(request).await?.into_inner())
+    }
+
+    /// Asks the node to take `node`, down for good, out of the ring.
+    pub async fn remove(&self, node: &str) -> Result<Ack, Status> {
+        let request = crate::pb::RemoveRequest {
+            node: node.to_owned(),
+        };
+        Ok(self.inner.clone().remove(request).await?.into_inner())
+    }
+
     /// The node's status: keys, log size, peers.
     pub async fn status(&self) -> Result<NodeStatus, Status> {
         Ok(self.inner.clone().status(()).await?.into_inner())

@@ -18,6 +18,7 @@ use crate::Node;
 use crate::error::Error;
 use crate::peer::{GrpcPeer, PeerSettings, RingTag, set_ring_tag};
 use crate::service::Starting;
+use tracing::Instrument;
 
 /// The file in a data dir that holds the node's ring.
 pub const RING_FILE: &str = "ring";
@@ -38,10 +39,88 @@ pub struct Members {
     adopting: tokio::sync::Mutex<()>,
     /// Held by the claimant while it makes a change.
     changing: tokio::sync::Mutex<()>,
+    /// On the claimant: the nodes that have copied what the change under way gives them.
+    ready_nodes: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The ring version whose partitions this node is copying, if any.
+    filling: std::sync::Mutex<Option<u64>>,
+    /// How long a write may take to reach its holders: what a node gaining partitions waits
+    /// before it copies them.
+    deadline: Duration,
+}
+
+/// A change of the ring's members, as the claimant is asked for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    Join,
+    Leave,
+    Remove,
+    /// Not a change: a node gaining partitions has copied them.
+    Ready,
+}
+
+impl Change {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Join => "join",
+            Self::Leave => "leave",
+            Self::Remove => "remove",
+            Self::Ready => "ready",
+        }
+    }
+}
+
+impl From<Change> for crate::pb::ring_change::Kind {
+    fn from(change: Change) -> Self {
+        match change {
+            Change::Join => Self::Join,
+            Change::Leave => Self::Leave,
+            Change::Remove => Self::Remove,
+            Change::Ready => Self::Ready,
+        }
+    }
+}
+
+impl From<crate::pb::ring_change::Kind> for Change {
+    fn from(kind: crate::pb::ring_change::Kind) -> Self {
+        use crate::pb::ring_change::Kind;
+        match kind {
+            Kind::Join => Self::Join,
+            Kind::Leave => Self::Leave,
+            Kind::Remove => Self::Remove,
+            Kind::Ready => Self::Ready,
+        }
+    }
+}
+
+/// Which node makes `change` of `node`: the ring's claimant, unless that is the node being
+/// removed, which is gone; then the next member that may decide.
+fn claimant_for(state: &RingState, change: Change, node: &str) -> String {
+    let mut deciders = state.deciders();
+    let first = deciders.next().expect("a ring has a member");
+    match (change, deciders.next()) {
+        (Change::Remove, Some(second)) if first == node => second.to_owned(),
+        _ => first.to_owned(),
+    }
+}
+
+/// The refusal of a change while another is under way.
+fn changing(state: &RingState) -> Error {
+    Error::Unavailable(format!(
+        "the ring is changing (version {}, {}): try again once that change is done",
+        state.ring().version(),
+        state.phase().name()
+    ))
 }
 
 impl Members {
-    pub fn new(me: String, tag: RingTag, data_dir: Option<PathBuf>, starting: Starting) -> Self {
+    /// `deadline` is the node's replication deadline.
+    pub fn new(
+        me: String,
+        tag: RingTag,
+        data_dir: Option<PathBuf>,
+        starting: Starting,
+        deadline: Duration,
+    ) -> Self {
         Self {
             me,
             tag,
@@ -51,6 +130,9 @@ impl Members {
             links: Default::default(),
             adopting: Default::default(),
             changing: Default::default(),
+            ready_nodes: Default::default(),
+            filling: Default::default(),
+            deadline,
         }
     }
 
@@ -92,85 +174,194 @@ impl Members {
             .ok_or_else(|| Error::FailedPrecondition("this node has no ring".into()))
     }
 
-    /// Moves the node to `state` if it is newer than its own, and records it. Returns whether
-    /// it moved.
-    pub async fn adopt(&self, state: RingState) -> Result<bool, Error> {
+    /// Moves the node to `state` if it is newer than its own, and records it; if the change
+    /// gives the node partitions, starts copying them. Returns whether it moved.
+    pub async fn adopt(self: &Arc<Self>, state: RingState) -> Result<bool, Error> {
+        // In a task of its own, so that a caller that gives up (a push that timed out) cannot
+        // leave the node moved but its ring not recorded.
+        let this = self.clone();
+        tokio::spawn(async move { this.adopt_now(state).await }.in_current_span())
+            .await
+            .map_err(|e| Error::Unavailable(format!("adopting a ring failed: {e}")))?
+    }
+
+    async fn adopt_now(self: &Arc<Self>, state: RingState) -> Result<bool, Error> {
         let _one_at_a_time = self.adopting.lock().await;
         let node = self.node().await;
         let peers = (node.strangers(&state).into_iter())
             .map(|id| Ok((id.clone(), self.link(&id)?)))
             .collect::<Result<Vec<_>, Error>>()?;
-        if !node.adopt(state.clone(), peers).await? {
+        let moved = node.adopt(state.clone(), peers).await?;
+        // Recorded even when the node had moved already: an earlier adopt may have failed
+        // to record it.
+        let now = node.ring_state().unwrap_or(state);
+        if let Some(dir) = &self.data_dir
+            && recorded(dir)
+                .ok()
+                .flatten()
+                .is_none_or(|r| r.epoch() < now.epoch())
+        {
+            record(dir, &now)?;
+        }
+        if !moved {
             return Ok(false);
         }
-        if let Some(dir) = &self.data_dir {
-            record(dir, &state)?;
-        }
+        let state = now;
         set_ring_tag(&self.tag, node.placement().and_then(|p| p.fingerprint()));
+        self.fill_if_gaining(&state);
         Ok(true)
     }
 
-    /// On the claimant: lets `joining` into the ring, or, with `ready`, completes its join. A
-    /// join begins once every member answers with this node's ring, and returns once every
-    /// member but the joining node has the pending ring; `ready` commits it, then settles it,
-    /// telling every member each time. Asked again after a failure, each step goes on from
-    /// where it stopped.
-    pub async fn join(&self, joining: &str, ready: bool) -> Result<RingState, Error> {
+    /// Starts copying the partitions a pending change gives this node, unless it already is.
+    pub fn fill_if_gaining(self: &Arc<Self>, state: &RingState) {
+        if state.phase() != Phase::Pending || !state.gaining().contains(&self.me) {
+            return;
+        }
+        let version = state.ring().version();
+        let mut filling = self.filling.lock().expect("filling poisoned");
+        if *filling == Some(version) {
+            return;
+        }
+        *filling = Some(version);
+        tokio::spawn(self.clone().fill(version).in_current_span());
+    }
+
+    /// Asks the ring's claimant, this node or another, for `change` of `node`; returns the
+    /// ring after it.
+    pub async fn request(self: &Arc<Self>, change: Change, node: &str) -> Result<RingState, Error> {
+        let state = self.state().await?;
+        let claimant = claimant_for(&state, change, node);
+        if claimant == self.me {
+            return self.change(change, node).await;
+        }
+        (self.link(&claimant)?.change_ring(change.into(), node).await)
+            .map_err(|e| Error::Unavailable(format!("the ring's claimant {claimant}: {e}")))
+    }
+
+    /// On the claimant: begins `change` of `node`, or goes on with the one under way. A
+    /// change begins only while every member answers with this node's ring (the node to
+    /// remove aside, which is gone), and returns once every member but the joining one has the
+    /// pending ring. [`Change::Ready`] notes that `node` has copied the partitions the change
+    /// gives it; once every node gaining partitions has, the change is committed, then
+    /// settled, every member told each time. Asked again after a failure, each step goes on
+    /// from where it stopped.
+    pub async fn change(self: &Arc<Self>, change: Change, node: &str) -> Result<RingState, Error> {
         let _one_change_at_a_time = self.changing.lock().await;
         let state = self.state().await?;
-        if state.claimant() != self.me {
-            return Err(Error::FailedPrecondition(format!(
-                "{} is not the ring's claimant: ask {}",
-                self.me,
-                state.claimant()
+        let claimant = claimant_for(&state, change, node);
+        if claimant != self.me {
+            // Unavailable, not refused: the asker's ring is behind, and asks again.
+            return Err(Error::Unavailable(format!(
+                "{} is not the ring's claimant: ask {claimant}",
+                self.me
             )));
         }
-        let is_member = state.ring().members().iter().any(|m| m == joining);
-        let joined_now = is_member
-            && state
-                .previous()
-                .is_some_and(|p| !p.members().iter().any(|m| m == joining));
+        if change == Change::Ready {
+            return self.ready(state, node).await;
+        }
+        let member = |ring: &kvstore_actors::ring::Ring| ring.members().iter().any(|m| m == node);
         match state.phase() {
-            Phase::Settled if is_member => Ok(state),
-            Phase::Settled if ready => Err(Error::FailedPrecondition(format!(
-                "{joining} is not joining the ring"
-            ))),
             Phase::Settled => {
-                self.check_members(&state).await?;
-                let next = state.ring().with_joined(joining)?;
+                let next = match change {
+                    Change::Join if member(state.ring()) => return Ok(state),
+                    Change::Join => state.ring().with_joined(node)?,
+                    _ if !member(state.ring()) => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{node} is not a member of the ring"
+                        )));
+                    }
+                    Change::Remove if self.answers(node).await => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{node} answers: ask it to leave (kvstore-cli {node} leave); remove \
+                             is for a node that is gone for good"
+                        )));
+                    }
+                    _ => state.ring().without(node)?,
+                };
+                // The joining node is not serving its ring yet, and the removed one is gone.
+                let absent = (change != Change::Leave).then_some(node);
+                self.check_members(&state, absent).await?;
                 let pending = state.begin(next)?;
+                self.ready_nodes.lock().expect("ready poisoned").clear();
                 self.adopt(pending.clone()).await?;
-                self.tell(&pending, Some(joining)).await?;
-                tracing::info!(node = %joining, ring_version = pending.ring().version(), "a node joins the ring");
+                self.tell(&pending, &pending.members(), absent).await?;
+                tracing::info!(%node, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
             }
-            Phase::Pending if joined_now && !ready => {
-                self.tell(&state, Some(joining)).await?;
-                Ok(state)
-            }
-            Phase::Pending | Phase::Committed if joined_now => {
-                let mut state = state;
-                while state.phase() != Phase::Settled {
-                    state = state.advance()?;
-                    self.adopt(state.clone()).await?;
-                    self.tell(&state, None).await?;
+            Phase::Pending => {
+                let this_change = match change {
+                    Change::Join => member(state.ring()) && !state.previous().is_some_and(member),
+                    _ => !member(state.ring()) && state.previous().is_some_and(member),
+                };
+                if !this_change {
+                    return Err(changing(&state));
                 }
-                tracing::info!(node = %joining, ring_version = state.ring().version(), "a node has joined the ring");
+                let absent = (change != Change::Leave).then_some(node);
+                self.tell(&state, &state.members(), absent).await?;
                 Ok(state)
             }
-            phase => Err(Error::Unavailable(format!(
-                "the ring is changing (version {}, {}): try again once that change is done",
-                state.ring().version(),
-                phase.name()
-            ))),
+            _ => Err(changing(&state)),
         }
     }
 
-    /// Checks that every member answers and holds `state`: a change begun with a member
-    /// down could not be told to it, nor copy from it.
-    async fn check_members(&self, state: &RingState) -> Result<(), Error> {
+    /// Notes that `node` has copied what the change under way gives it, and once every node
+    /// gaining partitions has, commits and settles the change.
+    async fn ready(self: &Arc<Self>, state: RingState, node: &str) -> Result<RingState, Error> {
+        if state.phase() == Phase::Settled {
+            // Done: told again, for whoever missed it.
+            self.tell(&state, &state.members(), None).await?;
+            return Ok(state);
+        }
+        // Every node of either ring, the one leaving too: told it has left, it drops its keys.
+        let everyone = state.members();
+        if state.phase() == Phase::Committed {
+            // Asked again after a member missed the commit: it hears it before anyone drops.
+            self.tell(&state, &everyone, None).await?;
+        }
+        if state.phase() == Phase::Pending {
+            let gaining = state.gaining();
+            if !gaining.iter().any(|g| g == node) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{node} takes no partitions in the change under way"
+                )));
+            }
+            let mut ready = self.ready_nodes.lock().expect("ready poisoned");
+            ready.insert(node.to_owned());
+            if !gaining.iter().all(|g| ready.contains(g)) {
+                return Ok(state);
+            }
+        }
+        let mut state = state;
+        while state.phase() != Phase::Settled {
+            if state.phase() == Phase::Committed {
+                // Reads begun before the commit still go to the old holders: they have a
+                // deadline to finish before those drop anything.
+                tokio::time::sleep(self.deadline).await;
+            }
+            state = state.advance()?;
+            self.adopt(state.clone()).await?;
+            self.tell(&state, &everyone, None).await?;
+        }
+        tracing::info!(
+            ring_version = state.ring().version(),
+            "the ring change is done"
+        );
+        Ok(state)
+    }
+
+    /// Whether `node` answers a call.
+    async fn answers(&self, node: &str) -> bool {
+        let Ok(link) = self.link(node) else {
+            return false;
+        };
+        link.get_ring().await.is_ok()
+    }
+
+    /// Checks that every member but `absent` answers and holds `state`: a change begun with a
+    /// member down could not be told to it, nor copied from it.
+    async fn check_members(&self, state: &RingState, absent: Option<&str>) -> Result<(), Error> {
         let others: Vec<String> = (state.members().into_iter())
-            .filter(|m| *m != self.me)
+            .filter(|m| *m != self.me && Some(m.as_str()) != absent)
             .collect();
         let asks = others.iter().map(|m| async move {
             let answer = self.link(m)?.get_ring().await;
@@ -210,11 +401,17 @@ impl Members {
         )))
     }
 
-    /// Offers `state` to every member of it but this node and `skip`; fails naming those
-    /// that did not take it.
-    async fn tell(&self, state: &RingState, skip: Option<&str>) -> Result<(), Error> {
-        let others: Vec<String> = (state.members().into_iter())
-            .filter(|m| *m != self.me && Some(m.as_str()) != skip)
+    /// Offers `state` to each of `to` but this node and `skip`; fails naming the members of
+    /// its ring that did not take it. A node outside the ring (one that leaves, or is removed)
+    /// is told too, but may miss it: it holds nothing from then on.
+    async fn tell(
+        &self,
+        state: &RingState,
+        to: &[String],
+        skip: Option<&str>,
+    ) -> Result<(), Error> {
+        let others: Vec<&String> = (to.iter())
+            .filter(|m| **m != self.me && Some(m.as_str()) != skip)
             .collect();
         let pushes = others.iter().map(|m| async move {
             let answer = self.link(m)?.push_ring(state).await;
@@ -223,8 +420,10 @@ impl Members {
         let mut missed = Vec::new();
         for answer in futures::future::join_all(pushes).await {
             let (member, answer) = answer?;
+            let needed = state.ring().members().contains(member);
             match answer {
                 Ok(theirs) if theirs.epoch() >= state.epoch() => {}
+                _ if !needed => {}
                 Ok(theirs) => missed.push(format!(
                     "{member} (kept ring version {}, {})",
                     theirs.ring().version(),
@@ -242,6 +441,30 @@ impl Members {
             state.phase().name(),
             missed.join(", ")
         )))
+    }
+
+    /// Asks every peer for its ring at once and takes the newest, if it is newer than this
+    /// node's: what a node does as it starts, so that one that missed a change while it was
+    /// down does not serve in the old ring for a period. Peers that do not answer in `wait`
+    /// are passed over.
+    pub async fn catch_up_once(self: &Arc<Self>, wait: Duration) {
+        let Ok(state) = self.state().await else {
+            return;
+        };
+        let asks = (state.members().into_iter())
+            .filter(|m| *m != self.me)
+            .filter_map(|m| self.link(&m).ok())
+            .map(|link| async move { tokio::time::timeout(wait, link.get_ring()).await });
+        let newest = (futures::future::join_all(asks).await.into_iter())
+            .filter_map(|answer| answer.ok()?.ok())
+            .max_by_key(|theirs| theirs.epoch());
+        if let Some(theirs) = newest.filter(|t| t.epoch() > state.epoch()) {
+            let version = theirs.ring().version();
+            match self.adopt(theirs).await {
+                Ok(_) => tracing::info!(ring_version = version, "took the newer ring of a peer"),
+                Err(error) => tracing::warn!(%error, "could not take a peer's newer ring"),
+            }
+        }
     }
 
     /// Asks each peer in turn, one every `every`, for its ring, and takes it if it is newer:
@@ -273,15 +496,20 @@ impl Members {
         }
     }
 
-    /// On a node that started joining the ring: waits until it has copied its partitions,
-    /// then tells the claimant it is ready, until the join is done. Copying is a round of
-    /// anti-entropy with each peer it shares partitions with, begun once every write
-    /// coordinated before the join began has had its deadline to arrive.
-    pub async fn finish_join(self: Arc<Self>, deadline: Duration) {
+    /// Copies the partitions the pending change to ring `version` gives this node, then
+    /// tells the claimant, until the change is committed. Copying is a round of anti-entropy
+    /// with each peer it shares partitions with, begun once every write coordinated before the
+    /// change began has had its deadline to reach its holders. A peer that is no member of the
+    /// new ring is left out if it is not up: a node being removed is gone, and every write a
+    /// majority acknowledged is on another old holder too.
+    async fn fill(self: Arc<Self>, version: u64) {
         let node = self.node().await.clone();
-        tokio::time::sleep(deadline).await;
-        let baseline: Vec<u64> = (node.peers().iter())
-            .map(|h| h.anti_entropy().rounds)
+        tokio::time::sleep(self.deadline).await;
+        let rounds = |h: &kvstore_actors::health::PeerHealth| {
+            h.anti_entropy().rounds + u64::from(h.resyncing())
+        };
+        let baseline: HashMap<String, u64> = (node.peers().iter())
+            .map(|h| (h.addr().to_owned(), rounds(h)))
             .collect();
         node.resync_peers();
         let mut asked = tokio::time::Instant::now();
@@ -289,13 +517,17 @@ impl Members {
             let Some(placement) = node.placement() else {
                 return;
             };
-            let state = placement.state();
-            if placement.role() != "joining" {
+            let state = placement.state().clone();
+            if state.ring().version() != version || state.phase() != Phase::Pending {
                 return;
             }
             let copied = (node.peers().iter().enumerate())
                 .filter(|(i, _)| !placement.shared_with(*i).is_empty())
-                .all(|(i, h)| h.anti_entropy().rounds > baseline.get(i).copied().unwrap_or(0));
+                .filter(|(_, h)| {
+                    state.ring().members().iter().any(|m| m == h.addr())
+                        || h.state() == kvstore_actors::health::PeerState::Up
+                })
+                .all(|(_, h)| rounds(h) > baseline.get(h.addr()).copied().unwrap_or(0));
             if !copied {
                 if asked.elapsed() > Duration::from_secs(1) {
                     node.resync_peers();
@@ -304,28 +536,19 @@ impl Members {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            tracing::info!("copied this node's partitions; telling the claimant");
-            let claimant = state.claimant().to_owned();
-            match self.ready(&claimant).await {
-                Ok(()) => return,
+            match self.request(Change::Ready, &self.me.clone()).await {
+                Ok(next) => {
+                    if let Err(error) = self.adopt(next).await {
+                        tracing::warn!(%error, "could not take the ring the claimant answered with");
+                    }
+                }
                 Err(error) => {
-                    tracing::warn!(%claimant, %error, "the claimant did not complete the join yet; asking again");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tracing::warn!(%error, "the claimant did not take this node's copy yet; asking again");
                 }
             }
+            // Until the others gaining partitions have copied theirs too.
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    async fn ready(&self, claimant: &str) -> Result<(), Error> {
-        if claimant == self.me {
-            // The first member of the ring it joins: its own claimant.
-            self.join(&self.me, true).await?;
-            return Ok(());
-        }
-        let settled = (self.link(claimant)?.join(&self.me, true).await)
-            .map_err(|e| Error::Unavailable(e.to_string()))?;
-        self.adopt(settled).await?;
-        Ok(())
     }
 }
 
@@ -335,6 +558,7 @@ impl Members {
 pub async fn join(
     seed: &str,
     me: &str,
+    replicas: usize,
     settings: &PeerSettings,
     patience: Duration,
 ) -> Result<RingState, Error> {
@@ -343,6 +567,17 @@ pub async fn join(
     loop {
         let attempt = async {
             let state = seed_link.get_ring().await.map_err(|e| (seed, e))?;
+            if state.ring().replicas() != replicas {
+                return Err((
+                    seed,
+                    PeerError::Refused(format!(
+                        "its ring keeps {} copies of each key: start this node with \
+                         --replicas {}",
+                        state.ring().replicas(),
+                        state.ring().replicas()
+                    )),
+                ));
+            }
             if state.ring().members().iter().any(|m| m == me) && state.phase() == Phase::Settled {
                 return Ok(state);
             }
@@ -353,7 +588,7 @@ pub async fn join(
                     PeerError::Rejected(format!("its claimant {claimant}: {e}")),
                 )
             })?;
-            link.join(me, false).await.map_err(|e| (seed, e))
+            (link.change_ring(Change::Join.into(), me).await).map_err(|e| (seed, e))
         };
         match attempt.await {
             Ok(state) => return Ok(state),

@@ -40,8 +40,7 @@ use crate::error::Error;
 use crate::net::status_reason;
 use crate::pb::replicator_client::ReplicatorClient;
 use crate::pb::{
-    Ack, DigestRequest, GetRingRequest, JoinRequest, Key, KeyValue, PullRequest, ScanRequest,
-    WriteBatch,
+    Ack, DigestRequest, GetRingRequest, Key, KeyValue, PullRequest, ScanRequest, WriteBatch,
 };
 use crate::wire;
 
@@ -221,14 +220,18 @@ impl GrpcPeer {
         ring_state(reply.map_err(peer_error)?.into_inner())
     }
 
-    /// Asks the peer, the ring's claimant, to let `node` join, or says it is `ready`.
-    pub async fn join(&self, node: &str, ready: bool) -> Result<RingState, PeerError> {
-        let request = JoinRequest {
+    /// Asks the peer, the ring's claimant, to change the ring for `node`.
+    pub async fn change_ring(
+        &self,
+        kind: crate::pb::ring_change::Kind,
+        node: &str,
+    ) -> Result<RingState, PeerError> {
+        let request = crate::pb::RingChange {
+            kind: kind.into(),
             node: node.to_owned(),
-            ready,
         };
-        // A join waits for the claimant to tell every member, each within the call timeout.
-        let reply = self.bulk.clone().join(request).await;
+        // A change waits for the claimant to tell every member, each within the call timeout.
+        let reply = self.bulk.clone().change_ring(request).await;
         ring_state(reply.map_err(peer_error)?.into_inner())
     }
 

@@ -119,6 +119,7 @@ async fn serve(
         ring.clone(),
         config.data_dir.clone(),
         starting.clone(),
+        config.replication_deadline,
     ));
     let mut server = Server::builder()
         .max_concurrent_streams(Some(bounds.max_concurrent_streams))
@@ -170,6 +171,7 @@ async fn serve(
                     .data_dir
                     .as_ref()
                     .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
+                members.clone(),
             ))
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
@@ -229,25 +231,32 @@ async fn serve(
         }
     };
     starting.started(node.clone());
-    // The ring the node started in, if it differs from the one its flags gave.
+    // The ring the node started in, if it differs from the one its flags gave; then a newer
+    // one a peer has, if the node missed a change while it was down.
     crate::peer::set_ring_tag(&ring, node.placement().and_then(|p| p.fingerprint()));
-    let ring_tasks = [
-        tokio::spawn(
-            members
-                .clone()
-                .catch_up(config.anti_entropy_interval)
-                .in_current_span(),
-        ),
-        tokio::spawn(
-            members
-                .clone()
-                .finish_join(config.replication_deadline)
-                .in_current_span(),
-        ),
-    ];
-    if !*stopped.borrow() {
-        set_health(&health, ServingStatus::Serving).await;
+    let ring_tasks = [tokio::spawn(
+        members
+            .clone()
+            .catch_up(config.anti_entropy_interval)
+            .in_current_span(),
+    )];
+    // A node restarted in the middle of a change that gives it partitions goes on copying.
+    if let Some(state) = node.ring_state() {
+        members.fill_if_gaining(&state);
     }
+    // Serving (by its health) once it has its peers' newest ring: the node serves calls
+    // meanwhile, theirs too, so nodes starting together do not wait on each other.
+    let serving = tokio::spawn({
+        let (members, health, stopped) = (members.clone(), health.clone(), stopped.clone());
+        let wait = config.replication_deadline;
+        async move {
+            members.catch_up_once(wait).await;
+            if !*stopped.borrow() {
+                set_health(&health, ServingStatus::Serving).await;
+            }
+        }
+        .in_current_span()
+    });
 
     let mut stopped_for_grace = stopped.clone();
     let grace = async move {
@@ -266,6 +275,7 @@ async fn serve(
     for task in ring_tasks {
         task.abort();
     }
+    serving.abort();
 
     // Drained even when serving failed: the log is synced and closed, and queued writes go
     // out, before the error is reported.
@@ -372,14 +382,7 @@ async fn start(
             state.clone()
         }
         (None, Some(seed)) => {
-            let state = membership::join(seed, &me, &settings, JOIN_PATIENCE).await?;
-            if state.ring().replicas() != config.replicas {
-                tracing::warn!(
-                    replicas = state.ring().replicas(),
-                    "the ring keeps another number of copies than --replicas; the ring's holds"
-                );
-            }
-            state
+            membership::join(seed, &me, config.replicas, &settings, JOIN_PATIENCE).await?
         }
         (None, None) => first.state().clone(),
     };

@@ -26,6 +26,8 @@ commands:
   status          this node's keys and log size, and each peer's state
   cluster         every node: its state, the partitions it holds, its keys, its address
   backup FILE     write every entry of this node, with its version, to FILE
+  leave           this node hands its keys to the others and leaves the ring
+  remove NODE     take NODE (its address), down for good, out of the ring
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
 
@@ -340,6 +342,8 @@ impl Shell {
                 Err(status) => self.failure(&status, false),
             },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
+            ("leave", []) => self.write(self.client.leave().await),
+            ("remove", [node]) => self.write(self.client.remove(node).await),
             ("list", []) => match self.client.list().await {
                 Ok(pairs) if pairs.is_empty() => Output::out("(no keys)"),
                 Ok(pairs) => Output {
@@ -368,7 +372,8 @@ impl Shell {
             ("get", _) => Output::error("usage: get [-q|--quorum] KEY"),
             ("delete" | "del", _) => Output::error("usage: delete KEY"),
             ("backup", _) => Output::error("usage: backup FILE"),
-            ("list" | "status" | "cluster" | "exit" | "quit", _) => {
+            ("remove", _) => Output::error("usage: remove NODE"),
+            ("list" | "status" | "cluster" | "leave" | "exit" | "quit", _) => {
                 Output::error(format!("usage: {command}"))
             }
             (other, _) => Output::error(format!("unknown command '{other}' (try 'help')")),
@@ -383,6 +388,8 @@ impl Shell {
         // A node says itself whether it is joining; the asked node says whether it is down.
         let own_state = |s: &NodeStatus| match s.ring_state.as_str() {
             "joining" => "joining",
+            "leaving" => "leaving",
+            "left" => "left",
             _ => "normal",
         };
         let mut rows = vec![(
@@ -595,6 +602,7 @@ mod tests {
             partitions: 1024,
             ring_version: 1,
             ring_state: "normal".into(),
+            ring_phase: "settled".into(),
             peers: vec![
                 PeerStatus {
                     address: "db2:5001".into(),

@@ -104,7 +104,7 @@ async fn a_node_joins_and_takes_its_share() {
         let mut settled = true;
         for i in 0..cluster.nodes.len() {
             let status = cluster.client(i).status().await.unwrap();
-            settled &= status.ring_version == 2 && status.ring_state == "normal";
+            settled &= status.ring_version == 2 && status.ring_phase == "settled";
             settled &= status.peers.iter().all(|p| p.state == "up");
         }
         if settled && cluster.client(new).status().await.unwrap().keys > 0 {

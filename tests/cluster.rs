@@ -1019,9 +1019,9 @@ impl Replicator for ScriptedPeer {
         Err(Status::unimplemented("scripted peer"))
     }
 
-    async fn join(
+    async fn change_ring(
         &self,
-        _: Request<kvstore::pb::JoinRequest>,
+        _: Request<kvstore::pb::RingChange>,
     ) -> Result<Response<kvstore::pb::RingState>, Status> {
         Err(Status::unimplemented("scripted peer"))
     }

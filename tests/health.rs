@@ -194,7 +194,9 @@ async fn reflection_lists_and_describes_every_service_in_both_versions() {
             .collect();
         assert_eq!(
             methods,
-            ["Put", "Get", "List", "Delete", "Status", "Backup"]
+            [
+                "Put", "Get", "List", "Delete", "Status", "Backup", "Leave", "Remove"
+            ]
         );
     }
 

@@ -375,17 +375,17 @@ async fn a_data_dir_placed_by_another_ring_is_refused() {
     drop(held);
 }
 
-/// Waits until every node of `cluster` reports ring version `version` and none says it is
-/// joining; panics after a minute.
+/// Waits until every node of `cluster` reports ring version `version`, settled, and none says
+/// it is joining; panics after a minute.
 async fn ring_settles_at(cluster: &TestCluster, version: u64) {
     let started = std::time::Instant::now();
     loop {
         let mut seen = Vec::new();
         for i in 0..cluster.nodes.len() {
             let status = cluster.client(i).status().await.unwrap();
-            seen.push((status.ring_version, status.ring_state));
+            seen.push((status.ring_version, status.ring_state, status.ring_phase));
         }
-        if seen.iter().all(|(v, s)| *v == version && s == "normal") {
+        if (seen.iter()).all(|(v, s, p)| *v == version && s == "normal" && p == "settled") {
             return;
         }
         assert!(
@@ -472,4 +472,154 @@ async fn a_node_joins_under_load_takes_its_share_and_loses_no_write() {
     assert!((435..=443).contains(&status.partitions), "{status:?}");
     // A List through the new node has every key once.
     assert_eq!(cluster.client(new).list().await.unwrap(), all);
+}
+
+/// Waits until every node of `cluster` in `live` reports ring version `version`, settled, in
+/// state `normal`, and `left`, if given, says `left`; panics after a minute.
+async fn change_settles(cluster: &TestCluster, live: &[usize], version: u64, left: Option<usize>) {
+    let started = std::time::Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for &i in live.iter().chain(left.as_ref()) {
+            let status = cluster.client(i).status().await.unwrap();
+            let want = if Some(i) == left { "left" } else { "normal" };
+            let phase = status.ring_phase;
+            seen.push((i, status.ring_version, status.ring_state, want, phase));
+        }
+        if (seen.iter())
+            .all(|(_, v, s, want, phase)| *v == version && s == want && phase == "settled")
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the ring did not settle at version {version}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Until the nodes of `live` hold three copies of each of `keys` keys between them; returns
+/// what each holds.
+async fn three_copies_on(cluster: &TestCluster, live: &[usize], keys: usize) -> Vec<u64> {
+    let started = std::time::Instant::now();
+    loop {
+        let mut held = Vec::new();
+        for &i in live {
+            held.push(cluster.client(i).status().await.unwrap().keys);
+        }
+        if held.iter().sum::<u64>() == 3 * keys as u64 {
+            return held;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not three copies of {keys} keys: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ring_config() -> NodeConfig {
+    NodeConfig {
+        replicas: 3,
+        replication_deadline: Duration::from_secs(2),
+        anti_entropy_interval: Duration::from_secs(1),
+        ..NodeConfig::default()
+    }
+}
+
+/// A node of seven leaves while clients write through the others: its keys go to the six
+/// that stay, no acknowledged write is lost, and it ends holding nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaves_under_load_and_hands_its_keys_over() {
+    let cluster = TestCluster::start_with(7, |_| ring_config());
+    const LEAVER: usize = 3;
+    let stay: Vec<usize> = (0..7).filter(|&i| i != LEAVER).collect();
+    const BEFORE: usize = 300;
+    for k in 0..BEFORE {
+        let ack = cluster.client(k % 7).put(&format!("before{k}"), "v").await;
+        assert!(ack.unwrap().ok, "before{k}");
+    }
+    let clients: Vec<_> = stay.iter().map(|&i| cluster.client(i)).collect();
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for k in 0..5_000 {
+            if *stopped.borrow_and_update() {
+                break;
+            }
+            let key = format!("during{k}");
+            if let Ok(ack) = clients[k % 6].put(&key, &format!("v{k}")).await
+                && ack.ok
+            {
+                acked.push((key, format!("v{k}")));
+            }
+        }
+        acked
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ack = cluster.client(LEAVER).leave().await.unwrap();
+    assert!(ack.message.starts_with("Leaving: "), "{ack:?}");
+    change_settles(&cluster, &stay, 2, Some(LEAVER)).await;
+    let _ = stop.send(true);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() > 20, "the writes went on: {}", acked.len());
+
+    let mut all: Vec<(String, String)> = (0..BEFORE)
+        .map(|k| (format!("before{k}"), "v".to_string()))
+        .chain(acked)
+        .collect();
+    all.sort();
+    for (n, (key, value)) in all.iter().enumerate().step_by(3) {
+        let via = stay[n % stay.len()];
+        let read = cluster.client(via).get_with(key, Consistency::Quorum).await;
+        assert_eq!(&read.unwrap().value, value, "{key} through node {via}");
+    }
+    three_copies_on(&cluster, &stay, all.len()).await;
+    // The node that left holds nothing, and no longer counts among the others' peers.
+    let left = cluster.client(LEAVER).status().await.unwrap();
+    assert_eq!((left.keys, left.partitions), (0, 0), "{left:?}");
+    let peers = cluster.client(0).status().await.unwrap().peers;
+    assert!(
+        peers.iter().all(|p| p.address != cluster.addr(LEAVER)),
+        "{peers:?}"
+    );
+    assert_eq!(cluster.client(stay[2]).list().await.unwrap(), all);
+    // It still answers clients, from the ring's holders.
+    let (key, value) = &all[0];
+    assert_eq!(&cluster.client(LEAVER).get(key).await.unwrap(), value);
+}
+
+/// A node of seven dies; it is removed, and its partitions get new holders from the copies
+/// left, so every key is on three nodes again. A node that answers is not removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_node_is_removed_and_its_copies_made_again() {
+    let mut cluster = TestCluster::start_with(7, |_| ring_config());
+    const KEYS: usize = 300;
+    for k in 0..KEYS {
+        let ack = cluster.client(k % 7).put(&format!("key{k}"), "v").await;
+        assert!(ack.unwrap().ok, "key{k}");
+    }
+    let refused = cluster.client(0).remove(cluster.addr(5)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("leave"), "{refused:?}");
+    // The ring's first member dies: another node makes the change.
+    const DEAD: usize = 0;
+    cluster.nodes[DEAD].kill().await;
+    let live: Vec<usize> = (1..7).collect();
+    let ack = cluster.client(4).remove(cluster.addr(DEAD)).await.unwrap();
+    assert!(ack.message.starts_with("Removing "), "{ack:?}");
+    change_settles(&cluster, &live, 2, None).await;
+    three_copies_on(&cluster, &live, KEYS).await;
+    for k in (0..KEYS).step_by(5) {
+        let via = live[k % live.len()];
+        let read = cluster.client(via).get(&format!("key{k}")).await;
+        assert_eq!(read.unwrap(), "v", "key{k} through node {via}");
+    }
+    let refused = cluster
+        .client(1)
+        .remove(cluster.addr(DEAD))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 }

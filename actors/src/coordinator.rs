@@ -587,12 +587,19 @@ impl<P: PeerClient> Coordinator<P> {
             if state.epoch() <= placement.state().epoch() {
                 return Ok(false);
             }
-            let mut ids = placement.peer_ids().to_vec();
+            // Peers that are members of either ring stay, in their order; the others (a node
+            // that has left) are stopped; new members come last.
+            let members = state.members();
+            let (kept, gone): (Vec<_>, Vec<_>) = (old.peers.iter().enumerate())
+                .partition(|(i, _)| members.contains(&placement.peer_ids()[*i]));
+            let mut ids: Vec<String> = (kept.iter())
+                .map(|(i, _)| placement.peer_ids()[*i].clone())
+                .collect();
             ids.extend(new_peers.iter().map(|(id, _)| id.clone()));
             let next = Arc::new(Placement::of(state, placement.me(), &ids)?);
-            let mut peers = old.peers.clone();
-            for (i, peer) in peers.iter().enumerate() {
-                let scope = next.shared_with(i);
+            let mut peers = Vec::with_capacity(ids.len());
+            for (j, (i, peer)) in kept.into_iter().enumerate() {
+                let scope = next.shared_with(j);
                 if scope != placement.shared_with(i) {
                     // Into the mailbox behind what is queued, ahead of the round started
                     // below; a full one waits its turn in a task, since a scope must not be
@@ -605,6 +612,14 @@ impl<P: PeerClient> Coordinator<P> {
                         tokio::spawn(async move { actor.tell(message).await });
                     }
                 }
+                peers.push(peer.clone());
+            }
+            for (_, peer) in gone {
+                tracing::info!(peer = %peer.health.addr(), "no longer a member; replication to it stops");
+                let actor = peer.actor.clone();
+                tokio::spawn(async move {
+                    let _ = actor.stop_gracefully().await;
+                });
             }
             for (id, client) in new_peers {
                 let scope = next.shared_with(peers.len());
@@ -617,8 +632,11 @@ impl<P: PeerClient> Coordinator<P> {
                     &self.config,
                 )));
             }
-            // What the node keeps from now on: during a change, both rings' partitions.
-            let keep = (!next.is_everywhere()).then(|| *next.write_local());
+            // What the node keeps from now on: during a change, both rings' partitions. The
+            // store is told only when that changes: it scans the whole map.
+            let keep = (!next.is_everywhere()
+                && (placement.is_everywhere() || next.write_local() != placement.write_local()))
+            .then(|| *next.write_local());
             tracing::info!(
                 ring_version = next.state().ring().version(),
                 phase = next.state().phase().name(),

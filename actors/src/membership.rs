@@ -140,10 +140,37 @@ impl RingState {
         members
     }
 
-    /// The node that makes changes: the first member of the ring in force. One node deciding
-    /// every change (Riak's claimant) is what keeps two changes from being made at once.
+    /// The members that take partitions they did not hold in the ring before: those that
+    /// copy them before a change is committed. None when no change is under way.
+    pub fn gaining(&self) -> Vec<String> {
+        let Some(previous) = &self.previous else {
+            return Vec::new();
+        };
+        (self.ring.members().iter())
+            .filter(|m| {
+                let before = previous.partitions_of(m);
+                self.ring
+                    .partitions_of(m)
+                    .iter()
+                    .any(|p| before.binary_search(p).is_err())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// The node that makes changes: the first member of the ring in force, and during a
+    /// change, the first member of both rings. One node deciding every change (Riak's
+    /// claimant) is what keeps two changes from being made at once; a node that joins or
+    /// leaves is never the claimant of its own change.
     pub fn claimant(&self) -> &str {
-        &self.ring.members()[0]
+        self.deciders().next().expect("a ring has a member")
+    }
+
+    /// The members that may decide a change, in the order they would: those of both rings.
+    pub fn deciders(&self) -> impl Iterator<Item = &str> {
+        (self.ring.members().iter())
+            .filter(|m| (self.previous.as_ref()).is_none_or(|p| p.members().contains(m)))
+            .map(String::as_str)
     }
 
     /// What two nodes must agree on to compute the same ring: the copies of each key and the
@@ -253,6 +280,27 @@ mod tests {
         assert_eq!(settled.write_rings().collect::<Vec<_>>(), [&next]);
         assert_eq!(pending.members().len(), 7);
         assert_eq!(settled.claimant(), "node1");
+        // A node joining ahead of the first member is not the claimant of its own join.
+        let early = first
+            .begin(first.ring().with_joined("node0").unwrap())
+            .unwrap();
+        assert_eq!(early.claimant(), "node1");
+        assert_eq!(
+            early.advance().unwrap().advance().unwrap().claimant(),
+            "node0"
+        );
+        // Only the joining node takes partitions it did not hold.
+        assert_eq!(pending.gaining(), ["node7"]);
+        assert!(settled.gaining().is_empty());
+        // A leave hands the leaver's partitions to several others.
+        let leave = settled
+            .begin(settled.ring().without("node3").unwrap())
+            .unwrap();
+        let gaining = leave.gaining();
+        assert!(
+            gaining.len() > 1 && !gaining.contains(&"node3".to_string()),
+            "{gaining:?}"
+        );
     }
 
     #[test]

@@ -163,17 +163,17 @@ impl Placement {
     /// `ring` seen from node `me`, whose peers are `peers` (ring member ids, in configuration
     /// order). Every member but `me` must be a peer, and `me` a member.
     pub fn new(ring: Ring, me: &str, peers: &[String]) -> Result<Self, Error> {
+        if !ring.members().iter().any(|m| m == me) {
+            return Err(Error::Ring(format!("{me} is not a member of the ring")));
+        }
         Self::of(RingState::settled(ring), me, peers)
     }
 
     /// `state` seen from node `me`, whose peers are `peers`: every member of either ring but
-    /// `me` must be a peer, and `me` a member of one of them. Peers that are no member hold
-    /// nothing.
+    /// `me` must be a peer. Peers that are no member hold nothing, and so does `me` if it is
+    /// none: a node that has left the ring holds no key, and still takes calls for any.
     pub fn of(state: RingState, me: &str, peers: &[String]) -> Result<Self, Error> {
         let members = state.members();
-        if !members.iter().any(|m| m == me) {
-            return Err(Error::Ring(format!("{me} is not a member of the ring")));
-        }
         let index_of = |member: &str| peers.iter().position(|p| p == member);
         for member in members.iter().filter(|m| *m != me) {
             if index_of(member).is_none() {
@@ -185,7 +185,9 @@ impl Placement {
         let peer_count = u16::try_from(peers.len())
             .map_err(|_| Error::Ring(format!("{} peers is too many", peers.len())))?;
         let read = state.read_ring();
-        let everywhere = state.phase() == Phase::Settled && read.width() == read.members().len();
+        let everywhere = state.phase() == Phase::Settled
+            && read.width() == read.members().len()
+            && read.members().iter().any(|m| m == me);
         let table = |ring: &Ring, p: u16| -> (bool, Vec<u16>) {
             let mut here = false;
             let mut held = Vec::with_capacity(ring.width());
@@ -272,12 +274,14 @@ impl Placement {
         &self.me
     }
 
-    /// This node's part in the ring: "joining" while a change it joins by is under way,
-    /// "normal" otherwise.
+    /// This node's part in the ring: "joining" or "leaving" while a change that adds or
+    /// takes it out is under way, "left" once it is out, "normal" otherwise.
     pub fn role(&self) -> &'static str {
         let member = |ring: &Ring| ring.members().contains(&self.me);
-        match self.state.previous() {
-            Some(previous) if member(self.state.ring()) && !member(previous) => "joining",
+        match (member(self.state.ring()), self.state.previous().map(member)) {
+            (true, Some(false)) => "joining",
+            (false, Some(true)) => "leaving",
+            (false, _) => "left",
             _ => "normal",
         }
     }
@@ -380,9 +384,33 @@ impl<'a> Fingerprint<'a> {
 
     /// Whether two nodes disagree on the ring itself. Nodes at different points of a change
     /// hold different rings for a while, and that is no disagreement: each sends writes to
-    /// every node that may need them. Nodes at the same point must hold the same ring.
+    /// every node that may need them. Nodes at the same point must hold the same ring, every
+    /// ring has the same copies, and a node more than one version behind missed a change.
     pub fn conflicts_with(&self, other: &Fingerprint<'_>) -> bool {
-        self.epoch == other.epoch && self.ring != other.ring
+        fn copies<'f>(f: &Fingerprint<'f>) -> Option<&'f str> {
+            f.ring.split_once('x').map(|(c, _)| c)
+        }
+        let version = |f: &Fingerprint<'_>| -> Option<u64> {
+            match f.epoch {
+                None => Some(1),
+                Some(e) => e.trim_end_matches(char::is_alphabetic).parse().ok(),
+            }
+        };
+        let everywhere = |f: &Fingerprint<'_>| copies(f).is_none();
+        if self.epoch == other.epoch {
+            return self.ring != other.ring;
+        }
+        if everywhere(self) || everywhere(other) {
+            // A first ring where every node holds every key, against one that changed: told
+            // apart by versions alone.
+            return version(self)
+                .zip(version(other))
+                .is_none_or(|(a, b)| a.abs_diff(b) > 1);
+        }
+        copies(self) != copies(other)
+            || version(self)
+                .zip(version(other))
+                .is_none_or(|(a, b)| a.abs_diff(b) > 1)
     }
 }
 

@@ -5,8 +5,11 @@ use tonic::{Request, Response, Status};
 
 use crate::config::Limits;
 use crate::error::Error;
+use crate::membership::Change;
 use crate::pb::kv_store_server::KvStore;
-use crate::pb::{Ack, Consistency, Key, KeyValue, NodeStatus, PeerStatus, Value};
+use crate::pb::{
+    Ack, Consistency, Key, KeyValue, LeaveRequest, NodeStatus, PeerStatus, RemoveRequest, Value,
+};
 use crate::service::Starting;
 use crate::service::list::{CHUNK, CHUNK_BYTES, ListBounds, ListStream};
 
@@ -18,6 +21,8 @@ pub struct KvService {
     lists: ListBounds,
     node_id: String,
     data_dir: String,
+    /// The node's part in ring changes.
+    members: std::sync::Arc<crate::membership::Members>,
 }
 
 impl KvService {
@@ -27,6 +32,7 @@ impl KvService {
         lists: ListBounds,
         node_id: String,
         data_dir: String,
+        members: std::sync::Arc<crate::membership::Members>,
     ) -> Self {
         Self {
             node,
@@ -34,6 +40,7 @@ impl KvService {
             lists,
             node_id,
             data_dir,
+            members,
         }
     }
 }
@@ -142,16 +149,52 @@ impl KvStore for KvService {
         ))
     }
 
+    async fn leave(&self, _: Request<LeaveRequest>) -> Result<Response<Ack>, Status> {
+        self.node.node().await;
+        let me = self.members.me().to_owned();
+        let state = self.members.request(Change::Leave, &me).await?;
+        let partitions = state.previous().map_or(0, |p| p.partitions_of(&me).len());
+        Ok(Response::new(Ack {
+            ok: true,
+            message: format!(
+                "Leaving: {partitions} partitions go to other nodes; this node leaves the ring \
+                 once they have copied them (see cluster)"
+            ),
+            ..Ack::default()
+        }))
+    }
+
+    async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<Ack>, Status> {
+        let node = request.into_inner().node;
+        crate::net::parse_addr(&node).map_err(|e| {
+            Error::InvalidArgument(format!("a ring member is named by its address: {e}"))
+        })?;
+        self.node.node().await;
+        self.members.request(Change::Remove, &node).await?;
+        Ok(Response::new(Ack {
+            ok: true,
+            message: format!(
+                "Removing {node}: its partitions get new holders, copied from the other copies \
+                 (see cluster)"
+            ),
+            ..Ack::default()
+        }))
+    }
+
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
         let node = self.node.node().await;
         let status = node.status().await.map_err(Error::from)?;
         let (replicas, partitions) = node.share();
         let placement = node.placement();
-        let (ring_version, ring_state) =
-            placement.map_or((1, "normal"), |p| (p.state().ring().version(), p.role()));
+        let (ring_version, ring_state, ring_phase) =
+            placement.map_or((1, "normal", "settled"), |p| {
+                let state = p.state();
+                (state.ring().version(), p.role(), state.phase().name())
+            });
         Ok(Response::new(NodeStatus {
             ring_version,
             ring_state: ring_state.into(),
+            ring_phase: ring_phase.into(),
             replicas: replicas as u32,
             partitions: partitions as u32,
             node_id: self.node_id.clone(),

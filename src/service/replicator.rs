@@ -18,7 +18,7 @@ use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::pb::replicator_server::Replicator;
 use crate::pb::{
-    Ack, DigestReply, DigestRequest, GetRingRequest, JoinRequest, Key, KeyValue, PullRequest,
+    Ack, DigestReply, DigestRequest, GetRingRequest, Key, KeyValue, PullRequest, RingChange,
     ScanRequest, WriteBatch,
 };
 use crate::service::Starting;
@@ -368,16 +368,18 @@ impl Replicator for ReplicatorService {
         Ok(Response::new(self.ring()?))
     }
 
-    async fn join(
+    async fn change_ring(
         &self,
-        request: Request<JoinRequest>,
+        request: Request<RingChange>,
     ) -> Result<Response<crate::pb::RingState>, Status> {
         let request = request.into_inner();
+        let kind = crate::pb::ring_change::Kind::try_from(request.kind)
+            .map_err(|_| Error::InvalidArgument(format!("unknown ring change {}", request.kind)))?;
         crate::net::parse_addr(&request.node).map_err(|e| {
-            Error::InvalidArgument(format!("a joining node is named by its address: {e}"))
+            Error::InvalidArgument(format!("a ring member is named by its address: {e}"))
         })?;
         self.node.node().await;
-        let state = self.members.join(&request.node, request.ready).await?;
+        let state = self.members.change(kind.into(), &request.node).await?;
         Ok(Response::new(crate::pb::RingState {
             state: state.to_bytes(),
         }))
@@ -469,6 +471,10 @@ mod tests {
         assert!(ring.call(with_ring(Some("3x7-ef.v2c"))).is_ok());
         let status = ring.call(with_ring(Some("3x7-00.v2p"))).unwrap_err();
         assert!(status.message().contains("3x7-ef.v2p"), "{status}");
+        // Every ring keeps the same copies, and a node two versions behind missed a change.
+        assert!(ring.call(with_ring(Some("2x7-ef.v2c"))).is_err());
+        assert!(ring.call(with_ring(Some("3x8-ab.v4p"))).is_err());
+        assert!(ring.call(with_ring(Some("3x7-ab.v3p"))).is_ok());
         // A node holding every key refuses a caller that thinks otherwise.
         let mut everywhere = SenderCheck::new("n1".into(), None, false);
         assert!(everywhere.call(with_ring(None)).is_ok());
