@@ -375,105 +375,6 @@ async fn a_data_dir_placed_by_another_ring_is_refused() {
     drop(held);
 }
 
-/// Waits until every node of `cluster` reports ring version `version`, settled, and none says
-/// it is joining; panics after a minute.
-async fn ring_settles_at(cluster: &TestCluster, version: u64) {
-    let started = std::time::Instant::now();
-    loop {
-        let mut seen = Vec::new();
-        for i in 0..cluster.nodes.len() {
-            let status = cluster.client(i).status().await.unwrap();
-            seen.push((status.ring_version, status.ring_state, status.ring_phase));
-        }
-        if (seen.iter()).all(|(v, s, p)| *v == version && s == "normal" && p == "settled") {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the ring did not settle at version {version}: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A seventh node joins a six-node ring while clients write: no acknowledged write is lost,
-/// the new node takes its share of the keys, and once the join has settled every key is on
-/// exactly three nodes again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_joins_under_load_takes_its_share_and_loses_no_write() {
-    let config = || NodeConfig {
-        replicas: 3,
-        replication_deadline: Duration::from_secs(2),
-        anti_entropy_interval: Duration::from_secs(1),
-        ..NodeConfig::default()
-    };
-    let mut cluster = TestCluster::start_with(6, |_| config());
-    const BEFORE: usize = 300;
-    for k in 0..BEFORE {
-        let ack = cluster.client(k % 6).put(&format!("before{k}"), "v").await;
-        assert!(ack.unwrap().ok, "before{k}");
-    }
-    // Clients write through every node while the seventh joins, bounded in count.
-    let clients: Vec<_> = (0..6).map(|i| cluster.client(i)).collect();
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for k in 0..5_000 {
-            if *stopped.borrow_and_update() {
-                break;
-            }
-            let key = format!("during{k}");
-            if let Ok(ack) = clients[k % 6].put(&key, &format!("v{k}")).await
-                && ack.ok
-            {
-                acked.push((key, format!("v{k}")));
-            }
-        }
-        acked
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let new = cluster.join(config(), 2);
-    ring_settles_at(&cluster, 2).await;
-    let _ = stop.send(true);
-    let acked = writer.await.unwrap();
-    assert!(acked.len() > 20, "the writes went on: {}", acked.len());
-
-    // Every acknowledged write, and every key from before, reads back at QUORUM through
-    // every node, the new one too.
-    let mut all: Vec<(String, String)> = (0..BEFORE)
-        .map(|k| (format!("before{k}"), "v".to_string()))
-        .chain(acked)
-        .collect();
-    all.sort();
-    for (n, (key, value)) in all.iter().enumerate().step_by(3) {
-        let via = n % cluster.nodes.len();
-        let read = cluster.client(via).get_with(key, Consistency::Quorum).await;
-        assert_eq!(&read.unwrap().value, value, "{key} through node {via}");
-    }
-    // Every copy lands on the key's three holders, and the nodes that gave partitions to the
-    // new one drop them: each key is on exactly three nodes once anti-entropy has run.
-    let started = std::time::Instant::now();
-    let keys = loop {
-        let keys = held(&cluster).await;
-        if keys.iter().sum::<u64>() == 3 * all.len() as u64 {
-            break keys;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "not three copies of {} keys: {keys:?}",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    // Its share: 3/7 of the keys, within what hashing leaves to chance.
-    let share = keys[new] as f64 / all.len() as f64;
-    assert!((0.3..0.56).contains(&share), "{keys:?}");
-    let status = cluster.client(new).status().await.unwrap();
-    assert!((435..=443).contains(&status.partitions), "{status:?}");
-    // A List through the new node has every key once.
-    assert_eq!(cluster.client(new).list().await.unwrap(), all);
-}
-
 /// Waits until every node of `cluster` in `live` reports ring version `version`, settled, in
 /// state `normal`, and `left`, if given, says `left`; panics after a minute.
 async fn change_settles(cluster: &TestCluster, live: &[usize], version: u64, left: Option<usize>) {
@@ -528,6 +429,103 @@ fn ring_config() -> NodeConfig {
     }
 }
 
+/// Clients writing keys `during{k}` through nodes in turn, at most 5,000 writes, until
+/// stopped.
+struct WriteLoad {
+    stop: tokio::sync::watch::Sender<bool>,
+    writer: tokio::task::JoinHandle<Vec<(String, String)>>,
+}
+
+impl WriteLoad {
+    fn start(clients: Vec<kvstore::client::Client>) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let writer = tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for k in 0..5_000 {
+                if *stopped.borrow_and_update() {
+                    break;
+                }
+                let key = format!("during{k}");
+                if let Ok(ack) = clients[k % clients.len()].put(&key, &format!("v{k}")).await
+                    && ack.ok
+                {
+                    acked.push((key, format!("v{k}")));
+                }
+            }
+            acked
+        });
+        Self { stop, writer }
+    }
+
+    /// The writes acknowledged with `ok`.
+    async fn stop(self) -> Vec<(String, String)> {
+        let _ = self.stop.send(true);
+        let acked = self.writer.await.unwrap();
+        assert!(acked.len() > 20, "the writes went on: {}", acked.len());
+        acked
+    }
+}
+
+/// Writes `before0` .. `before{n-1}` through the nodes of `via` in turn.
+async fn write_before(cluster: &TestCluster, via: &[usize], n: usize) {
+    for k in 0..n {
+        let node = via[k % via.len()];
+        let ack = cluster.client(node).put(&format!("before{k}"), "v").await;
+        assert!(ack.unwrap().ok, "before{k}");
+    }
+}
+
+/// Every key written, those from before and the acknowledged ones, in key order; checks
+/// that every third reads back at QUORUM through the nodes of `via` in turn.
+async fn read_back(
+    cluster: &TestCluster,
+    via: &[usize],
+    before: usize,
+    acked: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = (0..before)
+        .map(|k| (format!("before{k}"), "v".to_string()))
+        .chain(acked)
+        .collect();
+    all.sort();
+    for (n, (key, value)) in all.iter().enumerate().step_by(3) {
+        let node = via[n % via.len()];
+        let read = cluster
+            .client(node)
+            .get_with(key, Consistency::Quorum)
+            .await;
+        assert_eq!(&read.unwrap().value, value, "{key} through node {node}");
+    }
+    all
+}
+
+/// A seventh node joins a six-node ring while clients write: no acknowledged write is lost,
+/// the new node takes its share of the keys, and once the join has settled every key is on
+/// exactly three nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_under_load_takes_its_share_and_loses_no_write() {
+    let mut cluster = TestCluster::start_with(6, |_| ring_config());
+    let six: Vec<usize> = (0..6).collect();
+    write_before(&cluster, &six, 300).await;
+    let load = WriteLoad::start(six.iter().map(|&i| cluster.client(i)).collect());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new = cluster.join(ring_config(), 2);
+    let seven: Vec<usize> = (0..7).collect();
+    change_settles(&cluster, &seven, 2, None).await;
+    let acked = load.stop().await;
+    // Every acknowledged write reads back through every node, the new one too.
+    let all = read_back(&cluster, &seven, 300, acked).await;
+    // The nodes that gave partitions to the new one drop them.
+    let keys = three_copies_on(&cluster, &seven, all.len()).await;
+    // Its share: 3/7 of the keys, within what hashing leaves to chance.
+    let share = keys[new] as f64 / all.len() as f64;
+    assert!((0.3..0.56).contains(&share), "{keys:?}");
+    let status = cluster.client(new).status().await.unwrap();
+    assert!((435..=443).contains(&status.partitions), "{status:?}");
+    // A List through the new node has every key once.
+    assert_eq!(cluster.client(new).list().await.unwrap(), all);
+}
+
 /// A node of seven leaves while clients write through the others: its keys go to the six
 /// that stay, no acknowledged write is lost, and it ends holding nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,46 +533,14 @@ async fn a_node_leaves_under_load_and_hands_its_keys_over() {
     let cluster = TestCluster::start_with(7, |_| ring_config());
     const LEAVER: usize = 3;
     let stay: Vec<usize> = (0..7).filter(|&i| i != LEAVER).collect();
-    const BEFORE: usize = 300;
-    for k in 0..BEFORE {
-        let ack = cluster.client(k % 7).put(&format!("before{k}"), "v").await;
-        assert!(ack.unwrap().ok, "before{k}");
-    }
-    let clients: Vec<_> = stay.iter().map(|&i| cluster.client(i)).collect();
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let writer = tokio::spawn(async move {
-        let mut acked = Vec::new();
-        for k in 0..5_000 {
-            if *stopped.borrow_and_update() {
-                break;
-            }
-            let key = format!("during{k}");
-            if let Ok(ack) = clients[k % 6].put(&key, &format!("v{k}")).await
-                && ack.ok
-            {
-                acked.push((key, format!("v{k}")));
-            }
-        }
-        acked
-    });
+    write_before(&cluster, &(0..7).collect::<Vec<_>>(), 300).await;
+    let load = WriteLoad::start(stay.iter().map(|&i| cluster.client(i)).collect());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let ack = cluster.client(LEAVER).leave().await.unwrap();
     assert!(ack.message.starts_with("Leaving: "), "{ack:?}");
     change_settles(&cluster, &stay, 2, Some(LEAVER)).await;
-    let _ = stop.send(true);
-    let acked = writer.await.unwrap();
-    assert!(acked.len() > 20, "the writes went on: {}", acked.len());
-
-    let mut all: Vec<(String, String)> = (0..BEFORE)
-        .map(|k| (format!("before{k}"), "v".to_string()))
-        .chain(acked)
-        .collect();
-    all.sort();
-    for (n, (key, value)) in all.iter().enumerate().step_by(3) {
-        let via = stay[n % stay.len()];
-        let read = cluster.client(via).get_with(key, Consistency::Quorum).await;
-        assert_eq!(&read.unwrap().value, value, "{key} through node {via}");
-    }
+    let acked = load.stop().await;
+    let all = read_back(&cluster, &stay, 300, acked).await;
     three_copies_on(&cluster, &stay, all.len()).await;
     // The node that left holds nothing, and no longer counts among the others' peers.
     let left = cluster.client(LEAVER).status().await.unwrap();
