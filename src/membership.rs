@@ -1,10 +1,12 @@
 //! Ring changes on a running node: taking a newer ring from a peer, keeping the ring in the
-//! data dir, and on the claimant (the ring's first member) making a change: a node's join, in
-//! the phases of `kvstore_actors::membership`.
+//! data dir, copying the partitions a change gives the node, and on the claimant (the first
+//! member of the ring, or of both rings during a change) making a change: a node's join,
+//! leave or removal, in the phases of `kvstore_actors::membership`.
 //!
 //! The claimant makes one change at a time, and only while every member answers and holds
 //! its ring: it tells every member each new phase before the next. A member that missed a
-//! phase (it was restarting) catches up by asking its peers, in turn, for their rings.
+//! phase (it was restarting) asks its peers for their rings as it starts, then one peer each
+//! anti-entropy period.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
