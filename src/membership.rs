@@ -236,8 +236,13 @@ impl Members {
         if claimant == self.me {
             return self.change(change, node).await;
         }
-        (self.link(&claimant)?.change_ring(change.into(), node).await)
-            .map_err(|e| Error::Unavailable(format!("the ring's claimant {claimant}: {e}")))
+        let said = |why: String| format!("the ring's claimant {claimant}: {why}");
+        // Its refusal keeps its code: a script must not retry what cannot succeed.
+        (self.link(&claimant)?.change_ring(change.into(), node).await).map_err(|e| match e {
+            PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
+            PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
+            other => Error::Unavailable(said(other.to_string())),
+        })
     }
 
     /// On the claimant: begins `change` of `node`, or goes on with the one under way. A
@@ -265,7 +270,17 @@ impl Members {
         match state.phase() {
             Phase::Settled => {
                 let next = match change {
-                    Change::Join if member(state.ring()) => return Ok(state),
+                    Change::Join if member(state.ring()) => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "{node} is already a member of the ring"
+                        )));
+                    }
+                    Change::Join if !self.answers(node).await => {
+                        return Err(Error::FailedPrecondition(format!(
+                            "no node answers at {node}: give the joining node an --advertise \
+                             address every member can reach"
+                        )));
+                    }
                     Change::Join => state.ring().with_joined(node)?,
                     _ if !member(state.ring()) => {
                         return Err(Error::FailedPrecondition(format!(
@@ -351,12 +366,16 @@ impl Members {
         Ok(state)
     }
 
-    /// Whether `node` answers a call.
+    /// Whether a node answers a call at `node`, starting or not.
     async fn answers(&self, node: &str) -> bool {
         let Ok(link) = self.link(node) else {
             return false;
         };
-        link.get_ring().await.is_ok()
+        match link.get_ring().await {
+            Ok(_) => true,
+            Err(PeerError::Refused(why)) => why.contains(crate::service::replicator::STARTING),
+            Err(_) => false,
+        }
     }
 
     /// Checks that every member but `absent` answers and holds `state`: a change begun with a
@@ -581,7 +600,16 @@ pub async fn join(
                 ));
             }
             if state.ring().members().iter().any(|m| m == me) && state.phase() == Phase::Settled {
-                return Ok(state);
+                // A member restarts from its data dir, without --join: this is another node
+                // taking a member's address, or a member that lost its data dir.
+                return Err((
+                    seed,
+                    PeerError::Refused(format!(
+                        "{me} is already a member of the ring: give this node its own \
+                         --advertise address, or, to bring back that member without its data, \
+                         remove it first (kvstore-cli {seed} remove {me})"
+                    )),
+                ));
             }
             let claimant = state.claimant().to_owned();
             let link = GrpcPeer::new(&claimant, settings).map_err(|e| {

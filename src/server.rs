@@ -114,6 +114,7 @@ async fn serve(
     // against this node's from the first call. A ring recorded in the data dir or joined
     // replaces it once the node has started.
     let ring = crate::peer::ring_tag(placement(&config, addr)?.fingerprint());
+    let ring_known = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let members = Arc::new(Members::new(
         ring_id(&config, addr),
         ring.clone(),
@@ -192,7 +193,7 @@ async fn serve(
                 config.cluster_token.clone(),
                 config.tls.as_ref().is_some_and(|tls| tls.checks_peers()),
             )
-            .with_ring(ring.clone()),
+            .with_ring(ring.clone(), ring_known.clone()),
         ))
         .serve_with_incoming_shutdown(
             Incoming::new(
@@ -231,6 +232,7 @@ async fn serve(
         }
     };
     starting.started(node.clone());
+    ring_known.store(true, std::sync::atomic::Ordering::Release);
     // The ring the node started in, if it differs from the one its flags gave; then a newer
     // one a peer has, if the node missed a change while it was down.
     crate::peer::set_ring_tag(&ring, node.placement().and_then(|p| p.fingerprint()));
@@ -389,6 +391,8 @@ async fn start(
     let others: Vec<String> = (state.members().into_iter()).filter(|m| *m != me).collect();
     let placement =
         Placement::of(state, &me, &others).map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+    // The ring's fingerprint from the first call on, not the one the flags would give.
+    crate::peer::set_ring_tag(&members.tag(), placement.fingerprint());
     let peers = (others.iter())
         .map(|peer| Ok((peer.clone(), GrpcPeer::new(peer, &settings)?)))
         .collect::<Result<Vec<_>, Error>>()?;

@@ -142,13 +142,20 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
         status.data_dir
     )];
     // A ring: say what share of the keys the node holds. A node that predates rings reports
-    // no partitions (0), and holds every key.
+    // no partitions (0) and no ring state, and holds every key.
     let all = u32::from(kvstore_actors::ring::PARTITIONS);
-    if status.partitions != 0 && status.partitions < all {
+    if status.partitions < all && (status.partitions != 0 || !status.ring_state.is_empty()) {
         lines.push(format!(
             "holds {} of {all} partitions ({} of each key)",
             status.partitions,
             count(u64::from(status.replicas), "copy", "copies")
+        ));
+    }
+    // A ring that has changed, or is changing: its version, and this node's part.
+    if status.ring_version > 1 || !matches!(status.ring_phase.as_str(), "" | "settled") {
+        lines.push(format!(
+            "ring version {} ({}), this node {}",
+            status.ring_version, status.ring_phase, status.ring_state
         ));
     }
     if !status.refusing_writes.is_empty() {
@@ -423,7 +430,11 @@ impl Shell {
             let (partitions, keys) = match status {
                 // A node that predates rings reports no partitions: it holds every key.
                 Some(s) => (
-                    if s.partitions == 0 { all } else { s.partitions }.to_string(),
+                    match (s.partitions, s.ring_state.as_str()) {
+                        (0, "") => all,
+                        (partitions, _) => partitions,
+                    }
+                    .to_string(),
                     s.keys.to_string(),
                 ),
                 None => ("-".into(), "-".into()),

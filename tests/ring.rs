@@ -566,7 +566,8 @@ async fn a_dead_node_is_removed_and_its_copies_made_again() {
         let ack = cluster.client(k % 7).put(&format!("key{k}"), "v").await;
         assert!(ack.unwrap().ok, "key{k}");
     }
-    let refused = cluster.client(0).remove(cluster.addr(5)).await.unwrap_err();
+    // Asked through a node that is not the claimant: the claimant's refusal keeps its code.
+    let refused = cluster.client(3).remove(cluster.addr(5)).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("leave"), "{refused:?}");
     // The ring's first member dies: another node makes the change.
@@ -588,4 +589,36 @@ async fn a_dead_node_is_removed_and_its_copies_made_again() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+}
+
+/// A node that would join under a member's address, or under one where no node answers, is
+/// refused before the ring changes: the first would count itself as that member's copy, the
+/// second would leave the ring waiting for a node it cannot reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_under_a_members_address_or_an_unreachable_one_is_refused() {
+    let cluster = TestCluster::start_with(3, |_| ring_config());
+    let (_held, nowhere) = common::closed_port();
+    for (advertise, refusal) in [
+        (cluster.addr(1).to_string(), "already a member"),
+        (nowhere, "no node answers at"),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = NodeConfig {
+            join: Some(cluster.addr(0).to_string()),
+            advertise: Some(advertise),
+            ..ring_config()
+        };
+        let started = kvstore::server::run(listener, config, std::future::pending());
+        let error = tokio::time::timeout(Duration::from_secs(30), started)
+            .await
+            .expect("refused at once")
+            .unwrap_err();
+        assert!(error.to_string().contains(refusal), "{error}");
+    }
+    let status = cluster.client(2).status().await.unwrap();
+    assert_eq!(
+        (status.ring_version, status.peers.len()),
+        (1, 2),
+        "{status:?}"
+    );
 }

@@ -800,7 +800,8 @@ impl<P: PeerClient> Coordinator<P> {
     pub fn share(&self) -> (usize, usize) {
         let topology = self.topology.load();
         match &topology.placement {
-            Some(p) => (p.ring().width(), p.local().len()),
+            // During a change, those it takes or still keeps: a joining node's fill as well.
+            Some(p) => (p.ring().width(), p.write_local().len()),
             None => (
                 topology.peers.len() + 1,
                 usize::from(crate::ring::PARTITIONS),

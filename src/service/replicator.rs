@@ -26,6 +26,9 @@ use crate::service::list::{ListBounds, ListStream};
 use crate::service::request_errors;
 use crate::wire;
 
+/// What a node says of its ring while it starts.
+pub const STARTING: &str = "this node is starting";
+
 /// Most buckets a digest may ask for: 512 KiB of sums.
 const MAX_BUCKETS: u32 = 65_536;
 
@@ -64,10 +67,12 @@ impl ReplicatorService {
         }
     }
 
-    /// The node's ring, as sent: at once, even while the node starts (UNAVAILABLE then), so
-    /// that nodes starting together do not wait on each other.
+    /// The node's ring, as sent: at once, even while the node starts, so that nodes starting
+    /// together do not wait on each other. A starting node answers FAILED_PRECONDITION, not
+    /// UNAVAILABLE: the caller (a claimant checking that a joining node answers at its
+    /// address) learns that a node is there.
     fn ring(&self) -> Result<crate::pb::RingState, Error> {
-        let node = (self.node.get()).ok_or_else(|| Error::Unavailable("starting".into()))?;
+        let node = (self.node.get()).ok_or_else(|| Error::FailedPrecondition(STARTING.into()))?;
         let state = (node.ring_state())
             .ok_or_else(|| Error::FailedPrecondition("this node has no ring".into()))?;
         Ok(crate::pb::RingState {
@@ -135,6 +140,9 @@ pub struct SenderCheck {
     own_id: String,
     /// This node's ring's fingerprint; `None` when it holds every key of a first ring.
     ring: crate::peer::RingTag,
+    /// Whether the node has started: until then its ring is not known (it may be joining
+    /// one), and callers' rings are not checked.
+    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
     token: Option<ClusterToken>,
     /// Whether the caller must have presented a certificate the TLS layer checked against
     /// the cluster's CA.
@@ -146,14 +154,20 @@ impl SenderCheck {
         Self {
             own_id,
             ring: crate::peer::RingTag::default(),
+            started: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             token,
             needs_certificate,
         }
     }
 
     /// Also checks that a caller that holds only some keys has the same ring as this node.
-    pub fn with_ring(mut self, ring: crate::peer::RingTag) -> Self {
+    pub fn with_ring(
+        mut self,
+        ring: crate::peer::RingTag,
+        started: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
         self.ring = ring;
+        self.started = started;
         self
     }
 
@@ -165,6 +179,9 @@ impl SenderCheck {
         let Some(theirs) = request.metadata().get(crate::peer::RING_HEADER) else {
             return Ok(());
         };
+        if !self.started.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let theirs = theirs.to_str().unwrap_or("(not ASCII)");
         let ours = self.ring.load();
         let ours = (ours.as_ref()).map_or("every node holds every key", |r| {
@@ -454,7 +471,8 @@ mod tests {
             request
         };
         let tag = crate::peer::ring_tag(Some("3x6-ab".into()));
-        let mut ring = SenderCheck::new("n1".into(), None, false).with_ring(tag.clone());
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut ring = SenderCheck::new("n1".into(), None, false).with_ring(tag.clone(), started);
         assert!(ring.call(with_ring(Some("3x6-ab"))).is_ok());
         assert!(
             ring.call(with_ring(None)).is_ok(),
