@@ -330,5 +330,42 @@ mod tests {
         let error = RingState::from_bytes(&bytes).unwrap_err().to_string();
         assert!(error.contains("holders"), "{error}");
         assert!(RingState::from_bytes(b"4x6-0123456789abcdef").is_err());
+        // A previous ring that does not come just before the ring, or keeps other copies.
+        let next = first.ring().with_joined("node7").unwrap();
+        let other_copies = Ring::bootstrap((1..=6).map(|i| format!("node{i}")), 2).unwrap();
+        for previous in [first.ring().with_joined("node8").unwrap(), other_copies] {
+            let mut bytes = MAGIC.to_vec();
+            bytes.push(Phase::Pending as u8);
+            bytes.extend(next.to_bytes());
+            bytes.extend(previous.to_bytes());
+            let error = RingState::from_bytes(&bytes).unwrap_err().to_string();
+            assert!(error.contains("does not precede"), "{error}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_name_the_ring_and_after_the_first_its_version_and_phase() {
+        let everywhere = RingState::settled(Ring::bootstrap(["a:1", "b:1", "c:1"], 3).unwrap());
+        assert_eq!(everywhere.fingerprint(), None);
+        let first = RingState::settled(ring_of(6));
+        let ring = first.fingerprint().unwrap();
+        assert!(ring.starts_with("3x6-") && !ring.contains(".v"), "{ring}");
+        let pending = first
+            .begin(first.ring().with_joined("node7").unwrap())
+            .unwrap();
+        assert_eq!(pending.previous(), Some(first.ring()));
+        let committed = pending.advance().unwrap();
+        let settled = committed.advance().unwrap();
+        let seven = pending.fingerprint().unwrap();
+        assert!(
+            seven.starts_with("3x7-") && seven.ends_with(".v2p"),
+            "{seven}"
+        );
+        assert!(committed.fingerprint().unwrap().ends_with(".v2c"));
+        assert!(settled.fingerprint().unwrap().ends_with(".v2s"));
+        assert_eq!(
+            [pending.phase(), committed.phase(), settled.phase()].map(Phase::name),
+            ["pending", "committed", "settled"]
+        );
     }
 }
