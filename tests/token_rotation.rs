@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kvstore::client::Client;
@@ -20,8 +20,16 @@ use tonic::transport::Endpoint;
 /// cluster converging.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// Writes keys round-robin to the nodes until told to stop; returns those acknowledged.
-async fn write_until(clients: Vec<Client>, stop: Arc<AtomicBool>) -> BTreeSet<String> {
+/// Writes acknowledged after each restart before the next.
+const WRITES_PER_STEP: usize = 10;
+
+/// Writes keys round-robin to the nodes until told to stop, counting in `count` those
+/// acknowledged; returns them.
+async fn write_until(
+    clients: Vec<Client>,
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicUsize>,
+) -> BTreeSet<String> {
     let mut acked = BTreeSet::new();
     let mut n = 0usize;
     while !stop.load(Ordering::Relaxed) {
@@ -30,6 +38,7 @@ async fn write_until(clients: Vec<Client>, stop: Arc<AtomicBool>) -> BTreeSet<St
             && ack.ok
         {
             acked.insert(key);
+            count.fetch_add(1, Ordering::Relaxed);
         }
         n += 1;
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -113,7 +122,23 @@ async fn rotating_the_token_one_node_at_a_time_loses_no_write() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let clients = (0..3).map(|i| cluster.client(i)).collect();
-    let writer = tokio::spawn(write_until(clients, stop.clone()));
+    let count = Arc::new(AtomicUsize::new(0));
+    let writer = tokio::spawn(write_until(clients, stop.clone(), count.clone()));
+    // Between two restarts, some writes are acknowledged: the rotation happens under load,
+    // however fast the nodes restart.
+    let some_writes = |step: &'static str| {
+        let (count, from) = (count.clone(), count.load(Ordering::Relaxed));
+        async move {
+            let started = Instant::now();
+            while count.load(Ordering::Relaxed) < from + WRITES_PER_STEP {
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "{step}: no writes acknowledged"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
 
     // Each node reads the file when it starts: add the new token, send it, drop the old one,
     // a step at a time, each step taken by every node before the next.
@@ -132,13 +157,14 @@ async fn rotating_the_token_one_node_at_a_time_loses_no_write() {
             );
             cluster.restart(i).await.unwrap();
             all_links_open(&cluster, step).await;
+            some_writes(step).await;
         }
     }
 
     stop.store(true, Ordering::Relaxed);
     let acked = writer.await.unwrap();
     assert!(
-        acked.len() > 100,
+        acked.len() >= 9 * WRITES_PER_STEP,
         "only {} writes acknowledged",
         acked.len()
     );
