@@ -111,8 +111,8 @@ async fn serve(
     };
     let bounds = config.bounds;
     // Checked here as well as when the actors start: the Replicator checks each caller's ring
-    // against this node's from the first call. A ring recorded in the data dir or joined
-    // replaces it once the node has started.
+    // against this node's once it has started (see `SenderCheck::with_ring`). A ring recorded
+    // in the data dir, or joined, replaces the one the flags give as soon as it is known.
     let ring = crate::peer::ring_tag(placement(&config, addr)?.fingerprint());
     let ring_known = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let members = Arc::new(Members::new(
@@ -236,12 +236,12 @@ async fn serve(
     // The ring the node started in, if it differs from the one its flags gave; then a newer
     // one a peer has, if the node missed a change while it was down.
     crate::peer::set_ring_tag(&ring, node.placement().and_then(|p| p.fingerprint()));
-    let ring_tasks = [tokio::spawn(
+    let catch_up = tokio::spawn(
         members
             .clone()
             .catch_up(config.anti_entropy_interval)
             .in_current_span(),
-    )];
+    );
     // A node restarted in the middle of a change that gives it partitions goes on copying.
     if let Some(state) = node.ring_state() {
         members.fill_if_gaining(&state);
@@ -274,9 +274,7 @@ async fn serve(
         }
     };
     signalled.abort();
-    for task in ring_tasks {
-        task.abort();
-    }
+    catch_up.abort();
     serving.abort();
 
     // Drained even when serving failed: the log is synced and closed, and queued writes go
