@@ -22,6 +22,14 @@ use crate::peer::{GrpcPeer, PeerSettings, RingTag, set_ring_tag};
 use crate::service::Starting;
 use tracing::Instrument;
 
+/// How a first ring where every node holds every key is described, having no fingerprint.
+pub const EVERYWHERE: &str = "every node holds every key";
+
+/// A ring's fingerprint, as a person reads it.
+pub fn describe(state: &RingState) -> String {
+    state.fingerprint().unwrap_or_else(|| EVERYWHERE.into())
+}
+
 /// The file in a data dir that holds the node's ring.
 pub const RING_FILE: &str = "ring";
 
@@ -381,27 +389,20 @@ impl Members {
     /// Checks that every member but `absent` answers and holds `state`: a change begun with a
     /// member down could not be told to it, nor copied from it.
     async fn check_members(&self, state: &RingState, absent: Option<&str>) -> Result<(), Error> {
-        let others: Vec<String> = (state.members().into_iter())
-            .filter(|m| *m != self.me && Some(m.as_str()) != absent)
-            .collect();
-        let asks = others.iter().map(|m| async move {
-            let answer = self.link(m)?.get_ring().await;
-            Ok::<_, Error>((m, answer))
-        });
         let mut problems = Vec::new();
-        for answer in futures::future::join_all(asks).await {
-            let (member, answer) = answer?;
+        let answers = self
+            .ask_each(&state.members(), absent, |link| async move {
+                link.get_ring().await
+            })
+            .await?;
+        for (member, answer) in answers {
             match answer {
                 Ok(theirs) if theirs == *state => {}
                 Ok(theirs) if theirs.epoch() == state.epoch() => problems.push(format!(
                     "{member} holds another ring ({}) than the claimant's ({}): give every \
                      node the same --replicas and the same address for each node",
-                    theirs
-                        .fingerprint()
-                        .unwrap_or_else(|| "every node holds every key".into()),
-                    state
-                        .fingerprint()
-                        .unwrap_or_else(|| "every node holds every key".into()),
+                    describe(&theirs),
+                    describe(state),
                 )),
                 Ok(theirs) => problems.push(format!(
                     "{member} holds ring version {} ({})",
@@ -422,6 +423,25 @@ impl Members {
         )))
     }
 
+    /// Calls each of `members` but this node and `skip` at once; returns each one's answer.
+    async fn ask_each<T, F>(
+        &self,
+        members: &[String],
+        skip: Option<&str>,
+        call: impl Fn(GrpcPeer) -> F,
+    ) -> Result<Vec<(String, Result<T, PeerError>)>, Error>
+    where
+        F: std::future::Future<Output = Result<T, PeerError>>,
+    {
+        let calls = (members.iter())
+            .filter(|m| **m != self.me && Some(m.as_str()) != skip)
+            .map(|m| Ok((m.clone(), call(self.link(m)?))))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let (names, calls): (Vec<String>, Vec<F>) = calls.into_iter().unzip();
+        let answers = futures::future::join_all(calls).await;
+        Ok(names.into_iter().zip(answers).collect())
+    }
+
     /// Offers `state` to each of `to` but this node and `skip`; fails naming the members of
     /// its ring that did not take it. A node outside the ring (one that leaves, or is removed)
     /// is told too, but may miss it: it holds nothing from then on.
@@ -431,17 +451,12 @@ impl Members {
         to: &[String],
         skip: Option<&str>,
     ) -> Result<(), Error> {
-        let others: Vec<&String> = (to.iter())
-            .filter(|m| **m != self.me && Some(m.as_str()) != skip)
-            .collect();
-        let pushes = others.iter().map(|m| async move {
-            let answer = self.link(m)?.push_ring(state).await;
-            Ok::<_, Error>((m, answer))
-        });
         let mut missed = Vec::new();
-        for answer in futures::future::join_all(pushes).await {
-            let (member, answer) = answer?;
-            let needed = state.ring().members().contains(member);
+        let answers = self
+            .ask_each(to, skip, |link| async move { link.push_ring(state).await })
+            .await?;
+        for (member, answer) in answers {
+            let needed = state.ring().members().contains(&member);
             match answer {
                 Ok(theirs) if theirs.epoch() >= state.epoch() => {}
                 _ if !needed => {}

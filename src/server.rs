@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::sync::{Arc, PoisonError};
 
-use kvstore_actors::membership::{Phase, RingState};
+use kvstore_actors::membership::Phase;
 use kvstore_actors::placement::Placement;
 use kvstore_actors::{
     Clock, Coordinator, CoordinatorConfig, NodeId, Storage, StorageConfig, StoreActor,
@@ -23,7 +23,7 @@ use crate::Node;
 use crate::config::NodeConfig;
 use crate::error::Error;
 use crate::listener::Incoming;
-use crate::membership::{self, Members};
+use crate::membership::{self, EVERYWHERE, Members};
 use crate::metrics::{NodeMetrics, NodeState};
 use crate::pb::kv_store_server::KvStoreServer;
 use crate::pb::replicator_server::ReplicatorServer;
@@ -519,9 +519,6 @@ async fn start(
     Ok(node)
 }
 
-/// What an older build's ring record said when every node held every key.
-const EVERYWHERE: &str = "every node holds every key";
-
 /// How long a node started with `--join` keeps trying while the ring is changing or one of
 /// its members does not answer.
 const JOIN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
@@ -538,11 +535,10 @@ fn record_ring(
     placement: &Placement,
     holds_data: bool,
 ) -> Result<(), Error> {
-    let describe = |state: &RingState| state.fingerprint().unwrap_or_else(|| EVERYWHERE.into());
     let current = placement.fingerprint().unwrap_or_else(|| EVERYWHERE.into());
     let recorded = match membership::recorded(dir) {
         Ok(Some(state)) if state == *placement.state() => return Ok(()),
-        Ok(Some(state)) => Some(describe(&state)),
+        Ok(Some(state)) => Some(membership::describe(&state)),
         Ok(None) => None,
         Err(text) => Some(text),
     };

@@ -298,22 +298,22 @@ impl Placement {
 
     /// Who holds `key` to read it.
     pub fn holders(&self, key: &str) -> Holders<'_> {
-        if self.everywhere {
-            return Holders {
-                local: true,
-                peers: &self.all_peers,
-            };
-        }
-        let p = partition_of(key);
-        Holders {
-            local: self.local.contains(p),
-            peers: &self.peers_of[usize::from(p)],
-        }
+        self.lookup(key, &self.local, &self.peers_of)
     }
 
     /// Who takes the writes of `key`: its holders, and during a change those of the other
     /// ring too.
     pub fn write_holders(&self, key: &str) -> Holders<'_> {
+        self.lookup(key, &self.write_local, &self.write_peers_of)
+    }
+
+    /// `key`'s holders by one of the tables: whether this node is one, and which peers.
+    fn lookup<'a>(
+        &'a self,
+        key: &str,
+        local: &PartitionSet,
+        peers_of: &'a [Box<[u16]>],
+    ) -> Holders<'a> {
         if self.everywhere {
             return Holders {
                 local: true,
@@ -322,8 +322,8 @@ impl Placement {
         }
         let p = partition_of(key);
         Holders {
-            local: self.write_local.contains(p),
-            peers: &self.write_peers_of[usize::from(p)],
+            local: local.contains(p),
+            peers: &peers_of[usize::from(p)],
         }
     }
 

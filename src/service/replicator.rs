@@ -184,7 +184,7 @@ impl SenderCheck {
         }
         let theirs = theirs.to_str().unwrap_or("(not ASCII)");
         let ours = self.ring.load();
-        let ours = (ours.as_ref()).map_or("every node holds every key", |r| {
+        let ours = (ours.as_ref()).map_or(crate::membership::EVERYWHERE, |r| {
             r.to_str().expect("set from a fingerprint")
         });
         if !Fingerprint::parse(theirs).conflicts_with(&Fingerprint::parse(ours)) {
