@@ -98,6 +98,22 @@ impl RingState {
         })
     }
 
+    /// Calls off a pending change: the ring goes back to the one before it, under the next
+    /// version, settled. Safe while pending only: reads still go to the old holders, and
+    /// every write since the change began went to them too.
+    pub fn abort(&self) -> Result<Self, Error> {
+        match (self.phase, &self.previous) {
+            (Phase::Pending, Some(previous)) => {
+                Ok(Self::settled(previous.renumbered(self.ring.version() + 1)))
+            }
+            _ => Err(Error::Ring(format!(
+                "the change to ring version {} is {}: only a pending change can be called off",
+                self.ring.version(),
+                self.phase.name()
+            ))),
+        }
+    }
+
     /// The order of states: a node adopts a state only if its epoch is above its own.
     pub fn epoch(&self) -> (u64, Phase) {
         (self.ring.version(), self.phase)
@@ -301,6 +317,36 @@ mod tests {
             gaining.len() > 1 && !gaining.contains(&"node3".to_string()),
             "{gaining:?}"
         );
+    }
+
+    #[test]
+    fn a_pending_change_is_called_off_back_to_the_ring_before_it() {
+        let first = RingState::settled(ring_of(6));
+        let pending = first
+            .begin(first.ring().with_joined("node7").unwrap())
+            .unwrap();
+        let off = pending.abort().unwrap();
+        assert_eq!(off.phase(), Phase::Settled);
+        assert_eq!(
+            off.ring().version(),
+            3,
+            "newer than the change it calls off"
+        );
+        assert!(off.epoch() > pending.epoch());
+        assert_eq!(off.ring().members(), first.ring().members());
+        for p in 0..crate::ring::PARTITIONS {
+            assert!(
+                off.ring().holders(p).eq(first.ring().holders(p)),
+                "partition {p} moved"
+            );
+        }
+        assert_eq!(off.ring().replicas(), first.ring().replicas());
+        assert!(off.previous().is_none() && off.gaining().is_empty());
+        // Once reads may have gone to the new holders, there is no going back.
+        assert!(pending.advance().unwrap().abort().is_err());
+        assert!(first.abort().is_err());
+        // The next change follows it.
+        assert!(off.begin(off.ring().with_joined("node8").unwrap()).is_ok());
     }
 
     #[test]

@@ -210,6 +210,15 @@ impl Ring {
         Ok(next)
     }
 
+    /// The same placement under `version`: what a change that is called off goes back to, as
+    /// a newer ring than the one it was going to.
+    pub fn renumbered(&self, version: u64) -> Self {
+        Self {
+            version,
+            ..self.clone()
+        }
+    }
+
     /// Its bytes, for the wire and the data dir: what [`Ring::from_bytes`] reads back.
     /// Little-endian: version (u64), replicas (u32), width (u32), member count (u32), each
     /// member as a length (u32) and UTF-8, then the table, a u16 per copy.

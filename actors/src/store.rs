@@ -60,14 +60,19 @@ pub async fn run_holding<T: Send + 'static>(
     scan: impl FnOnce() -> T + Send + 'static,
 ) -> T {
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
+    let scanned = tokio::task::spawn_blocking(move || {
         let _span = span.entered();
         let result = scan();
         drop(turn);
         result
     })
-    .await
-    .expect("a map scan panicked")
+    .await;
+    match scanned {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Never begun: the runtime is shutting down, and drops this task with it.
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// One turn at a whole-map scan per CPU (see `StoreReader::turns`).
