@@ -40,6 +40,14 @@ pub const DEFAULT_TOMBSTONE_GRACE: Duration = Duration::from_secs(7 * 24 * 3600)
 pub const DEFAULT_HANDOFF_CAPACITY: usize = 100_000;
 /// Default time between periodic anti-entropy rounds with each peer.
 pub const DEFAULT_ANTI_ENTROPY_INTERVAL: Duration = Duration::from_secs(30);
+/// Default time between gossip rounds: a stopped node is seen down after about eight.
+pub const DEFAULT_GOSSIP_INTERVAL: Duration = Duration::from_secs(1);
+/// Bounds of `--gossip-interval`: below, gossip would cost more than it tells; above, a node
+/// that stopped would be seen down only after minutes.
+const MIN_GOSSIP_INTERVAL: Duration = Duration::from_millis(50);
+const MAX_GOSSIP_INTERVAL: Duration = Duration::from_secs(60);
+/// Default `--cluster-name`.
+pub const DEFAULT_CLUSTER_NAME: &str = "kvstore";
 /// Default fsync interval for `--sync interval`.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(100);
 /// Default bound on how far two nodes' clocks may differ (CockroachDB's default).
@@ -185,6 +193,12 @@ pub struct NodeConfig {
     pub tombstone_grace: Duration,
     pub handoff_capacity: usize,
     pub anti_entropy_interval: Duration,
+    /// The UDP port the node gossips on; `None`: the port it serves gRPC on.
+    pub gossip_port: Option<u16>,
+    /// How often the node gossips with another (failure detection follows it).
+    pub gossip_interval: Duration,
+    /// The cluster's name in gossip.
+    pub cluster_name: String,
     /// The secret every node of the cluster shares, if set: sent on every Replicator call to
     /// a peer and required of every Replicator call received.
     pub cluster_token: Option<ClusterToken>,
@@ -274,6 +288,9 @@ impl Default for NodeConfig {
             tombstone_grace: DEFAULT_TOMBSTONE_GRACE,
             handoff_capacity: DEFAULT_HANDOFF_CAPACITY,
             anti_entropy_interval: DEFAULT_ANTI_ENTROPY_INTERVAL,
+            gossip_port: None,
+            gossip_interval: DEFAULT_GOSSIP_INTERVAL,
+            cluster_name: DEFAULT_CLUSTER_NAME.into(),
             cluster_token: None,
             max_clock_offset: DEFAULT_MAX_CLOCK_OFFSET,
             clock_skew_nanos: 0,
@@ -445,6 +462,22 @@ pub struct ServerArgs {
     /// also run at start and when a peer that missed writes comes back.
     #[arg(long, default_value_t = DEFAULT_ANTI_ENTROPY_INTERVAL.into(), value_parser = flag_at_least_1s)]
     pub anti_entropy_interval: humantime::Duration,
+
+    /// The UDP port this node gossips on (membership, and which nodes are live), on the
+    /// address it listens on and advertises. Defaults to its gRPC port: the same number, over
+    /// UDP. Open it between the nodes as the gRPC port is.
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub gossip_port: Option<u16>,
+
+    /// The cluster's name in gossip: a node takes gossip only from nodes of the same name.
+    /// Give clusters whose nodes can reach each other different names.
+    #[arg(long, default_value = DEFAULT_CLUSTER_NAME, value_parser = parse_cluster_name)]
+    pub cluster_name: String,
+
+    /// How often the node gossips with another. A node that stops is seen down after about
+    /// ten of these.
+    #[arg(long, default_value_t = DEFAULT_GOSSIP_INTERVAL.into(), value_parser = flag_gossip_interval)]
+    pub gossip_interval: humantime::Duration,
 
     /// How far two nodes' clocks may differ (1ms to 1 day). A write from another node whose
     /// version is further ahead of this node's clock is refused (the sender holds it and tries
@@ -657,6 +690,9 @@ impl ServerArgs {
             tombstone_grace: self.tombstone_grace.into(),
             handoff_capacity: self.handoff_capacity,
             anti_entropy_interval: self.anti_entropy_interval.into(),
+            gossip_port: self.gossip_port,
+            gossip_interval: self.gossip_interval.into(),
+            cluster_name: self.cluster_name,
             cluster_token: self
                 .cluster_token_file
                 .as_deref()
@@ -760,6 +796,26 @@ fn flag_at_least_1ms(s: &str) -> Result<humantime::Duration, String> {
     at_least_1ms(s).map(Into::into)
 }
 
+fn flag_gossip_interval(s: &str) -> Result<humantime::Duration, String> {
+    let d = at_least_1ms(s)?;
+    if !(MIN_GOSSIP_INTERVAL..=MAX_GOSSIP_INTERVAL).contains(&d) {
+        return Err(format!(
+            "must be from {} to {}",
+            humantime::format_duration(MIN_GOSSIP_INTERVAL),
+            humantime::format_duration(MAX_GOSSIP_INTERVAL)
+        ));
+    }
+    Ok(d.into())
+}
+
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    let fits = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    match s.len() {
+        1..=64 if s.chars().all(fits) => Ok(s.to_owned()),
+        _ => Err("must be 1 to 64 letters, digits, '-', '_' or '.'".into()),
+    }
+}
+
 fn flag_clock_offset(s: &str) -> Result<humantime::Duration, String> {
     let d = at_least_1ms(s)?;
     if d > MAX_MAX_CLOCK_OFFSET {
@@ -818,6 +874,38 @@ mod tests {
         // And --sync interval's default interval is the constant's.
         let (_, interval) = parse(&["5001", "--sync", "interval"]).unwrap();
         assert_eq!(interval.sync, SyncMode::Interval(DEFAULT_SYNC_INTERVAL));
+    }
+
+    #[test]
+    fn gossip_flags_are_bounded() {
+        let (_, config) = parse(&[
+            "5001",
+            "--gossip-port",
+            "7946",
+            "--gossip-interval",
+            "250ms",
+            "--cluster-name",
+            "prod-eu.1",
+        ])
+        .unwrap();
+        assert_eq!(config.gossip_port, Some(7946));
+        assert_eq!(config.gossip_interval, Duration::from_millis(250));
+        assert_eq!(config.cluster_name, "prod-eu.1");
+        let refused = |args: &[&str]| {
+            let mut argv = vec!["kvstore-server", "5001"];
+            argv.extend_from_slice(args);
+            ServerArgs::try_parse_from(argv).unwrap_err().to_string()
+        };
+        assert!(refused(&["--gossip-port", "0"]).contains("--gossip-port"));
+        for interval in ["10ms", "2min"] {
+            let err = refused(&["--gossip-interval", interval]);
+            assert!(err.contains("must be from 50ms to 1m"), "{interval}: {err}");
+        }
+        for name in ["", "a b", "x/y", &"n".repeat(65)] {
+            let err = refused(&["--cluster-name", name]);
+            assert!(err.contains("letters, digits"), "{name:?}: {err}");
+        }
+        assert!(parse(&["5001", "--cluster-name", &"n".repeat(64)]).is_ok());
     }
 
     #[test]

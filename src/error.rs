@@ -40,6 +40,9 @@ pub enum Error {
     /// Binding or serving on the socket failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The node cannot gossip (its UDP port is taken).
+    #[error("{0}")]
+    Gossip(String),
     /// The gRPC server failed.
     #[error("grpc transport: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -96,7 +99,7 @@ impl From<Error> for Status {
             // A ring change refused: asked of a ring that cannot take it.
             Error::Actors(kvstore_actors::Error::Ring(_)) => Code::FailedPrecondition,
             Error::Actors(_) => Code::Internal,
-            Error::Io(_) | Error::Transport(_) => Code::Internal,
+            Error::Io(_) | Error::Transport(_) | Error::Gossip(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
     }

@@ -11,6 +11,8 @@
 //! - [`peer`]: the gRPC link a replication actor uses to reach its peer.
 //! - [`config`]: every flag of `kvstore-server`, the node's settings and input limits.
 //! - [`wire`]: wire messages into the actors' types, checked.
+//! - [`membership`]: ring changes (join, leave, remove) and catching up with a newer ring;
+//!   [`gossip`]: which nodes are live and which ring each holds, over chitchat.
 //! - [`metrics`]: the Prometheus series and the exposition served at `GET /metrics`.
 //!
 //! The client: [`client`] and [`shell`], what `kvstore-cli` is made of, and [`backup`], the
@@ -39,6 +41,7 @@ pub mod backup;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod gossip;
 pub mod listener;
 pub mod membership;
 pub mod metrics;

@@ -5,10 +5,10 @@
 //!
 //! The claimant makes one change at a time, and only while every member answers and holds
 //! its ring: it tells every member each new phase before the next. A member that missed a
-//! phase (it was restarting) asks its peers for their rings as it starts, then one peer each
-//! anti-entropy period.
+//! phase (it was restarting) asks its peers for their rings as it starts; after that, gossip
+//! tells it when a member holds a newer ring, and it asks that member for it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use kvstore_actors::membership::{Phase, RingState};
 
 use crate::Node;
 use crate::error::Error;
+use crate::gossip::{Gossip, Liveness};
 use crate::peer::{GrpcPeer, PeerSettings, RingTag, set_ring_tag};
 use crate::service::Starting;
 use tracing::Instrument;
@@ -56,6 +57,8 @@ pub struct Members {
     /// How long a write may take to reach its holders: what a node gaining partitions waits
     /// before it copies them.
     deadline: Duration,
+    /// The node's gossip, once it has started.
+    gossip: OnceLock<Gossip>,
 }
 
 /// A change of the ring's members, as the claimant is asked for it.
@@ -143,7 +146,34 @@ impl Members {
             ready_nodes: Default::default(),
             filling: Default::default(),
             deadline,
+            gossip: OnceLock::new(),
         }
+    }
+
+    /// The node gossips with `gossip` from now on.
+    pub fn gossiping(&self, gossip: Gossip) {
+        let _ = self.gossip.set(gossip);
+    }
+
+    /// Stops the node's gossip, if it had begun.
+    pub async fn stop_gossip(&self) {
+        if let Some(gossip) = self.gossip.get() {
+            gossip.shutdown().await;
+        }
+    }
+
+    /// What the node's failure detector says of each node it has heard of by gossip.
+    pub async fn liveness(&self) -> BTreeMap<String, Liveness> {
+        match self.gossip.get() {
+            Some(gossip) => gossip.liveness().await,
+            None => BTreeMap::new(),
+        }
+    }
+
+    /// Whether gossip says `node` is live: a node that stopped is seen down only after some
+    /// gossip rounds without a word from it.
+    async fn seen_live(&self, node: &str) -> bool {
+        self.liveness().await.get(node) == Some(&Liveness::Live)
     }
 
     /// The node's ring fingerprint, as its links send it.
@@ -202,6 +232,10 @@ impl Members {
             .map(|id| Ok((id.clone(), self.link(&id)?)))
             .collect::<Result<Vec<_>, Error>>()?;
         let moved = node.adopt(state.clone(), peers).await?;
+        // Announced whatever happens next: it is what the node now serves by.
+        if let (Some(gossip), Some(placement)) = (self.gossip.get(), node.placement()) {
+            gossip.announce(placement.state(), placement.role()).await;
+        }
         // Recorded even when the node had moved already: an earlier adopt may have failed
         // to record it.
         let now = node.ring_state().unwrap_or(state);
@@ -295,11 +329,9 @@ impl Members {
                             "{node} is not a member of the ring"
                         )));
                     }
-                    Change::Remove if self.answers(node).await => {
-                        return Err(Error::FailedPrecondition(format!(
-                            "{node} answers: ask it to leave (kvstore-cli {node} leave); remove \
-                             is for a node that is gone for good"
-                        )));
+                    Change::Remove => {
+                        self.check_gone(node).await?;
+                        state.ring().without(node)?
                     }
                     _ => state.ring().without(node)?,
                 };
@@ -312,6 +344,22 @@ impl Members {
                 self.tell(&pending, &pending.members(), absent).await?;
                 tracing::info!(%node, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
+            }
+            // The joining node is gone for good: the join is called off.
+            Phase::Pending
+                if change == Change::Remove
+                    && member(state.ring())
+                    && !state.previous().is_some_and(member) =>
+            {
+                self.check_gone(node).await?;
+                // Every other member must still be at the pending step: past it, reads may
+                // have gone to the new ring.
+                self.check_members(&state, Some(node)).await?;
+                let off = state.abort()?;
+                self.adopt(off.clone()).await?;
+                self.tell(&off, &state.members(), Some(node)).await?;
+                tracing::info!(%node, ring_version = off.ring().version(), "the join is called off: the joining node is gone");
+                Ok(off)
             }
             Phase::Pending => {
                 let this_change = match change {
@@ -372,6 +420,24 @@ impl Members {
             "the ring change is done"
         );
         Ok(state)
+    }
+
+    /// Refuses to remove `node` unless it is gone: it does not answer, and gossip does not
+    /// say it is live.
+    async fn check_gone(&self, node: &str) -> Result<(), Error> {
+        if self.answers(node).await {
+            return Err(Error::FailedPrecondition(format!(
+                "{node} answers: ask it to leave (kvstore-cli {node} leave); remove is for a \
+                 node that is gone for good"
+            )));
+        }
+        if self.seen_live(node).await {
+            return Err(Error::FailedPrecondition(format!(
+                "{node} does not answer this node, but gossip says it is live: if it has just \
+                 stopped, try again once it is seen down (cluster); if it runs, ask it to leave"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether a node answers a call at `node`, starting or not.
@@ -503,31 +569,111 @@ impl Members {
         }
     }
 
-    /// Asks each peer in turn, one every `every`, for its ring, and takes it if it is newer:
-    /// how a node that missed a change (it was down) catches up. Runs until the node stops.
-    pub async fn catch_up(self: Arc<Self>, every: Duration) {
+    /// Takes a newer ring as soon as gossip says members of this node's ring hold one, from
+    /// the first of them, newest first, that answers with it: how a node that missed a change
+    /// (it was down, or cut off from the claimant) catches up. Gossip is a hint only: every
+    /// `poll` the node also asks one member in turn, so that a node whose gossip does not get
+    /// through (UDP blocked) catches up too, later. Looks again every `every` while a newer
+    /// ring is announced and not taken. Runs until the node stops.
+    pub async fn follow(self: Arc<Self>, every: Duration, poll: Duration) {
+        let mut live = match self.gossip.get() {
+            Some(gossip) => Some(gossip.watch().await),
+            None => None,
+        };
         let mut turn = 0usize;
+        let mut polled = tokio::time::Instant::now();
         loop {
-            tokio::time::sleep(every).await;
+            let announced = (live.as_mut())
+                .map(|l| crate::gossip::announced(&l.borrow_and_update()))
+                .unwrap_or_default();
             let Ok(state) = self.state().await else {
                 return;
             };
             let others: Vec<String> = (state.members().into_iter())
                 .filter(|m| *m != self.me)
                 .collect();
-            if others.is_empty() {
-                continue;
+            let mut newer: Vec<_> = (announced.into_iter())
+                .filter(|a| others.contains(&a.node))
+                .filter(|a| a.epoch.is_some_and(|e| e > state.epoch()))
+                .collect();
+            newer.sort_by_key(|a| std::cmp::Reverse(a.epoch));
+            let mut asks: Vec<(String, &str)> =
+                (newer.into_iter()).map(|a| (a.node, "gossip")).collect();
+            if polled.elapsed() >= poll && !others.is_empty() {
+                turn = turn.wrapping_add(1);
+                asks.push((others[turn % others.len()].clone(), "poll"));
+                polled = tokio::time::Instant::now();
             }
-            turn = turn.wrapping_add(1);
-            let member = &others[turn % others.len()];
-            let Ok(link) = self.link(member) else {
-                continue;
+            for (member, why) in asks {
+                match self.take_newer(&member, &state).await {
+                    Ok(Some(version)) => {
+                        tracing::info!(peer = %member, ring_version = version, heard_by = why, "took a member's newer ring");
+                        break;
+                    }
+                    Ok(None) if why == "gossip" => {
+                        tracing::debug!(peer = %member, "a member announced a newer ring by gossip, and answered with no newer one");
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::debug!(peer = %member, %error, heard_by = why, "could not take a member's ring")
+                    }
+                }
+            }
+            // A change this node committed as claimant before it restarted is settled now.
+            if state.phase() == Phase::Committed && state.claimant() == self.me {
+                tokio::spawn(self.clone().resume().in_current_span());
+            }
+            let changed = async {
+                match live.as_mut() {
+                    Some(live) => live.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
             };
-            if let Ok(theirs) = link.get_ring().await
-                && theirs.epoch() > state.epoch()
-                && let Err(error) = self.adopt(theirs).await
-            {
-                tracing::warn!(peer = %member, %error, "could not take a peer's newer ring");
+            tokio::select! {
+                going = changed => if !going { return },
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Asks `member` for its ring and takes it if it is newer than `state`; returns its
+    /// version if it did.
+    async fn take_newer(
+        self: &Arc<Self>,
+        member: &str,
+        state: &RingState,
+    ) -> Result<Option<u64>, Error> {
+        let theirs =
+            (self.link(member)?.get_ring().await).map_err(|e| Error::Unavailable(e.to_string()))?;
+        if theirs.epoch() <= state.epoch() {
+            return Ok(None);
+        }
+        let version = theirs.ring().version();
+        self.adopt(theirs).await?;
+        Ok(Some(version))
+    }
+
+    /// On the claimant: settles a committed change that no one else will, its claimant having
+    /// stopped between the commit and the settling (every gaining node stops asking once it
+    /// hears of the commit). Passes if another change step is under way here.
+    async fn resume(self: Arc<Self>) {
+        let Ok(_one_change_at_a_time) = self.changing.try_lock() else {
+            return;
+        };
+        let Ok(state) = self.state().await else {
+            return;
+        };
+        if state.phase() != Phase::Committed || state.claimant() != self.me {
+            return;
+        }
+        let version = state.ring().version();
+        match self.ready(state, &self.me.clone()).await {
+            Ok(_) => tracing::info!(
+                ring_version = version,
+                "settled a change committed before this node restarted"
+            ),
+            Err(error) => {
+                tracing::warn!(ring_version = version, %error, "could not settle the committed change yet")
             }
         }
     }

@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::Node;
 use crate::config::NodeConfig;
 use crate::error::Error;
+use crate::gossip::{Gossip, GossipConfig};
 use crate::listener::Incoming;
 use crate::membership::{self, EVERYWHERE, Members};
 use crate::metrics::{NodeMetrics, NodeState};
@@ -231,15 +232,32 @@ async fn serve(
             return Err(error);
         }
     };
+    // Gossip from the start, so that the others see this node live and it hears of newer
+    // rings; a node that cannot gossip (its port is taken) does not start.
+    let gossip = match node.ring_state() {
+        Some(state) => start_gossip(&config, addr, &members, &state, &node).await,
+        None => Err(Error::FailedPrecondition("the node has no ring".into())),
+    };
+    match gossip {
+        Ok(Some(gossip)) => members.gossiping(gossip),
+        Ok(None) => {}
+        Err(error) => {
+            let _ = stop.send(true);
+            let _ = serve.await;
+            signalled.abort();
+            node.shutdown().await;
+            return Err(error);
+        }
+    }
     starting.started(node.clone());
     ring_known.store(true, std::sync::atomic::Ordering::Release);
     // The ring the node started in, if it differs from the one its flags gave; then a newer
     // one a peer has, if the node missed a change while it was down.
     crate::peer::set_ring_tag(&ring, node.placement().and_then(|p| p.fingerprint()));
-    let catch_up = tokio::spawn(
+    let follow = tokio::spawn(
         members
             .clone()
-            .catch_up(config.anti_entropy_interval)
+            .follow(config.gossip_interval * 5, config.anti_entropy_interval)
             .in_current_span(),
     );
     // A node restarted in the middle of a change that gives it partitions goes on copying.
@@ -274,8 +292,9 @@ async fn serve(
         }
     };
     signalled.abort();
-    catch_up.abort();
+    follow.abort();
     serving.abort();
+    members.stop_gossip().await;
 
     // Drained even when serving failed: the log is synced and closed, and queued writes go
     // out, before the error is reported.
@@ -283,6 +302,61 @@ async fn serve(
     served?;
     tracing::info!(listen = %addr, "node stopped");
     Ok(())
+}
+
+/// Starts the node's gossip: received on its listen address at the gossip port (by default
+/// its gRPC port, over UDP), sent to it at its advertised host, and first sent to the other
+/// members of its ring at theirs, on the same rule. None when the node has no address to
+/// give the others (it listens on every address, with no `--advertise`).
+async fn start_gossip(
+    config: &NodeConfig,
+    addr: std::net::SocketAddr,
+    members: &Members,
+    state: &kvstore_actors::membership::RingState,
+    node: &Node,
+) -> Result<Option<Gossip>, Error> {
+    let port = |grpc: u16| config.gossip_port.unwrap_or(grpc);
+    let me = members.me();
+    let listen = std::net::SocketAddr::new(addr.ip(), port(addr.port()));
+    // Where the others send this node gossip: its advertised host, of the listen address's
+    // family, or the listen address itself if that is a specific one.
+    let resolved: Vec<std::net::SocketAddr> = match tokio::net::lookup_host(me).await {
+        Ok(found) => found.collect(),
+        Err(_) => Vec::new(),
+    };
+    let fits =
+        |a: &&std::net::SocketAddr| addr.ip().is_unspecified() || a.is_ipv4() == addr.is_ipv4();
+    let advertise = match resolved.iter().find(fits) {
+        Some(a) if !a.ip().is_unspecified() => std::net::SocketAddr::new(a.ip(), port(a.port())),
+        _ if !addr.ip().is_unspecified() => listen,
+        _ => {
+            tracing::warn!(
+                node = %me,
+                "not gossiping: this node listens on every address and has no --advertise \
+                 naming one the others can reach; it learns of ring changes only by asking a \
+                 member each anti-entropy period, and its peers' liveness only by their links"
+            );
+            return Ok(None);
+        }
+    };
+    let seeds = (state.members().into_iter())
+        .filter(|m| m != me)
+        .filter_map(|m| {
+            let (host, grpc) = m.rsplit_once(':')?;
+            Some(format!("{host}:{}", port(grpc.parse().ok()?)))
+        })
+        .collect();
+    let role = node.placement().map_or("normal", |p| p.role());
+    let gossip = GossipConfig {
+        me: me.to_owned(),
+        listen,
+        advertise,
+        seeds,
+        interval: config.gossip_interval,
+        cluster: config.cluster_name.clone(),
+    };
+    tracing::info!(listen = %gossip.listen, advertise = %gossip.advertise, "gossiping");
+    Gossip::start(gossip, state, role).await.map(Some)
 }
 
 /// How often the node pings each connection, and how long an answer may take.

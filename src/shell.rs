@@ -388,9 +388,9 @@ impl Shell {
     }
 
     /// The `cluster` table: this node and each of its peers, in address order. A peer's state
-    /// is this node's view of it (`normal` when reached, or `joining` while it says it joins;
-    /// `down` when not reached), or `unreachable` when this node reaches it and the REPL does
-    /// not; its partitions and keys are what it reports itself, `-` when it does not answer.
+    /// is this node's view of it: `down` when its gossip sees it dead, or when it has no word
+    /// of it by gossip and does not reach it; otherwise what the peer says (`normal`,
+    /// `joining`...), or `unreachable` when the REPL does not reach it; its partitions and keys are what it reports itself, `-` when it does not answer.
     async fn cluster(&self, own: NodeStatus) -> Output {
         // A node says itself whether it is joining; the asked node says whether it is down.
         let own_state = |s: &NodeStatus| match s.ring_state.as_str() {
@@ -409,10 +409,12 @@ impl Shell {
                 Ok(client) => client.status().await.ok(),
                 Err(_) => None,
             };
-            let state = match (peer.state.as_str(), &status) {
-                ("up" | "lagging", Some(s)) => own_state(s),
+            let state = match (peer.gossip.as_str(), peer.state.as_str(), &status) {
+                // Gossip's failure detector has the last word where it has heard of the node.
+                ("dead", _, _) => "down",
+                (_, "up" | "lagging", Some(s)) | ("live", _, Some(s)) => own_state(s),
                 // This node reaches it, the REPL does not: say so, rather than "normal".
-                ("up" | "lagging", None) => "unreachable",
+                (_, "up" | "lagging", None) | ("live", _, None) => "unreachable",
                 _ => "down",
             };
             (peer.address.clone(), state, status)

@@ -400,6 +400,23 @@ async fn change_settles(cluster: &TestCluster, live: &[usize], version: u64, lef
     }
 }
 
+/// Waits until node `via`'s gossip says `liveness` of node `of`; panics after a minute.
+async fn gossip_says(cluster: &TestCluster, via: usize, of: usize, liveness: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let status = cluster.client(via).status().await.unwrap();
+        let peer = (status.peers.iter()).find(|p| p.address == cluster.addr(of));
+        if peer.is_some_and(|p| p.gossip == liveness) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node {via}'s gossip does not say node {of} is {liveness}: {peer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Until the nodes of `live` hold three copies of each of `keys` keys between them; returns
 /// what each holds.
 async fn three_copies_on(cluster: &TestCluster, live: &[usize], keys: usize) -> Vec<u64> {
@@ -425,6 +442,7 @@ fn ring_config() -> NodeConfig {
         replicas: 3,
         replication_deadline: Duration::from_secs(2),
         anti_entropy_interval: Duration::from_secs(1),
+        gossip_interval: common::GOSSIP,
         ..NodeConfig::default()
     }
 }
@@ -570,10 +588,29 @@ async fn a_dead_node_is_removed_and_its_copies_made_again() {
     let refused = cluster.client(3).remove(cluster.addr(5)).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("leave"), "{refused:?}");
-    // The ring's first member dies: another node makes the change.
+    // The ring's first member dies: another node makes the change, once gossip sees it down.
     const DEAD: usize = 0;
-    cluster.nodes[DEAD].kill().await;
     let live: Vec<usize> = (1..7).collect();
+    for &i in &live {
+        gossip_says(&cluster, i, DEAD, "live").await;
+    }
+    cluster.nodes[DEAD].kill().await;
+    // Just killed, it has not been silent long enough for gossip to see it down: not removed
+    // yet, and told why.
+    let early = cluster
+        .client(4)
+        .remove(cluster.addr(DEAD))
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
+    assert!(
+        early.message().contains("gossip says it is live"),
+        "{early:?}"
+    );
+    // Each node's failure detector decides for itself; the claimant's is the one asked.
+    for &i in &live {
+        gossip_says(&cluster, i, DEAD, "dead").await;
+    }
     let ack = cluster.client(4).remove(cluster.addr(DEAD)).await.unwrap();
     assert!(ack.message.starts_with("Removing "), "{ack:?}");
     change_settles(&cluster, &live, 2, None).await;
@@ -621,4 +658,207 @@ async fn a_join_under_a_members_address_or_an_unreachable_one_is_refused() {
         (1, 2),
         "{status:?}"
     );
+}
+
+/// A change one member heard of, and the others did not, reaches them by gossip; and a join
+/// whose node never comes is called off by removing that node, back to the ring before it,
+/// with every write of the meantime kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off() {
+    use kvstore::pb::GetRingRequest;
+    use kvstore_actors::membership::RingState;
+    // No member asks another for its ring in the test's time (each does once per anti-entropy
+    // period): only gossip can bring the others the change.
+    let cluster = TestCluster::start_with(4, |_| NodeConfig {
+        anti_entropy_interval: Duration::from_secs(600),
+        ..ring_config()
+    });
+    const KEYS: usize = 200;
+    write_before(&cluster, &[0, 1, 2, 3], KEYS).await;
+    let all: Vec<usize> = (0..4).collect();
+    let held_before = three_copies_on(&cluster, &all, KEYS).await;
+    let first = cluster.replicator(0).await;
+    let bytes = (first.clone().get_ring(GetRingRequest {}).await.unwrap()).into_inner();
+    let settled = RingState::from_bytes(&bytes.state).unwrap();
+    // A joining node whose address nothing answers at: it never copies its partitions.
+    let (_held_port, gone) = common::closed_port();
+    let pending = (settled.begin(settled.ring().with_joined(&gone).unwrap())).unwrap();
+    // Told to the claimant only, as if it had been cut off from the others as it told them.
+    let told = first
+        .clone()
+        .push_ring(kvstore::pb::RingState {
+            state: pending.to_bytes(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(RingState::from_bytes(&told.state).unwrap(), pending);
+    let started = std::time::Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for i in 1..4 {
+            let status = cluster.client(i).status().await.unwrap();
+            seen.push((status.ring_version, status.ring_phase));
+        }
+        if seen.iter().all(|(v, p)| *v == 2 && p == "pending") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "gossip did not bring the others the pending ring: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Writes go on meanwhile, to the old holders and the gone one's place.
+    let mut during = Vec::new();
+    for k in 0..50 {
+        let key = format!("pending{k}");
+        let ack = cluster.client(k % 4).put(&key, "p").await.unwrap();
+        assert!(ack.ok, "{key}: {ack:?}");
+        during.push((key, "p".to_string()));
+    }
+    // Asked of any node: the claimant calls the join off.
+    let ack = cluster.client(3).remove(&gone).await.unwrap();
+    assert!(ack.ok, "{ack:?}");
+    assert!(ack.message.starts_with("Called off the join of"), "{ack:?}");
+    change_settles(&cluster, &all, 3, None).await;
+    let bytes = (cluster
+        .replicator(2)
+        .await
+        .get_ring(GetRingRequest {})
+        .await)
+        .unwrap()
+        .into_inner();
+    let off = RingState::from_bytes(&bytes.state).unwrap();
+    assert_eq!(
+        off.ring(),
+        &settled.ring().renumbered(3),
+        "back to the ring before"
+    );
+    let held = three_copies_on(&cluster, &all, KEYS + during.len()).await;
+    assert!(
+        held.iter().zip(&held_before).all(|(now, then)| now > then),
+        "every node keeps its share, and the writes of the meantime: {held_before:?} then {held:?}"
+    );
+    read_back(&cluster, &all, KEYS, during).await;
+    // The node is no member now: removing it again is refused.
+    let refused = cluster.client(1).remove(&gone).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+}
+
+/// As processes, over real UDP gossip: a fifth node joins four and takes its share; then the
+/// claimant is killed, seen down by the others' gossip, and removed, and every key is on three
+/// nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_join_a_node_and_remove_a_killed_one() {
+    use kvstore_testkit::ProcessCluster;
+    use kvstore_testkit::process::ClusterSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = ProcessCluster::start(ClusterSpec {
+        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
+        nodes: 4,
+        root: dir.path().to_path_buf(),
+        extra_args: [
+            "--replicas",
+            "3",
+            "--replication-deadline",
+            "2s",
+            "--anti-entropy-interval",
+            "1s",
+            "--gossip-interval",
+            "400ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+        proxied: false,
+        tls: None,
+        netns: None,
+    })
+    .await
+    .unwrap();
+    const KEYS: usize = 120;
+    for k in 0..KEYS {
+        let ack = cluster.client(k % 4).put(&format!("k{k}"), "v").await;
+        assert!(ack.unwrap().ok, "k{k}");
+    }
+    let status = |cluster: &ProcessCluster, nodes: Vec<usize>| {
+        let clients: Vec<_> = nodes.iter().map(|&i| cluster.client(i)).collect();
+        async move {
+            let mut all = Vec::new();
+            for client in clients {
+                all.push(client.status().await.ok());
+            }
+            all
+        }
+    };
+    // Until every node of `nodes` is at `version`, settled, and they hold 3 copies of `keys`.
+    let settles = |cluster: &ProcessCluster, nodes: Vec<usize>, version: u64, keys: usize| {
+        let ask = status(cluster, nodes);
+        async move {
+            let seen = ask.await;
+            let done = seen.iter().all(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.ring_version == version && s.ring_phase == "settled")
+            }) && seen.iter().flatten().map(|s| s.keys).sum::<u64>() == 3 * keys as u64;
+            (done, seen)
+        }
+    };
+    let new = cluster.join(2).await.unwrap();
+    let started = std::time::Instant::now();
+    let all: Vec<usize> = (0..5).collect();
+    loop {
+        let (done, seen) = settles(&cluster, all.clone(), 2, KEYS).await;
+        if done {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the join did not settle: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let joined = cluster.client(new).status().await.unwrap();
+    assert!(joined.keys > 0 && joined.partitions > 0, "{joined:?}");
+    for k in (0..KEYS).step_by(7) {
+        let read = cluster.client(new).get(&format!("k{k}")).await;
+        assert_eq!(read.unwrap(), "v", "k{k} through the new node");
+    }
+    // The claimant (the first member in address order) dies; the others see it down by
+    // gossip.
+    let claimant = (0..5).min_by_key(|&i| cluster.addr(i)).unwrap();
+    cluster.kill(claimant);
+    let live: Vec<usize> = (0..5).filter(|&i| i != claimant).collect();
+    let started = std::time::Instant::now();
+    let dead = cluster.addr(claimant);
+    loop {
+        let seen = status(&cluster, live.clone()).await;
+        let verdicts: Vec<String> = (seen.iter().flatten())
+            .flat_map(|s| s.peers.iter().filter(|p| p.address == dead))
+            .map(|p| p.gossip.clone())
+            .collect();
+        if verdicts.len() == live.len() && verdicts.iter().all(|v| v == "dead") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "gossip did not see the killed node down: {verdicts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ack = cluster.client(live[2]).remove(&dead).await.unwrap();
+    assert!(ack.ok, "{ack:?}");
+    let started = std::time::Instant::now();
+    loop {
+        let (done, seen) = settles(&cluster, live.clone(), 3, KEYS).await;
+        if done {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the removal did not settle: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let listed = cluster.client(live[0]).list().await.unwrap();
+    assert_eq!(listed.len(), KEYS);
 }

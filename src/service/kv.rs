@@ -170,13 +170,21 @@ impl KvStore for KvService {
             Error::InvalidArgument(format!("a ring member is named by its address: {e}"))
         })?;
         self.node.node().await;
-        self.members.request(Change::Remove, &node).await?;
-        Ok(Response::new(Ack {
-            ok: true,
-            message: format!(
+        let state = self.members.request(Change::Remove, &node).await?;
+        let message = match state.phase() {
+            // Settled at once: the node was joining, and its join is called off.
+            kvstore_actors::membership::Phase::Settled => format!(
+                "Called off the join of {node}: the ring is back as it was before it (version {})",
+                state.ring().version()
+            ),
+            _ => format!(
                 "Removing {node}: its partitions get new holders, copied from the other copies \
                  (see cluster)"
             ),
+        };
+        Ok(Response::new(Ack {
+            ok: true,
+            message,
             ..Ack::default()
         }))
     }
@@ -186,6 +194,7 @@ impl KvStore for KvService {
         let status = node.status().await.map_err(Error::from)?;
         let (replicas, partitions) = node.share();
         let placement = node.placement();
+        let liveness = self.members.liveness().await;
         let (ring_version, ring_state, ring_phase) =
             placement.map_or((1, "normal", "settled"), |p| {
                 let state = p.state();
@@ -208,7 +217,6 @@ impl KvStore for KvService {
                 .peers
                 .into_iter()
                 .map(|p| PeerStatus {
-                    address: p.addr,
                     state: p.state.to_string(),
                     backlog: p.backlog,
                     resync_pending: p.needs_resync,
@@ -217,6 +225,8 @@ impl KvStore for KvService {
                     replicated_writes: p.confirmed_writes,
                     replicated_batches: p.confirmed_batches,
                     clock_offset_ms: p.clock_offset.map(|nanos| nanos / 1_000_000),
+                    gossip: (liveness.get(&p.addr)).map_or("", |l| l.name()).into(),
+                    address: p.addr,
                 })
                 .collect(),
         }))

@@ -68,6 +68,9 @@ struct Node {
     child: Option<Child>,
     /// This node's outgoing links: `links[j]` reaches node j (None for itself).
     links: Vec<Option<Proxy>>,
+    /// The member a node added by [`ProcessCluster::join`] joins through, given instead of
+    /// peers at its first start.
+    join: Option<String>,
 }
 
 /// A cluster of node processes.
@@ -120,6 +123,7 @@ impl ProcessCluster {
                 log_start: 0,
                 child: None,
                 links: Vec::new(),
+                join: None,
             });
         }
         let count = nodes.len();
@@ -212,7 +216,9 @@ impl ProcessCluster {
             .arg(format!("node{}", i + 1))
             .arg("--data-dir")
             .arg(&node.data_dir);
-        if self.spec.proxied {
+        if let Some(member) = &node.join {
+            cmd.arg("--join").arg(member);
+        } else if self.spec.proxied {
             for proxy in node.links.iter().flatten() {
                 cmd.arg("--peer").arg(proxy.addr().to_string());
             }
@@ -304,6 +310,32 @@ impl ProcessCluster {
                 i + 1
             ))),
         }
+    }
+
+    /// Starts one more node, joining the ring through node `via` (`--join`), and waits until
+    /// it has started; returns its index. Direct clusters only: the ring names its members
+    /// by the addresses they listen on. Restarted, it starts from the ring its data dir holds.
+    pub async fn join(&mut self, via: usize) -> Result<usize, Error> {
+        if self.spec.proxied || self.spec.netns.is_some() {
+            return Err(Error::Node(
+                "only a direct cluster on loopback takes a joining node".into(),
+            ));
+        }
+        let i = self.nodes.len();
+        self.nodes.push(Node {
+            listen: Some(free_addr()?),
+            front: None,
+            data_dir: self.spec.root.join(format!("node{}", i + 1)),
+            log: self.spec.root.join(format!("node{}.log", i + 1)),
+            log_start: 0,
+            child: None,
+            links: Vec::new(),
+            join: Some(self.addr(via)),
+        });
+        self.spawn(i)?;
+        self.wait_ready(i).await?;
+        self.nodes[i].join = None;
+        Ok(i)
     }
 
     /// SIGKILL: the process dies at once, nothing is drained or synced.

@@ -18,6 +18,11 @@ use tokio::sync::oneshot;
 /// machine's load.
 pub const PATIENT: Duration = Duration::from_secs(10);
 
+/// How often the nodes of a test that waits for a stopped node to be seen down gossip: it
+/// is after about eight intervals of silence, and a busy machine must not make a live node
+/// that silent.
+pub const GOSSIP: Duration = Duration::from_millis(400);
+
 /// Runs `kvstore-cli args...` with `stdin` piped in; returns (success, stdout, stderr).
 pub fn cli(args: &[&str], stdin: &str) -> (bool, String, String) {
     use std::io::Write;

@@ -1,0 +1,252 @@
+//! Membership gossip: each node announces, over chitchat (scuttlebutt gossip with a
+//! phi-accrual failure detector, as Quickwit runs it), the epoch of its ring and its part in
+//! it, and learns from the others which nodes are live and which hold a newer ring.
+//!
+//! Gossip runs over UDP, by default on the port number the node serves gRPC on. It is not
+//! authenticated, so it carries hints only: a node that hears of a newer ring asks a member
+//! of its own ring for it over gRPC, and the failure detector's verdict only ever holds a
+//! change back (a node seen live is not removed), never starts one.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitchat::transport::UdpTransport;
+use chitchat::{
+    Chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState,
+};
+use kvstore_actors::membership::{Phase, RingState};
+use tokio::sync::watch;
+
+use crate::error::Error;
+
+/// The gossip key of a node's ring epoch: `VERSION PHASE`, as in `3 committed`.
+const RING: &str = "ring";
+/// The gossip key of a node's part in its ring: normal, joining, leaving or left.
+const ROLE: &str = "role";
+
+/// What one node says of itself by gossip.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Announced {
+    /// The node's id in the ring: its advertised gRPC address.
+    pub node: String,
+    pub epoch: Option<(u64, Phase)>,
+    pub role: String,
+}
+
+/// What the failure detector says of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    Live,
+    Dead,
+}
+
+impl Liveness {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+/// How a node gossips.
+#[derive(Clone, Debug)]
+pub struct GossipConfig {
+    /// The node's id in the ring (its advertised gRPC address).
+    pub me: String,
+    /// Where the node receives gossip (UDP).
+    pub listen: SocketAddr,
+    /// Where the others send it gossip.
+    pub advertise: SocketAddr,
+    /// Where to first send gossip: the gossip addresses of the ring's other members.
+    pub seeds: Vec<String>,
+    /// How often the node gossips with another. The failure detector's periods follow it.
+    pub interval: Duration,
+    /// The cluster's name: chitchat drops gossip from nodes of another.
+    pub cluster: String,
+}
+
+/// A node's gossip, running until shut down.
+pub struct Gossip {
+    chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
+    /// Taken to shut down.
+    handle: std::sync::Mutex<Option<ChitchatHandle>>,
+    /// Every node (by generation) the failure detector has found live at least once. Chitchat
+    /// also counts as dead a node it has heard of but not yet heard from twice; that one is
+    /// not known to be down, only new.
+    ever_live: Arc<std::sync::Mutex<HashSet<ChitchatId>>>,
+    noting: tokio::task::JoinHandle<()>,
+}
+
+impl Gossip {
+    /// Starts gossiping, announcing `state` and `role`.
+    pub async fn start(config: GossipConfig, state: &RingState, role: &str) -> Result<Self, Error> {
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let interval = config.interval;
+        let chitchat = ChitchatConfig {
+            chitchat_id: ChitchatId::new(config.me.clone(), generation, config.advertise),
+            cluster_id: config.cluster.clone(),
+            gossip_interval: interval,
+            listen_addr: config.listen,
+            seed_nodes: config.seeds,
+            // Chitchat's defaults are for a 1 s interval; they scale with it.
+            failure_detector_config: FailureDetectorConfig {
+                max_interval: interval * 10,
+                initial_interval: interval * 5,
+                // A restarted node gossips under a new generation; the old one is forgotten
+                // after an hour.
+                dead_node_grace_period: Duration::from_secs(3600),
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let handle = chitchat::spawn_chitchat(chitchat, announce(state, role), &UdpTransport)
+            .await
+            .map_err(|e| {
+                Error::Gossip(format!(
+                    "cannot gossip on udp {}: {e:#} (choose another --gossip-port)",
+                    config.listen
+                ))
+            })?;
+        let chitchat = handle.chitchat();
+        let ever_live: Arc<std::sync::Mutex<HashSet<ChitchatId>>> = Arc::default();
+        let mut live = chitchat.lock().await.live_nodes_watcher();
+        let noting = tokio::spawn({
+            let ever_live = ever_live.clone();
+            async move {
+                loop {
+                    let ids: Vec<ChitchatId> = live.borrow_and_update().keys().cloned().collect();
+                    ever_live.lock().expect("ever_live poisoned").extend(ids);
+                    if live.changed().await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            chitchat,
+            handle: std::sync::Mutex::new(Some(handle)),
+            ever_live,
+            noting,
+        })
+    }
+
+    /// Announces the node's ring and its part in it.
+    pub async fn announce(&self, state: &RingState, role: &str) {
+        let pairs = announce(state, role);
+        let mut chitchat = self.chitchat.lock().await;
+        for (key, value) in pairs {
+            chitchat.self_node_state().set(key, value);
+        }
+    }
+
+    /// Each node gossip knows the liveness of, but this one: live if any of its generations
+    /// is, dead if one was live and none is now.
+    pub async fn liveness(&self) -> BTreeMap<String, Liveness> {
+        let chitchat = self.chitchat.lock().await;
+        let mut ever_live = self.ever_live.lock().expect("ever_live poisoned");
+        let me = chitchat.self_chitchat_id().node_id.clone();
+        let mut seen = BTreeMap::new();
+        let dead: HashSet<&ChitchatId> = chitchat.dead_nodes().collect();
+        // Generations chitchat has forgotten (dead for its grace period) are let go too.
+        ever_live.retain(|id| dead.contains(id) || chitchat.node_state(id).is_some());
+        for id in dead.into_iter().filter(|id| ever_live.contains(*id)) {
+            seen.insert(id.node_id.to_string(), Liveness::Dead);
+        }
+        for id in chitchat.live_nodes() {
+            seen.insert(id.node_id.to_string(), Liveness::Live);
+        }
+        seen.remove(&*me);
+        seen
+    }
+
+    /// The live nodes and what each announces, each time that changes.
+    pub async fn watch(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
+        self.chitchat.lock().await.live_nodes_watcher()
+    }
+
+    /// Stops gossiping at once, if it has not stopped yet.
+    fn abort(&self) {
+        self.noting.abort();
+        if let Some(handle) = self.handle.lock().expect("gossip handle poisoned").take() {
+            handle.abort();
+        }
+    }
+
+    /// Stops gossiping, and lets its port go: the others see this node go down.
+    pub async fn shutdown(&self) {
+        self.noting.abort();
+        let handle = self.handle.lock().expect("gossip handle poisoned").take();
+        if let Some(handle) = handle
+            && let Err(error) = handle.shutdown().await
+        {
+            tracing::debug!(%error, "gossip stopped with an error");
+        }
+    }
+}
+
+impl Drop for Gossip {
+    /// A node dropped without being stopped (a failed start) must not go on saying it is live.
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// What a live node announces, from the watcher's map.
+pub fn announced(live: &BTreeMap<ChitchatId, NodeState>) -> Vec<Announced> {
+    (live.iter())
+        .map(|(id, state)| Announced {
+            node: id.node_id.to_string(),
+            epoch: state.get(RING).and_then(parse_epoch),
+            role: state.get(ROLE).unwrap_or_default().to_owned(),
+        })
+        .collect()
+}
+
+fn announce(state: &RingState, role: &str) -> Vec<(String, String)> {
+    let (version, phase) = state.epoch();
+    vec![
+        (RING.into(), format!("{version} {}", phase.name())),
+        (ROLE.into(), role.into()),
+    ]
+}
+
+fn parse_epoch(value: &str) -> Option<(u64, Phase)> {
+    let (version, phase) = value.split_once(' ')?;
+    let phase = [Phase::Pending, Phase::Committed, Phase::Settled]
+        .into_iter()
+        .find(|p| p.name() == phase)?;
+    Some((version.parse().ok()?, phase))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvstore_actors::ring::Ring;
+
+    #[test]
+    fn an_announced_epoch_reads_back() {
+        let ring = Ring::bootstrap(["a:1", "b:1"], 1).unwrap();
+        let settled = RingState::settled(ring.clone());
+        let pending = settled.begin(ring.with_joined("c:1").unwrap()).unwrap();
+        for state in [&settled, &pending, &pending.advance().unwrap()] {
+            let pairs = announce(state, "normal");
+            assert_eq!(
+                parse_epoch(&pairs[0].1),
+                Some(state.epoch()),
+                "{}",
+                pairs[0].1
+            );
+        }
+        for garbage in ["", "3", "3 done", "x settled", "-1 settled"] {
+            assert_eq!(parse_epoch(garbage), None, "{garbage}");
+        }
+    }
+}
