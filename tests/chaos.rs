@@ -14,6 +14,7 @@ async fn a_short_chaos_run_finds_no_violation() {
         clients: 6,
         root: dir.path().to_path_buf(),
         netns: false,
+        ring: false,
     })
     .await
     .unwrap();
@@ -29,5 +30,31 @@ async fn a_short_chaos_run_finds_no_violation() {
     assert!(faults >= 2, "the schedule injected faults: {report}");
     // Progress, whatever the machine's speed: some writes were acknowledged, so the check
     // that none was lost checked something.
+    assert!(report.acked > 0, "the workload made progress: {report}");
+}
+
+/// A ring of five holding three copies of each key, with nodes joining and leaving among the
+/// kills: no acknowledged write is lost, the ring settles, and every key ends on three nodes
+/// that agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_chaos_run_on_a_ring_with_joins_and_leaves_finds_no_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = chaos::run(ChaosConfig {
+        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
+        seconds: 12,
+        seed: 20_261_206,
+        clients: 4,
+        root: dir.path().to_path_buf(),
+        netns: false,
+        ring: true,
+    })
+    .await
+    .unwrap();
+    println!("{report}");
+    assert!(report.violations.is_empty(), "{report}");
+    let changes = (report.events.iter())
+        .filter(|e| e.contains(" joins ") || e.contains(" leaves"))
+        .count();
+    assert!(changes >= 1, "the ring changed: {report}");
     assert!(report.acked > 0, "the workload made progress: {report}");
 }

@@ -203,6 +203,7 @@ async fn a_chaos_run_between_hosts_finds_no_violation() {
         clients: 6,
         root: dir.path().to_path_buf(),
         netns: true,
+        ring: false,
     })
     .await
     .unwrap();

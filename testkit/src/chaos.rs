@@ -2,11 +2,13 @@
 //! concurrent Put/Delete/Get workload while a seeded schedule kills (SIGKILL), restarts and
 //! partitions nodes; then everything is healed and checked. With `netns`, the nodes are hosts
 //! with a network between them (see [`crate::netns`]), with latency and loss on it, and links
-//! set down join the faults.
+//! set down join the faults. With `ring`, 5 nodes hold 3 copies of each key, and nodes join
+//! and leave the ring among the kills and restarts.
 //!
 //! The checks, after healing and waiting for the cluster to settle:
 //! - every node holds exactly the same entries (versions and tombstones included) for every
-//!   key the workload touched;
+//!   key the workload touched (on a ring: the ring has settled, each key is on 3 members that
+//!   hold the same entry, and a node that left holds nothing);
 //! - every write acknowledged with `ok` (a write quorum) is there, or a newer version of its
 //!   key is; in particular a key whose newest acknowledged write was a Delete is still
 //!   deleted unless a newer Put followed.
@@ -51,7 +53,18 @@ pub struct ChaosConfig {
     /// every link between them, [`NETNS_LOSS_PERCENT`] of every host's packets dropped, and
     /// links set down among the faults.
     pub netns: bool,
+    /// Run a ring instead: [`RING_NODES`] nodes holding [`RING_REPLICAS`] copies of each key,
+    /// linked directly (a ring names its members by the addresses they listen on), with nodes
+    /// joining and leaving among the kills and restarts.
+    pub ring: bool,
 }
+
+/// Nodes a `ring` run starts with.
+pub const RING_NODES: usize = 5;
+/// Copies of each key in a `ring` run.
+pub const RING_REPLICAS: usize = 3;
+/// Members a `ring` run keeps at least: a leave below it is not asked for.
+const RING_LEAST: usize = 4;
 
 /// Latency on each link between hosts in a `netns` run, each way: a base and a jitter.
 pub const NETNS_DELAY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(5));
@@ -114,25 +127,36 @@ type Held = Option<((u64, String), Option<String>)>;
 /// Runs the chaos schedule and checks the result.
 pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     std::fs::create_dir_all(&config.root)?;
+    if config.ring && config.netns {
+        return Err(Error::Node(
+            "a ring run is on loopback: its nodes join by their addresses".into(),
+        ));
+    }
     let topology = match config.netns {
         true => Some(Arc::new(Topology::create(3)?)),
         false => None,
     };
+    let mut extra_args: Vec<String> = [
+        "--replication-deadline",
+        "500ms",
+        "--anti-entropy-interval",
+        "1s",
+        "--peer-connect-timeout",
+        "300ms",
+    ]
+    .map(String::from)
+    .to_vec();
+    if config.ring {
+        let replicas = RING_REPLICAS.to_string();
+        extra_args
+            .extend(["--replicas", &replicas, "--gossip-interval", "300ms"].map(String::from));
+    }
     let mut cluster = ProcessCluster::start(ClusterSpec {
         server: config.server.clone(),
-        nodes: 3,
+        nodes: if config.ring { RING_NODES } else { 3 },
         root: config.root.clone(),
-        extra_args: [
-            "--replication-deadline",
-            "500ms",
-            "--anti-entropy-interval",
-            "1s",
-            "--peer-connect-timeout",
-            "300ms",
-        ]
-        .map(String::from)
-        .to_vec(),
-        proxied: true,
+        extra_args,
+        proxied: !config.ring,
         tls: None,
         netns: topology.clone(),
     })
@@ -217,6 +241,9 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     let end = started + Duration::from_secs(config.seconds);
     let mut down: Option<usize> = None;
     let mut isolated: Option<usize> = None;
+    // A ring run's members, and the nodes that have left it.
+    let mut members: Vec<usize> = (0..cluster.len()).collect();
+    let mut left: Vec<usize> = Vec::new();
     while Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(rng.random_range(600..1500))).await;
         let t = started.elapsed().as_secs_f64();
@@ -226,6 +253,40 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
                 cluster.restart(n).await?;
                 down = None;
                 format!("t={t:5.1}s restart node{}", n + 1)
+            }
+            (None, None) if config.ring => {
+                let member = members[rng.random_range(0..members.len())];
+                match rng.random_range(0..3) {
+                    0 => {
+                        // Waits while another change is under way: a join retries until it
+                        // is let in.
+                        let joined = cluster.join(member).await?;
+                        members.push(joined);
+                        format!(
+                            "t={t:5.1}s node{} joins through node{}",
+                            joined + 1,
+                            member + 1
+                        )
+                    }
+                    1 if members.len() > RING_LEAST => match cluster.client(member).leave().await {
+                        Ok(_) => {
+                            members.retain(|m| *m != member);
+                            left.push(member);
+                            format!("t={t:5.1}s node{} leaves", member + 1)
+                        }
+                        // Another change is under way, or a member does not answer yet.
+                        Err(refused) => format!(
+                            "t={t:5.1}s node{} may not leave yet: {}",
+                            member + 1,
+                            refused.message()
+                        ),
+                    },
+                    _ => {
+                        cluster.kill(member);
+                        down = Some(member);
+                        format!("t={t:5.1}s kill -9 node{}", member + 1)
+                    }
+                }
             }
             (None, Some(n)) => {
                 cluster.heal()?;
@@ -268,11 +329,33 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     let acked = std::mem::take(&mut *acked.lock().unwrap());
     report.acked = acked.values().map(|v| v.len() as u64).sum();
 
-    // Settle: wait until every node holds the same entry for every key.
+    // Settle: wait until every node holds the same entry for every key (on a ring: each
+    // key's holders do, and the ring has settled).
     let keys: Vec<String> = (0..KEY_SPACE).map(|k| format!("key{k:03}")).collect();
     let settling = Instant::now();
     let held = loop {
         let held = read_all(&cluster, &keys).await?;
+        if config.ring {
+            let ring = ring_settled(&cluster, &members, &left).await;
+            let copies = copies_agree(&held, &members, &left, keys.len());
+            match (ring, copies) {
+                (Ok(()), Ok(together)) => break together,
+                (ring, copies) if settling.elapsed() > SETTLE_TIMEOUT => {
+                    report.violations.extend(ring.err());
+                    match copies {
+                        Ok(together) => break together,
+                        Err(problems) => {
+                            report.violations.extend(problems);
+                            break Vec::new();
+                        }
+                    }
+                }
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
         if held.windows(2).all(|w| w[0] == w[1]) {
             break held;
         }
@@ -317,11 +400,17 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
                     Some(v) => format!("put {v:?}"),
                     None => "delete".into(),
                 };
+                let who = match config.ring {
+                    true => "its holders".to_string(),
+                    false => format!("node{}", n + 1),
+                };
                 report.violations.push(format!(
-                    "{key}: node{} {problem}; acknowledged {what} at {:?}",
-                    n + 1,
+                    "{key}: {who} {problem}; acknowledged {what} at {:?}",
                     newest.version
                 ));
+                if config.ring {
+                    break;
+                }
             }
         }
     }
@@ -329,6 +418,80 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
         cluster.stop(i);
     }
     Ok(report)
+}
+
+/// Whether every member of a ring run holds the same ring, settled, as a normal member, and
+/// every node that left says so.
+async fn ring_settled(
+    cluster: &ProcessCluster,
+    members: &[usize],
+    left: &[usize],
+) -> Result<(), String> {
+    let mut seen = Vec::new();
+    for &i in members.iter().chain(left) {
+        let status = cluster
+            .client(i)
+            .status()
+            .await
+            .map_err(|s| format!("node{}: {}", i + 1, s.message()))?;
+        let want = if left.contains(&i) { "left" } else { "normal" };
+        seen.push((
+            i + 1,
+            status.ring_version,
+            status.ring_phase,
+            status.ring_state,
+            want,
+        ));
+    }
+    let version = seen.first().map(|s| s.1);
+    if seen.iter().all(|(_, v, phase, state, want)| {
+        Some(*v) == version && phase == "settled" && state == want
+    }) {
+        return Ok(());
+    }
+    Err(format!(
+        "the ring did not settle (node, version, phase, state, expected state): {seen:?}"
+    ))
+}
+
+/// On a ring: for each key, the members that hold it agree, and there are [`RING_REPLICAS`]
+/// of them unless none holds it; a node that left holds nothing. Returns, for each key, the
+/// entry its holders agree on, once for each holder (as a full-copy run's check reads it).
+fn copies_agree(
+    held: &[Vec<Held>],
+    members: &[usize],
+    left: &[usize],
+    keys: usize,
+) -> Result<Vec<Vec<Held>>, Vec<String>> {
+    let mut problems = Vec::new();
+    let agreed: Vec<Held> = (0..keys)
+        .map(|k| {
+            let holding: Vec<(usize, &Held)> = (members.iter())
+                .map(|&i| (i, &held[i][k]))
+                .filter(|(_, h)| h.is_some())
+                .collect();
+            for &i in left.iter().filter(|&&i| held[i][k].is_some()) {
+                problems.push(format!(
+                    "key{k:03}: node{}, which left, still holds it",
+                    i + 1
+                ));
+            }
+            let first = holding.first().and_then(|(_, h)| (*h).clone());
+            let agree = holding.iter().all(|(_, h)| **h == first);
+            if !holding.is_empty() && (holding.len() != RING_REPLICAS || !agree) {
+                let seen: Vec<(usize, &Held)> = holding.iter().map(|(i, h)| (i + 1, *h)).collect();
+                problems.push(format!(
+                    "key{k:03}: held by {} nodes: {seen:?}",
+                    holding.len()
+                ));
+            }
+            first
+        })
+        .collect();
+    match problems.is_empty() {
+        true => Ok(vec![agreed; RING_REPLICAS]),
+        false => Err(problems),
+    }
 }
 
 /// Every node's entry for every key, read through the internal `Read` call (which shows

@@ -1,4 +1,4 @@
-//! `cargo xtask chaos [--netns] --seconds N --seed S`: builds the server and runs
+//! `cargo xtask chaos [--netns | --ring] --seconds N --seed S`: builds the server and runs
 //! `kvstore_testkit::chaos` (see there for what it does and checks). Prints what it did and
 //! found; exits non-zero on any violation, with the seed to replay it.
 
@@ -23,6 +23,10 @@ pub struct Args {
     /// links cut among the faults (needs root, `ip` and `nft`).
     #[arg(long)]
     netns: bool,
+    /// Run a ring of 5 nodes with 3 copies of each key, with nodes joining and leaving among
+    /// the kills and restarts (no partitions: the nodes are linked directly).
+    #[arg(long, conflicts_with = "netns")]
+    ring: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -52,6 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         clients: args.clients,
         root,
         netns: args.netns,
+        ring: args.ring,
     }))?;
     println!("{report}");
     if !report.violations.is_empty() {
