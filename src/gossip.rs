@@ -231,6 +231,72 @@ mod tests {
     use super::*;
     use kvstore_actors::ring::Ring;
 
+    /// A UDP port on loopback that was free a moment ago.
+    fn free_udp() -> SocketAddr {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    }
+
+    async fn start(me: SocketAddr, seeds: &[SocketAddr], state: &RingState) -> Gossip {
+        let config = GossipConfig {
+            me: me.to_string(),
+            listen: me,
+            advertise: me,
+            seeds: seeds.iter().map(ToString::to_string).collect(),
+            interval: Duration::from_millis(50),
+            cluster: "test".into(),
+        };
+        Gossip::start(config, state, "normal").await.unwrap()
+    }
+
+    async fn sees(g: &Gossip, node: SocketAddr, want: Liveness) -> bool {
+        g.liveness().await.get(&node.to_string()) == Some(&want)
+    }
+
+    /// Polls `check` every 20 ms until it holds; panics after 30 s.
+    async fn until<F: std::future::Future<Output = bool>>(what: &str, check: impl Fn() -> F) {
+        let started = std::time::Instant::now();
+        while !check().await {
+            assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_see_each_other_live_hear_a_newer_ring_then_one_goes_down() {
+        let (a, b) = (free_udp(), free_udp());
+        let ring = Ring::bootstrap([a.to_string(), b.to_string()], 1).unwrap();
+        let settled = RingState::settled(ring.clone());
+        let first = start(a, &[b], &settled).await;
+        let second = start(b, &[a], &settled).await;
+        until("a sees b live", || sees(&first, b, Liveness::Live)).await;
+        until("b sees a live", || sees(&second, a, Liveness::Live)).await;
+        assert!(
+            !first.liveness().await.contains_key(&a.to_string()),
+            "not itself"
+        );
+
+        let pending = settled.begin(ring.with_joined("c:1").unwrap()).unwrap();
+        first.announce(&pending, "normal").await;
+        let watch = second.watch().await;
+        let epoch = pending.epoch();
+        until("b hears a's pending ring", || {
+            let heard = announced(&watch.borrow());
+            async move {
+                heard.iter().any(|n| {
+                    n.node == a.to_string() && n.epoch == Some(epoch) && n.role == "normal"
+                })
+            }
+        })
+        .await;
+
+        first.shutdown().await;
+        until("b sees a dead", || sees(&second, a, Liveness::Dead)).await;
+        second.shutdown().await;
+        // Its port is free again once it has stopped.
+        std::net::UdpSocket::bind(a).unwrap();
+    }
+
     #[test]
     fn an_announced_epoch_reads_back() {
         let ring = Ring::bootstrap(["a:1", "b:1"], 1).unwrap();

@@ -216,3 +216,30 @@ async fn a_chaos_run_between_hosts_finds_no_violation() {
     assert!(faults >= 2, "the schedule injected faults: {report}");
     assert!(report.acked > 0, "the workload made progress: {report}");
 }
+
+/// A ring between hosts: joins and leaves among kills, partitions (nftables) and links set
+/// down, with loss on the network; nothing acknowledged is lost and every key ends on three
+/// members that agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root: network namespaces, veth pairs and nftables"]
+async fn a_ring_chaos_run_between_hosts_finds_no_violation() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = chaos::run(ChaosConfig {
+        server: SERVER.into(),
+        seconds: 15,
+        seed: 20_261_207,
+        clients: 4,
+        root: dir.path().to_path_buf(),
+        netns: true,
+        ring: true,
+    })
+    .await
+    .unwrap();
+    println!("{report}");
+    assert!(report.violations.is_empty(), "{report}");
+    let changes = (report.events.iter())
+        .filter(|e| e.contains(" joins ") || e.contains(" leaves"))
+        .count();
+    assert!(changes >= 1, "the ring changed: {report}");
+    assert!(report.acked > 0, "the workload made progress: {report}");
+}

@@ -3,7 +3,7 @@
 //! partitions nodes; then everything is healed and checked. With `netns`, the nodes are hosts
 //! with a network between them (see [`crate::netns`]), with latency and loss on it, and links
 //! set down join the faults. With `ring`, 5 nodes hold 3 copies of each key, and nodes join
-//! and leave the ring among the kills and restarts.
+//! and leave the ring among the kills and restarts (and the partitions, between hosts).
 //!
 //! The checks, after healing and waiting for the cluster to settle:
 //! - every node holds exactly the same entries (versions and tombstones included) for every
@@ -55,7 +55,8 @@ pub struct ChaosConfig {
     pub netns: bool,
     /// Run a ring instead: [`RING_NODES`] nodes holding [`RING_REPLICAS`] copies of each key,
     /// linked directly (a ring names its members by the addresses they listen on), with nodes
-    /// joining and leaving among the kills and restarts.
+    /// joining and leaving among the kills and restarts (and, between hosts, partitions cut
+    /// by nftables rather than by proxies).
     pub ring: bool,
 }
 
@@ -65,6 +66,8 @@ pub const RING_NODES: usize = 5;
 pub const RING_REPLICAS: usize = 3;
 /// Members a `ring` run keeps at least: a leave below it is not asked for.
 const RING_LEAST: usize = 4;
+/// Nodes that may join in a `ring` run.
+const RING_MAX_JOINS: usize = 6;
 
 /// Latency on each link between hosts in a `netns` run, each way: a base and a jitter.
 pub const NETNS_DELAY: (Duration, Duration) = (Duration::from_millis(20), Duration::from_millis(5));
@@ -127,13 +130,13 @@ type Held = Option<((u64, String), Option<String>)>;
 /// Runs the chaos schedule and checks the result.
 pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
     std::fs::create_dir_all(&config.root)?;
-    if config.ring && config.netns {
-        return Err(Error::Node(
-            "a ring run is on loopback: its nodes join by their addresses".into(),
-        ));
-    }
+    // A ring run's hosts: one for each node that may join, too.
+    let hosts = match config.ring {
+        true => RING_NODES + RING_MAX_JOINS,
+        false => 3,
+    };
     let topology = match config.netns {
-        true => Some(Arc::new(Topology::create(3)?)),
+        true => Some(Arc::new(Topology::create(hosts)?)),
         false => None,
     };
     let mut extra_args: Vec<String> = [
@@ -166,12 +169,21 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
         ..ChaosReport::default()
     };
     if let Some(hosts) = &topology {
-        cluster.set_delay(Some(NETNS_DELAY));
         hosts.set_loss(NETNS_LOSS_PERCENT)?;
+        // The delay is the proxies': a ring run's nodes are linked directly, without it.
+        let delay = match config.ring {
+            true => "links not delayed (direct)".to_string(),
+            false => {
+                cluster.set_delay(Some(NETNS_DELAY));
+                format!(
+                    "links delayed {:?} +- {:?} each way (proxy)",
+                    NETNS_DELAY.0, NETNS_DELAY.1
+                )
+            }
+        };
         report.events.push(format!(
-            "start: hosts in network namespaces, links delayed {:?} +- {:?} each way (proxy), \
-             {NETNS_LOSS_PERCENT}% of packets dropped (nftables)",
-            NETNS_DELAY.0, NETNS_DELAY.1
+            "start: hosts in network namespaces, {delay}, {NETNS_LOSS_PERCENT}% of packets \
+             dropped (nftables)"
         ));
     }
 
@@ -256,8 +268,8 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
             }
             (None, None) if config.ring => {
                 let member = members[rng.random_range(0..members.len())];
-                match rng.random_range(0..3) {
-                    0 => {
+                match rng.random_range(0..4) {
+                    0 if cluster.len() < RING_NODES + RING_MAX_JOINS => {
                         // Waits while another change is under way: a join retries until it
                         // is let in.
                         let joined = cluster.join(member).await?;
@@ -281,6 +293,12 @@ pub async fn run(config: ChaosConfig) -> Result<ChaosReport, Error> {
                             refused.message()
                         ),
                     },
+                    // Between hosts, nftables cuts a member off from every other node.
+                    2 if topology.is_some() => {
+                        cluster.isolate(member)?;
+                        isolated = Some(member);
+                        format!("t={t:5.1}s partition node{} from its peers", member + 1)
+                    }
                     _ => {
                         cluster.kill(member);
                         down = Some(member);

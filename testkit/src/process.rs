@@ -314,16 +314,27 @@ impl ProcessCluster {
 
     /// Starts one more node, joining the ring through node `via` (`--join`), and waits until
     /// it has started; returns its index. Direct clusters only: the ring names its members
-    /// by the addresses they listen on. Restarted, it starts from the ring its data dir holds.
+    /// by the addresses they listen on. Between hosts, it runs on the next host, which the
+    /// topology must have. Restarted, it starts from the ring its data dir holds.
     pub async fn join(&mut self, via: usize) -> Result<usize, Error> {
-        if self.spec.proxied || self.spec.netns.is_some() {
+        if self.spec.proxied {
             return Err(Error::Node(
-                "only a direct cluster on loopback takes a joining node".into(),
+                "only a direct cluster takes a joining node".into(),
             ));
         }
         let i = self.nodes.len();
+        let listen = match &self.spec.netns {
+            Some(hosts) if i < hosts.len() => SocketAddr::new(hosts.addr(i).into(), NETNS_PORT),
+            Some(hosts) => {
+                return Err(Error::Node(format!(
+                    "the topology has {} hosts, every one taken",
+                    hosts.len()
+                )));
+            }
+            None => free_addr()?,
+        };
         self.nodes.push(Node {
-            listen: Some(free_addr()?),
+            listen: Some(listen),
             front: None,
             data_dir: self.spec.root.join(format!("node{}", i + 1)),
             log: self.spec.root.join(format!("node{}.log", i + 1)),

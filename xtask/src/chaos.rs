@@ -1,4 +1,4 @@
-//! `cargo xtask chaos [--netns | --ring] --seconds N --seed S`: builds the server and runs
+//! `cargo xtask chaos [--netns] [--ring] --seconds N --seed S`: builds the server and runs
 //! `kvstore_testkit::chaos` (see there for what it does and checks). Prints what it did and
 //! found; exits non-zero on any violation, with the seed to replay it.
 
@@ -24,8 +24,8 @@ pub struct Args {
     #[arg(long)]
     netns: bool,
     /// Run a ring of 5 nodes with 3 copies of each key, with nodes joining and leaving among
-    /// the kills and restarts (no partitions: the nodes are linked directly).
-    #[arg(long, conflicts_with = "netns")]
+    /// the kills and restarts; with --netns, partitions too.
+    #[arg(long)]
     ring: bool,
 }
 
