@@ -25,6 +25,8 @@ use crate::error::Error;
 const RING: &str = "ring";
 /// The gossip key of a node's part in its ring: normal, joining, leaving or left.
 const ROLE: &str = "role";
+/// The gossip key of a node's `--node-id`.
+const NODE_ID: &str = "node_id";
 
 /// What one node says of itself by gossip.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +68,8 @@ pub struct GossipConfig {
     pub interval: Duration,
     /// The cluster's name: chitchat drops gossip from nodes of another.
     pub cluster: String,
+    /// The node's `--node-id`, announced so that a node can be named by it.
+    pub node_id: String,
 }
 
 /// A node's gossip, running until shut down.
@@ -107,7 +111,9 @@ impl Gossip {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let handle = chitchat::spawn_chitchat(chitchat, announce(state, role), &UdpTransport)
+        let mut pairs = announce(state, role);
+        pairs.push((NODE_ID.into(), config.node_id.clone()));
+        let handle = chitchat::spawn_chitchat(chitchat, pairs, &UdpTransport)
             .await
             .map_err(|e| {
                 Error::Gossip(format!(
@@ -165,6 +171,18 @@ impl Gossip {
         }
         seen.remove(&*me);
         seen
+    }
+
+    /// The ring ids (addresses) of the nodes that announce `node_id` as their `--node-id`,
+    /// live or not, as long as gossip remembers them.
+    pub async fn named(&self, node_id: &str) -> Vec<String> {
+        let chitchat = self.chitchat.lock().await;
+        let mut found: Vec<String> = (chitchat.node_states().iter())
+            .filter(|(_, state)| state.get(NODE_ID) == Some(node_id))
+            .map(|(id, _)| id.node_id.to_string())
+            .collect();
+        found.dedup();
+        found
     }
 
     /// The live nodes and what each announces, each time that changes.
@@ -245,6 +263,7 @@ mod tests {
             seeds: seeds.iter().map(ToString::to_string).collect(),
             interval: Duration::from_millis(50),
             cluster: "test".into(),
+            node_id: format!("node-{}", me.port()),
         };
         Gossip::start(config, state, "normal").await.unwrap()
     }
@@ -271,6 +290,12 @@ mod tests {
         let second = start(b, &[a], &settled).await;
         until("a sees b live", || sees(&first, b, Liveness::Live)).await;
         until("b sees a live", || sees(&second, a, Liveness::Live)).await;
+        let b_id = format!("node-{}", b.port());
+        until("a knows b by its node id", || async {
+            first.named(&b_id).await == [b.to_string()]
+        })
+        .await;
+        assert!(first.named("nobody").await.is_empty());
         assert!(
             !first.liveness().await.contains_key(&a.to_string()),
             "not itself"

@@ -170,6 +170,29 @@ impl Members {
         }
     }
 
+    /// The ring id (address) of the node named `name`: an address names itself; otherwise
+    /// `name` is a `--node-id`, which gossip knows the address of.
+    pub async fn resolve(&self, name: &str) -> Result<String, Error> {
+        if let Ok(addr) = crate::net::parse_addr(name) {
+            return Ok(addr);
+        }
+        let found = match self.gossip.get() {
+            Some(gossip) => gossip.named(name).await,
+            None => Vec::new(),
+        };
+        match found.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(Error::InvalidArgument(format!(
+                "no node named '{name}' is known: name it by its address (host:port), or by \
+                 the --node-id it gossips"
+            ))),
+            several => Err(Error::InvalidArgument(format!(
+                "more than one node gossips the id '{name}' ({}): name it by its address",
+                several.join(", ")
+            ))),
+        }
+    }
+
     /// Whether gossip says `node` is live: a node that stopped is seen down only after some
     /// gossip rounds without a word from it.
     async fn seen_live(&self, node: &str) -> bool {

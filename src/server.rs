@@ -235,7 +235,7 @@ async fn serve(
     // Gossip from the start, so that the others see this node live and it hears of newer
     // rings; a node that cannot gossip (its port is taken) does not start.
     let gossip = match node.ring_state() {
-        Some(state) => start_gossip(&config, addr, &members, &state, &node).await,
+        Some(state) => start_gossip(&config, addr, &members, &state, &node, &node_id).await,
         None => Err(Error::FailedPrecondition("the node has no ring".into())),
     };
     match gossip {
@@ -314,6 +314,7 @@ async fn start_gossip(
     members: &Members,
     state: &kvstore_actors::membership::RingState,
     node: &Node,
+    node_id: &str,
 ) -> Result<Option<Gossip>, Error> {
     let port = |grpc: u16| config.gossip_port.unwrap_or(grpc);
     let me = members.me();
@@ -354,6 +355,7 @@ async fn start_gossip(
         seeds,
         interval: config.gossip_interval,
         cluster: config.cluster_name.clone(),
+        node_id: node_id.to_owned(),
     };
     tracing::info!(listen = %gossip.listen, advertise = %gossip.advertise, "gossiping");
     Gossip::start(gossip, state, role).await.map(Some)

@@ -27,7 +27,7 @@ commands:
   cluster         every node: its state, the partitions it holds, its keys, its address
   backup FILE     write every entry of this node, with its version, to FILE
   leave           this node hands its keys to the others and leaves the ring
-  remove NODE     take NODE (its address), down for good, out of the ring
+  remove NODE     take NODE (its address or node id), down for good, out of the ring
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
 

@@ -747,8 +747,8 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
 }
 
 /// As processes, over real UDP gossip: a fifth node joins four and takes its share; then the
-/// claimant is killed, seen down by the others' gossip, and removed, and every key is on three
-/// nodes again.
+/// claimant is killed, seen down by the others' gossip, and removed by its node id, and every
+/// key is on three nodes again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_join_a_node_and_remove_a_killed_one() {
     use kvstore_testkit::ProcessCluster;
@@ -845,8 +845,19 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ack = cluster.client(live[2]).remove(&dead).await.unwrap();
-    assert!(ack.ok, "{ack:?}");
+    // Named by its --node-id, which gossip knows the address of.
+    let ack = (cluster
+        .client(live[2])
+        .remove(&format!("node{}", claimant + 1))
+        .await)
+        .unwrap();
+    assert!(ack.ok && ack.message.contains(&dead), "{ack:?}");
+    let unknown = cluster.client(live[2]).remove("node99").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument, "{unknown:?}");
+    assert!(
+        unknown.message().contains("no node named 'node99'"),
+        "{unknown:?}"
+    );
     let started = std::time::Instant::now();
     loop {
         let (done, seen) = settles(&cluster, live.clone(), 3, KEYS).await;

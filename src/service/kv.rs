@@ -165,11 +165,9 @@ impl KvStore for KvService {
     }
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<Ack>, Status> {
-        let node = request.into_inner().node;
-        crate::net::parse_addr(&node).map_err(|e| {
-            Error::InvalidArgument(format!("a ring member is named by its address: {e}"))
-        })?;
+        let name = request.into_inner().node;
         self.node.node().await;
+        let node = self.members.resolve(&name).await?;
         let state = self.members.request(Change::Remove, &node).await?;
         let message = match state.phase() {
             // Settled at once: the node was joining, and its join is called off.
