@@ -465,10 +465,24 @@ impl<P: PeerClient> Coordinator<P> {
         }
         let placement = config.placement.clone().map(Arc::new);
         if let Some(placement) = placement.as_ref().filter(|p| !p.is_everywhere()) {
-            // Keys of partitions this node gave up before a restart, brought back by its log.
-            let _ = store
-                .tell(store::Retain(*placement.write_local()))
-                .try_send();
+            // Keys of partitions this node gave up before a restart, brought back by its log:
+            // let go of from the first message on, and dropped meanwhile.
+            let keep = *placement.write_local();
+            let _ = store.tell(store::Retain(keep)).try_send();
+            let (store, reader) = (store.clone(), reader.clone());
+            tokio::spawn(
+                async move {
+                    if let Ok(gone) = store::drop_outside(&store, &reader, keep).await
+                        && gone > 0
+                    {
+                        tracing::info!(
+                            keys = gone,
+                            "dropped the keys of partitions this node gave up"
+                        );
+                    }
+                }
+                .in_current_span(),
+            );
         }
         let peers: Vec<Arc<Peer<P>>> = peers
             .into_iter()
@@ -652,11 +666,8 @@ impl<P: PeerClient> Coordinator<P> {
             keep
         };
         if let Some(keep) = keep {
-            let gone = self
-                .store
-                .ask(store::Retain(keep))
-                .await
-                .map_err(|_| Error::StoreStopped)?;
+            (self.store.ask(store::Retain(keep)).await).map_err(|_| Error::StoreStopped)?;
+            let gone = store::drop_outside(&self.store, &self.reader, keep).await?;
             if gone > 0 {
                 tracing::info!(
                     keys = gone,

@@ -500,14 +500,50 @@ pub struct TakeView;
 #[derive(Debug)]
 pub struct Stats;
 
-/// Keep only these partitions: drop every key outside them, and from now on let go of the
-/// writes of other nodes outside them (those of a ring change that moved them to other nodes,
-/// which a node still finishing the change, or an anti-entropy round begun before it, may
-/// still send). Nothing is logged, because nothing changed for the cluster: a restart brings
-/// the keys back from the log until the next snapshot, and the node drops them again then.
-/// Replies with how many keys it dropped.
+/// Keep only these partitions: from now on, let go of the writes of other nodes outside them
+/// (those of a ring change that moved them to other nodes, which a node still finishing the
+/// change, or an anti-entropy round begun before it, may still send). The keys already held
+/// outside them go with [`drop_outside`], which finds them off the actor.
 #[derive(Debug)]
 pub struct Retain(pub crate::placement::PartitionSet);
+
+/// Drop these keys, each only if it is outside the partitions the store keeps now (they may
+/// have changed since the keys were found). Replies with how many it dropped.
+#[derive(Debug)]
+pub struct DropOutside(pub Vec<Box<str>>);
+
+/// Keys dropped per message: the store actor goes back to writes between batches.
+const DROP_BATCH: usize = 1024;
+
+/// Drops every key the store holds outside `keep`, the partitions it keeps since a
+/// [`Retain`]: found by a scan off the actor (a turn of the reader's, as digests take), then
+/// dropped by the actor a batch at a time, so writes wait for a batch, not for the whole map.
+/// Nothing is logged, because nothing changed for the cluster: a restart brings the keys back
+/// from the log until the next snapshot, and the node drops them again then. Returns how many
+/// keys it dropped.
+pub async fn drop_outside(
+    store: &ActorRef<StoreActor>,
+    reader: &StoreReader,
+    keep: crate::placement::PartitionSet,
+) -> Result<usize, Error> {
+    let outside = reader
+        .scan(move |reader| {
+            let mut outside = Vec::new();
+            reader.for_each(|key, _| {
+                if !keep.contains_key(key) {
+                    outside.push(Box::<str>::from(key));
+                }
+            });
+            outside
+        })
+        .await;
+    let mut dropped = 0;
+    for batch in outside.chunks(DROP_BATCH) {
+        dropped +=
+            (store.ask(DropOutside(batch.to_vec())).await).map_err(|_| Error::StoreStopped)?;
+    }
+    Ok(dropped)
+}
 
 impl Message<Put> for StoreActor {
     type Reply = Result<LocalWrite, Error>;
@@ -562,21 +598,29 @@ impl Message<TakeView> for StoreActor {
 }
 
 impl Message<Retain> for StoreActor {
+    type Reply = ();
+
+    async fn handle(&mut self, msg: Retain, _: &mut Context<Self, Self::Reply>) {
+        self.keep = Some(msg.0);
+    }
+}
+
+impl Message<DropOutside> for StoreActor {
     type Reply = usize;
 
-    async fn handle(&mut self, msg: Retain, _: &mut Context<Self, Self::Reply>) -> usize {
-        self.keep = Some(msg.0);
-        let gone: Vec<Box<str>> = (self.map.iter())
-            .filter(|item| !msg.0.contains_key(item.key()))
-            .map(|item| item.key().clone())
-            .collect();
-        for key in &gone {
+    async fn handle(&mut self, msg: DropOutside, _: &mut Context<Self, Self::Reply>) -> usize {
+        let Some(keep) = self.keep else {
+            return 0;
+        };
+        let mut dropped = 0;
+        for key in msg.0.iter().filter(|key| !keep.contains_key(key)) {
             self.views.save_pre_image(&self.map, key);
             if let Some((_, slot)) = self.map.remove(key) {
                 self.counts.count(&slot, -1);
+                dropped += 1;
             }
         }
-        gone.len()
+        dropped
     }
 }
 
@@ -631,6 +675,52 @@ mod tests {
 
     async fn get(s: &ActorRef<StoreActor>, key: &str) -> Option<String> {
         s.ask(Get { key: key.into() }).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn keys_outside_the_kept_partitions_are_dropped_off_the_actor_and_stay_out() {
+        use crate::placement::PartitionSet;
+        let actor = StoreActor::new(Arc::new(Clock::new(NodeId::new("n1").unwrap())));
+        let reader = actor.reader();
+        let s = StoreActor::spawn(actor);
+        let keys: Vec<String> = (0..200).map(|k| format!("k{k}")).collect();
+        for k in &keys {
+            put(&s, k.as_str(), "v").await;
+        }
+        let mut keep = PartitionSet::none();
+        for k in keys.iter().take(50) {
+            keep.insert(crate::ring::partition_of(k));
+        }
+        let (inside, outside): (Vec<&String>, Vec<&String>) =
+            keys.iter().partition(|k| keep.contains_key(k));
+        assert!(inside.len() >= 50 && outside.len() > 50, "{}", inside.len());
+        s.ask(Retain(keep)).await.unwrap();
+        assert_eq!(reader.len(), 200, "kept from now on, dropped by the scan");
+        assert_eq!(
+            drop_outside(&s, &reader, keep).await.unwrap(),
+            outside.len()
+        );
+        for k in &inside {
+            assert_eq!(get(&s, k).await.as_deref(), Some("v"), "{k}");
+        }
+        for k in &outside {
+            assert_eq!(get(&s, k).await, None, "{k}");
+        }
+        assert_eq!(s.ask(Stats).await.unwrap().keys, inside.len());
+        // Another node's write outside them is let go; inside them, taken.
+        let fresh = |inside: bool| {
+            (0..)
+                .map(|i| format!("new{i}"))
+                .find(|k| keep.contains_key(k) == inside)
+                .unwrap()
+        };
+        assert!(!apply(&s, write(&fresh(false), Some("w"), 15, "n2")).await);
+        assert!(apply(&s, write(&fresh(true), Some("w"), 15, "n2")).await);
+        // A key whose partition is kept again by the time its batch comes is not dropped.
+        s.ask(Retain(PartitionSet::all())).await.unwrap();
+        let again = DropOutside(vec![inside[0].as_str().into(), "absent".into()]);
+        assert_eq!(s.ask(again).await.unwrap(), 0);
+        assert_eq!(get(&s, inside[0]).await.as_deref(), Some("v"));
     }
 
     #[tokio::test]
