@@ -18,6 +18,7 @@ use chitchat::{
 };
 use kvstore_actors::membership::{Phase, RingState};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::error::Error;
 
@@ -82,6 +83,9 @@ pub struct Gossip {
     /// not known to be down, only new.
     ever_live: Arc<std::sync::Mutex<HashSet<ChitchatId>>>,
     noting: tokio::task::JoinHandle<()>,
+    /// Set once chitchat's loop has ended, stopped or failed (its socket): its verdicts are
+    /// stale from then on, and the node reports none.
+    failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Gossip {
@@ -122,6 +126,19 @@ impl Gossip {
                 ))
             })?;
         let chitchat = handle.chitchat();
+        let failed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let ended = handle.termination_watcher();
+        tokio::spawn({
+            let failed = failed.clone();
+            async move {
+                // Ended by a shutdown: Ok; by a failure: the error. Either way, no verdicts.
+                if let Err(error) = ended.await {
+                    tracing::error!(%error, "gossip stopped: peers' liveness is unknown from now on");
+                }
+                failed.store(true, std::sync::atomic::Ordering::Release);
+            }
+            .in_current_span()
+        });
         let ever_live: Arc<std::sync::Mutex<HashSet<ChitchatId>>> = Arc::default();
         let mut live = chitchat.lock().await.live_nodes_watcher();
         let noting = tokio::spawn({
@@ -141,6 +158,7 @@ impl Gossip {
             handle: std::sync::Mutex::new(Some(handle)),
             ever_live,
             noting,
+            failed,
         })
     }
 
@@ -156,6 +174,9 @@ impl Gossip {
     /// Each node gossip knows the liveness of, but this one: live if any of its generations
     /// is, dead if one was live and none is now.
     pub async fn liveness(&self) -> BTreeMap<String, Liveness> {
+        if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            return BTreeMap::new();
+        }
         let chitchat = self.chitchat.lock().await;
         let mut ever_live = self.ever_live.lock().expect("ever_live poisoned");
         let me = chitchat.self_chitchat_id().node_id.clone();
@@ -201,6 +222,8 @@ impl Gossip {
     /// Stops gossiping, and lets its port go: the others see this node go down.
     pub async fn shutdown(&self) {
         self.noting.abort();
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Release);
         let handle = self.handle.lock().expect("gossip handle poisoned").take();
         if let Some(handle) = handle
             && let Err(error) = handle.shutdown().await
@@ -318,6 +341,10 @@ mod tests {
         first.shutdown().await;
         until("b sees a dead", || sees(&second, a, Liveness::Dead)).await;
         second.shutdown().await;
+        assert!(
+            second.liveness().await.is_empty(),
+            "no verdicts once stopped"
+        );
         // Its port is free again once it has stopped.
         std::net::UdpSocket::bind(a).unwrap();
     }

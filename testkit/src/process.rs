@@ -84,7 +84,13 @@ pub struct ProcessCluster {
 /// the node then fails to bind and [`ProcessCluster::wait_ready`] says so. Proxied clusters
 /// (the tests') never do this.
 fn free_addr() -> std::io::Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()
+    // Free for UDP too: a node gossips on its port's number.
+    loop {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        if std::net::UdpSocket::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
 }
 
 /// The address in a "node started" line (`listen=ADDR`). Only whole lines count: a line

@@ -67,6 +67,17 @@ pub fn closed_port() -> (tokio::net::TcpSocket, String) {
     (socket, addr)
 }
 
+/// A loopback listener on a port the OS chose, whose number is free for UDP too: a node
+/// gossips on its gRPC port's number, and refuses to start if that is taken.
+pub fn bind_free() -> std::net::TcpListener {
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        if std::net::UdpSocket::bind(listener.local_addr().unwrap()).is_ok() {
+            return listener;
+        }
+    }
+}
+
 /// One node of a test cluster.
 pub struct TestNode {
     pub addr: String,
@@ -157,7 +168,7 @@ impl TestCluster {
     pub fn start_with(n: usize, config: impl Fn(usize) -> NodeConfig) -> Self {
         let mut listeners: Vec<std::net::TcpListener> = (0..n)
             .map(|_| {
-                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let l = bind_free();
                 l.set_nonblocking(true).unwrap();
                 l
             })
@@ -190,7 +201,7 @@ impl TestCluster {
     /// it takes is the same in every run.
     pub fn join(&mut self, mut config: NodeConfig, via: usize) -> usize {
         let last = self.nodes.iter().map(|n| n.addr.clone()).max();
-        let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let bind = bind_free;
         let after = |l: &std::net::TcpListener| Some(l.local_addr().unwrap().to_string()) > last;
         let listener = (0..1000).map(|_| bind()).find(after).unwrap_or_else(bind);
         listener.set_nonblocking(true).unwrap();
