@@ -329,7 +329,7 @@ impl Members {
             )));
         }
         if change == Change::Ready {
-            return self.ready(state, node).await;
+            return self.ready(state, node, None).await;
         }
         let member = |ring: &kvstore_actors::ring::Ring| ring.members().iter().any(|m| m == node);
         match state.phase() {
@@ -402,17 +402,23 @@ impl Members {
 
     /// Notes that `node` has copied what the change under way gives it, and once every node
     /// gaining partitions has, commits and settles the change.
-    async fn ready(self: &Arc<Self>, state: RingState, node: &str) -> Result<RingState, Error> {
+    /// `skip` is a member not told: a claimant that is gone, whose change another settles.
+    async fn ready(
+        self: &Arc<Self>,
+        state: RingState,
+        node: &str,
+        skip: Option<&str>,
+    ) -> Result<RingState, Error> {
         if state.phase() == Phase::Settled {
             // Done: told again, for whoever missed it.
-            self.tell(&state, &state.members(), None).await?;
+            self.tell(&state, &state.members(), skip).await?;
             return Ok(state);
         }
         // Every node of either ring, the one leaving too: told it has left, it drops its keys.
         let everyone = state.members();
         if state.phase() == Phase::Committed {
             // Asked again after a member missed the commit: it hears it before anyone drops.
-            self.tell(&state, &everyone, None).await?;
+            self.tell(&state, &everyone, skip).await?;
         }
         if state.phase() == Phase::Pending {
             let gaining = state.gaining();
@@ -436,7 +442,7 @@ impl Members {
             }
             state = state.advance()?;
             self.adopt(state.clone()).await?;
-            self.tell(&state, &everyone, None).await?;
+            self.tell(&state, &everyone, skip).await?;
         }
         tracing::info!(
             ring_version = state.ring().version(),
@@ -642,8 +648,9 @@ impl Members {
                     }
                 }
             }
-            // A change this node committed as claimant before it restarted is settled now.
-            if state.phase() == Phase::Committed && state.claimant() == self.me {
+            // A committed change whose claimant restarted, or is gone, is settled now.
+            let decides = state.deciders().take(2).any(|d| d == self.me);
+            if state.phase() == Phase::Committed && decides {
                 tokio::spawn(self.clone().resume().in_current_span());
             }
             let changed = async {
@@ -676,9 +683,13 @@ impl Members {
         Ok(Some(version))
     }
 
-    /// On the claimant: settles a committed change that no one else will, its claimant having
-    /// stopped between the commit and the settling (every gaining node stops asking once it
-    /// hears of the commit). Passes if another change step is under way here.
+    /// Settles a committed change that no one else will: on its claimant, restarted between
+    /// the commit and the settling (every gaining node stops asking once it hears of the
+    /// commit); or on the next member that may decide, once gossip sees the claimant dead and
+    /// it does not answer. That member tells every other member the commit again before it
+    /// settles, so none still reads from the old holders when they drop their keys; the
+    /// claimant itself had committed first, and takes the settled ring as it comes back.
+    /// Passes if another change step is under way here.
     async fn resume(self: Arc<Self>) {
         let Ok(_one_change_at_a_time) = self.changing.try_lock() else {
             return;
@@ -686,15 +697,29 @@ impl Members {
         let Ok(state) = self.state().await else {
             return;
         };
-        if state.phase() != Phase::Committed || state.claimant() != self.me {
+        if state.phase() != Phase::Committed {
             return;
         }
+        let (claimant, next) = {
+            let mut deciders = state.deciders();
+            let claimant = deciders.next().expect("a ring has a member").to_owned();
+            (claimant, deciders.next().map(str::to_owned))
+        };
+        let skip = if claimant == self.me {
+            None
+        } else if next.as_deref() == Some(self.me.as_str())
+            && self.liveness().await.get(&claimant) == Some(&Liveness::Dead)
+            && !self.answers(&claimant).await
+        {
+            Some(claimant)
+        } else {
+            return;
+        };
         let version = state.ring().version();
-        match self.ready(state, &self.me.clone()).await {
-            Ok(_) => tracing::info!(
-                ring_version = version,
-                "settled a change committed before this node restarted"
-            ),
+        match self.ready(state, &self.me.clone(), skip.as_deref()).await {
+            Ok(_) => {
+                tracing::info!(ring_version = version, gone_claimant = ?skip, "settled a committed change its claimant had not")
+            }
             Err(error) => {
                 tracing::warn!(ring_version = version, %error, "could not settle the committed change yet")
             }

@@ -873,3 +873,41 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
     let listed = cluster.client(live[0]).list().await.unwrap();
     assert_eq!(listed.len(), KEYS);
 }
+
+/// A leave whose claimant dies for good between the commit and the settling is settled by the
+/// next member, once its gossip sees the claimant dead; the claimant can then be removed, and
+/// every key is on three nodes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_claimant_died_after_the_commit_is_settled_by_the_next_member() {
+    let mut cluster = TestCluster::start_with(5, |_| ring_config());
+    const KEYS: usize = 150;
+    let all: Vec<usize> = (0..5).collect();
+    write_before(&cluster, &all, KEYS).await;
+    three_copies_on(&cluster, &all, KEYS).await;
+    // Node 4 leaves; node 0, the claimant (the first member), dies once it has committed.
+    cluster.client(4).leave().await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let status = cluster.client(0).status().await.unwrap();
+        if status.ring_phase == "committed" {
+            break;
+        }
+        assert_eq!(
+            status.ring_phase, "pending",
+            "the claimant waits a deadline to settle"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.nodes[0].kill().await;
+    let staying = [1, 2, 3];
+    change_settles(&cluster, &staying, 2, Some(4)).await;
+    let ack = cluster.client(2).remove(cluster.addr(0)).await.unwrap();
+    assert!(ack.ok, "{ack:?}");
+    change_settles(&cluster, &staying, 3, None).await;
+    three_copies_on(&cluster, &staying, KEYS).await;
+    read_back(&cluster, &staying, KEYS, Vec::new()).await;
+}
