@@ -198,23 +198,8 @@ async fn a_malformed_partition_set_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_processes_keep_three_copies_through_a_kill_and_a_restart() {
     use kvstore_testkit::ProcessCluster;
-    use kvstore_testkit::process::ClusterSpec;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = ProcessCluster::start(ClusterSpec {
-        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
-        nodes: 6,
-        root: dir.path().to_path_buf(),
-        // Direct: each node names the others by the addresses they listen on, which is
-        // what the ring is built from.
-        extra_args: ["--replicas", "3", "--replication-deadline", "10s"]
-            .map(String::from)
-            .to_vec(),
-        proxied: false,
-        tls: None,
-        netns: None,
-    })
-    .await
-    .unwrap();
+    let mut cluster = ring_processes(6, dir.path(), &["--replication-deadline", "10s"]).await;
     let held = |cluster: &ProcessCluster| {
         let clients: Vec<_> = (0..6).map(|i| cluster.client(i)).collect();
         async move {
@@ -397,6 +382,50 @@ async fn change_settles(cluster: &TestCluster, live: &[usize], version: u64, lef
             "the ring did not settle at version {version}: {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `nodes` node processes holding three copies of each key, with `extra` flags. Direct: each
+/// node names the others by the addresses they listen on, which is what the ring is built
+/// from.
+async fn ring_processes(
+    nodes: usize,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> kvstore_testkit::ProcessCluster {
+    let mut extra_args = vec!["--replicas".to_string(), "3".to_string()];
+    extra_args.extend(extra.iter().map(|a| a.to_string()));
+    kvstore_testkit::ProcessCluster::start(kvstore_testkit::process::ClusterSpec {
+        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
+        nodes,
+        root: dir.to_path_buf(),
+        extra_args,
+        proxied: false,
+        tls: None,
+        netns: None,
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `check` says done, asking every 200 ms; panics with what it saw last after a
+/// minute.
+async fn eventually<F, T>(what: &str, check: impl Fn() -> F)
+where
+    F: std::future::Future<Output = (bool, T)>,
+    T: std::fmt::Debug,
+{
+    let started = std::time::Instant::now();
+    loop {
+        let (done, seen) = check().await;
+        if done {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: not after a minute: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -752,30 +781,16 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processes_join_a_node_and_remove_a_killed_one() {
     use kvstore_testkit::ProcessCluster;
-    use kvstore_testkit::process::ClusterSpec;
     let dir = tempfile::tempdir().unwrap();
-    let mut cluster = ProcessCluster::start(ClusterSpec {
-        server: env!("CARGO_BIN_EXE_kvstore-server").into(),
-        nodes: 4,
-        root: dir.path().to_path_buf(),
-        extra_args: [
-            "--replicas",
-            "3",
-            "--replication-deadline",
-            "2s",
-            "--anti-entropy-interval",
-            "1s",
-            "--gossip-interval",
-            "400ms",
-        ]
-        .map(String::from)
-        .to_vec(),
-        proxied: false,
-        tls: None,
-        netns: None,
-    })
-    .await
-    .unwrap();
+    let args = [
+        "--replication-deadline",
+        "2s",
+        "--anti-entropy-interval",
+        "1s",
+        "--gossip-interval",
+        "400ms",
+    ];
+    let mut cluster = ring_processes(4, dir.path(), &args).await;
     const KEYS: usize = 120;
     for k in 0..KEYS {
         let ack = cluster.client(k % 4).put(&format!("k{k}"), "v").await;
@@ -804,19 +819,11 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
         }
     };
     let new = cluster.join(2).await.unwrap();
-    let started = std::time::Instant::now();
     let all: Vec<usize> = (0..5).collect();
-    loop {
-        let (done, seen) = settles(&cluster, all.clone(), 2, KEYS).await;
-        if done {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the join did not settle: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the join settles", || {
+        settles(&cluster, all.clone(), 2, KEYS)
+    })
+    .await;
     let joined = cluster.client(new).status().await.unwrap();
     assert!(joined.keys > 0 && joined.partitions > 0, "{joined:?}");
     for k in (0..KEYS).step_by(7) {
@@ -828,23 +835,19 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
     let claimant = (0..5).min_by_key(|&i| cluster.addr(i)).unwrap();
     cluster.kill(claimant);
     let live: Vec<usize> = (0..5).filter(|&i| i != claimant).collect();
-    let started = std::time::Instant::now();
     let dead = cluster.addr(claimant);
-    loop {
-        let seen = status(&cluster, live.clone()).await;
-        let verdicts: Vec<String> = (seen.iter().flatten())
-            .flat_map(|s| s.peers.iter().filter(|p| p.address == dead))
-            .map(|p| p.gossip.clone())
-            .collect();
-        if verdicts.len() == live.len() && verdicts.iter().all(|v| v == "dead") {
-            break;
+    eventually("gossip sees the killed node down", || {
+        let (ask, live, dead) = (status(&cluster, live.clone()), live.len(), dead.clone());
+        async move {
+            let verdicts: Vec<String> = (ask.await.iter().flatten())
+                .flat_map(|s| s.peers.iter().filter(|p| p.address == dead))
+                .map(|p| p.gossip.clone())
+                .collect();
+            let done = verdicts.len() == live && verdicts.iter().all(|v| v == "dead");
+            (done, verdicts)
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "gossip did not see the killed node down: {verdicts:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     // Named by its --node-id, which gossip knows the address of.
     let ack = (cluster
         .client(live[2])
@@ -858,18 +861,10 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
         unknown.message().contains("no node named 'node99'"),
         "{unknown:?}"
     );
-    let started = std::time::Instant::now();
-    loop {
-        let (done, seen) = settles(&cluster, live.clone(), 3, KEYS).await;
-        if done {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "the removal did not settle: {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually("the removal settles", || {
+        settles(&cluster, live.clone(), 3, KEYS)
+    })
+    .await;
     let listed = cluster.client(live[0]).list().await.unwrap();
     assert_eq!(listed.len(), KEYS);
 }

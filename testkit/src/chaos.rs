@@ -88,6 +88,15 @@ pub struct ChaosReport {
     pub violations: Vec<String>,
 }
 
+impl ChaosReport {
+    /// The joins and leaves a ring run made.
+    pub fn ring_changes(&self) -> usize {
+        (self.events.iter())
+            .filter(|e| e.contains(" joins ") || e.ends_with(" leaves"))
+            .count()
+    }
+}
+
 impl std::fmt::Display for ChaosReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "chaos seed {}", self.seed)?;
