@@ -906,3 +906,26 @@ async fn a_change_whose_claimant_died_after_the_commit_is_settled_by_the_next_me
     three_copies_on(&cluster, &staying, KEYS).await;
     read_back(&cluster, &staying, KEYS, Vec::new()).await;
 }
+
+/// A ring of no more nodes than copies loses a copy of each key when a node leaves, and no node
+/// takes a partition it did not hold: the nodes that stay copy from the leaving one, and the
+/// change settles. The same for a removal down to one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_and_a_removal_from_a_ring_of_no_more_nodes_than_copies_settle() {
+    let mut cluster = TestCluster::start_with(3, |_| ring_config());
+    const KEYS: usize = 100;
+    write_before(&cluster, &[0, 1, 2], KEYS).await;
+    cluster.client(2).leave().await.unwrap();
+    change_settles(&cluster, &[0, 1], 2, Some(2)).await;
+    for i in [0, 1] {
+        assert_eq!(cluster.client(i).status().await.unwrap().keys, KEYS as u64);
+    }
+    read_back(&cluster, &[0, 1], KEYS, Vec::new()).await;
+    gossip_says(&cluster, 0, 1, "live").await;
+    cluster.nodes[1].kill().await;
+    gossip_says(&cluster, 0, 1, "dead").await;
+    cluster.client(0).remove(cluster.addr(1)).await.unwrap();
+    change_settles(&cluster, &[0], 3, None).await;
+    assert_eq!(cluster.client(0).status().await.unwrap().keys, KEYS as u64);
+    read_back(&cluster, &[0], KEYS, Vec::new()).await;
+}

@@ -156,13 +156,17 @@ impl RingState {
         members
     }
 
-    /// The members that take partitions they did not hold in the ring before: those that
-    /// copy them before a change is committed. None when no change is under way.
+    /// The members that copy partitions before a change is committed: those that take
+    /// partitions they did not hold in the ring before. When a node leaves (or is removed) a
+    /// ring of no more members than copies, no one takes a partition it did not hold, but the
+    /// copies lose one holder: then every member copies, so that each write a majority
+    /// acknowledged, on the node that goes too, is on every holder that stays before it
+    /// drops its keys. None when no change is under way.
     pub fn gaining(&self) -> Vec<String> {
         let Some(previous) = &self.previous else {
             return Vec::new();
         };
-        (self.ring.members().iter())
+        let gaining: Vec<String> = (self.ring.members().iter())
             .filter(|m| {
                 let before = previous.partitions_of(m);
                 self.ring
@@ -171,7 +175,11 @@ impl RingState {
                     .any(|p| before.binary_search(p).is_err())
             })
             .cloned()
-            .collect()
+            .collect();
+        if gaining.is_empty() && self.ring.members().len() < previous.members().len() {
+            return self.ring.members().to_vec();
+        }
+        gaining
     }
 
     /// The node that makes changes: the first member of the ring in force, and during a
@@ -307,6 +315,11 @@ mod tests {
         );
         // Only the joining node takes partitions it did not hold.
         assert_eq!(pending.gaining(), ["node7"]);
+        // A leave from three holding everything moves no partition, and loses a copy of each:
+        // the two that stay copy, or the change would wait for a copy no one makes.
+        let three = RingState::settled(ring_of(3));
+        let shrink = three.begin(three.ring().without("node2").unwrap()).unwrap();
+        assert_eq!(shrink.gaining(), ["node1", "node3"]);
         assert!(settled.gaining().is_empty());
         // A leave hands the leaver's partitions to several others.
         let leave = settled
