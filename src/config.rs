@@ -450,7 +450,8 @@ pub struct ServerArgs {
     pub handoff_capacity: usize,
 
     /// How log lines are written: `text` for a person, `json` (one object a line) for a log
-    /// collector. `RUST_LOG` sets what is logged (default `info`).
+    /// collector. `RUST_LOG` sets what is logged (default `info,chitchat=error`: the gossip
+    /// library's warnings, one per unreadable datagram, are left out).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 

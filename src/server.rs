@@ -445,6 +445,14 @@ async fn start(
         _ => None,
     };
     let state = match (&changed, &config.join) {
+        // Joining again on the data dir of a node that left would start it as one that left.
+        (Some(state), Some(_)) if !state.members().contains(&me) => {
+            return Err(Error::FailedPrecondition(format!(
+                "this data dir holds ring version {}, which this node has left: give an empty \
+                 --data-dir to join again",
+                state.ring().version()
+            )));
+        }
         (Some(state), _) => {
             if state.ring().replicas() != config.replicas {
                 return Err(Error::FailedPrecondition(format!(

@@ -929,3 +929,33 @@ async fn a_leave_and_a_removal_from_a_ring_of_no_more_nodes_than_copies_settle()
     assert_eq!(cluster.client(0).status().await.unwrap().keys, KEYS as u64);
     read_back(&cluster, &[0], KEYS, Vec::new()).await;
 }
+
+/// A node given --join on the data dir of a node that has left is refused, rather than started
+/// as the node that left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_again_on_the_data_dir_of_a_node_that_left_is_refused() {
+    use kvstore_actors::membership::RingState;
+    use kvstore_actors::ring::Ring;
+    let dir = tempfile::tempdir().unwrap();
+    let first = RingState::settled(Ring::bootstrap(["a:1", "b:1", "c:1"], 3).unwrap());
+    let without = first.begin(first.ring().without("c:1").unwrap()).unwrap();
+    let left = without.advance().unwrap().advance().unwrap();
+    kvstore::membership::record(dir.path(), &left).unwrap();
+    let listener = common::bind_free();
+    listener.set_nonblocking(true).unwrap();
+    let config = NodeConfig {
+        join: Some("a:1".into()),
+        data_dir: Some(dir.path().to_path_buf()),
+        ..ring_config()
+    };
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let ran = kvstore::server::run(listener, config, std::future::pending());
+    let refused = tokio::time::timeout(Duration::from_secs(20), ran)
+        .await
+        .expect("refused at once")
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("which this node has left"),
+        "{refused}"
+    );
+}

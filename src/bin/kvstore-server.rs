@@ -21,7 +21,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServerArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // chitchat warns once per datagram it cannot read: anyone who can send UDP to the gossip
+    // port could fill the disk with it. Its errors still show.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,chitchat=error"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
