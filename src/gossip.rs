@@ -73,24 +73,42 @@ pub struct GossipConfig {
     pub node_id: String,
 }
 
-/// A node's gossip, running until shut down.
+/// A node's gossip, running until shut down. If chitchat's loop dies (it panics on some
+/// forged datagrams), a supervisor starts it again, under a new generation, with what the node
+/// announced; meanwhile the node reports no verdicts.
 pub struct Gossip {
-    chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
-    /// Taken to shut down.
-    handle: std::sync::Mutex<Option<ChitchatHandle>>,
+    shared: Arc<Shared>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+struct Shared {
+    config: GossipConfig,
+    /// Everything the node announces, to announce again after a restart.
+    pairs: std::sync::Mutex<BTreeMap<String, String>>,
+    /// The running chitchat; None while it is being started again, and once stopped.
+    current: std::sync::Mutex<Option<Instance>>,
     /// Every node (by generation) the failure detector has found live at least once. Chitchat
     /// also counts as dead a node it has heard of but not yet heard from twice; that one is
     /// not known to be down, only new.
-    ever_live: Arc<std::sync::Mutex<HashSet<ChitchatId>>>,
-    noting: tokio::task::JoinHandle<()>,
-    /// Set once chitchat's loop has ended, stopped or failed (its socket): its verdicts are
-    /// stale from then on, and the node reports none.
-    failed: Arc<std::sync::atomic::AtomicBool>,
+    ever_live: std::sync::Mutex<HashSet<ChitchatId>>,
+    stopped: std::sync::atomic::AtomicBool,
+    /// Times chitchat was started again after its loop died.
+    restarts: std::sync::atomic::AtomicU64,
 }
 
-impl Gossip {
-    /// Starts gossiping, announcing `state` and `role`.
-    pub async fn start(config: GossipConfig, state: &RingState, role: &str) -> Result<Self, Error> {
+struct Instance {
+    chitchat: Arc<tokio::sync::Mutex<Chitchat>>,
+    handle: ChitchatHandle,
+    noting: tokio::task::JoinHandle<()>,
+}
+
+/// What ends when a chitchat loop ends: Ok when it was shut down, else why it died.
+type Ended = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+impl Shared {
+    /// Starts a chitchat loop announcing `pairs`.
+    async fn spawn(self: &Arc<Self>) -> Result<(Instance, Ended), Error> {
+        let config = &self.config;
         let generation = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -100,7 +118,7 @@ impl Gossip {
             cluster_id: config.cluster.clone(),
             gossip_interval: interval,
             listen_addr: config.listen,
-            seed_nodes: config.seeds,
+            seed_nodes: config.seeds.clone(),
             // Chitchat's defaults are for a 1 s interval; they scale with it.
             failure_detector_config: FailureDetectorConfig {
                 max_interval: interval * 10,
@@ -115,8 +133,9 @@ impl Gossip {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let mut pairs = announce(state, role);
-        pairs.push((NODE_ID.into(), config.node_id.clone()));
+        let pairs: Vec<(String, String)> = (self.pairs.lock().expect("pairs poisoned").iter())
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let handle = chitchat::spawn_chitchat(chitchat, pairs, &UdpTransport)
             .await
             .map_err(|e| {
@@ -125,60 +144,120 @@ impl Gossip {
                     config.listen
                 ))
             })?;
-        let chitchat = handle.chitchat();
-        let failed: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let ended = handle.termination_watcher();
-        tokio::spawn({
-            let failed = failed.clone();
-            async move {
-                // Ended by a shutdown: Ok; by a failure: the error. Either way, no verdicts.
-                if let Err(error) = ended.await {
-                    tracing::error!(%error, "gossip stopped: peers' liveness is unknown from now on");
-                }
-                failed.store(true, std::sync::atomic::Ordering::Release);
-            }
-            .in_current_span()
-        });
-        let ever_live: Arc<std::sync::Mutex<HashSet<ChitchatId>>> = Arc::default();
+        let ended: Ended = Box::pin(async move { ended.await.map_err(|e| e.to_string()) });
+        let chitchat = handle.chitchat();
         let mut live = chitchat.lock().await.live_nodes_watcher();
         let noting = tokio::spawn({
-            let ever_live = ever_live.clone();
+            let shared = self.clone();
             async move {
                 loop {
                     let ids: Vec<ChitchatId> = live.borrow_and_update().keys().cloned().collect();
-                    ever_live.lock().expect("ever_live poisoned").extend(ids);
+                    shared
+                        .ever_live
+                        .lock()
+                        .expect("ever_live poisoned")
+                        .extend(ids);
                     if live.changed().await.is_err() {
                         return;
                     }
                 }
             }
         });
-        Ok(Self {
-            chitchat,
-            handle: std::sync::Mutex::new(Some(handle)),
-            ever_live,
-            noting,
-            failed,
-        })
+        Ok((
+            Instance {
+                chitchat,
+                handle,
+                noting,
+            },
+            ended,
+        ))
+    }
+
+    /// The running chitchat, if any.
+    fn chitchat(&self) -> Option<Arc<tokio::sync::Mutex<Chitchat>>> {
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let current = self.current.lock().expect("gossip poisoned");
+        current.as_ref().map(|i| i.chitchat.clone())
+    }
+
+    /// Starts chitchat again each time its loop dies, until the node stops gossiping.
+    async fn supervise(self: Arc<Self>, mut ended: Ended) {
+        loop {
+            let result = ended.await;
+            if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            let error = result.err().unwrap_or_default();
+            tracing::error!(%error, "gossip stopped; starting it again");
+            if let Some(dead) = self.current.lock().expect("gossip poisoned").take() {
+                dead.noting.abort();
+            }
+            loop {
+                tokio::time::sleep(self.config.interval * 10).await;
+                if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                match self.spawn().await {
+                    Ok((instance, next)) => {
+                        *self.current.lock().expect("gossip poisoned") = Some(instance);
+                        (self.restarts).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        ended = next;
+                        tracing::info!("gossip started again");
+                        break;
+                    }
+                    Err(error) => tracing::warn!(%error, "could not start gossip again"),
+                }
+            }
+        }
+    }
+}
+
+impl Gossip {
+    /// Starts gossiping, announcing `state` and `role`.
+    pub async fn start(config: GossipConfig, state: &RingState, role: &str) -> Result<Self, Error> {
+        let mut pairs: BTreeMap<String, String> = announce(state, role).into_iter().collect();
+        pairs.insert(NODE_ID.into(), config.node_id.clone());
+        let shared = Arc::new(Shared {
+            config,
+            pairs: std::sync::Mutex::new(pairs),
+            current: std::sync::Mutex::new(None),
+            ever_live: std::sync::Mutex::default(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
+            restarts: std::sync::atomic::AtomicU64::new(0),
+        });
+        let (instance, ended) = shared.spawn().await?;
+        *shared.current.lock().expect("gossip poisoned") = Some(instance);
+        let supervisor = tokio::spawn(shared.clone().supervise(ended).in_current_span());
+        Ok(Self { shared, supervisor })
     }
 
     /// Announces the node's ring and its part in it.
     pub async fn announce(&self, state: &RingState, role: &str) {
         let pairs = announce(state, role);
-        let mut chitchat = self.chitchat.lock().await;
-        for (key, value) in pairs {
-            chitchat.self_node_state().set(key, value);
+        self.shared
+            .pairs
+            .lock()
+            .expect("pairs poisoned")
+            .extend(pairs.iter().cloned());
+        if let Some(chitchat) = self.shared.chitchat() {
+            let mut chitchat = chitchat.lock().await;
+            for (key, value) in pairs {
+                chitchat.self_node_state().set(key, value);
+            }
         }
     }
 
     /// Each node gossip knows the liveness of, but this one: live if any of its generations
-    /// is, dead if one was live and none is now.
+    /// is, dead if one was live and none is now. Empty while gossip is not running.
     pub async fn liveness(&self) -> BTreeMap<String, Liveness> {
-        if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+        let Some(chitchat) = self.shared.chitchat() else {
             return BTreeMap::new();
-        }
-        let chitchat = self.chitchat.lock().await;
-        let mut ever_live = self.ever_live.lock().expect("ever_live poisoned");
+        };
+        let chitchat = chitchat.lock().await;
+        let mut ever_live = self.shared.ever_live.lock().expect("ever_live poisoned");
         let me = chitchat.self_chitchat_id().node_id.clone();
         let mut seen = BTreeMap::new();
         let dead: HashSet<&ChitchatId> = chitchat.dead_nodes().collect();
@@ -197,7 +276,10 @@ impl Gossip {
     /// The ring ids (addresses) of the nodes that announce `node_id` as their `--node-id`,
     /// live or not, as long as gossip remembers them.
     pub async fn named(&self, node_id: &str) -> Vec<String> {
-        let chitchat = self.chitchat.lock().await;
+        let Some(chitchat) = self.shared.chitchat() else {
+            return Vec::new();
+        };
+        let chitchat = chitchat.lock().await;
         let mut found: Vec<String> = (chitchat.node_states().iter())
             .filter(|(_, state)| state.get(NODE_ID) == Some(node_id))
             .map(|(id, _)| id.node_id.to_string())
@@ -206,29 +288,40 @@ impl Gossip {
         found
     }
 
-    /// The live nodes and what each announces, each time that changes.
-    pub async fn watch(&self) -> watch::Receiver<BTreeMap<ChitchatId, NodeState>> {
-        self.chitchat.lock().await.live_nodes_watcher()
+    /// The live nodes and what each announces, each time that changes; None while gossip is
+    /// not running. A restart ends the receiver: ask again.
+    pub async fn watch(&self) -> Option<watch::Receiver<BTreeMap<ChitchatId, NodeState>>> {
+        let chitchat = self.shared.chitchat()?;
+        let watcher = chitchat.lock().await.live_nodes_watcher();
+        Some(watcher)
     }
 
-    /// Stops gossiping at once, if it has not stopped yet.
-    fn abort(&self) {
-        self.noting.abort();
-        if let Some(handle) = self.handle.lock().expect("gossip handle poisoned").take() {
-            handle.abort();
-        }
+    /// Times gossip was started again after its loop died.
+    pub fn restarts(&self) -> u64 {
+        self.shared
+            .restarts
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether the node has stopped gossiping for good.
+    pub fn stopped(&self) -> bool {
+        self.shared
+            .stopped
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Stops gossiping, and lets its port go: the others see this node go down.
     pub async fn shutdown(&self) {
-        self.noting.abort();
-        self.failed
+        self.shared
+            .stopped
             .store(true, std::sync::atomic::Ordering::Release);
-        let handle = self.handle.lock().expect("gossip handle poisoned").take();
-        if let Some(handle) = handle
-            && let Err(error) = handle.shutdown().await
-        {
-            tracing::debug!(%error, "gossip stopped with an error");
+        self.supervisor.abort();
+        let current = self.shared.current.lock().expect("gossip poisoned").take();
+        if let Some(instance) = current {
+            instance.noting.abort();
+            if let Err(error) = instance.handle.shutdown().await {
+                tracing::debug!(%error, "gossip stopped with an error");
+            }
         }
     }
 }
@@ -236,7 +329,14 @@ impl Gossip {
 impl Drop for Gossip {
     /// A node dropped without being stopped (a failed start) must not go on saying it is live.
     fn drop(&mut self) {
-        self.abort();
+        self.shared
+            .stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.supervisor.abort();
+        if let Some(instance) = self.shared.current.lock().expect("gossip poisoned").take() {
+            instance.noting.abort();
+            instance.handle.abort();
+        }
     }
 }
 
@@ -326,7 +426,7 @@ mod tests {
 
         let pending = settled.begin(ring.with_joined("c:1").unwrap()).unwrap();
         first.announce(&pending, "normal").await;
-        let watch = second.watch().await;
+        let watch = second.watch().await.unwrap();
         let epoch = pending.epoch();
         until("b hears a's pending ring", || {
             let heard = announced(&watch.borrow());
@@ -347,6 +447,49 @@ mod tests {
         );
         // Its port is free again once it has stopped.
         std::net::UdpSocket::bind(a).unwrap();
+    }
+
+    /// A gossip "hello" (Syn) from a node chitchat has never heard of, under an id of `pad`
+    /// bytes: a few of them make chitchat's answer overflow a datagram, and its loop panic.
+    fn forged_syn(n: usize, pad: usize, cluster: &str) -> Vec<u8> {
+        let id = format!("forged{n}-{}", "x".repeat(pad));
+        let mut msg = b"S\xb0\x00\x00".to_vec();
+        msg.extend(1u16.to_le_bytes());
+        msg.extend((id.len() as u16).to_le_bytes());
+        msg.extend(id.as_bytes());
+        msg.extend(1u64.to_le_bytes());
+        msg.extend([4, 127, 0, 0, 1]);
+        msg.extend(9u16.to_le_bytes());
+        for word in [3u64, 0, 3] {
+            msg.extend(word.to_le_bytes());
+        }
+        msg.extend((cluster.len() as u16).to_le_bytes());
+        msg.extend(cluster.as_bytes());
+        msg
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn gossip_killed_by_forged_datagrams_starts_again() {
+        let (a, b) = (free_udp(), free_udp());
+        let ring = Ring::bootstrap([a.to_string(), b.to_string()], 1).unwrap();
+        let settled = RingState::settled(ring);
+        let first = start(a, &[b], &settled).await;
+        let second = start(b, &[a], &settled).await;
+        until("a sees b live", || sees(&first, b, Liveness::Live)).await;
+        let attacker = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for n in 0..4 {
+            attacker.send_to(&forged_syn(n, 33_000, "test"), a).unwrap();
+        }
+        until("a's gossip is started again", || async {
+            first.restarts() >= 1
+        })
+        .await;
+        until("a sees b live again", || sees(&first, b, Liveness::Live)).await;
+        until("b sees a live again", || sees(&second, a, Liveness::Live)).await;
+        let b_id = format!("node-{}", b.port());
+        assert_eq!(first.named(&b_id).await, [b.to_string()]);
+        first.shutdown().await;
+        second.shutdown().await;
     }
 
     #[test]

@@ -605,13 +605,15 @@ impl Members {
     /// through (UDP blocked) catches up too, later. Looks again every `every` while a newer
     /// ring is announced and not taken. Runs until the node stops.
     pub async fn follow(self: Arc<Self>, every: Duration, poll: Duration) {
-        let mut live = match self.gossip.get() {
-            Some(gossip) => Some(gossip.watch().await),
-            None => None,
-        };
+        let gossip = self.gossip.get();
+        let mut live = None;
         let mut turn = 0usize;
         let mut polled = tokio::time::Instant::now();
         loop {
+            // Watched again after gossip restarts.
+            if let (None, Some(gossip)) = (&live, gossip) {
+                live = gossip.watch().await;
+            }
             let announced = (live.as_mut())
                 .map(|l| crate::gossip::announced(&l.borrow_and_update()))
                 .unwrap_or_default();
@@ -655,12 +657,19 @@ impl Members {
             }
             let changed = async {
                 match live.as_mut() {
-                    Some(live) => live.changed().await.is_ok(),
+                    Some(watched) => watched.changed().await.is_ok(),
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                going = changed => if !going { return },
+                going = changed => if !going {
+                    // Gossip restarted (or stopped for good, as the node stops).
+                    live = None;
+                    if gossip.is_some_and(|g| g.stopped()) {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                },
                 () = tokio::time::sleep(every) => {}
             }
         }
