@@ -470,8 +470,8 @@ pub struct ServerArgs {
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub gossip_port: Option<u16>,
 
-    /// The cluster's name in gossip: a node takes gossip only from nodes of the same name.
-    /// Give clusters whose nodes can reach each other different names.
+    /// The cluster's name: a node takes gossip, and calls from other nodes, only from nodes
+    /// of the same name. Give clusters whose nodes can reach each other different names.
     #[arg(long, default_value = DEFAULT_CLUSTER_NAME, value_parser = parse_cluster_name)]
     pub cluster_name: String,
 

@@ -55,6 +55,10 @@ pub const SENDER_HEADER: &str = "kvstore-sender-bin";
 /// `Placement::fingerprint`), which the peer checks against its own.
 pub const RING_HEADER: &str = "kvstore-ring";
 
+/// The metadata key under which a node sends its cluster's name (`--cluster-name`), which the
+/// peer checks against its own.
+pub const CLUSTER_HEADER: &str = "kvstore-cluster";
+
 /// The metadata key under which a node sends the cluster's token, when it has one.
 pub const TOKEN_HEADER: &str = "kvstore-token-bin";
 
@@ -92,6 +96,7 @@ pub struct Sender {
     node_id: BinaryMetadataValue,
     token: Option<BinaryMetadataValue>,
     ring: RingTag,
+    cluster: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 /// Without the token: a `Debug` of a peer client must not print the secret.
@@ -114,6 +119,9 @@ impl Interceptor for Sender {
         if let Some(ring) = &*self.ring.load() {
             metadata.insert(RING_HEADER, (**ring).clone());
         }
+        if let Some(cluster) = &self.cluster {
+            metadata.insert(CLUSTER_HEADER, cluster.clone());
+        }
         Ok(request)
     }
 }
@@ -129,6 +137,8 @@ pub struct PeerSettings {
     pub token: Option<ClusterToken>,
     /// The fingerprint of this node's ring, sent on every call.
     pub ring: RingTag,
+    /// The cluster's name (`--cluster-name`), sent on every call.
+    pub cluster: String,
     pub connect_timeout: Duration,
     /// Bounds each replication call.
     pub call_timeout: Duration,
@@ -189,6 +199,8 @@ impl GrpcPeer {
             node_id: BinaryMetadataValue::from_bytes(settings.node_id.as_bytes()),
             token: (settings.token.as_ref()).map(|t| BinaryMetadataValue::from_bytes(t.sent())),
             ring: settings.ring.clone(),
+            // Letters, digits, '-', '_' and '.' (the flag's rule): valid ASCII metadata.
+            cluster: settings.cluster.parse().ok(),
         };
         let max = settings.max_message_bytes;
         let connect = settings.connect_timeout;
@@ -496,6 +508,7 @@ mod tests {
                 node_id: "node1".into(),
                 token: None,
                 ring: RingTag::default(),
+                cluster: "kvstore".into(),
                 connect_timeout: Duration::from_secs(1),
                 call_timeout: Duration::from_secs(1),
                 max_message_bytes: max,
@@ -519,6 +532,7 @@ mod tests {
             node_id: "node1".into(),
             token: None,
             ring: RingTag::default(),
+            cluster: "kvstore".into(),
             connect_timeout: Duration::from_secs(1),
             call_timeout: Duration::from_secs(1),
             max_message_bytes: 1 << 20,

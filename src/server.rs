@@ -194,7 +194,8 @@ async fn serve(
                 config.cluster_token.clone(),
                 config.tls.as_ref().is_some_and(|tls| tls.checks_peers()),
             )
-            .with_ring(ring.clone(), ring_known.clone()),
+            .with_ring(ring.clone(), ring_known.clone())
+            .with_cluster(config.cluster_name.clone()),
         ))
         .serve_with_incoming_shutdown(
             Incoming::new(
@@ -432,6 +433,7 @@ async fn start(
         node_id: node_id.to_string(),
         token: config.cluster_token.clone(),
         ring: members.tag(),
+        cluster: config.cluster_name.clone(),
         connect_timeout: config.peer_connect_timeout,
         call_timeout: config.replication_deadline,
         max_message_bytes: max_message,

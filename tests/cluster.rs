@@ -1075,6 +1075,7 @@ fn tester() -> kvstore::peer::PeerSettings {
         node_id: "tester".into(),
         token: None,
         ring: Default::default(),
+        cluster: kvstore::config::DEFAULT_CLUSTER_NAME.into(),
         connect_timeout: NO_HANG,
         call_timeout: NO_HANG,
         max_message_bytes: 4 << 20,

@@ -959,3 +959,54 @@ async fn joining_again_on_the_data_dir_of_a_node_that_left_is_refused() {
         "{refused}"
     );
 }
+
+/// A node started with a peer of another cluster does not take that cluster's ring, nor its
+/// keys, when the clusters' names differ: each refuses the other's calls. With the same name
+/// (the control), the stray node takes the other cluster's newer ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_of_another_cluster_name_does_not_take_this_clusters_ring() {
+    let named = |name: &str| NodeConfig {
+        cluster_name: name.into(),
+        ..ring_config()
+    };
+    let mut cluster = TestCluster::start_with(3, |_| named("a"));
+    write_before(&cluster, &[0, 1, 2], 30).await;
+    cluster.join(named("a"), 0);
+    change_settles(&cluster, &[0, 1, 2, 3], 2, None).await;
+    let stray = |name: &str| {
+        let listener = common::bind_free();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let config = NodeConfig {
+            peers: vec![cluster.addr(0).to_string(), cluster.addr(1).to_string()],
+            ..named(name)
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let node = tokio::spawn(kvstore::server::run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        (
+            kvstore::client::Client::new(&addr, Duration::from_secs(10)).unwrap(),
+            stop,
+            node,
+        )
+    };
+    let (same, _stop_same, _same) = stray("a");
+    let (other, _stop_other, _other) = stray("b");
+    eventually("the stray of the same name takes the newer ring", || {
+        let same = same.clone();
+        async move {
+            let status = same.status().await;
+            (
+                status.as_ref().is_ok_and(|s| s.ring_version == 2),
+                status.map(|s| s.ring_version),
+            )
+        }
+    })
+    .await;
+    // Each asks a member for its ring at least once per anti-entropy period (1 s here).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = other.status().await.unwrap();
+    assert_eq!((status.ring_version, status.keys), (1, 0), "{status:?}");
+}

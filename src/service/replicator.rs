@@ -147,6 +147,8 @@ pub struct SenderCheck {
     /// Whether the caller must have presented a certificate the TLS layer checked against
     /// the cluster's CA.
     needs_certificate: bool,
+    /// This node's cluster name, if callers' are checked against it.
+    cluster: Option<String>,
 }
 
 impl SenderCheck {
@@ -157,7 +159,33 @@ impl SenderCheck {
             started: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             token,
             needs_certificate,
+            cluster: None,
         }
+    }
+
+    /// Also refuses callers that say they belong to a cluster of another name. One that says
+    /// none (an older node, a client of the original proto) is let in.
+    pub fn with_cluster(mut self, name: String) -> Self {
+        self.cluster = Some(name);
+        self
+    }
+
+    fn check_cluster(&self, request: &Request<()>) -> Result<(), Status> {
+        let (Some(ours), Some(theirs)) = (
+            &self.cluster,
+            request.metadata().get(crate::peer::CLUSTER_HEADER),
+        ) else {
+            return Ok(());
+        };
+        let theirs = theirs.to_str().unwrap_or("(not ASCII)");
+        if theirs == ours {
+            return Ok(());
+        }
+        Err(Error::FailedPrecondition(format!(
+            "the caller belongs to cluster '{theirs}', this node to '{ours}' (--cluster-name): \
+             a node takes no calls from another cluster's nodes"
+        ))
+        .into())
     }
 
     /// Also checks that a caller that holds only some keys has the same ring as this node.
@@ -230,6 +258,7 @@ impl Interceptor for SenderCheck {
                 .into());
             }
         }
+        self.check_cluster(&request)?;
         self.check_ring(&request)?;
         match crate::peer::sender_of(request.metadata()) {
             Some(sender) if sender == self.own_id.as_bytes() => {
@@ -456,6 +485,35 @@ mod tests {
         );
         let mut open = SenderCheck::new("node1".into(), None, false);
         assert!(open.call(call(None)).is_ok());
+    }
+
+    #[test]
+    fn a_caller_of_another_cluster_is_refused() {
+        let from = |cluster: Option<&str>| {
+            let mut request = call(None);
+            if let Some(cluster) = cluster {
+                let value = cluster.parse().unwrap();
+                request
+                    .metadata_mut()
+                    .insert(crate::peer::CLUSTER_HEADER, value);
+            }
+            request
+        };
+        let mut check = SenderCheck::new("node1".into(), None, false).with_cluster("prod".into());
+        assert!(check.call(from(Some("prod"))).is_ok());
+        assert!(check.call(from(None)).is_ok(), "an older node says none");
+        let status = check.call(from(Some("staging"))).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status
+                .message()
+                .contains("cluster 'staging', this node to 'prod'"),
+            "{}",
+            status.message()
+        );
+        // Without a name of its own, a node checks none.
+        let mut open = SenderCheck::new("node1".into(), None, false);
+        assert!(open.call(from(Some("staging"))).is_ok());
     }
 
     #[test]
