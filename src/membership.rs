@@ -607,6 +607,7 @@ impl Members {
     pub async fn follow(self: Arc<Self>, every: Duration, poll: Duration) {
         let gossip = self.gossip.get();
         let mut live = None;
+        let mut unheard = Unheard::default();
         let mut turn = 0usize;
         let mut polled = tokio::time::Instant::now();
         loop {
@@ -649,6 +650,13 @@ impl Members {
                         tracing::debug!(peer = %member, %error, heard_by = why, "could not take a member's ring")
                     }
                 }
+            }
+            if let Some(gossip) = gossip {
+                let answering: Vec<String> = (self.node().await.peers().iter())
+                    .filter(|h| h.state() == kvstore_actors::health::PeerState::Up)
+                    .map(|h| h.addr().to_owned())
+                    .collect();
+                unheard.warn(&answering, &gossip.liveness().await);
             }
             // A committed change whose claimant restarted, or is gone, is settled now.
             let decides = state.deciders().take(2).any(|d| d == self.me);
@@ -791,6 +799,53 @@ impl Members {
     }
 }
 
+/// Peers that answer this node's calls but that gossip has never heard of: their gossip
+/// does not get through (another `--gossip-port`, or UDP blocked), which the node says once
+/// for each, after a while.
+#[derive(Default)]
+struct Unheard {
+    /// Since when each such peer has been seen answering and unheard.
+    since: HashMap<String, tokio::time::Instant>,
+    told: std::collections::HashSet<String>,
+}
+
+/// How long a peer may answer unheard by gossip before the node says so.
+const UNHEARD_FOR: Duration = Duration::from_secs(60);
+
+impl Unheard {
+    /// Says which of the peers that answer (`answering`) gossip has not heard of for
+    /// [`UNHEARD_FOR`] by `now`, each once.
+    fn warn(&mut self, answering: &[String], liveness: &BTreeMap<String, Liveness>) {
+        for peer in self.newly_unheard(answering, liveness, tokio::time::Instant::now()) {
+            tracing::warn!(
+                %peer,
+                "this peer answers, but its gossip never reaches this node: give every node the \
+                 same --gossip-port, and let UDP through between the nodes"
+            );
+        }
+    }
+
+    fn newly_unheard(
+        &mut self,
+        answering: &[String],
+        liveness: &BTreeMap<String, Liveness>,
+        now: tokio::time::Instant,
+    ) -> Vec<String> {
+        let unheard: Vec<&String> = (answering.iter())
+            .filter(|peer| !liveness.contains_key(*peer))
+            .collect();
+        self.since.retain(|peer, _| unheard.contains(&peer));
+        let mut newly = Vec::new();
+        for peer in unheard {
+            let since = *self.since.entry(peer.clone()).or_insert(now);
+            if now.duration_since(since) >= UNHEARD_FOR && self.told.insert(peer.clone()) {
+                newly.push(peer.clone());
+            }
+        }
+        newly
+    }
+}
+
 /// Asks `seed`, a member of a ring, for the ring, then its claimant to let `me` join; returns
 /// the pending ring to start with. Retries for up to `patience` while the ring is changing
 /// or a member is down.
@@ -890,4 +945,42 @@ pub fn record(dir: &std::path::Path, state: &RingState) -> Result<(), Error> {
             format!("{}: {e}", path.display()),
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_answers_unheard_by_gossip_is_told_of_once_after_a_while() {
+        let mut unheard = Unheard::default();
+        let start = tokio::time::Instant::now();
+        let answering = ["a:1".to_string(), "b:1".to_string()];
+        let heard: BTreeMap<String, Liveness> = [("a:1".to_string(), Liveness::Live)].into();
+        assert!(unheard.newly_unheard(&answering, &heard, start).is_empty());
+        let later = start + UNHEARD_FOR;
+        assert_eq!(unheard.newly_unheard(&answering, &heard, later), ["b:1"]);
+        assert!(
+            unheard
+                .newly_unheard(&answering, &heard, later + UNHEARD_FOR)
+                .is_empty(),
+            "once"
+        );
+        // A peer heard of in between starts its wait again.
+        let mut again = Unheard::default();
+        assert!(again.newly_unheard(&answering, &heard, start).is_empty());
+        let both: BTreeMap<String, Liveness> = [("a:1", Liveness::Live), ("b:1", Liveness::Dead)]
+            .map(|(k, v)| (k.to_string(), v))
+            .into();
+        assert!(
+            again
+                .newly_unheard(&answering, &both, start + UNHEARD_FOR / 2)
+                .is_empty()
+        );
+        assert!(again.newly_unheard(&answering, &heard, later).is_empty());
+        assert_eq!(
+            again.newly_unheard(&answering, &heard, later + UNHEARD_FOR),
+            ["b:1"]
+        );
+    }
 }
