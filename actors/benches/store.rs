@@ -154,7 +154,7 @@ fn snapshot(c: &mut Criterion) {
     let map = Arc::new(new_map());
     for i in 0..keys {
         let w = write(i, "node1");
-        map.insert(w.key.into(), Slot::new(&w.entry));
+        map.put(Slot::new(&w.key, &w.entry));
     }
     group.throughput(Throughput::Elements(keys));
     group.bench_function("encode 1M keys", |bench| {
@@ -177,7 +177,7 @@ fn snapshot(c: &mut Criterion) {
             // Keys spread over the map (and so over its shards), as a workload's would be.
             i = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
             let w = write(i % keys, "node2");
-            map.insert(w.key.into(), Slot::new(&w.entry));
+            map.put(Slot::new(&w.key, &w.entry));
         })
     });
     stop.store(true, Ordering::Relaxed);

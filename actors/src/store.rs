@@ -206,7 +206,7 @@ impl StoreReader {
     /// Calls `f` on every entry, tombstones included.
     pub fn for_each(&self, mut f: impl FnMut(&str, &Slot)) {
         for item in self.map.iter() {
-            f(item.key(), item.value());
+            f(item.key(), &item);
         }
     }
 
@@ -286,9 +286,9 @@ impl StoreActor {
         for purge in purges {
             for key in purge.keys {
                 self.views.save_pre_image(&self.map, &key);
-                if let Some((_, slot)) = self
+                if let Some(slot) = self
                     .map
-                    .remove_if(&key, |_, s| s.is_expired(Some(purge.before)))
+                    .remove_if(&key, |s| s.is_expired(Some(purge.before)))
                 {
                     self.counts.count(&slot, -1);
                 }
@@ -301,11 +301,11 @@ impl StoreActor {
         self.storage.as_ref().map_or(Ok(()), |s| s.admit(bytes))
     }
 
-    /// Puts `slot` under `key`, keeping the counts and the views' pre-images.
-    fn insert(&mut self, key: &str, slot: Slot) {
-        self.views.save_pre_image(&self.map, key);
+    /// Puts `slot` in, keeping the counts and the views' pre-images.
+    fn insert(&mut self, slot: Slot) {
+        self.views.save_pre_image(&self.map, slot.key());
         self.counts.count(&slot, 1);
-        if let Some(old) = self.map.insert(key.into(), slot) {
+        if let Some(old) = self.map.put(slot) {
             self.counts.count(&old, -1);
         }
     }
@@ -357,7 +357,7 @@ impl StoreActor {
             Some(storage) => storage.append([&write]),
             None => Durable::ready(),
         };
-        self.insert(&write.key, Slot::new(&write.entry));
+        self.insert(Slot::new(&write.key, &write.entry));
         Ok(LocalWrite { write, durable })
     }
 
@@ -372,7 +372,7 @@ impl StoreActor {
             None => !write.entry.is_expired(self.expired_before()),
         };
         if wins {
-            self.insert(&write.key, Slot::new(&write.entry));
+            self.insert(Slot::new(&write.key, &write.entry));
         }
         wins
     }
@@ -615,7 +615,7 @@ impl Message<DropOutside> for StoreActor {
         let mut dropped = 0;
         for key in msg.0.iter().filter(|key| !keep.contains_key(key)) {
             self.views.save_pre_image(&self.map, key);
-            if let Some((_, slot)) = self.map.remove(key) {
+            if let Some(slot) = self.map.remove(key) {
                 self.counts.count(&slot, -1);
                 dropped += 1;
             }
@@ -828,7 +828,7 @@ mod tests {
     /// says: how a version far ahead of the clock gets into a store now (taken while a clock
     /// was wrong, and read back from disk since).
     async fn plant(actor: &mut StoreActor, write: &Write) {
-        actor.insert(&write.key, Slot::new(&write.entry));
+        actor.insert(Slot::new(&write.key, &write.entry));
         if let Some(storage) = &mut actor.storage {
             storage.append([write]).wait().await.unwrap();
         }
@@ -1110,11 +1110,11 @@ mod tests {
                 }
             })
         });
-        let held = map.determine_map(at.recv().unwrap().as_str());
+        let held = map.shard_of(at.recv().unwrap().as_str());
         let (mut behind, mut ahead) = (0, 0);
         for i in 0..KEYS {
             for key in [format!("k{i:04}"), format!("new{i:04}")] {
-                let stripe = map.determine_map(key.as_str());
+                let stripe = map.shard_of(key.as_str());
                 if stripe == held {
                     continue;
                 }
@@ -1219,7 +1219,7 @@ mod tests {
         let s = StoreActor::spawn(actor);
         put(&s, "k", "v").await;
         assert_eq!(reader.value("k").as_deref(), Some("v"));
-        let locked = map.get_mut("k").unwrap();
+        let locked = map.lock_shard_of("k");
         let stats = tokio::time::timeout(std::time::Duration::from_secs(5), s.ask(Stats)).await;
         drop(locked);
         assert_eq!(

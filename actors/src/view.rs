@@ -105,7 +105,7 @@ impl ListView {
             let before = self.before.lock().unwrap_or_else(PoisonError::into_inner);
             let slot = match before.before.get(item.key()) {
                 Some(saved) => saved.as_ref(),
-                None => Some(item.value()),
+                None => Some(&*item),
             };
             if let Some(value) = slot.and_then(Slot::value_str) {
                 pairs.push((item.key().to_string(), value.to_string()));
@@ -124,7 +124,7 @@ impl ListView {
     /// Keys written since the view was taken are among them, and [`ListView::read`] skips
     /// those that did not exist then. Blocking work: run it off the async workers.
     pub fn sorted_keys(&self) -> Vec<Box<str>> {
-        let mut keys: Vec<Box<str>> = self.map.iter().map(|item| item.key().clone()).collect();
+        let mut keys: Vec<Box<str>> = self.map.iter().map(|item| item.key().into()).collect();
         // A key taken out of the map since the view was taken (a purged tombstone, an expired
         // entry) is no longer met by the walk, but its pre-image was saved before it went.
         // Read after the walk, so a key removed while it ran is caught one way or the other.

@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::entry::{Map, Slot, Write, new_map};
+use crate::entry::{Map, Put, Slot, Write, new_map};
 use crate::error::Error;
 use crate::version::{NodeId, Version};
 use fs::{DataDir, OsDir};
@@ -177,18 +177,14 @@ impl Storage {
             max_time = max_time.max(version.time);
             let newest = newest_by_node.entry(version.node).or_insert(0);
             *newest = version.time.max(*newest);
-            match map.entry(key.into()) {
-                dashmap::Entry::Occupied(mut slot) => {
-                    if slot.get().loses_to_parts(version, value) {
-                        tombstones -= usize::from(slot.get().is_tombstone());
-                        tombstones += usize::from(value.is_none());
-                        slot.insert(Slot::of(version, value));
-                    }
-                }
-                dashmap::Entry::Vacant(slot) => {
+            let slot = Slot::of(key, version, value);
+            match map.put_if(slot, |held| held.loses_to_parts(version, value)) {
+                Put::Added => tombstones += usize::from(value.is_none()),
+                Put::Replaced(old) => {
+                    tombstones -= usize::from(old.is_tombstone());
                     tombstones += usize::from(value.is_none());
-                    slot.insert(Slot::of(version, value));
                 }
+                Put::Kept => {}
             }
         };
         // A snapshot names a handful of writers a million times over: look each up here before
@@ -473,7 +469,7 @@ pub(crate) mod tests {
     async fn append_all(dir: &CrashDir, config: &StorageConfig, writes: &[Write]) -> Recovered {
         let mut r = open(dir, config).unwrap();
         for w in writes {
-            r.map.insert(w.key.as_str().into(), Slot::new(&w.entry));
+            r.map.put(Slot::new(&w.key, &w.entry));
             r.storage.append([w]).wait().await.unwrap();
         }
         r.storage.close().await;
@@ -739,7 +735,7 @@ pub(crate) mod tests {
         writes.extend((0..200).map(|i| write(&format!("k{i:03}"), Some("value"), recent + i)));
         let mut r = open(&dir, &cfg).unwrap();
         for w in &writes {
-            r.map.insert(w.key.as_str().into(), Slot::new(&w.entry));
+            r.map.put(Slot::new(&w.key, &w.entry));
             r.storage.append([w]).wait().await.unwrap();
         }
         settle(&r.storage).await;
@@ -777,7 +773,7 @@ pub(crate) mod tests {
     async fn a_damaged_snapshot_is_refused() {
         let dir = CrashDir::default();
         let map = crate::entry::new_map();
-        map.insert("k".into(), Slot::new(&write("k", Some("v"), 1).entry));
+        map.put(Slot::new("k", &write("k", Some("v"), 1).entry));
         snapshot::write(&dir, 3, &snapshot::encode(&map, None)).unwrap();
         let name = snapshot::snapshot_name(3);
         let mut data = dir.contents(&name).unwrap();
@@ -839,7 +835,7 @@ pub(crate) mod tests {
             if r.storage.admit(100).is_err() {
                 break;
             }
-            r.map.insert(w.key.as_str().into(), Slot::new(&w.entry));
+            r.map.put(Slot::new(&w.key, &w.entry));
             match r.storage.append([w]).wait().await {
                 Ok(()) => acked.push(w.clone()),
                 Err(_) => break,

@@ -37,12 +37,11 @@ pub fn encode(map: &Map, purge_before: Option<u64>) -> Encoded {
     let mut entries = 0;
     let mut expired = Vec::new();
     for item in map.iter() {
-        let slot = item.value();
-        if slot.is_expired(purge_before) {
-            expired.push(item.key().clone());
+        if item.is_expired(purge_before) {
+            expired.push(Box::from(item.key()));
             continue;
         }
-        record::encode(item.key(), slot.version(), slot.value_str(), &mut bytes);
+        record::encode(item.key(), item.version(), item.value_str(), &mut bytes);
         entries += 1;
     }
     record::encode_end(entries, &mut bytes);
@@ -126,7 +125,7 @@ mod tests {
     fn map_of(keys: &[&str]) -> Map {
         let map = crate::entry::new_map();
         for (t, k) in (1..).zip(keys) {
-            map.insert((*k).into(), Slot::new(&w(k, Some("v"), t, "n1").entry));
+            map.put(Slot::new(k, &w(k, Some("v"), t, "n1").entry));
         }
         map
     }
@@ -135,7 +134,7 @@ mod tests {
     fn a_snapshot_reads_back_what_was_encoded() {
         let dir = CrashDir::default();
         let map = map_of(&["a", "b", "c"]);
-        map.insert("gone".into(), Slot::new(&w("gone", None, 5, "n1").entry));
+        map.put(Slot::new("gone", &w("gone", None, 5, "n1").entry));
         let encoded = encode(&map, Some(6));
         assert_eq!(
             (encoded.entries, &encoded.expired[..]),
