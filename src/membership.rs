@@ -306,6 +306,9 @@ impl Members {
         (self.link(&claimant)?.change_ring(change.into(), node).await).map_err(|e| match e {
             PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
             PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
+            // Its own words when it answered ("the ring is changing"), the cause when it did
+            // not ("connection refused"): "unreachable" would be wrong for the first.
+            PeerError::Unreachable(why) => Error::Unavailable(said(why)),
             other => Error::Unavailable(said(other.to_string())),
         })
     }

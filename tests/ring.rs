@@ -746,6 +746,17 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
         assert!(ack.ok, "{key}: {ack:?}");
         during.push((key, "p".to_string()));
     }
+    // Another change meanwhile is refused for now, in the claimant's own words: it answered.
+    let claimant = pending.claimant().to_owned();
+    let asker = (0..4).find(|&i| cluster.addr(i) != claimant).unwrap();
+    let busy = cluster.client(asker).leave().await.unwrap_err();
+    assert_eq!(busy.code(), Code::Unavailable, "{busy:?}");
+    assert!(
+        busy.message().starts_with(&format!(
+            "the ring's claimant {claimant}: the ring is changing"
+        )),
+        "{busy:?}"
+    );
     // Asked of any node: the claimant calls the join off.
     let ack = cluster.client(3).remove(&gone).await.unwrap();
     assert!(ack.ok, "{ack:?}");
