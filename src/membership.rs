@@ -363,28 +363,40 @@ impl Members {
                 };
                 // The joining node is not serving its ring yet, and the removed one is gone.
                 let absent = (change != Change::Leave).then_some(node);
-                self.check_members(&state, absent).await?;
+                self.check_members(&state, absent.as_slice()).await?;
                 let pending = state.begin(next)?;
                 self.ready_nodes.lock().expect("ready poisoned").clear();
                 self.adopt(pending.clone()).await?;
-                self.tell(&pending, &pending.members(), absent).await?;
+                self.tell(&pending, &pending.members(), absent.as_slice())
+                    .await?;
                 tracing::info!(%node, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
             }
-            // The joining node is gone for good: the join is called off.
+            // A node that takes partitions in the change is gone for good (the joining node,
+            // or a member taking the partitions of one that leaves or is removed) and will
+            // never copy them: the change is called off.
             Phase::Pending
-                if change == Change::Remove
-                    && member(state.ring())
-                    && !state.previous().is_some_and(member) =>
+                if change == Change::Remove && state.gaining().iter().any(|g| g == node) =>
             {
                 self.check_gone(node).await?;
+                // The node a remove takes out was gone when the remove began, and is left out
+                // as it was then, if it still is.
+                let departing = (state.previous().into_iter())
+                    .flat_map(|previous| previous.members())
+                    .find(|m| !state.ring().members().contains(m));
+                let mut absent = vec![node];
+                if let Some(departing) = departing.map(String::as_str)
+                    && self.check_gone(departing).await.is_ok()
+                {
+                    absent.push(departing);
+                }
                 // Every other member must still be at the pending step: past it, reads may
                 // have gone to the new ring.
-                self.check_members(&state, Some(node)).await?;
+                self.check_members(&state, &absent).await?;
                 let off = state.abort()?;
                 self.adopt(off.clone()).await?;
-                self.tell(&off, &state.members(), Some(node)).await?;
-                tracing::info!(%node, ring_version = off.ring().version(), "the join is called off: the joining node is gone");
+                self.tell(&off, &state.members(), &absent).await?;
+                tracing::info!(%node, ring_version = off.ring().version(), "the ring change is called off: a node taking partitions in it is gone");
                 Ok(off)
             }
             Phase::Pending => {
@@ -396,7 +408,8 @@ impl Members {
                     return Err(changing(&state));
                 }
                 let absent = (change != Change::Leave).then_some(node);
-                self.tell(&state, &state.members(), absent).await?;
+                self.tell(&state, &state.members(), absent.as_slice())
+                    .await?;
                 Ok(state)
             }
             _ => Err(changing(&state)),
@@ -414,14 +427,14 @@ impl Members {
     ) -> Result<RingState, Error> {
         if state.phase() == Phase::Settled {
             // Done: told again, for whoever missed it.
-            self.tell(&state, &state.members(), skip).await?;
+            self.tell(&state, &state.members(), skip.as_slice()).await?;
             return Ok(state);
         }
         // Every node of either ring, the one leaving too: told it has left, it drops its keys.
         let everyone = state.members();
         if state.phase() == Phase::Committed {
             // Asked again after a member missed the commit: it hears it before anyone drops.
-            self.tell(&state, &everyone, skip).await?;
+            self.tell(&state, &everyone, skip.as_slice()).await?;
         }
         if state.phase() == Phase::Pending {
             let gaining = state.gaining();
@@ -445,7 +458,7 @@ impl Members {
             }
             state = state.advance()?;
             self.adopt(state.clone()).await?;
-            self.tell(&state, &everyone, skip).await?;
+            self.tell(&state, &everyone, skip.as_slice()).await?;
         }
         tracing::info!(
             ring_version = state.ring().version(),
@@ -486,7 +499,7 @@ impl Members {
 
     /// Checks that every member but `absent` answers and holds `state`: a change begun with a
     /// member down could not be told to it, nor copied from it.
-    async fn check_members(&self, state: &RingState, absent: Option<&str>) -> Result<(), Error> {
+    async fn check_members(&self, state: &RingState, absent: &[&str]) -> Result<(), Error> {
         let mut problems = Vec::new();
         let answers = self
             .ask_each(&state.members(), absent, |link| async move {
@@ -525,14 +538,14 @@ impl Members {
     async fn ask_each<T, F>(
         &self,
         members: &[String],
-        skip: Option<&str>,
+        skip: &[&str],
         call: impl Fn(GrpcPeer) -> F,
     ) -> Result<Vec<(String, Result<T, PeerError>)>, Error>
     where
         F: std::future::Future<Output = Result<T, PeerError>>,
     {
         let calls = (members.iter())
-            .filter(|m| **m != self.me && Some(m.as_str()) != skip)
+            .filter(|m| **m != self.me && !skip.contains(&m.as_str()))
             .map(|m| Ok((m.clone(), call(self.link(m)?))))
             .collect::<Result<Vec<_>, Error>>()?;
         let (names, calls): (Vec<String>, Vec<F>) = calls.into_iter().unzip();
@@ -543,12 +556,7 @@ impl Members {
     /// Offers `state` to each of `to` but this node and `skip`; fails naming the members of
     /// its ring that did not take it. A node outside the ring (one that leaves, or is removed)
     /// is told too, but may miss it: it holds nothing from then on.
-    async fn tell(
-        &self,
-        state: &RingState,
-        to: &[String],
-        skip: Option<&str>,
-    ) -> Result<(), Error> {
+    async fn tell(&self, state: &RingState, to: &[String], skip: &[&str]) -> Result<(), Error> {
         let mut missed = Vec::new();
         let answers = self
             .ask_each(to, skip, |link| async move { link.push_ring(state).await })

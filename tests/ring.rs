@@ -786,6 +786,83 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 }
 
+/// The ring as node `via` holds it.
+async fn ring_of(cluster: &TestCluster, via: usize) -> kvstore_actors::membership::RingState {
+    let bytes = (cluster.replicator(via).await)
+        .get_ring(kvstore::pb::GetRingRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    kvstore_actors::membership::RingState::from_bytes(&bytes.state).unwrap()
+}
+
+/// A member taking partitions of a node that leaves dies before it has copied them: removing
+/// it calls the leave off, and the ring is back as it was, with every write of the meantime.
+/// It is then removed, the other node leaves after all, and every key is on three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed() {
+    // Each gaining node waits a replication deadline before it copies: the heir dies first.
+    let mut cluster = TestCluster::start_with(6, |_| NodeConfig {
+        replication_deadline: Duration::from_secs(3),
+        ..ring_config()
+    });
+    const KEYS: usize = 200;
+    const LEAVER: usize = 2;
+    let all: Vec<usize> = (0..6).collect();
+    write_before(&cluster, &all, KEYS).await;
+    let settled = ring_of(&cluster, 0).await;
+    let ack = cluster.client(LEAVER).leave().await.unwrap();
+    assert!(ack.message.starts_with("Leaving: "), "{ack:?}");
+    let pending = ring_of(&cluster, LEAVER).await;
+    let claimant = pending.claimant().to_owned();
+    let heir = (pending.gaining().iter())
+        .find(|g| **g != claimant)
+        .and_then(|g| all.iter().copied().find(|&i| cluster.addr(i) == g))
+        .expect("a leave has heirs besides the claimant");
+    cluster.nodes[heir].kill().await;
+    let live: Vec<usize> = all.iter().copied().filter(|&i| i != heir).collect();
+    // Writes go on meanwhile, to the old holders and the new ones that are up.
+    let mut during = Vec::new();
+    for k in 0..40 {
+        let key = format!("during{k}");
+        let ack = cluster.client(live[k % live.len()]).put(&key, "d").await;
+        assert!(ack.as_ref().unwrap().ok, "{key}: {ack:?}");
+        during.push((key, "d".to_string()));
+    }
+    for &i in &live {
+        gossip_says(&cluster, i, heir, "dead").await;
+    }
+    let ack = cluster
+        .client(live[3])
+        .remove(cluster.addr(heir))
+        .await
+        .unwrap();
+    assert!(
+        ack.message.starts_with("Called off the change under way"),
+        "{ack:?}"
+    );
+    change_settles(&cluster, &live, 3, None).await;
+    assert_eq!(
+        ring_of(&cluster, live[1]).await.ring(),
+        &settled.ring().renumbered(3),
+        "back to the ring before the leave"
+    );
+    // Now the heir goes, then the leaver after all.
+    let ack = cluster
+        .client(LEAVER)
+        .remove(cluster.addr(heir))
+        .await
+        .unwrap();
+    assert!(ack.message.starts_with("Removing "), "{ack:?}");
+    change_settles(&cluster, &live, 4, None).await;
+    let ack = cluster.client(LEAVER).leave().await.unwrap();
+    assert!(ack.message.starts_with("Leaving: "), "{ack:?}");
+    let stay: Vec<usize> = live.iter().copied().filter(|&i| i != LEAVER).collect();
+    change_settles(&cluster, &stay, 5, Some(LEAVER)).await;
+    three_copies_on(&cluster, &stay, KEYS + during.len()).await;
+    read_back(&cluster, &stay, KEYS, during).await;
+}
+
 /// As processes, over real UDP gossip: a fifth node joins four and takes its share; then the
 /// claimant is killed, seen down by the others' gossip, and removed by its node id, and every
 /// key is on three nodes again.
