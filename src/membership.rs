@@ -372,12 +372,10 @@ impl Members {
                 tracing::info!(%node, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
             }
-            // A node that takes partitions in the change is gone for good (the joining node,
-            // or a member taking the partitions of one that leaves or is removed) and will
-            // never copy them: the change is called off.
-            Phase::Pending
-                if change == Change::Remove && state.gaining().iter().any(|g| g == node) =>
-            {
+            // A member of the new ring is gone for good: the joining node or an heir, which
+            // will never copy its partitions, or any other, which will never hear the commit
+            // (the claimant itself, say). The change is called off.
+            Phase::Pending if change == Change::Remove && member(state.ring()) => {
                 self.check_gone(node).await?;
                 // The node a remove takes out was gone when the remove began, and is left out
                 // as it was then, if it still is.

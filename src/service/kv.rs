@@ -170,13 +170,13 @@ impl KvStore for KvService {
         let node = self.members.resolve(&name).await?;
         let state = self.members.request(Change::Remove, &node).await?;
         let message = match state.phase() {
-            // Settled at once: the node took partitions in a change under way, and the change
-            // is called off. A node that was joining is out; a member stays, to be removed.
+            // Settled at once: the change under way could not finish without the node, and is
+            // called off. A node that was joining is out; a member stays, to be removed.
             kvstore_actors::membership::Phase::Settled
                 if state.ring().members().contains(&node) =>
             {
                 format!(
-                    "Called off the change under way, which gave {node} partitions to copy: the \
+                    "Called off the change under way, which could not finish without {node}: the \
                      ring is back as it was before it (version {}); remove {node} again to take \
                      it out",
                     state.ring().version()
