@@ -810,6 +810,12 @@ async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed
     const LEAVER: usize = 2;
     let all: Vec<usize> = (0..6).collect();
     write_before(&cluster, &all, KEYS).await;
+    // Seen live first: gossip calls dead only a node it has heard.
+    for &i in &all {
+        for &of in all.iter().filter(|&&of| of != i) {
+            gossip_says(&cluster, i, of, "live").await;
+        }
+    }
     let settled = ring_of(&cluster, 0).await;
     let ack = cluster.client(LEAVER).leave().await.unwrap();
     assert!(ack.message.starts_with("Leaving: "), "{ack:?}");
@@ -861,6 +867,52 @@ async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed
     change_settles(&cluster, &stay, 5, Some(LEAVER)).await;
     three_copies_on(&cluster, &stay, KEYS + during.len()).await;
     read_back(&cluster, &stay, KEYS, during).await;
+}
+
+/// The claimant dies while a leave is pending, before it could commit: only it collects the
+/// gaining nodes' READY, so the leave could never finish. Removing it, asked of the node that
+/// leaves, goes to the next member that may decide and calls the leave off; it is then removed,
+/// the leave is asked again, and every key is on three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_change_whose_claimant_died_is_called_off_by_removing_it() {
+    let mut cluster = TestCluster::start_with(5, |_| ring_config());
+    const KEYS: usize = 150;
+    const CLAIMANT: usize = 0;
+    const LEAVER: usize = 4;
+    let all: Vec<usize> = (0..5).collect();
+    write_before(&cluster, &all, KEYS).await;
+    let settled = ring_of(&cluster, 1).await;
+    assert_eq!(settled.claimant(), cluster.addr(CLAIMANT));
+    // Seen live first: gossip calls dead only a node it has heard.
+    for i in 1..5 {
+        gossip_says(&cluster, i, CLAIMANT, "live").await;
+    }
+    cluster.client(LEAVER).leave().await.unwrap();
+    // Each gaining node waits a replication deadline before it copies: none has said READY.
+    cluster.nodes[CLAIMANT].kill().await;
+    let live: Vec<usize> = (1..5).collect();
+    for &i in &live {
+        gossip_says(&cluster, i, CLAIMANT, "dead").await;
+    }
+    assert_eq!(ring_of(&cluster, 2).await.phase().name(), "pending");
+    let ack = (cluster.client(LEAVER).remove(cluster.addr(CLAIMANT)).await).unwrap();
+    assert!(
+        ack.message.starts_with("Called off the change under way"),
+        "{ack:?}"
+    );
+    change_settles(&cluster, &live, 3, None).await;
+    assert_eq!(
+        ring_of(&cluster, 3).await.ring(),
+        &settled.ring().renumbered(3)
+    );
+    let ack = (cluster.client(2).remove(cluster.addr(CLAIMANT)).await).unwrap();
+    assert!(ack.message.starts_with("Removing "), "{ack:?}");
+    change_settles(&cluster, &live, 4, None).await;
+    cluster.client(LEAVER).leave().await.unwrap();
+    let stay = [1, 2, 3];
+    change_settles(&cluster, &stay, 5, Some(LEAVER)).await;
+    three_copies_on(&cluster, &stay, KEYS).await;
+    read_back(&cluster, &stay, KEYS, Vec::new()).await;
 }
 
 /// As processes, over real UDP gossip: a fifth node joins four and takes its share; then the
