@@ -431,19 +431,13 @@ where
 
 /// Waits until node `via`'s gossip says `liveness` of node `of`; panics after a minute.
 async fn gossip_says(cluster: &TestCluster, via: usize, of: usize, liveness: &str) {
-    let started = std::time::Instant::now();
-    loop {
+    let what = format!("node {via}'s gossip says node {of} is {liveness}");
+    eventually(&what, || async {
         let status = cluster.client(via).status().await.unwrap();
-        let peer = (status.peers.iter()).find(|p| p.address == cluster.addr(of));
-        if peer.is_some_and(|p| p.gossip == liveness) {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "node {via}'s gossip does not say node {of} is {liveness}: {peer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let peer = (status.peers.into_iter()).find(|p| p.address == cluster.addr(of));
+        (peer.as_ref().is_some_and(|p| p.gossip == liveness), peer)
+    })
+    .await;
 }
 
 /// Until the nodes of `live` hold three copies of each of `keys` keys between them; returns
@@ -694,7 +688,6 @@ async fn a_join_under_a_members_address_or_an_unreachable_one_is_refused() {
 /// with every write of the meantime kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off() {
-    use kvstore::pb::GetRingRequest;
     use kvstore_actors::membership::RingState;
     // No member asks another for its ring in the test's time (each does once per anti-entropy
     // period): only gossip can bring the others the change.
@@ -707,8 +700,7 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
     let all: Vec<usize> = (0..4).collect();
     let held_before = three_copies_on(&cluster, &all, KEYS).await;
     let first = cluster.replicator(0).await;
-    let bytes = (first.clone().get_ring(GetRingRequest {}).await.unwrap()).into_inner();
-    let settled = RingState::from_bytes(&bytes.state).unwrap();
+    let settled = ring_of(&cluster, 0).await;
     // A joining node whose address nothing answers at: it never copies its partitions.
     let (_held_port, gone) = common::closed_port();
     let pending = (settled.begin(settled.ring().with_joined(&gone).unwrap())).unwrap();
@@ -762,16 +754,8 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
     assert!(ack.ok, "{ack:?}");
     assert!(ack.message.starts_with("Called off the join of"), "{ack:?}");
     change_settles(&cluster, &all, 3, None).await;
-    let bytes = (cluster
-        .replicator(2)
-        .await
-        .get_ring(GetRingRequest {})
-        .await)
-        .unwrap()
-        .into_inner();
-    let off = RingState::from_bytes(&bytes.state).unwrap();
     assert_eq!(
-        off.ring(),
+        ring_of(&cluster, 2).await.ring(),
         &settled.ring().renumbered(3),
         "back to the ring before"
     );
