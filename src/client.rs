@@ -23,6 +23,8 @@ pub struct Client {
     addr: String,
     timeout: Duration,
     tls: Option<ClientTlsConfig>,
+    /// The cluster's token, sent on the calls that change the ring.
+    token: Option<Vec<u8>>,
 }
 
 impl Client {
@@ -47,12 +49,32 @@ impl Client {
             addr,
             timeout,
             tls: tls.cloned(),
+            token: None,
         })
+    }
+
+    /// This client, sending `token` (the cluster's) on the calls that change the ring,
+    /// which a node with a token refuses without it.
+    pub fn with_token(mut self, token: Option<&crate::config::ClusterToken>) -> Self {
+        self.token = token.map(|t| t.sent().to_vec());
+        self
+    }
+
+    /// `message` as a request, carrying the cluster's token if the client has it.
+    fn admin<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.token {
+            let value = tonic::metadata::BinaryMetadataValue::from_bytes(token);
+            (request.metadata_mut()).insert_bin(crate::peer::TOKEN_HEADER, value);
+        }
+        request
     }
 
     /// A client, set up as this one, for another node: one of this node's peers, say.
     pub fn to(&self, addr: &str) -> Result<Self, Error> {
-        Self::with_tls(addr, self.timeout, self.tls.as_ref())
+        let mut other = Self::with_tls(addr, self.timeout, self.tls.as_ref())?;
+        other.token = self.token.clone();
+        Ok(other)
     }
 
     /// The node's address, as `host:port`.
@@ -98,15 +120,15 @@ impl Client {
 
     /// Asks the node to leave the ring.
     pub async fn leave(&self) -> Result<Ack, Status> {
-        let request = crate::pb::LeaveRequest {};
+        let request = self.admin(crate::pb::LeaveRequest {});
         Ok(self.inner.clone().leave(request).await?.into_inner())
     }
 
     /// Asks the node to take `node`, down for good, out of the ring.
     pub async fn remove(&self, node: &str) -> Result<Ack, Status> {
-        let request = crate::pb::RemoveRequest {
+        let request = self.admin(crate::pb::RemoveRequest {
             node: node.to_owned(),
-        };
+        });
         Ok(self.inner.clone().remove(request).await?.into_inner())
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use kvstore_actors::{AckAfter, SyncMode, WriteQuorum};
+use subtle::ConstantTimeEq;
 
 use crate::error::Error;
 use crate::tls::{ClientAuth, NodeTls};
@@ -245,6 +246,18 @@ impl ClusterToken {
         self.0.iter().map(Vec::as_slice)
     }
 
+    /// Whether a call's metadata carries one of the tokens. Every token is compared, each in
+    /// constant time: how long a refusal takes says nothing about how close a guess was, nor
+    /// which token it was near.
+    pub fn admits(&self, metadata: &tonic::metadata::MetadataMap) -> bool {
+        let sent = metadata.get_bin(crate::peer::TOKEN_HEADER);
+        let sent = sent.and_then(|v| v.to_bytes().ok());
+        sent.is_some_and(|sent| {
+            self.accepted()
+                .fold(false, |any, secret| any | same_secret(&sent, secret))
+        })
+    }
+
     /// The tokens of a file, one per line; trailing whitespace and blank lines are ignored.
     pub fn read(path: &std::path::Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|e| {
@@ -257,6 +270,17 @@ impl ClusterToken {
             Error::InvalidArgument(format!("--cluster-token-file {} is empty", path.display()))
         })
     }
+}
+
+/// Whether `sent` is `secret`, in time that depends only on the secret's length: a wrong
+/// guess learns neither how much of it matched nor, from an early exit on a length mismatch
+/// (as `ct_eq` on slices does), how long the secret is.
+fn same_secret(sent: &[u8], secret: &[u8]) -> bool {
+    let mut same = sent.len().ct_eq(&secret.len());
+    for (i, byte) in secret.iter().enumerate() {
+        same &= sent.get(i).unwrap_or(&0).ct_eq(byte);
+    }
+    same.into()
 }
 
 impl std::fmt::Debug for ClusterToken {
@@ -1106,5 +1130,20 @@ mod tests {
         );
         let big = limits.check_value("123456789").unwrap_err().to_string();
         assert!(big.contains("limit of 8 bytes"), "{big}");
+    }
+
+    #[test]
+    fn only_the_same_secret_matches() {
+        assert!(same_secret(b"s3cret", b"s3cret"));
+        for other in [
+            &b""[..],
+            b"s3cre",
+            b"s3cret!",
+            b"s3creT",
+            b"S3cret",
+            b"\0\0\0\0\0\0",
+        ] {
+            assert!(!same_secret(other, b"s3cret"), "{other:?}");
+        }
     }
 }

@@ -164,17 +164,20 @@ async fn serve(
                 .expect("this build's own descriptors decode"),
         )
         .add_service(
-            KvStoreServer::new(KvService::new(
-                starting.clone(),
-                limits,
-                lists.clone(),
-                node_id.clone(),
-                config
-                    .data_dir
-                    .as_ref()
-                    .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
-                members.clone(),
-            ))
+            KvStoreServer::new(
+                KvService::new(
+                    starting.clone(),
+                    limits,
+                    lists.clone(),
+                    node_id.clone(),
+                    config
+                        .data_dir
+                        .as_ref()
+                        .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
+                    members.clone(),
+                )
+                .with_token(config.cluster_token.clone()),
+            )
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),
         )

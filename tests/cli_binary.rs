@@ -40,9 +40,18 @@ impl Drop for Server {
 /// Starts `kvstore-server` on a free port with `data` as its data dir and reads its stderr up
 /// to the "node started" line, which it returns with the rest of the stream.
 fn start_server(data: &std::path::Path) -> (Server, BufReader<std::process::ChildStderr>, String) {
+    start_server_with(data, &[])
+}
+
+/// [`start_server`], with `extra` flags.
+fn start_server_with(
+    data: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> (Server, BufReader<std::process::ChildStderr>, String) {
     let mut server = Command::new(SERVER)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
+        .args(extra)
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
@@ -140,16 +149,53 @@ async fn cli_against_a_dead_node_errors_and_keeps_going() {
     );
 }
 
+/// The address in a start line.
+fn listen_addr(line: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("listen="))
+        .expect("listen= in the start line")
+        .to_string()
+}
+
+/// `--cluster-token-file` on the CLI sends the cluster's token with `leave` and `remove`, which
+/// a node with a token refuses without it: past the check, the one node is refused for
+/// being the ring's last member.
+#[test]
+fn the_cli_sends_the_cluster_token_with_a_ring_change() {
+    let data = tempfile::tempdir().unwrap();
+    let token = data.path().join("token");
+    std::fs::write(&token, "a secret of the cluster\n").unwrap();
+    let flag = std::ffi::OsStr::new("--cluster-token-file");
+    let (_server, _stderr, line) =
+        start_server_with(&data.path().join("node"), &[flag, token.as_os_str()]);
+    let addr = listen_addr(&line);
+    let (ok, _, stderr) = cli(&[&addr, "leave"], "");
+    assert!(!ok);
+    assert!(stderr.contains("needs the cluster's token"), "{stderr}");
+    let token = token.to_str().unwrap();
+    let (ok, _, stderr) = cli(&["--cluster-token-file", token, &addr, "leave"], "");
+    assert!(!ok);
+    assert!(stderr.contains("the ring's last member"), "{stderr}");
+    let missing = data.path().join("missing");
+    let (ok, _, stderr) = cli(
+        &[
+            "--cluster-token-file",
+            missing.to_str().unwrap(),
+            &addr,
+            "leave",
+        ],
+        "",
+    );
+    assert!(!ok);
+    assert!(stderr.contains("--cluster-token-file"), "{stderr}");
+}
+
 #[test]
 fn server_binary_serves_and_exits_zero_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
     // The start line names the address it bound.
     let (mut server, stderr, line) = start_server(data.path());
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("listen="))
-        .expect("listen= in the start line")
-        .to_string();
+    let addr = listen_addr(&line);
     let drain = std::thread::spawn(move || {
         let mut rest = String::new();
         for l in stderr.lines() {

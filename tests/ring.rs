@@ -1056,6 +1056,51 @@ async fn a_leave_and_a_removal_from_a_ring_of_no_more_nodes_than_copies_settle()
     read_back(&cluster, &[0], KEYS, Vec::new()).await;
 }
 
+/// With a cluster token, a ring change needs it: a client without it, or with another, can
+/// make no node leave nor take one out, and the ring stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_cluster_token_only_a_caller_holding_it_changes_the_ring() {
+    use kvstore::config::ClusterToken;
+    let token = ClusterToken::several(["new", "old"]).unwrap();
+    let cluster = TestCluster::start_with(3, |_| NodeConfig {
+        cluster_token: Some(token.clone()),
+        ..ring_config()
+    });
+    write_before(&cluster, &[0, 1, 2], 10).await;
+    let wrong = ClusterToken::new("guess");
+    for sent in [None, Some(&wrong)] {
+        let client = cluster.client(2).with_token(sent);
+        let refused = client.leave().await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert!(
+            refused.message().contains("leave changes the ring")
+                && refused.message().contains("--cluster-token-file"),
+            "{refused:?}"
+        );
+        let refused = client.remove(cluster.addr(1)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().contains("remove changes"), "{refused:?}");
+    }
+    for i in 0..3 {
+        let status = cluster.client(i).status().await.unwrap();
+        assert_eq!(
+            (status.ring_version, status.ring_state.as_str()),
+            (1, "normal")
+        );
+    }
+    // Any of the tokens the nodes accept will do, not only the one they send.
+    let old = ClusterToken::new("old");
+    let ack = cluster
+        .client(2)
+        .with_token(Some(&old))
+        .leave()
+        .await
+        .unwrap();
+    assert!(ack.ok, "{ack:?}");
+    change_settles(&cluster, &[0, 1], 2, Some(2)).await;
+    read_back(&cluster, &[0, 1], 10, Vec::new()).await;
+}
+
 /// A node given --join on the data dir of a node that has left is refused, rather than started
 /// as the node that left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

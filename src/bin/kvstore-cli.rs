@@ -36,6 +36,11 @@ struct Args {
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<std::path::PathBuf>,
 
+    /// The cluster's token file (the nodes' --cluster-token-file): `leave` and `remove`
+    /// change the ring, and a node with a token takes them only with it.
+    #[arg(long, value_name = "FILE")]
+    cluster_token_file: Option<std::path::PathBuf>,
+
     /// How long to wait for each call.
     #[arg(long, default_value = "5s", value_parser = kvstore::config::at_least_1ms)]
     timeout: Duration,
@@ -91,7 +96,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             Some(kvstore::tls::client_config(ca, identity)?)
         }
     };
-    let mut shell = Shell::new(Client::with_tls(&node, args.timeout, tls.as_ref())?);
+    let token = (args.cluster_token_file.as_deref())
+        .map(kvstore::config::ClusterToken::read)
+        .transpose()?;
+    let client = Client::with_tls(&node, args.timeout, tls.as_ref())?.with_token(token.as_ref());
+    let mut shell = Shell::new(client);
 
     if !command.is_empty() {
         // Already split by the user's shell: the words go through as they are.

@@ -3,7 +3,7 @@
 use kvstore_actors::{Entry, WriteOutcome};
 use tonic::{Request, Response, Status};
 
-use crate::config::Limits;
+use crate::config::{ClusterToken, Limits};
 use crate::error::Error;
 use crate::membership::Change;
 use crate::pb::kv_store_server::KvStore;
@@ -23,6 +23,8 @@ pub struct KvService {
     data_dir: String,
     /// The node's part in ring changes.
     members: std::sync::Arc<crate::membership::Members>,
+    /// The cluster's token, if it has one: a ring change (Leave, Remove) must carry it.
+    token: Option<ClusterToken>,
 }
 
 impl KvService {
@@ -41,6 +43,28 @@ impl KvService {
             node_id,
             data_dir,
             members,
+            token: None,
+        }
+    }
+
+    /// Asks for one of `token`'s tokens on every call that changes the ring.
+    pub fn with_token(mut self, token: Option<ClusterToken>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// Refuses a ring change that does not carry the cluster's token, when the cluster has
+    /// one: taking a node out of the ring is for whoever runs the cluster, not for any client
+    /// that may read and write.
+    fn check_admin<T>(&self, request: &Request<T>, what: &str) -> Result<(), Error> {
+        match &self.token {
+            Some(token) if !token.admits(request.metadata()) => {
+                Err(Error::Unauthenticated(format!(
+                    "{what} changes the ring, and needs the cluster's token: the caller sent \
+                     none, or another (kvstore-cli --cluster-token-file)"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -149,7 +173,8 @@ impl KvStore for KvService {
         ))
     }
 
-    async fn leave(&self, _: Request<LeaveRequest>) -> Result<Response<Ack>, Status> {
+    async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<Ack>, Status> {
+        self.check_admin(&request, "leave")?;
         self.node.node().await;
         let me = self.members.me().to_owned();
         let state = self.members.request(Change::Leave, &me).await?;
@@ -165,6 +190,7 @@ impl KvStore for KvService {
     }
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<Ack>, Status> {
+        self.check_admin(&request, "remove")?;
         let name = request.into_inner().node;
         self.node.node().await;
         let node = self.members.resolve(&name).await?;
