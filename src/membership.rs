@@ -394,7 +394,7 @@ impl Members {
                 let off = state.abort()?;
                 self.adopt(off.clone()).await?;
                 self.tell(&off, &state.members(), &absent).await?;
-                tracing::info!(%node, ring_version = off.ring().version(), "the ring change is called off: a node taking partitions in it is gone");
+                tracing::info!(%node, ring_version = off.ring().version(), "the ring change is called off: a member of the new ring is gone");
                 Ok(off)
             }
             Phase::Pending => {

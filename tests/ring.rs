@@ -853,6 +853,77 @@ async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed
     read_back(&cluster, &stay, KEYS, during).await;
 }
 
+/// A member that gains nothing in a join (only the joining node does) dies while the join is
+/// pending: the join cannot commit without telling it. Removing it calls the join off, the
+/// joining node ends holding nothing, and the dead member can then be removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_whose_bystander_died_is_called_off_by_removing_it() {
+    // The joining node waits a replication deadline before it copies: the member dies first.
+    let config = || NodeConfig {
+        replication_deadline: Duration::from_secs(3),
+        ..ring_config()
+    };
+    let mut cluster = TestCluster::start_with(5, |_| config());
+    const KEYS: usize = 150;
+    let five: Vec<usize> = (0..5).collect();
+    write_before(&cluster, &five, KEYS).await;
+    for &i in &five {
+        for &of in five.iter().filter(|&&of| of != i) {
+            gossip_says(&cluster, i, of, "live").await;
+        }
+    }
+    let settled = ring_of(&cluster, 0).await;
+    let joiner = cluster.join(config(), 1);
+    eventually("the join is pending on every member", || async {
+        let mut phases = Vec::new();
+        for &i in &five {
+            let status = cluster.client(i).status().await.unwrap();
+            phases.push((status.ring_version, status.ring_phase));
+        }
+        (
+            phases.iter().all(|(v, p)| *v == 2 && p == "pending"),
+            phases,
+        )
+    })
+    .await;
+    let pending = ring_of(&cluster, 0).await;
+    assert_eq!(pending.gaining(), [cluster.addr(joiner).to_owned()]);
+    let bystander = (1..5)
+        .find(|&i| cluster.addr(i) != pending.claimant())
+        .unwrap();
+    cluster.nodes[bystander].kill().await;
+    let live: Vec<usize> = five.iter().copied().filter(|&i| i != bystander).collect();
+    for &i in &live {
+        gossip_says(&cluster, i, bystander, "dead").await;
+    }
+    assert_eq!(ring_of(&cluster, live[0]).await.phase().name(), "pending");
+    let ack = cluster
+        .client(live[2])
+        .remove(cluster.addr(bystander))
+        .await
+        .unwrap();
+    assert!(
+        ack.message.starts_with("Called off the change under way"),
+        "{ack:?}"
+    );
+    change_settles(&cluster, &live, 3, Some(joiner)).await;
+    assert_eq!(
+        ring_of(&cluster, live[1]).await.ring(),
+        &settled.ring().renumbered(3),
+        "back to the ring before the join"
+    );
+    assert_eq!(cluster.client(joiner).status().await.unwrap().keys, 0);
+    let ack = cluster
+        .client(live[0])
+        .remove(cluster.addr(bystander))
+        .await
+        .unwrap();
+    assert!(ack.message.starts_with("Removing "), "{ack:?}");
+    change_settles(&cluster, &live, 4, None).await;
+    three_copies_on(&cluster, &live, KEYS).await;
+    read_back(&cluster, &live, KEYS, Vec::new()).await;
+}
+
 /// The claimant dies while a leave is pending, before it could commit: only it collects the
 /// gaining nodes' READY, so the leave could never finish. Removing it, asked of the node that
 /// leaves, goes to the next member that may decide and calls the leave off; it is then removed,
