@@ -860,7 +860,7 @@ async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed
 async fn a_join_whose_bystander_died_is_called_off_by_removing_it() {
     // The joining node waits a replication deadline before it copies: the member dies first.
     let config = || NodeConfig {
-        replication_deadline: Duration::from_secs(3),
+        replication_deadline: Duration::from_secs(6),
         ..ring_config()
     };
     let mut cluster = TestCluster::start_with(5, |_| config());
