@@ -761,11 +761,13 @@ impl Members {
     async fn fill(self: Arc<Self>, version: u64) {
         let node = self.node().await.clone();
         tokio::time::sleep(self.deadline).await;
-        let rounds = |h: &kvstore_actors::health::PeerHealth| {
-            h.anti_entropy().rounds + u64::from(h.resyncing())
-        };
+        // A round already running may have begun before the change: only one begun after
+        // this point counts, so the baseline is the count once the running one has ended.
         let baseline: HashMap<String, u64> = (node.peers().iter())
-            .map(|h| (h.addr().to_owned(), rounds(h)))
+            .map(|h| {
+                let ending = h.anti_entropy().rounds + u64::from(h.resyncing());
+                (h.addr().to_owned(), ending)
+            })
             .collect();
         node.resync_peers();
         let mut asked = tokio::time::Instant::now();
@@ -783,7 +785,10 @@ impl Members {
                     state.ring().members().iter().any(|m| m == h.addr())
                         || h.state() == kvstore_actors::health::PeerState::Up
                 })
-                .all(|(_, h)| rounds(h) > baseline.get(h.addr()).copied().unwrap_or(0));
+                .all(|(_, h)| {
+                    let completed = h.anti_entropy().rounds;
+                    completed > baseline.get(h.addr()).copied().unwrap_or(0)
+                });
             if !copied {
                 if asked.elapsed() > Duration::from_secs(1) {
                     node.resync_peers();
