@@ -253,6 +253,7 @@ async fn serve(
             return Err(error);
         }
     }
+    log_started(&config, addr, &node_id);
     starting.started(node.clone());
     ring_known.store(true, std::sync::atomic::Ordering::Release);
     // The ring the node started in, if it differs from the one its flags gave; then a newer
@@ -565,8 +566,15 @@ async fn start(
         node.resync_peers();
     }
 
-    // One line with every setting in effect, so a log says how the node ran. The cluster
-    // token is only said to be set: a secret never reaches a log.
+    Ok(node)
+}
+
+/// One line with every setting in effect, so a log says how the node ran; said once the
+/// node serves and gossips, so that a node that then fails to start never said it started.
+/// The cluster token is only said to be set: a secret never reaches a log.
+fn log_started(config: &NodeConfig, addr: std::net::SocketAddr, node_id: &str) {
+    let limits = config.limits;
+    let max_message = limits.max_message_bytes();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = %addr,
@@ -605,7 +613,6 @@ async fn start(
         idle_timeout = ?config.bounds.idle_timeout,
         "node started"
     );
-    Ok(node)
 }
 
 /// How long a node started with `--join` keeps trying while the ring is changing or one of

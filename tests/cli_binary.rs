@@ -190,6 +190,35 @@ fn the_cli_sends_the_cluster_token_with_a_ring_change() {
     assert!(stderr.contains("--cluster-token-file"), "{stderr}");
 }
 
+/// A node whose gossip port is taken does not start, says why, and never said it started.
+#[test]
+fn a_taken_gossip_port_stops_the_node_before_it_says_it_started() {
+    let data = tempfile::tempdir().unwrap();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = Command::new(SERVER)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--gossip-port",
+            &port,
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot gossip on udp 127.0.0.1:{port}"))
+            && stderr.contains("choose another --gossip-port"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("node started"), "{stderr}");
+}
+
 #[test]
 fn server_binary_serves_and_exits_zero_on_sigterm() {
     let data = tempfile::tempdir().unwrap();
