@@ -126,8 +126,15 @@ impl Client {
 
     /// Asks the node to take `node`, down for good, out of the ring.
     pub async fn remove(&self, node: &str) -> Result<Ack, Status> {
+        self.remove_all(node, &[]).await
+    }
+
+    /// Asks the node to take `node` and `also`, all down for good, out of the ring in one
+    /// change.
+    pub async fn remove_all(&self, node: &str, also: &[&str]) -> Result<Ack, Status> {
         let request = self.admin(crate::pb::RemoveRequest {
             node: node.to_owned(),
+            also: also.iter().map(|n| n.to_string()).collect(),
         });
         Ok(self.inner.clone().remove(request).await?.into_inner())
     }

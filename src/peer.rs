@@ -232,15 +232,18 @@ impl GrpcPeer {
         ring_state(reply.map_err(peer_error)?.into_inner())
     }
 
-    /// Asks the peer, the ring's claimant, to change the ring for `node`.
+    /// Asks the peer, the ring's claimant, to change the ring for `node` (and, for a remove,
+    /// `also`).
     pub async fn change_ring(
         &self,
         kind: crate::pb::ring_change::Kind,
         node: &str,
+        also: &[String],
     ) -> Result<RingState, PeerError> {
         let request = crate::pb::RingChange {
             kind: kind.into(),
             node: node.to_owned(),
+            also: also.to_vec(),
         };
         // A change waits for the claimant to tell every member, each within the call timeout.
         let reply = self.bulk.clone().change_ring(request).await;

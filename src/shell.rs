@@ -27,7 +27,7 @@ commands:
   cluster         every node: its state, the partitions it holds, its keys, its address
   backup FILE     write every entry of this node, with its version, to FILE
   leave           this node hands its keys to the others and leaves the ring
-  remove NODE     take NODE (its address or node id), down for good, out of the ring
+  remove NODE...  take each NODE (its address or node id), down for good, out of the ring
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
 
@@ -350,7 +350,10 @@ impl Shell {
             },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
             ("leave", []) => self.write(self.client.leave().await),
-            ("remove", [node]) => self.write(self.client.remove(node).await),
+            ("remove", [node, also @ ..]) => {
+                let also: Vec<&str> = also.iter().map(String::as_str).collect();
+                self.write(self.client.remove_all(node, &also).await)
+            }
             ("list", []) => match self.client.list().await {
                 Ok(pairs) if pairs.is_empty() => Output::out("(no keys)"),
                 Ok(pairs) => Output {
@@ -379,7 +382,7 @@ impl Shell {
             ("get", _) => Output::error("usage: get [-q|--quorum] KEY"),
             ("delete" | "del", _) => Output::error("usage: delete KEY"),
             ("backup", _) => Output::error("usage: backup FILE"),
-            ("remove", _) => Output::error("usage: remove NODE"),
+            ("remove", _) => Output::error("usage: remove NODE [NODE...]"),
             ("list" | "status" | "cluster" | "leave" | "exit" | "quit", _) => {
                 Output::error(format!("usage: {command}"))
             }

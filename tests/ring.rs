@@ -190,6 +190,26 @@ async fn a_malformed_partition_set_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+    // Only a remove takes several nodes, each named by its address.
+    use kvstore::pb::{RingChange, ring_change::Kind};
+    let change = |kind: Kind, also: &[&str]| RingChange {
+        kind: kind.into(),
+        node: cluster.addr(0).to_string(),
+        also: also.iter().map(|a| a.to_string()).collect(),
+    };
+    let err = (peer
+        .change_ring(change(Kind::Leave, &["127.0.0.1:1"]))
+        .await)
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("only a remove"), "{}", err.message());
+    let err = (peer.change_ring(change(Kind::Remove, &["no port"])).await).unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("by its address"),
+        "{}",
+        err.message()
+    );
 }
 
 /// Six node processes with three copies of each key: once settled every key is on exactly
@@ -920,6 +940,93 @@ async fn a_join_whose_bystander_died_is_called_off_by_removing_it() {
         .unwrap();
     assert!(ack.message.starts_with("Removing "), "{ack:?}");
     change_settles(&cluster, &live, 4, None).await;
+    three_copies_on(&cluster, &live, KEYS).await;
+    read_back(&cluster, &live, KEYS, Vec::new()).await;
+}
+
+/// Two members gone at once: a node being removed, and a member taking its partitions that
+/// dies before it copies them. Removing the second calls the first removal off; neither can
+/// then be removed alone, since a change needs every other member to answer, and both are
+/// removed together in one change, after which every key is on three nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_gone_at_once_are_removed_together() {
+    // Each gaining node waits a replication deadline before it copies: the heir dies first.
+    let mut cluster = TestCluster::start_with(6, |_| NodeConfig {
+        replication_deadline: Duration::from_secs(6),
+        ..ring_config()
+    });
+    const KEYS: usize = 200;
+    let all: Vec<usize> = (0..6).collect();
+    write_before(&cluster, &all, KEYS).await;
+    for &i in &all {
+        for &of in all.iter().filter(|&&of| of != i) {
+            gossip_says(&cluster, i, of, "live").await;
+        }
+    }
+    let settled = ring_of(&cluster, 0).await;
+    let first = (0..6)
+        .rev()
+        .find(|&i| cluster.addr(i) != settled.claimant())
+        .unwrap();
+    cluster.nodes[first].kill().await;
+    let five: Vec<usize> = all.iter().copied().filter(|&i| i != first).collect();
+    for &i in &five {
+        gossip_says(&cluster, i, first, "dead").await;
+    }
+    let ack = cluster.client(five[0]).remove(cluster.addr(first)).await;
+    assert!(
+        ack.as_ref().unwrap().message.starts_with("Removing "),
+        "{ack:?}"
+    );
+    let pending = ring_of(&cluster, five[0]).await;
+    let heir = (pending.gaining().iter())
+        .find(|g| **g != pending.claimant())
+        .and_then(|g| all.iter().copied().find(|&i| cluster.addr(i) == g))
+        .expect("a removal has heirs besides the claimant");
+    cluster.nodes[heir].kill().await;
+    let live: Vec<usize> = five.iter().copied().filter(|&i| i != heir).collect();
+    for &i in &live {
+        gossip_says(&cluster, i, heir, "dead").await;
+    }
+    assert_eq!(ring_of(&cluster, live[0]).await.phase().name(), "pending");
+    let ack = cluster.client(live[1]).remove(cluster.addr(heir)).await;
+    let message = &ack.as_ref().unwrap().message;
+    assert!(
+        message.starts_with("Called off the change under way"),
+        "{ack:?}"
+    );
+    change_settles(&cluster, &live, 3, None).await;
+    assert_eq!(
+        ring_of(&cluster, live[2]).await.ring(),
+        &settled.ring().renumbered(3),
+        "back to the ring before the removal"
+    );
+    // Alone, neither can go: the other does not answer.
+    let refused = cluster.client(live[0]).remove(cluster.addr(first)).await;
+    let refused = refused.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains(cluster.addr(heir))
+            && refused.message().contains("removed together"),
+        "{refused:?}"
+    );
+    let both = [cluster.addr(heir)];
+    let ack = cluster
+        .client(live[3])
+        .remove_all(cluster.addr(first), &both)
+        .await
+        .unwrap();
+    assert!(
+        ack.message.starts_with("Removing ")
+            && ack.message.contains(cluster.addr(first))
+            && ack.message.contains(cluster.addr(heir)),
+        "{ack:?}"
+    );
+    change_settles(&cluster, &live, 4, None).await;
+    let ring = ring_of(&cluster, live[0]).await;
+    let mut members: Vec<&str> = live.iter().map(|&i| cluster.addr(i)).collect();
+    members.sort_unstable();
+    assert_eq!(ring.ring().members(), members);
     three_copies_on(&cluster, &live, KEYS).await;
     read_back(&cluster, &live, KEYS, Vec::new()).await;
 }

@@ -228,7 +228,7 @@ impl Members {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
-            match self.request(Change::Ready, &self.me.clone()).await {
+            match self.request(Change::Ready, &self.me.clone(), &[]).await {
                 Ok(next) => {
                     if let Err(error) = self.adopt(next).await {
                         tracing::warn!(%error, "could not take the ring the claimant answered with");

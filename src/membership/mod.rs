@@ -107,15 +107,33 @@ impl From<crate::pb::ring_change::Kind> for Change {
     }
 }
 
-/// Which node makes `change` of `node`: the ring's claimant, unless that is the node being
-/// removed, which is gone; then the next member that may decide.
-fn claimant_for(state: &RingState, change: Change, node: &str) -> String {
+/// Which node makes `change` of `nodes`: the ring's claimant, unless that is a node being
+/// removed, which is gone; then the next member that may decide and is not removed.
+fn claimant_for(state: &RingState, change: Change, nodes: &[&str]) -> String {
     let mut deciders = state.deciders();
     let first = deciders.next().expect("a ring has a member");
-    match (change, deciders.next()) {
-        (Change::Remove, Some(second)) if first == node => second.to_owned(),
-        _ => first.to_owned(),
+    if change != Change::Remove {
+        return first.to_owned();
     }
+    (std::iter::once(first).chain(deciders))
+        .find(|d| !nodes.contains(d))
+        .unwrap_or(first)
+        .to_owned()
+}
+
+/// `node` and `also`, the nodes a change is asked for.
+fn named<'a>(node: &'a str, also: &'a [String]) -> Vec<&'a str> {
+    let mut nodes: Vec<&str> = std::iter::once(node)
+        .chain(also.iter().map(String::as_str))
+        .collect();
+    nodes.sort_unstable();
+    nodes.dedup();
+    nodes
+}
+
+/// Whether `node` is a member of `ring`.
+fn in_ring(ring: &kvstore_actors::ring::Ring, node: &str) -> bool {
+    ring.members().iter().any(|m| m == node)
 }
 
 /// The refusal of a change while another is under way.
@@ -295,17 +313,23 @@ impl Members {
         tokio::spawn(self.clone().fill(version).in_current_span());
     }
 
-    /// Asks the ring's claimant, this node or another, for `change` of `node`; returns the
-    /// ring after it.
-    pub async fn request(self: &Arc<Self>, change: Change, node: &str) -> Result<RingState, Error> {
+    /// Asks the ring's claimant, this node or another, for `change` of `node` (and, for a
+    /// remove, of `also`, taken out in the same change); returns the ring after it.
+    pub async fn request(
+        self: &Arc<Self>,
+        change: Change,
+        node: &str,
+        also: &[String],
+    ) -> Result<RingState, Error> {
         let state = self.state().await?;
-        let claimant = claimant_for(&state, change, node);
+        let claimant = claimant_for(&state, change, &named(node, also));
         if claimant == self.me {
-            return self.change(change, node).await;
+            return self.change(change, node, also).await;
         }
         let said = |why: String| format!("the ring's claimant {claimant}: {why}");
         // Its refusal keeps its code: a script must not retry what cannot succeed.
-        (self.link(&claimant)?.change_ring(change.into(), node).await).map_err(|e| match e {
+        let link = self.link(&claimant)?;
+        (link.change_ring(change.into(), node, also).await).map_err(|e| match e {
             PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
             PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
             // Its own words when it answered ("the ring is changing"), the cause when it did
@@ -315,17 +339,23 @@ impl Members {
         })
     }
 
-    /// On the claimant: begins `change` of `node`, or goes on with the one under way. A
-    /// change begins only while every member answers with this node's ring (the node to
-    /// remove aside, which is gone), and returns once every member but the joining one has the
-    /// pending ring. [`Change::Ready`] notes that `node` has copied the partitions the change
+    /// On the claimant: begins `change` of `node` (with `also`, for a remove), or goes on with
+    /// the one under way. A change begins only while every member answers with this node's
+    /// ring (the nodes to remove aside, which are gone), and returns once every member but the
+    /// joining one has the pending ring. [`Change::Ready`] notes that `node` has copied the partitions the change
     /// gives it; once every node gaining partitions has, the change is committed, then
     /// settled, every member told each time. Asked again after a failure, each step goes on
     /// from where it stopped.
-    pub async fn change(self: &Arc<Self>, change: Change, node: &str) -> Result<RingState, Error> {
+    pub async fn change(
+        self: &Arc<Self>,
+        change: Change,
+        node: &str,
+        also: &[String],
+    ) -> Result<RingState, Error> {
         let _one_change_at_a_time = self.changing.lock().await;
         let state = self.state().await?;
-        let claimant = claimant_for(&state, change, node);
+        let nodes = named(node, also);
+        let claimant = claimant_for(&state, change, &nodes);
         if claimant != self.me {
             // Unavailable, not refused: the asker's ring is behind, and asks again.
             return Err(Error::Unavailable(format!(
@@ -352,43 +382,65 @@ impl Members {
                         )));
                     }
                     Change::Join => state.ring().with_joined(node)?,
-                    _ if !member(state.ring()) => {
+                    _ if nodes.iter().any(|n| !in_ring(state.ring(), n)) => {
+                        let outside: Vec<&str> = (nodes.iter().copied())
+                            .filter(|n| !in_ring(state.ring(), n))
+                            .collect();
                         return Err(Error::FailedPrecondition(format!(
-                            "{node} is not a member of the ring"
+                            "{} is not a member of the ring",
+                            outside.join(", ")
                         )));
                     }
                     Change::Remove => {
-                        self.check_gone(node).await?;
-                        state.ring().without(node)?
+                        let mut next = state.ring().clone();
+                        for gone in &nodes {
+                            self.check_gone(gone).await?;
+                            next = next.without(gone)?;
+                        }
+                        next.renumbered(state.ring().version() + 1)
                     }
                     _ => state.ring().without(node)?,
                 };
-                // The joining node is not serving its ring yet, and the removed one is gone.
-                let absent = (change != Change::Leave).then_some(node);
-                self.check_members(&state, absent.as_slice()).await?;
+                // The joining node is not serving its ring yet, and the removed ones are gone.
+                let absent: &[&str] = if change == Change::Leave { &[] } else { &nodes };
+                let checked = self.check_members(&state, absent).await;
+                if let (Change::Remove, Err(Error::Unavailable(why))) = (change, &checked) {
+                    return Err(Error::Unavailable(format!(
+                        "{why}; members gone for good together are removed together \
+                         (remove NODE NODE...)"
+                    )));
+                }
+                checked?;
                 let pending = state.begin(next)?;
                 self.ready_nodes.lock().expect("ready poisoned").clear();
                 self.adopt(pending.clone()).await?;
-                self.tell(&pending, &pending.members(), absent.as_slice())
-                    .await?;
-                tracing::info!(%node, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
+                self.tell(&pending, &pending.members(), absent).await?;
+                tracing::info!(nodes = ?nodes, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
             }
             // A member of the new ring is gone for good: the joining node or an heir, which
             // will never copy its partitions, or any other, which will never hear the commit
             // (the claimant itself, say). The change is called off.
-            Phase::Pending if change == Change::Remove && member(state.ring()) => {
-                self.check_gone(node).await?;
-                // The node a remove takes out was gone when the remove began, and is left out
-                // as it was then, if it still is.
-                let departing = (state.previous().into_iter())
+            Phase::Pending
+                if change == Change::Remove && nodes.iter().any(|n| in_ring(state.ring(), n)) =>
+            {
+                let mut absent = Vec::new();
+                for gone in &nodes {
+                    self.check_gone(gone).await?;
+                    absent.push(*gone);
+                }
+                // The nodes a remove takes out were gone when the remove began, and are left
+                // out as they were then, if they still are.
+                let departing: Vec<&str> = (state.previous().into_iter())
                     .flat_map(|previous| previous.members())
-                    .find(|m| !state.ring().members().contains(m));
-                let mut absent = vec![node];
-                if let Some(departing) = departing.map(String::as_str)
-                    && self.check_gone(departing).await.is_ok()
-                {
-                    absent.push(departing);
+                    .filter(|m| !state.ring().members().contains(m))
+                    .map(String::as_str)
+                    .filter(|m| !absent.contains(m))
+                    .collect();
+                for departing in departing {
+                    if self.check_gone(departing).await.is_ok() {
+                        absent.push(departing);
+                    }
                 }
                 // Every other member must still be at the pending step: past it, reads may
                 // have gone to the new ring.
@@ -396,20 +448,29 @@ impl Members {
                 let off = state.abort()?;
                 self.adopt(off.clone()).await?;
                 self.tell(&off, &state.members(), &absent).await?;
-                tracing::info!(%node, ring_version = off.ring().version(), "the ring change is called off: a member of the new ring is gone");
+                tracing::info!(nodes = ?nodes, ring_version = off.ring().version(), "the ring change is called off: a member of the new ring is gone");
                 Ok(off)
             }
             Phase::Pending => {
+                let leaving = |n: &&str| {
+                    !in_ring(state.ring(), n) && state.previous().is_some_and(|p| in_ring(p, n))
+                };
                 let this_change = match change {
                     Change::Join => member(state.ring()) && !state.previous().is_some_and(member),
-                    _ => !member(state.ring()) && state.previous().is_some_and(member),
+                    Change::Remove => {
+                        let departing = (state.previous().into_iter())
+                            .flat_map(|previous| previous.members())
+                            .filter(|m| !state.ring().members().contains(m))
+                            .count();
+                        nodes.iter().all(leaving) && departing == nodes.len()
+                    }
+                    _ => leaving(&node),
                 };
                 if !this_change {
                     return Err(changing(&state));
                 }
-                let absent = (change != Change::Leave).then_some(node);
-                self.tell(&state, &state.members(), absent.as_slice())
-                    .await?;
+                let absent: &[&str] = if change == Change::Leave { &[] } else { &nodes };
+                self.tell(&state, &state.members(), absent).await?;
                 Ok(state)
             }
             _ => Err(changing(&state)),
@@ -631,7 +692,7 @@ pub async fn join(
                     PeerError::Rejected(format!("its claimant {claimant}: {e}")),
                 )
             })?;
-            (link.change_ring(Change::Join.into(), me).await).map_err(|e| (seed, e))
+            (link.change_ring(Change::Join.into(), me, &[]).await).map_err(|e| (seed, e))
         };
         match attempt.await {
             Ok(state) => return Ok(state),
@@ -685,4 +746,23 @@ pub fn record(dir: &std::path::Path, state: &RingState) -> Result<(), Error> {
             format!("{}: {e}", path.display()),
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvstore_actors::ring::Ring;
+
+    #[test]
+    fn a_removal_is_made_by_the_first_member_it_does_not_remove() {
+        let nodes = ["n1:1", "n2:1", "n3:1", "n4:1"];
+        let state = RingState::settled(Ring::bootstrap(nodes, 3).unwrap());
+        let claimant = |change, removed: &[&str]| claimant_for(&state, change, removed);
+        assert_eq!(claimant(Change::Remove, &["n2:1"]), "n1:1");
+        assert_eq!(claimant(Change::Remove, &["n1:1"]), "n2:1");
+        assert_eq!(claimant(Change::Remove, &["n2:1", "n1:1"]), "n3:1");
+        assert_eq!(claimant(Change::Leave, &["n1:1"]), "n1:1");
+        let also = ["n1:1".to_string(), "n3:1".to_string(), "n1:1".to_string()];
+        assert_eq!(named("n3:1", &also), ["n1:1", "n3:1"]);
+    }
 }

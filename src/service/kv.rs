@@ -177,7 +177,7 @@ impl KvStore for KvService {
         self.check_admin(&request, "leave")?;
         self.node.node().await;
         let me = self.members.me().to_owned();
-        let state = self.members.request(Change::Leave, &me).await?;
+        let state = self.members.request(Change::Leave, &me, &[]).await?;
         let partitions = state.previous().map_or(0, |p| p.partitions_of(&me).len());
         Ok(Response::new(Ack {
             ok: true,
@@ -191,30 +191,41 @@ impl KvStore for KvService {
 
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<Ack>, Status> {
         self.check_admin(&request, "remove")?;
-        let name = request.into_inner().node;
+        let request = request.into_inner();
         self.node.node().await;
-        let node = self.members.resolve(&name).await?;
-        let state = self.members.request(Change::Remove, &node).await?;
+        let node = self.members.resolve(&request.node).await?;
+        let mut also = Vec::with_capacity(request.also.len());
+        for name in &request.also {
+            also.push(self.members.resolve(name).await?);
+        }
+        let state = self.members.request(Change::Remove, &node, &also).await?;
+        let nodes = std::iter::once(&node).chain(&also);
+        let named = nodes.clone().cloned().collect::<Vec<_>>().join(" ");
+        let (its, their) = if also.is_empty() {
+            ("its", "it")
+        } else {
+            ("their", "them")
+        };
         let message = match state.phase() {
             // Settled at once: the change under way could not finish without the node, and is
             // called off. A node that was joining is out; a member stays, to be removed.
             kvstore_actors::membership::Phase::Settled
-                if state.ring().members().contains(&node) =>
+                if nodes.clone().any(|n| state.ring().members().contains(n)) =>
             {
                 format!(
-                    "Called off the change under way, which could not finish without {node}: the \
-                     ring is back as it was before it (version {}); remove {node} again to take \
-                     it out",
+                    "Called off the change under way, which could not finish without {named}: \
+                     the ring is back as it was before it (version {}); remove {named} again to \
+                     take {their} out",
                     state.ring().version()
                 )
             }
             kvstore_actors::membership::Phase::Settled => format!(
-                "Called off the join of {node}: the ring is back as it was before it (version {})",
+                "Called off the join of {named}: the ring is back as it was before it (version {})",
                 state.ring().version()
             ),
             _ => format!(
-                "Removing {node}: its partitions get new holders, copied from the other copies \
-                 (see cluster)"
+                "Removing {named}: {its} partitions get new holders, copied from the other \
+                 copies (see cluster)"
             ),
         };
         Ok(Response::new(Ack {

@@ -401,11 +401,24 @@ impl Replicator for ReplicatorService {
         let request = request.into_inner();
         let kind = crate::pb::ring_change::Kind::try_from(request.kind)
             .map_err(|_| Error::InvalidArgument(format!("unknown ring change {}", request.kind)))?;
-        crate::net::parse_addr(&request.node).map_err(|e| {
-            Error::InvalidArgument(format!("a ring member is named by its address: {e}"))
-        })?;
+        for node in std::iter::once(&request.node).chain(&request.also) {
+            crate::net::parse_addr(node).map_err(|e| {
+                Error::InvalidArgument(format!("a ring member is named by its address: {e}"))
+            })?;
+        }
+        let change: crate::membership::Change = kind.into();
+        if change != crate::membership::Change::Remove && !request.also.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "only a remove takes more than one node, not a {}",
+                change.name()
+            ))
+            .into());
+        }
         self.node.node().await;
-        let state = self.members.change(kind.into(), &request.node).await?;
+        let state = self
+            .members
+            .change(change, &request.node, &request.also)
+            .await?;
         Ok(Response::new(crate::pb::RingState {
             state: state.to_bytes(),
         }))
