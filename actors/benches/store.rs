@@ -1,13 +1,13 @@
 //! Micro-benchmarks of the write path's pieces: version comparison, the store actor's apply
 //! (one message, as a peer's batch arrives), and the log's append (encode, group commit, fsync
-//! on a real file), and a snapshot's encoding of the whole map. `cargo bench -p kvstore-actors`.
+//! on a real file), a snapshot's encoding of the whole map, and filling a map as recovery does. `cargo bench -p kvstore-actors`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use kameo::actor::Spawn;
-use kvstore_actors::entry::{Slot, new_map};
+use kvstore_actors::entry::{Slot, map_with_capacity, new_map};
 use kvstore_actors::storage::{record, snapshot};
 use kvstore_actors::store::{Apply, Put};
 use kvstore_actors::{
@@ -185,5 +185,38 @@ fn snapshot(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, versions, apply, log, snapshot);
+/// Recovery's map building: 1M fresh slots put into a map that grows as it fills, and into one
+/// sized for them first (as recovery does from a snapshot's header).
+fn fill(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fill");
+    group.sample_size(10);
+    let keys = 1_000_000u64;
+    group.throughput(Throughput::Elements(keys));
+    let slots = || -> Vec<Slot> {
+        (0..keys)
+            .map(|i| {
+                let w = write(i, "node1");
+                Slot::new(&w.key, &w.entry)
+            })
+            .collect()
+    };
+    for (name, capacity) in [("1M keys, growing", 0), ("1M keys, sized", keys as usize)] {
+        group.bench_function(name, |bench| {
+            bench.iter_batched(
+                slots,
+                |slots| {
+                    let map = map_with_capacity(capacity);
+                    for slot in slots {
+                        map.put(slot);
+                    }
+                    map
+                },
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, versions, apply, log, snapshot, fill);
 criterion_main!(benches);

@@ -58,7 +58,14 @@ pub const MAP_SHARDS: usize = 64;
 
 /// An empty map with [`MAP_SHARDS`] shards.
 pub fn new_map() -> Map {
-    Map(DashMap::with_hasher_and_shard_amount(
+    map_with_capacity(0)
+}
+
+/// An empty map with room for about `entries` without growing. Growing rehashes every key,
+/// and a slot's key is behind its pointer: a read from memory per key moved.
+pub fn map_with_capacity(entries: usize) -> Map {
+    Map(DashMap::with_capacity_and_hasher_and_shard_amount(
+        entries,
         ahash::RandomState::new(),
         MAP_SHARDS,
     ))
@@ -126,6 +133,11 @@ impl Map {
     /// Slots, tombstones included.
     pub fn len(&self) -> usize {
         self.0.len()
+    }
+
+    /// Gives back the room held beyond what the slots need.
+    pub fn shrink_to_fit(&self) {
+        self.0.shrink_to_fit();
     }
 
     pub fn is_empty(&self) -> bool {

@@ -22,6 +22,10 @@ pub trait DataDir: Send + Sync + 'static {
     fn list(&self) -> io::Result<Vec<String>>;
     /// The whole contents of `name`.
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// The length of `name`, in bytes.
+    fn len(&self, name: &str) -> io::Result<u64> {
+        Ok(self.read(name)?.len() as u64)
+    }
     /// `name`, open for reading front to back.
     fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {
         Ok(Box::new(io::Cursor::new(self.read(name)?)))
@@ -87,6 +91,10 @@ impl DataDir for OsDir {
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         std::fs::read(self.path.join(name))
+    }
+
+    fn len(&self, name: &str) -> io::Result<u64> {
+        Ok(std::fs::metadata(self.path.join(name))?.len())
     }
 
     fn open_read(&self, name: &str) -> io::Result<Box<dyn io::Read + Send>> {

@@ -4,7 +4,7 @@
 //! (put, tombstone, or a snapshot's end), the version time, the node id, the key and the value.
 //! The checksum covers the payload; the length is checked against the file and [`MAX_PAYLOAD`].
 //!
-//! A **snapshot** (format [`SNAPSHOT_FORMAT`]) is a 16-byte header (magic, format, reserved)
+//! A **snapshot** (format [`SNAPSHOT_FORMAT`]) is a 16-byte header (magic, format, and how many entries follow, as a hint)
 //! and bare records, the last an end record counting the others. It is synced whole before it
 //! is renamed into place, so any damage in it is damage.
 //!
@@ -29,7 +29,8 @@ pub const LOG_FORMAT: u32 = 3;
 pub const LOG_MAGIC: &[u8; 8] = b"KVSTLOG\n";
 /// Magic at the start of every snapshot file.
 pub const SNAPSHOT_MAGIC: &[u8; 8] = b"KVSTSNP\n";
-/// Bytes of a snapshot's header: 8 of magic, 4 of format, 4 reserved.
+/// Bytes of a snapshot's header: 8 of magic, 4 of format, 4 of entry count (a hint; 0 from
+/// builds before it was written).
 pub const SNAPSHOT_HEADER_LEN: usize = 16;
 /// Bytes of a log's header: 8 of magic, 4 of format, 4 of nonce, 4 of checksum (of the 16
 /// before), 4 reserved. The checksum guards the nonce: with a damaged nonce no group of the file
@@ -64,6 +65,19 @@ pub fn snapshot_header() -> [u8; SNAPSHOT_HEADER_LEN] {
     h[..8].copy_from_slice(SNAPSHOT_MAGIC);
     h[8..12].copy_from_slice(&SNAPSHOT_FORMAT.to_le_bytes());
     h
+}
+
+/// Notes in a snapshot's header (its last 4 bytes, which builds before wrote as zero and
+/// which none checks) how many entries follow, so that recovery can size the map once. A hint only:
+/// the end record is what counts.
+pub fn set_snapshot_entries(bytes: &mut [u8], entries: u64) {
+    let hint = u32::try_from(entries).unwrap_or(u32::MAX);
+    bytes[12..16].copy_from_slice(&hint.to_le_bytes());
+}
+
+/// The entries a snapshot's header says follow; 0 if it says none (an older build's).
+pub fn snapshot_entries(header: &[u8; SNAPSHOT_HEADER_LEN]) -> usize {
+    u32::from_le_bytes(header[12..16].try_into().expect("4 bytes")) as usize
 }
 
 /// A log's header, with the nonce that salts its groups' checksums.

@@ -7,6 +7,8 @@
 //! it may already contain some writes that are also in the new log, which is harmless, because
 //! replaying an entry that is not newer changes nothing.
 
+use std::io::Read;
+
 use super::fs::DataDir;
 use super::record::{self, RecordRef, WriteRef};
 use super::scan::scan_snapshot;
@@ -45,6 +47,7 @@ pub fn encode(map: &Map, purge_before: Option<u64>) -> Encoded {
         entries += 1;
     }
     record::encode_end(entries, &mut bytes);
+    record::set_snapshot_entries(&mut bytes, entries);
     Encoded {
         bytes,
         entries,
@@ -78,6 +81,24 @@ pub fn write(dir: &dyn DataDir, generation: u64, encoded: &Encoded) -> Result<()
     // good, and the logs it covers stay until a later snapshot's sync succeeds.
     dir.sync()
         .map_err(Error::io(format!("syncing {}", dir.path().display())))
+}
+
+/// How many entries snapshot `name`'s header says it holds; 0 if it cannot say. Read before
+/// the snapshot itself, whose reading reports any damage. The header has no checksum of its
+/// own, so the count is capped by what the file's length could hold: a damaged one must not
+/// size the map past the machine's memory.
+pub fn entries_hint(dir: &dyn DataDir, name: &str) -> usize {
+    let mut header = [0u8; record::SNAPSHOT_HEADER_LEN];
+    let read = (dir.open_read(name)).and_then(|mut f| f.read_exact(&mut header));
+    let (Ok(()), Ok(len)) = (read, dir.len(name)) else {
+        return 0;
+    };
+    if record::check_snapshot_header(&header).is_err() {
+        return 0;
+    }
+    let smallest = record::FRAME_LEN + record::MIN_PAYLOAD;
+    let room = usize::try_from(len).unwrap_or(usize::MAX) / smallest;
+    record::snapshot_entries(&header).min(room)
 }
 
 /// Reads snapshot `name` of `dir`, handing every write to `f`. Returns the number of entries.
@@ -149,6 +170,32 @@ mod tests {
         .unwrap();
         keys.sort();
         assert_eq!((n, keys), (3, vec!["a".into(), "b".into(), "c".into()]));
+        // The header says how many entries follow (the expired tombstone left out).
+        assert_eq!(entries_hint(&dir, &snapshot_name(4)), 3);
+    }
+
+    #[test]
+    fn a_header_that_says_no_count_or_no_header_gives_no_hint() {
+        let dir = CrashDir::default();
+        let mut encoded = encode(&map_of(&["a", "b"]), None);
+        // As an older build wrote it: the count's bytes left zero.
+        record::set_snapshot_entries(&mut encoded.bytes, 0);
+        write(&dir, 1, &encoded).unwrap();
+        assert_eq!(entries_hint(&dir, &snapshot_name(1)), 0);
+        // It still reads back whole: the hint is no part of the check.
+        assert_eq!(read(&dir, &snapshot_name(1), false, |_| {}).unwrap(), 2);
+        assert_eq!(entries_hint(&dir, &snapshot_name(2)), 0, "no such file");
+        let mut garbage = encode(&map_of(&["a"]), None);
+        garbage.bytes[0] ^= 0xff;
+        write(&dir, 3, &garbage).unwrap();
+        assert_eq!(entries_hint(&dir, &snapshot_name(3)), 0, "not a snapshot");
+        // A damaged count is held to what the file could hold.
+        let mut damaged = encode(&map_of(&["a"]), None);
+        record::set_snapshot_entries(&mut damaged.bytes, u64::from(u32::MAX));
+        write(&dir, 4, &damaged).unwrap();
+        let room = damaged.bytes.len() / (record::FRAME_LEN + record::MIN_PAYLOAD);
+        assert_eq!(entries_hint(&dir, &snapshot_name(4)), room);
+        assert!(room < 10, "{room}");
     }
 
     #[test]
