@@ -220,7 +220,8 @@ impl PeerHealth {
 
     /// Whether an anti-entropy round with this peer is running.
     pub fn resyncing(&self) -> bool {
-        self.resyncing.load(Ordering::Relaxed)
+        // Acquire, pairing with `end_resync`: seen stopped, the round's count is seen too.
+        self.resyncing.load(Ordering::Acquire)
     }
 
     /// Marks a round as started; false if one already runs. What the peer needed is taken on

@@ -194,9 +194,12 @@ impl Members {
         tokio::time::sleep(self.deadline).await;
         // A round already running may have begun before the change: only one begun after
         // this point counts, so the baseline is the count once the running one has ended.
+        // Whether one runs is read first: a round counts itself done before it says it has
+        // stopped, so a round that ends between the two reads is counted, not missed.
         let baseline: HashMap<String, u64> = (node.peers().iter())
             .map(|h| {
-                let ending = h.anti_entropy().rounds + u64::from(h.resyncing());
+                let running = u64::from(h.resyncing());
+                let ending = h.anti_entropy().rounds + running;
                 (h.addr().to_owned(), ending)
             })
             .collect();
