@@ -176,7 +176,8 @@ async fn serve(
                         .map_or_else(|| "(memory)".into(), |d| d.display().to_string()),
                     members.clone(),
                 )
-                .with_token(config.cluster_token.clone()),
+                .with_token(config.cluster_token.clone())
+                .with_certificates(config.tls.as_ref().is_some_and(|tls| tls.checks_peers())),
             )
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message),

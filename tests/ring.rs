@@ -995,6 +995,13 @@ async fn two_members_gone_at_once_are_removed_together() {
         message.starts_with("Called off the change under way"),
         "{ack:?}"
     );
+    // The answer names both members to remove now.
+    let next = format!("remove {} {}", cluster.addr(first), cluster.addr(heir));
+    let next_other = format!("remove {} {}", cluster.addr(heir), cluster.addr(first));
+    assert!(
+        message.contains(&next) || message.contains(&next_other),
+        "{ack:?}"
+    );
     change_settles(&cluster, &live, 3, None).await;
     assert_eq!(
         ring_of(&cluster, live[2]).await.ring(),

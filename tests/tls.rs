@@ -1,5 +1,5 @@
-//! TLS: clients with the cluster's CA are served and writes replicate over mutual TLS; a
-//! plaintext client, a client that trusts another CA, and a Replicator caller without the
+//! TLS: clients with the cluster's CA are served and writes replicate over mutual TLS, and
+//! only those with its certificate change the ring; a plaintext client, a client that trusts another CA, and a Replicator caller without the
 //! cluster's certificate get nothing and change nothing; `--tls-client-auth require` asks
 //! every client for a certificate; the REPL talks TLS; a file that cannot be used stops the
 //! node at start, naming its flag and path.
@@ -123,6 +123,20 @@ async fn a_client_with_the_ca_is_served_and_writes_replicate_over_mutual_tls() {
         client(&cluster, 0, Some(&tls)).get("name").await.unwrap(),
         "Adnan"
     );
+
+    // A ring change needs a certificate from the CA, as a node's call to another does.
+    let leave = client(&cluster, 2, Some(&tls)).leave().await.unwrap_err();
+    assert_eq!(leave.code(), Code::Unauthenticated, "{leave:?}");
+    assert!(leave.message().contains("certificate"), "{leave:?}");
+    let remove = client(&cluster, 0, Some(&tls)).remove("127.0.0.1:1").await;
+    assert_eq!(remove.unwrap_err().code(), Code::Unauthenticated);
+    let with_certificate = pki.client_config().unwrap();
+    let remove = client(&cluster, 0, Some(&with_certificate))
+        .remove("127.0.0.1:1")
+        .await
+        .unwrap_err();
+    assert_eq!(remove.code(), Code::FailedPrecondition, "{remove:?}");
+    assert!(remove.message().contains("not a member"), "{remove:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

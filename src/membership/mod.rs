@@ -131,6 +131,40 @@ fn named<'a>(node: &'a str, also: &'a [String]) -> Vec<&'a str> {
     nodes
 }
 
+/// Refuses to remove `nodes` together if they hold every copy of some partition, in a ring
+/// that keeps more than one: whatever only they hold would be given up for good, where a
+/// node brought back could still give it. (With one copy of each, any removal gives up the
+/// removed node's partitions; that is what one copy means.)
+fn check_copies_left(ring: &kvstore_actors::ring::Ring, nodes: &[&str]) -> Result<(), Error> {
+    if ring.width() < 2 {
+        return Ok(());
+    }
+    let lost: Vec<u16> = (0..kvstore_actors::ring::PARTITIONS)
+        .filter(|&p| ring.holders(p).all(|h| nodes.contains(&h)))
+        .collect();
+    if lost.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = lost.iter().take(5).map(u16::to_string).collect();
+    let more = if lost.len() > shown.len() {
+        ", ..."
+    } else {
+        ""
+    };
+    Err(Error::FailedPrecondition(format!(
+        "{} together hold every copy of {} partitions ({}{more}): removing them would give up \
+         those keys for good; bring one of them back first, or remove fewer at once",
+        nodes.join(", "),
+        lost.len(),
+        shown.join(", ")
+    )))
+}
+
+/// Whether `node` is a member of either ring of `state`.
+fn member_of(state: &RingState, node: &str) -> bool {
+    in_ring(state.ring(), node) || state.previous().is_some_and(|p| in_ring(p, node))
+}
+
 /// Whether `node` is a member of `ring`.
 fn in_ring(ring: &kvstore_actors::ring::Ring, node: &str) -> bool {
     ring.members().iter().any(|m| m == node)
@@ -322,7 +356,14 @@ impl Members {
         also: &[String],
     ) -> Result<RingState, Error> {
         let state = self.state().await?;
-        let claimant = claimant_for(&state, change, &named(node, also));
+        let nodes = named(node, also);
+        if change == Change::Remove && state.deciders().all(|d| nodes.contains(&d)) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} are every member that may make a change: the ring cannot remove them all",
+                nodes.join(", ")
+            )));
+        }
+        let claimant = claimant_for(&state, change, &nodes);
         if claimant == self.me {
             return self.change(change, node, also).await;
         }
@@ -392,6 +433,7 @@ impl Members {
                         )));
                     }
                     Change::Remove => {
+                        check_copies_left(state.ring(), &nodes)?;
                         let mut next = state.ring().clone();
                         for gone in &nodes {
                             self.check_gone(gone).await?;
@@ -417,6 +459,17 @@ impl Members {
                 self.tell(&pending, &pending.members(), absent).await?;
                 tracing::info!(nodes = ?nodes, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
+            }
+            Phase::Pending
+                if change != Change::Join && nodes.iter().any(|n| !member_of(&state, n)) =>
+            {
+                let outside: Vec<&str> = (nodes.iter().copied())
+                    .filter(|n| !member_of(&state, n))
+                    .collect();
+                Err(Error::FailedPrecondition(format!(
+                    "{} is not a member of the ring",
+                    outside.join(", ")
+                )))
             }
             // A member of the new ring is gone for good: the joining node or an heir, which
             // will never copy its partitions, or any other, which will never hear the commit
@@ -764,5 +817,22 @@ mod tests {
         assert_eq!(claimant(Change::Leave, &["n1:1"]), "n1:1");
         let also = ["n1:1".to_string(), "n3:1".to_string(), "n1:1".to_string()];
         assert_eq!(named("n3:1", &also), ["n1:1", "n3:1"]);
+    }
+
+    #[test]
+    fn nodes_holding_every_copy_of_a_partition_are_not_removed_together() {
+        let nodes = ["n1:1", "n2:1", "n3:1", "n4:1", "n5:1", "n6:1"];
+        let ring = Ring::bootstrap(nodes, 3).unwrap();
+        // Two of three copies gone leaves one of each partition.
+        assert!(check_copies_left(&ring, &["n1:1", "n4:1"]).is_ok());
+        let holders: Vec<&str> = ring.holders(0).collect();
+        let refused = check_copies_left(&ring, &holders).unwrap_err().to_string();
+        assert!(
+            refused.contains("hold every copy of") && refused.contains("(0,"),
+            "{refused}"
+        );
+        // One copy of each: that is what removing a node means.
+        let single = Ring::bootstrap(nodes, 1).unwrap();
+        assert!(check_copies_left(&single, &["n1:1"]).is_ok());
     }
 }

@@ -25,6 +25,8 @@ pub struct KvService {
     members: std::sync::Arc<crate::membership::Members>,
     /// The cluster's token, if it has one: a ring change (Leave, Remove) must carry it.
     token: Option<ClusterToken>,
+    /// Whether a ring change must come with a certificate from the cluster's CA.
+    needs_certificate: bool,
 }
 
 impl KvService {
@@ -44,6 +46,7 @@ impl KvService {
             data_dir,
             members,
             token: None,
+            needs_certificate: false,
         }
     }
 
@@ -53,10 +56,24 @@ impl KvService {
         self
     }
 
-    /// Refuses a ring change that does not carry the cluster's token, when the cluster has
-    /// one: taking a node out of the ring is for whoever runs the cluster, not for any client
+    /// Asks, on every call that changes the ring, for a certificate from the cluster's CA
+    /// (the TLS handshake has checked any certificate sent against it).
+    pub fn with_certificates(mut self, needed: bool) -> Self {
+        self.needs_certificate = needed;
+        self
+    }
+
+    /// Refuses a ring change that does not carry what a node's call to another's Replicator
+    /// must: the cluster's token, when it has one, and a certificate from its CA, when it has
+    /// one. Taking a node out of the ring is for whoever runs the cluster, not for any client
     /// that may read and write.
     fn check_admin<T>(&self, request: &Request<T>, what: &str) -> Result<(), Error> {
+        if self.needs_certificate && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Error::Unauthenticated(format!(
+                "{what} changes the ring, and needs a certificate from the cluster's CA: the \
+                 caller presented none (kvstore-cli --tls-cert and --tls-key)"
+            )));
+        }
         match &self.token {
             Some(token) if !token.admits(request.metadata()) => {
                 Err(Error::Unauthenticated(format!(
@@ -201,22 +218,31 @@ impl KvStore for KvService {
         let state = self.members.request(Change::Remove, &node, &also).await?;
         let nodes = std::iter::once(&node).chain(&also);
         let named = nodes.clone().cloned().collect::<Vec<_>>().join(" ");
-        let (its, their) = if also.is_empty() {
-            ("its", "it")
-        } else {
-            ("their", "them")
-        };
+        let its = if also.is_empty() { "its" } else { "their" };
         let message = match state.phase() {
             // Settled at once: the change under way could not finish without the node, and is
             // called off. A node that was joining is out; a member stays, to be removed.
             kvstore_actors::membership::Phase::Settled
                 if nodes.clone().any(|n| state.ring().members().contains(n)) =>
             {
+                // To go on, every member that is gone goes, together: those named here that
+                // are back in the ring, and any other gossip sees down (the node the called-off
+                // change was removing, say).
+                let liveness = self.members.liveness().await;
+                let gone: Vec<&str> = (state.ring().members().iter())
+                    .filter(|m| {
+                        nodes.clone().any(|n| n == *m)
+                            || liveness.get(*m) == Some(&crate::gossip::Liveness::Dead)
+                    })
+                    .map(String::as_str)
+                    .collect();
+                let them = if gone.len() > 1 { "them" } else { "it" };
                 format!(
                     "Called off the change under way, which could not finish without {named}: \
-                     the ring is back as it was before it (version {}); remove {named} again to \
-                     take {their} out",
-                    state.ring().version()
+                     the ring is back as it was before it (version {}); remove {} to take \
+                     {them} out",
+                    state.ring().version(),
+                    gone.join(" ")
                 )
             }
             kvstore_actors::membership::Phase::Settled => format!(
