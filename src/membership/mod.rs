@@ -370,14 +370,27 @@ impl Members {
         let said = |why: String| format!("the ring's claimant {claimant}: {why}");
         // Its refusal keeps its code: a script must not retry what cannot succeed.
         let link = self.link(&claimant)?;
-        (link.change_ring(change.into(), node, also).await).map_err(|e| match e {
+        let answer = (link.change_ring(change.into(), node, also).await).map_err(|e| match e {
             PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
             PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
             // Its own words when it answered ("the ring is changing"), the cause when it did
             // not ("connection refused"): "unreachable" would be wrong for the first.
             PeerError::Unreachable(why) => Error::Unavailable(said(why)),
             other => Error::Unavailable(said(other.to_string())),
-        })
+        })?;
+        // A claimant of an older build reads a remove of several nodes as a remove of the
+        // first: the answer must not say the others go too.
+        let kept: Vec<&str> = (nodes.iter().copied())
+            .filter(|n| answer.phase() == Phase::Pending && in_ring(answer.ring(), n))
+            .collect();
+        if change == Change::Remove && !kept.is_empty() {
+            return Err(Error::FailedPrecondition(said(format!(
+                "it removes only some of the nodes asked for ({} stay members): it may be of an \
+                 older build, which removes one node at a time",
+                kept.join(", ")
+            ))));
+        }
+        Ok(answer)
     }
 
     /// On the claimant: begins `change` of `node` (with `also`, for a remove), or goes on with
