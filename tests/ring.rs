@@ -800,6 +800,24 @@ async fn ring_of(cluster: &TestCluster, via: usize) -> kvstore_actors::membershi
     kvstore_actors::membership::RingState::from_bytes(&bytes.state).unwrap()
 }
 
+/// Waits until each of `nodes` has heard every other live by gossip: gossip calls dead only a
+/// node it has heard, so a test that kills one waits for this first.
+async fn all_heard_live(cluster: &TestCluster, nodes: &[usize]) {
+    for &i in nodes {
+        for &of in nodes.iter().filter(|&&of| of != i) {
+            gossip_says(cluster, i, of, "live").await;
+        }
+    }
+}
+
+/// A node, other than the claimant, that gains partitions in the pending change `pending`.
+fn heir_of(cluster: &TestCluster, pending: &kvstore_actors::membership::RingState) -> usize {
+    (pending.gaining().iter())
+        .find(|g| **g != pending.claimant())
+        .and_then(|g| (0..cluster.nodes.len()).find(|&i| cluster.addr(i) == g))
+        .expect("a change has heirs besides the claimant")
+}
+
 /// A member taking partitions of a node that leaves dies before it has copied them: removing
 /// it calls the leave off, and the ring is back as it was, with every write of the meantime.
 /// It is then removed, the other node leaves after all, and every key is on three nodes.
@@ -815,20 +833,12 @@ async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed
     let all: Vec<usize> = (0..6).collect();
     write_before(&cluster, &all, KEYS).await;
     // Seen live first: gossip calls dead only a node it has heard.
-    for &i in &all {
-        for &of in all.iter().filter(|&&of| of != i) {
-            gossip_says(&cluster, i, of, "live").await;
-        }
-    }
+    all_heard_live(&cluster, &all).await;
     let settled = ring_of(&cluster, 0).await;
     let ack = cluster.client(LEAVER).leave().await.unwrap();
     assert!(ack.message.starts_with("Leaving: "), "{ack:?}");
     let pending = ring_of(&cluster, LEAVER).await;
-    let claimant = pending.claimant().to_owned();
-    let heir = (pending.gaining().iter())
-        .find(|g| **g != claimant)
-        .and_then(|g| all.iter().copied().find(|&i| cluster.addr(i) == g))
-        .expect("a leave has heirs besides the claimant");
+    let heir = heir_of(&cluster, &pending);
     cluster.nodes[heir].kill().await;
     let live: Vec<usize> = all.iter().copied().filter(|&i| i != heir).collect();
     // Writes go on meanwhile, to the old holders and the new ones that are up.
@@ -887,11 +897,7 @@ async fn a_join_whose_bystander_died_is_called_off_by_removing_it() {
     const KEYS: usize = 150;
     let five: Vec<usize> = (0..5).collect();
     write_before(&cluster, &five, KEYS).await;
-    for &i in &five {
-        for &of in five.iter().filter(|&&of| of != i) {
-            gossip_says(&cluster, i, of, "live").await;
-        }
-    }
+    all_heard_live(&cluster, &five).await;
     let settled = ring_of(&cluster, 0).await;
     let joiner = cluster.join(config(), 1);
     eventually("the join is pending on every member", || async {
@@ -958,11 +964,7 @@ async fn two_members_gone_at_once_are_removed_together() {
     const KEYS: usize = 200;
     let all: Vec<usize> = (0..6).collect();
     write_before(&cluster, &all, KEYS).await;
-    for &i in &all {
-        for &of in all.iter().filter(|&&of| of != i) {
-            gossip_says(&cluster, i, of, "live").await;
-        }
-    }
+    all_heard_live(&cluster, &all).await;
     let settled = ring_of(&cluster, 0).await;
     let first = (0..6)
         .rev()
@@ -979,10 +981,7 @@ async fn two_members_gone_at_once_are_removed_together() {
         "{ack:?}"
     );
     let pending = ring_of(&cluster, five[0]).await;
-    let heir = (pending.gaining().iter())
-        .find(|g| **g != pending.claimant())
-        .and_then(|g| all.iter().copied().find(|&i| cluster.addr(i) == g))
-        .expect("a removal has heirs besides the claimant");
+    let heir = heir_of(&cluster, &pending);
     cluster.nodes[heir].kill().await;
     let live: Vec<usize> = five.iter().copied().filter(|&i| i != heir).collect();
     for &i in &live {
