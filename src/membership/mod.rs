@@ -396,10 +396,10 @@ impl Members {
     /// On the claimant: begins `change` of `node` (with `also`, for a remove), or goes on with
     /// the one under way. A change begins only while every member answers with this node's
     /// ring (the nodes to remove aside, which are gone), and returns once every member but the
-    /// joining one has the pending ring. [`Change::Ready`] notes that `node` has copied the partitions the change
-    /// gives it; once every node gaining partitions has, the change is committed, then
-    /// settled, every member told each time. Asked again after a failure, each step goes on
-    /// from where it stopped.
+    /// joining one has the pending ring. [`Change::Ready`] notes that `node` has copied the
+    /// partitions the change gives it; once every node gaining partitions has, the change is
+    /// committed, then settled, every member told each time. Asked again after a failure, each
+    /// step goes on from where it stopped.
     pub async fn change(
         self: &Arc<Self>,
         change: Change,

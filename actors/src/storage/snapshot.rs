@@ -88,16 +88,21 @@ pub fn write(dir: &dyn DataDir, generation: u64, encoded: &Encoded) -> Result<()
 /// own, so the count is capped by what the file's length could hold: a damaged one must not
 /// size the map past the machine's memory.
 pub fn entries_hint(dir: &dyn DataDir, name: &str) -> usize {
-    let mut header = [0u8; record::SNAPSHOT_HEADER_LEN];
-    let read = (dir.open_read(name)).and_then(|mut f| f.read_exact(&mut header));
-    let (Ok(()), Ok(len)) = (read, dir.len(name)) else {
-        return 0;
+    // The length first: a file that says it holds nothing (a pipe, say) is not opened, since
+    // what this read takes from it the snapshot's own reading would miss.
+    let smallest = record::FRAME_LEN + record::MIN_PAYLOAD;
+    let room = match dir.len(name) {
+        Ok(len) => usize::try_from(len).unwrap_or(usize::MAX) / smallest,
+        Err(_) => 0,
     };
-    if record::check_snapshot_header(&header).is_err() {
+    if room == 0 {
         return 0;
     }
-    let smallest = record::FRAME_LEN + record::MIN_PAYLOAD;
-    let room = usize::try_from(len).unwrap_or(usize::MAX) / smallest;
+    let mut header = [0u8; record::SNAPSHOT_HEADER_LEN];
+    let read = (dir.open_read(name)).and_then(|mut f| f.read_exact(&mut header));
+    if read.is_err() || record::check_snapshot_header(&header).is_err() {
+        return 0;
+    }
     record::snapshot_entries(&header).min(room)
 }
 
