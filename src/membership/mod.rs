@@ -247,6 +247,13 @@ impl Members {
         }
     }
 
+    /// The member of the ring, other than `node`, that gossips `id` as its `--node-id`, if any.
+    pub async fn member_with_id(&self, id: &str, node: &str) -> Option<String> {
+        let members = self.state().await.ok()?.members();
+        let gossip = self.gossip.get()?;
+        (gossip.named(id).await.into_iter()).find(|a| a != node && members.contains(a))
+    }
+
     /// Whether gossip says `node` is live: a node that stopped is seen down only after some
     /// gossip rounds without a word from it.
     async fn seen_live(&self, node: &str) -> bool {
@@ -374,7 +381,15 @@ impl Members {
             PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
             PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
             // Its own words when it answered ("the ring is changing"), the cause when it did
-            // not ("connection refused"): "unreachable" would be wrong for the first.
+            // not ("connection refused"): "unreachable" would be wrong for the first. A change
+            // under way waits for its claimant: if that is gone for good, so is the change.
+            PeerError::Unreachable(why) if state.phase() == Phase::Pending => {
+                Error::Unavailable(format!(
+                    "{}; a change is under way, and if {claimant} is gone for good, removing it \
+                     calls that change off",
+                    said(why)
+                ))
+            }
             PeerError::Unreachable(why) => Error::Unavailable(said(why)),
             other => Error::Unavailable(said(other.to_string())),
         })?;

@@ -215,6 +215,10 @@ impl KvStore for KvService {
         for name in &request.also {
             also.push(self.members.resolve(name).await?);
         }
+        // A node named twice (by address and by id, say) is one node.
+        also.sort_unstable();
+        also.dedup();
+        also.retain(|other| *other != node);
         let state = self.members.request(Change::Remove, &node, &also).await?;
         let nodes = std::iter::once(&node).chain(&also);
         let named = nodes.clone().cloned().collect::<Vec<_>>().join(" ");

@@ -398,6 +398,7 @@ impl Replicator for ReplicatorService {
         &self,
         request: Request<RingChange>,
     ) -> Result<Response<crate::pb::RingState>, Status> {
+        let sender = crate::peer::sender_of(request.metadata());
         let request = request.into_inner();
         let kind = crate::pb::ring_change::Kind::try_from(request.kind)
             .map_err(|_| Error::InvalidArgument(format!("unknown ring change {}", request.kind)))?;
@@ -415,6 +416,19 @@ impl Replicator for ReplicatorService {
             .into());
         }
         self.node.node().await;
+        // A joining node calls the claimant itself, under its own id: one that a member
+        // already has would be refused by that member on every call, and the join would
+        // never finish.
+        if change == crate::membership::Change::Join
+            && let Some(id) = sender.and_then(|id| String::from_utf8(id).ok())
+            && let Some(member) = self.members.member_with_id(&id, &request.node).await
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "node id '{id}' is already that of member {member}: give the joining node its \
+                 own --node-id"
+            ))
+            .into());
+        }
         let state = self
             .members
             .change(change, &request.node, &request.also)
