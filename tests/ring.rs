@@ -1079,7 +1079,9 @@ async fn a_pending_change_whose_claimant_died_is_called_off_by_removing_it() {
     let stuck = cluster.client(2).leave().await.unwrap_err();
     assert_eq!(stuck.code(), Code::Unavailable, "{stuck:?}");
     assert!(
-        stuck.message().contains("removing it calls that change off"),
+        stuck
+            .message()
+            .contains("removing it calls that change off"),
         "{stuck:?}"
     );
     let ack = (cluster.client(LEAVER).remove(cluster.addr(CLAIMANT)).await).unwrap();
@@ -1244,7 +1246,12 @@ async fn a_leave_and_a_removal_from_a_ring_of_no_more_nodes_than_copies_settle()
     let mut cluster = TestCluster::start_with(3, |_| ring_config());
     const KEYS: usize = 100;
     write_before(&cluster, &[0, 1, 2], KEYS).await;
-    cluster.client(2).leave().await.unwrap();
+    let ack = cluster.client(2).leave().await.unwrap();
+    assert!(
+        ack.message
+            .contains("hold all 1024 of this node's partitions already"),
+        "{ack:?}"
+    );
     change_settles(&cluster, &[0, 1], 2, Some(2)).await;
     for i in [0, 1] {
         assert_eq!(cluster.client(i).status().await.unwrap().keys, KEYS as u64);

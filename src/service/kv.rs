@@ -196,12 +196,24 @@ impl KvStore for KvService {
         let me = self.members.me().to_owned();
         let state = self.members.request(Change::Leave, &me, &[]).await?;
         let partitions = state.previous().map_or(0, |p| p.partitions_of(&me).len());
-        Ok(Response::new(Ack {
-            ok: true,
-            message: format!(
+        // In a ring of no more nodes than copies, the others hold every partition already:
+        // they take from this node only what they lack, and each partition has a copy fewer.
+        let fewer_copies = (state.previous()).is_some_and(|p| state.ring().width() < p.width());
+        let message = if fewer_copies {
+            format!(
+                "Leaving: the other nodes hold all {partitions} of this node's partitions \
+                 already, each with a copy fewer from now on; this node leaves the ring once \
+                 they have taken what they lack from it (see cluster)"
+            )
+        } else {
+            format!(
                 "Leaving: {partitions} partitions go to other nodes; this node leaves the ring \
                  once they have copied them (see cluster)"
-            ),
+            )
+        };
+        Ok(Response::new(Ack {
+            ok: true,
+            message,
             ..Ack::default()
         }))
     }
