@@ -170,6 +170,69 @@ fn in_ring(ring: &kvstore_actors::ring::Ring, node: &str) -> bool {
     ring.members().iter().any(|m| m == node)
 }
 
+/// What a leave of `me`, taken by the claimant as `state`, is answered with.
+pub fn leave_answer(state: &RingState, me: &str) -> String {
+    let partitions = state.previous().map_or(0, |p| p.partitions_of(me).len());
+    // In a ring of no more nodes than copies, the others hold every partition already: they
+    // take from this node only what they lack, and each partition has a copy fewer.
+    if (state.previous()).is_some_and(|p| state.ring().width() < p.width()) {
+        format!(
+            "Leaving: the other nodes hold all {partitions} of this node's partitions already, \
+             each with a copy fewer from now on; this node leaves the ring once they have taken \
+             what they lack from it (see cluster)"
+        )
+    } else {
+        format!(
+            "Leaving: {partitions} partitions go to other nodes; this node leaves the ring once \
+             they have copied them (see cluster)"
+        )
+    }
+}
+
+/// What a remove of `node` and `also`, taken by the claimant as `state`, is answered with;
+/// `dead` says which members gossip sees dead.
+pub fn remove_answer(
+    state: &RingState,
+    node: &str,
+    also: &[String],
+    dead: impl Fn(&str) -> bool,
+) -> String {
+    let nodes = named(node, also);
+    let listed = nodes.join(" ");
+    let version = state.ring().version();
+    match state.phase() {
+        // Settled at once: the change under way could not finish without these nodes, and is
+        // called off. To go on, every member that is gone goes, together: those named that are
+        // back in the ring, and any other gossip sees dead (the node a called-off removal was
+        // taking out, say).
+        Phase::Settled if nodes.iter().any(|n| in_ring(state.ring(), n)) => {
+            let gone: Vec<&str> = (state.ring().members().iter())
+                .map(String::as_str)
+                .filter(|m| nodes.contains(m) || dead(m))
+                .collect();
+            let them = if gone.len() > 1 { "them" } else { "it" };
+            format!(
+                "Called off the change under way, which could not finish without {listed}: the \
+                 ring is back as it was before it (version {version}); remove {} to take {them} \
+                 out",
+                gone.join(" ")
+            )
+        }
+        // A node that was joining is out.
+        Phase::Settled => format!(
+            "Called off the join of {listed}: the ring is back as it was before it (version \
+             {version})"
+        ),
+        _ => {
+            let its = if nodes.len() > 1 { "their" } else { "its" };
+            format!(
+                "Removing {listed}: {its} partitions get new holders, copied from the other \
+                 copies (see cluster)"
+            )
+        }
+    }
+}
+
 /// The refusal of a change while another is under way.
 fn changing(state: &RingState) -> Error {
     Error::Unavailable(format!(
@@ -435,6 +498,16 @@ impl Members {
         if change == Change::Ready {
             return self.ready(state, node, None).await;
         }
+        // A leave or remove is of members, of either ring while a change is under way.
+        let outside: Vec<&str> = (nodes.iter().copied())
+            .filter(|n| change != Change::Join && !member_of(&state, n))
+            .collect();
+        if !outside.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} is not a member of the ring",
+                outside.join(", ")
+            )));
+        }
         let member = |ring: &kvstore_actors::ring::Ring| ring.members().iter().any(|m| m == node);
         match state.phase() {
             Phase::Settled => {
@@ -451,15 +524,6 @@ impl Members {
                         )));
                     }
                     Change::Join => state.ring().with_joined(node)?,
-                    _ if nodes.iter().any(|n| !in_ring(state.ring(), n)) => {
-                        let outside: Vec<&str> = (nodes.iter().copied())
-                            .filter(|n| !in_ring(state.ring(), n))
-                            .collect();
-                        return Err(Error::FailedPrecondition(format!(
-                            "{} is not a member of the ring",
-                            outside.join(", ")
-                        )));
-                    }
                     Change::Remove => {
                         check_copies_left(state.ring(), &nodes)?;
                         let mut next = state.ring().clone();
@@ -487,17 +551,6 @@ impl Members {
                 self.tell(&pending, &pending.members(), absent).await?;
                 tracing::info!(nodes = ?nodes, change = change.name(), ring_version = pending.ring().version(), "the ring changes");
                 Ok(pending)
-            }
-            Phase::Pending
-                if change != Change::Join && nodes.iter().any(|n| !member_of(&state, n)) =>
-            {
-                let outside: Vec<&str> = (nodes.iter().copied())
-                    .filter(|n| !member_of(&state, n))
-                    .collect();
-                Err(Error::FailedPrecondition(format!(
-                    "{} is not a member of the ring",
-                    outside.join(", ")
-                )))
             }
             // A member of the new ring is gone for good: the joining node or an heir, which
             // will never copy its partitions, or any other, which will never hear the commit
@@ -845,6 +898,45 @@ mod tests {
         assert_eq!(claimant(Change::Leave, &["n1:1"]), "n1:1");
         let also = ["n1:1".to_string(), "n3:1".to_string(), "n1:1".to_string()];
         assert_eq!(named("n3:1", &also), ["n1:1", "n3:1"]);
+    }
+
+    #[test]
+    fn the_answers_to_a_leave_and_a_remove_say_what_the_ring_does() {
+        let four = ["n1:1", "n2:1", "n3:1", "n4:1"];
+        let settled = RingState::settled(Ring::bootstrap(four, 3).unwrap());
+        let leaving = settled
+            .begin(settled.ring().without("n4:1").unwrap())
+            .unwrap();
+        let held = settled.ring().partitions_of("n4:1").len();
+        assert!(
+            leave_answer(&leaving, "n4:1").starts_with(&format!("Leaving: {held} partitions go"))
+        );
+        let three = RingState::settled(Ring::bootstrap(["n1:1", "n2:1", "n3:1"], 3).unwrap());
+        let fewer = three.begin(three.ring().without("n3:1").unwrap()).unwrap();
+        assert!(leave_answer(&fewer, "n3:1").contains("hold all 1024 of this node's partitions"));
+
+        let none = |_: &str| false;
+        let twice = ["n4:1".to_string()];
+        assert_eq!(
+            remove_answer(&leaving, "n4:1", &twice, none),
+            "Removing n4:1: its partitions get new holders, copied from the other copies (see \
+             cluster)"
+        );
+        // Called off: the named member back in the ring, and the one gossip sees dead.
+        let off = leaving.abort().unwrap();
+        let answer = remove_answer(&off, "n2:1", &[], |m| m == "n4:1");
+        assert!(
+            answer.ends_with("remove n2:1 n4:1 to take them out"),
+            "{answer}"
+        );
+        let joining = settled
+            .begin(settled.ring().with_joined("n5:1").unwrap())
+            .unwrap();
+        let answer = remove_answer(&joining.abort().unwrap(), "n5:1", &[], none);
+        assert!(
+            answer.starts_with("Called off the join of n5:1"),
+            "{answer}"
+        );
     }
 
     #[test]

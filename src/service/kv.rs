@@ -195,25 +195,9 @@ impl KvStore for KvService {
         self.node.node().await;
         let me = self.members.me().to_owned();
         let state = self.members.request(Change::Leave, &me, &[]).await?;
-        let partitions = state.previous().map_or(0, |p| p.partitions_of(&me).len());
-        // In a ring of no more nodes than copies, the others hold every partition already:
-        // they take from this node only what they lack, and each partition has a copy fewer.
-        let fewer_copies = (state.previous()).is_some_and(|p| state.ring().width() < p.width());
-        let message = if fewer_copies {
-            format!(
-                "Leaving: the other nodes hold all {partitions} of this node's partitions \
-                 already, each with a copy fewer from now on; this node leaves the ring once \
-                 they have taken what they lack from it (see cluster)"
-            )
-        } else {
-            format!(
-                "Leaving: {partitions} partitions go to other nodes; this node leaves the ring \
-                 once they have copied them (see cluster)"
-            )
-        };
         Ok(Response::new(Ack {
             ok: true,
-            message,
+            message: crate::membership::leave_answer(&state, &me),
             ..Ack::default()
         }))
     }
@@ -227,52 +211,12 @@ impl KvStore for KvService {
         for name in &request.also {
             also.push(self.members.resolve(name).await?);
         }
-        // A node named twice (by address and by id, say) is one node.
-        also.sort_unstable();
-        also.dedup();
-        also.retain(|other| *other != node);
         let state = self.members.request(Change::Remove, &node, &also).await?;
-        let nodes = std::iter::once(&node).chain(&also);
-        let named = nodes.clone().cloned().collect::<Vec<_>>().join(" ");
-        let its = if also.is_empty() { "its" } else { "their" };
-        let message = match state.phase() {
-            // Settled at once: the change under way could not finish without the node, and is
-            // called off. A node that was joining is out; a member stays, to be removed.
-            kvstore_actors::membership::Phase::Settled
-                if nodes.clone().any(|n| state.ring().members().contains(n)) =>
-            {
-                // To go on, every member that is gone goes, together: those named here that
-                // are back in the ring, and any other gossip sees down (the node the called-off
-                // change was removing, say).
-                let liveness = self.members.liveness().await;
-                let gone: Vec<&str> = (state.ring().members().iter())
-                    .filter(|m| {
-                        nodes.clone().any(|n| n == *m)
-                            || liveness.get(*m) == Some(&crate::gossip::Liveness::Dead)
-                    })
-                    .map(String::as_str)
-                    .collect();
-                let them = if gone.len() > 1 { "them" } else { "it" };
-                format!(
-                    "Called off the change under way, which could not finish without {named}: \
-                     the ring is back as it was before it (version {}); remove {} to take \
-                     {them} out",
-                    state.ring().version(),
-                    gone.join(" ")
-                )
-            }
-            kvstore_actors::membership::Phase::Settled => format!(
-                "Called off the join of {named}: the ring is back as it was before it (version {})",
-                state.ring().version()
-            ),
-            _ => format!(
-                "Removing {named}: {its} partitions get new holders, copied from the other \
-                 copies (see cluster)"
-            ),
-        };
+        let liveness = self.members.liveness().await;
+        let dead = |m: &str| liveness.get(m) == Some(&crate::gossip::Liveness::Dead);
         Ok(Response::new(Ack {
             ok: true,
-            message,
+            message: crate::membership::remove_answer(&state, &node, &also, dead),
             ..Ack::default()
         }))
     }
