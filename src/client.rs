@@ -118,9 +118,16 @@ impl Client {
         Ok(self.inner.clone().delete(key).await?.into_inner())
     }
 
-    /// Asks the node to leave the ring.
+    /// Asks the node to leave the ring; refused if fewer nodes would stay than the ring keeps
+    /// copies of each key.
     pub async fn leave(&self) -> Result<Ack, Status> {
-        let request = self.admin(crate::pb::LeaveRequest {});
+        self.leave_with(false).await
+    }
+
+    /// Asks the node to leave the ring; with `force`, even if fewer nodes would stay than the
+    /// ring keeps copies of each key.
+    pub async fn leave_with(&self, force: bool) -> Result<Ack, Status> {
+        let request = self.admin(crate::pb::LeaveRequest { force });
         Ok(self.inner.clone().leave(request).await?.into_inner())
     }
 

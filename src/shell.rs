@@ -27,6 +27,7 @@ commands:
   cluster         every node: its state, the partitions it holds, its keys, its address
   backup FILE     write every entry of this node, with its version, to FILE
   leave           this node hands its keys to the others and leaves the ring
+  leave --force   the same, even if fewer nodes would stay than copies of each key
   remove NODE...  take each NODE (its address or node id), down for good, out of the ring
   help            show this help
   exit, quit      leave (Ctrl-D works too)";
@@ -350,6 +351,9 @@ impl Shell {
             },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
             ("leave", []) => self.write(self.client.leave().await),
+            ("leave", [force]) if force == "--force" => {
+                self.write(self.client.leave_with(true).await)
+            }
             ("remove", [node, also @ ..]) => {
                 let also: Vec<&str> = also.iter().map(String::as_str).collect();
                 self.write(self.client.remove_all(node, &also).await)
@@ -383,7 +387,8 @@ impl Shell {
             ("delete" | "del", _) => Output::error("usage: delete KEY"),
             ("backup", _) => Output::error("usage: backup FILE"),
             ("remove", _) => Output::error("usage: remove NODE [NODE...]"),
-            ("list" | "status" | "cluster" | "leave" | "exit" | "quit", _) => {
+            ("leave", _) => Output::error("usage: leave [--force]"),
+            ("list" | "status" | "cluster" | "exit" | "quit", _) => {
                 Output::error(format!("usage: {command}"))
             }
             (other, _) => Output::error(format!("unknown command '{other}' (try 'help')")),

@@ -239,6 +239,7 @@ async fn bad_input_session() {
             "get -q\n",
             "frobnicate\n",
             "list extra\n",
+            "leave now\n",
             "# a comment does nothing\n",
             "\n",
             "list\n",

@@ -1238,15 +1238,24 @@ async fn a_change_whose_claimant_died_after_the_commit_is_settled_by_the_next_me
     read_back(&cluster, &staying, KEYS, Vec::new()).await;
 }
 
-/// A ring of no more nodes than copies loses a copy of each key when a node leaves, and no node
-/// takes a partition it did not hold: the nodes that stay copy from the leaving one, and the
+/// A ring of no more nodes than copies loses a copy of each key when a node leaves (asked for
+/// with force: refused without it), and no node takes a partition it did not hold: the nodes that stay copy from the leaving one, and the
 /// change settles. The same for a removal down to one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leave_and_a_removal_from_a_ring_of_no_more_nodes_than_copies_settle() {
     let mut cluster = TestCluster::start_with(3, |_| ring_config());
     const KEYS: usize = 100;
     write_before(&cluster, &[0, 1, 2], KEYS).await;
-    let ack = cluster.client(2).leave().await.unwrap();
+    // Two nodes would stay for three copies: refused, unless asked for.
+    let refused = cluster.client(2).leave().await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("only 2 nodes would stay")
+            && refused.message().contains("leave --force"),
+        "{refused:?}"
+    );
+    assert_eq!(cluster.client(0).status().await.unwrap().ring_version, 1);
+    let ack = cluster.client(2).leave_with(true).await.unwrap();
     assert!(
         ack.message
             .contains("hold all 1024 of this node's partitions already"),
@@ -1303,7 +1312,7 @@ async fn with_a_cluster_token_only_a_caller_holding_it_changes_the_ring() {
     let ack = cluster
         .client(2)
         .with_token(Some(&old))
-        .leave()
+        .leave_with(true)
         .await
         .unwrap();
     assert!(ack.ok, "{ack:?}");

@@ -170,6 +170,26 @@ fn in_ring(ring: &kvstore_actors::ring::Ring, node: &str) -> bool {
     ring.members().iter().any(|m| m == node)
 }
 
+/// Refuses a leave of `me` that would keep fewer nodes than `ring` keeps copies of each key,
+/// unless `force`d: each partition would be held by fewer nodes than `--replicas` asks for.
+/// A node that is no longer in `ring` is leaving already (asked again), and the ring's last
+/// member is refused by the ring itself, in its own words.
+fn check_leave(ring: &kvstore_actors::ring::Ring, me: &str, force: bool) -> Result<(), Error> {
+    let members = ring.members().len();
+    if force || !in_ring(ring, me) || members < 2 || members > ring.replicas() {
+        return Ok(());
+    }
+    let stay = members - 1;
+    Err(Error::FailedPrecondition(format!(
+        "the ring keeps {} copies of each key, and only {stay} {nodes} would stay: each key \
+         would have {stay} {copies}; join another node first, or leave --force to accept fewer \
+         copies",
+        ring.replicas(),
+        nodes = if stay == 1 { "node" } else { "nodes" },
+        copies = if stay == 1 { "copy" } else { "copies" },
+    )))
+}
+
 /// What a leave of `me`, taken by the claimant as `state`, is answered with.
 pub fn leave_answer(state: &RingState, me: &str) -> String {
     let partitions = state.previous().map_or(0, |p| p.partitions_of(me).len());
@@ -415,6 +435,13 @@ impl Members {
         }
         *filling = Some(version);
         tokio::spawn(self.clone().fill(version).in_current_span());
+    }
+
+    /// Asks the ring's claimant for this node to leave; refused if fewer nodes would stay
+    /// than the ring keeps copies of each key, unless `force`d.
+    pub async fn leave(self: &Arc<Self>, force: bool) -> Result<RingState, Error> {
+        check_leave(self.state().await?.ring(), &self.me, force)?;
+        self.request(Change::Leave, &self.me, &[]).await
     }
 
     /// Asks the ring's claimant, this node or another, for `change` of `node` (and, for a
@@ -937,6 +964,31 @@ mod tests {
             answer.starts_with("Called off the join of n5:1"),
             "{answer}"
         );
+    }
+
+    #[test]
+    fn a_leave_below_the_rings_copies_is_refused_unless_forced() {
+        let four = Ring::bootstrap(["n1:1", "n2:1", "n3:1", "n4:1"], 3).unwrap();
+        assert!(check_leave(&four, "n4:1", false).is_ok());
+        let three = four.without("n4:1").unwrap();
+        let refused = check_leave(&three, "n3:1", false).unwrap_err();
+        assert!(matches!(refused, Error::FailedPrecondition(_)), "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .contains("keeps 3 copies of each key, and only 2 nodes")
+                && refused.to_string().contains("leave --force"),
+            "{refused}"
+        );
+        assert!(check_leave(&three, "n3:1", true).is_ok());
+        // Already leaving (asked again), and not a member: the ring no longer holds it.
+        assert!(check_leave(&three, "n4:1", false).is_ok());
+        let two = three.without("n3:1").unwrap();
+        let refused = check_leave(&two, "n2:1", false).unwrap_err().to_string();
+        assert!(refused.contains("each key would have 1 copy;"), "{refused}");
+        // The last member is the ring's to refuse, in its own words.
+        let one = two.without("n2:1").unwrap();
+        assert!(check_leave(&one, "n1:1", false).is_ok());
     }
 
     #[test]

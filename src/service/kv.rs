@@ -192,9 +192,10 @@ impl KvStore for KvService {
 
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<Ack>, Status> {
         self.check_admin(&request, "leave")?;
+        let force = request.get_ref().force;
         self.node.node().await;
         let me = self.members.me().to_owned();
-        let state = self.members.request(Change::Leave, &me, &[]).await?;
+        let state = self.members.leave(force).await?;
         Ok(Response::new(Ack {
             ok: true,
             message: crate::membership::leave_answer(&state, &me),
