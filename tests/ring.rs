@@ -617,6 +617,42 @@ async fn a_node_leaves_under_load_and_hands_its_keys_over() {
     assert_eq!(&cluster.client(LEAVER).get(key).await.unwrap(), value);
 }
 
+/// The claimant and another node are asked to leave at once. One leave begins; the other is
+/// refused in the words of the changing ring's claimant, whom the asked node finds again if the
+/// one it first asked is no longer the claimant (it is leaving). The first leave then settles,
+/// and the second, asked again, does too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_leaves_asked_at_once_begin_one_at_a_time() {
+    let cluster = TestCluster::start_with(6, |_| ring_config());
+    write_before(&cluster, &(0..6).collect::<Vec<_>>(), 50).await;
+    let claimant = ring_of(&cluster, 0).await.claimant().to_owned();
+    let first = (0..6).find(|&i| cluster.addr(i) == claimant).unwrap();
+    let second = (0..6).find(|&i| i != first).unwrap();
+    let (one, other) = (cluster.client(first), cluster.client(second));
+    let (a, b) = tokio::join!(one.leave(), other.leave());
+    let (began, refused) = match (a, b) {
+        (Ok(_), Err(refused)) => (first, refused),
+        (Err(refused), Ok(_)) => (second, refused),
+        other => panic!("exactly one leave begins: {other:?}"),
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("the ring is changing (version 2")
+            && !refused.message().contains("not the ring's claimant"),
+        "{refused:?}"
+    );
+    let stay: Vec<usize> = (0..6).filter(|&i| i != began).collect();
+    change_settles(&cluster, &stay, 2, Some(began)).await;
+    let last = if began == first { second } else { first };
+    cluster.client(last).leave().await.unwrap();
+    let stay: Vec<usize> = stay.into_iter().filter(|&i| i != last).collect();
+    change_settles(&cluster, &stay, 3, Some(last)).await;
+    three_copies_on(&cluster, &stay, 50).await;
+    read_back(&cluster, &stay, 50, Vec::new()).await;
+}
+
 /// A node of seven dies; it is removed, and its partitions get new holders from the copies
 /// left, so every key is on three nodes again. A node that answers is not removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

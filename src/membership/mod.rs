@@ -461,12 +461,40 @@ impl Members {
             )));
         }
         let claimant = claimant_for(&state, change, &nodes);
+        match self.ask(&state, &claimant, change, node, also).await {
+            // A change another node asked for began meanwhile, and made another member the
+            // claimant (the one asked leaves, say). Every member is told of a change before
+            // the claimant takes the next request, so this node's ring now names the new one.
+            Err(Error::Unavailable(why)) => {
+                let now = self.state().await?;
+                let next = claimant_for(&now, change, &nodes);
+                if next == claimant {
+                    return Err(Error::Unavailable(why));
+                }
+                tracing::debug!(%claimant, %next, "the ring's claimant changed: asking again");
+                self.ask(&now, &next, change, node, also).await
+            }
+            answer => answer,
+        }
+    }
+
+    /// Asks `claimant`, this node or another, for `change` of `node` and `also`, as the ring
+    /// is `state` here.
+    async fn ask(
+        self: &Arc<Self>,
+        state: &RingState,
+        claimant: &str,
+        change: Change,
+        node: &str,
+        also: &[String],
+    ) -> Result<RingState, Error> {
+        let nodes = named(node, also);
         if claimant == self.me {
             return self.change(change, node, also).await;
         }
         let said = |why: String| format!("the ring's claimant {claimant}: {why}");
         // Its refusal keeps its code: a script must not retry what cannot succeed.
-        let link = self.link(&claimant)?;
+        let link = self.link(claimant)?;
         let answer = (link.change_ring(change.into(), node, also).await).map_err(|e| match e {
             PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
             PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
