@@ -160,6 +160,9 @@ pub struct WriteOutcome {
     pub failures: Vec<(String, PeerFailure)>,
     /// Peers still being sent the write when it answered (`--ack-after quorum`).
     pub pending: usize,
+    /// While the ring changes, each ring's acks and copies of the key: the write must reach
+    /// the quorum of each. Empty when one ring places the key.
+    pub rings: Vec<(usize, usize)>,
     /// The version the write was stored under.
     pub version: crate::version::Version,
 }
@@ -170,9 +173,12 @@ impl WriteOutcome {
         self.quorum.required(self.nodes)
     }
 
-    /// Whether the write reached the write quorum.
+    /// Whether the write reached the write quorum: of each ring, while the ring changes.
     pub fn ok(&self) -> bool {
-        self.acks >= self.required()
+        if self.rings.is_empty() {
+            return self.acks >= self.required();
+        }
+        (self.rings.iter()).all(|&(acks, nodes)| acks >= self.quorum.required(nodes))
     }
 
     /// The Ack message. `verb` is what happened locally ("Stored", "Deleted"). With every peer
@@ -196,12 +202,23 @@ impl WriteOutcome {
             0 => String::new(),
             pending => format!("; {pending} pending"),
         };
+        let required = match self.rings.as_slice() {
+            [] => format!("({} required)", self.required()),
+            rings => {
+                let each: Vec<String> = (rings.iter())
+                    .map(|&(acks, nodes)| {
+                        let required = self.quorum.required(nodes);
+                        format!("{acks} of {nodes}, {required} required")
+                    })
+                    .collect();
+                format!("of each ring while the ring changes ({})", each.join("; "))
+            }
+        };
         format!(
-            "{verb} on {} of {} nodes, write quorum {} ({} required) {}; not replicated to {}{pending}",
+            "{verb} on {} of {} nodes, write quorum {} {required} {}; not replicated to {}{pending}",
             self.acks,
             self.nodes,
             self.quorum,
-            self.required(),
             if self.ok() { "met" } else { "NOT met" },
             failed.join(", ")
         )
@@ -252,6 +269,7 @@ impl<P: PeerClient> Topology<P> {
             None => Holders {
                 local: true,
                 peers: &self.all_peers,
+                rings: &[],
             },
         }
     }
@@ -263,6 +281,7 @@ impl<P: PeerClient> Topology<P> {
             None => Holders {
                 local: true,
                 peers: &self.all_peers,
+                rings: &[],
             },
         }
     }
@@ -986,7 +1005,7 @@ impl<P: PeerClient> Coordinator<P> {
                 .await
                 .map_err(store_error),
         }?;
-        self.finish_write(local, &topology, holders.peers).await
+        self.finish_write(local, &topology, holders).await
     }
 
     /// Waits for the local log and the peers together: the peers do not wait for our fsync.
@@ -998,7 +1017,7 @@ impl<P: PeerClient> Coordinator<P> {
         &self,
         local: store::LocalWrite,
         topology: &Topology<P>,
-        peers: &[u16],
+        holders: Holders<'_>,
     ) -> Result<WriteOutcome, Error> {
         let durable = async {
             // Bounded, so a stalled disk cannot hang a Put.
@@ -1012,7 +1031,6 @@ impl<P: PeerClient> Coordinator<P> {
                 })),
             }
         };
-        let holders = Holders { local: true, peers };
         let (durable, outcome) =
             futures::join!(durable, self.replicate(local.write, topology, holders));
         durable?;
@@ -1187,20 +1205,29 @@ impl<P: PeerClient> Coordinator<P> {
             }
         });
         let nodes = holders.nodes();
-        // Every delivery is queued on its peer's actor at the first poll; with
-        // `--ack-after quorum` the answer goes as soon as the quorum holds the write, and the
-        // deliveries still out go on in the actors, their replies unread.
-        let enough = match self.config.ack_after {
-            AckAfter::All => nodes,
-            AckAfter::Quorum => self.config.quorum.required(nodes),
+        let quorum = self.config.quorum;
+        let ring_acks = |results: &[Option<Option<PeerFailure>>]| {
+            holders.ring_acks(|i| matches!(results[i], Some(None)))
         };
+        // Every delivery is queued on its peer's actor at the first poll; with
+        // `--ack-after quorum` the answer goes as soon as the quorum holds the write (of each
+        // ring, while the ring changes), and the deliveries still out go on in the actors,
+        // their replies unread.
+        let enough =
+            |acks: usize, results: &[Option<Option<PeerFailure>>]| match self.config.ack_after {
+                AckAfter::All => acks >= nodes,
+                AckAfter::Quorum if holders.rings.is_empty() => acks >= quorum.required(nodes),
+                AckAfter::Quorum => {
+                    (ring_acks(results).iter()).all(|&(acks, nodes)| acks >= quorum.required(nodes))
+                }
+            };
         let mut deliveries: FuturesUnordered<_> = deliveries
             .enumerate()
             .map(|(i, d)| async move { (i, d.await) })
             .collect();
         let mut results: Vec<Option<Option<PeerFailure>>> = vec![None; holders.peers.len()];
         let mut acks = usize::from(holders.local);
-        while acks < enough {
+        while !enough(acks, &results) {
             let Some((i, result)) = deliveries.next().await else {
                 break;
             };
@@ -1214,6 +1241,7 @@ impl<P: PeerClient> Coordinator<P> {
         }
         drop(deliveries);
         let pending = results.iter().filter(|r| r.is_none()).count();
+        let rings = ring_acks(&results);
         let failures: Vec<(String, PeerFailure)> = (targets().zip(results))
             .filter_map(|(peer, result)| {
                 let failure = result.flatten()?;
@@ -1223,9 +1251,10 @@ impl<P: PeerClient> Coordinator<P> {
         let outcome = WriteOutcome {
             nodes,
             acks,
-            quorum: self.config.quorum,
+            quorum,
             failures,
             pending,
+            rings,
             version: write.entry.version,
         };
         let counter = if outcome.ok() {
@@ -1745,6 +1774,15 @@ mod placed {
 
     /// This node ("local") with `peers` as "peer1" to "peer5", placed by `placement`.
     fn ring_node_with(peers: &[FakePeer], placement: &Placement) -> Coordinator<FakePeer> {
+        ring_node_acking(peers, placement, AckAfter::All)
+    }
+
+    /// As [`ring_node_with`], answering writes as `ack_after` says.
+    fn ring_node_acking(
+        peers: &[FakePeer],
+        placement: &Placement,
+        ack_after: AckAfter,
+    ) -> Coordinator<FakePeer> {
         let names = (1..=peers.len()).map(|i| format!("peer{i}"));
         Coordinator::start(
             StoreActor::new(Arc::new(crate::clock::Clock::new(
@@ -1752,7 +1790,7 @@ mod placed {
             ))),
             names.zip(peers.iter().cloned()).collect(),
             CoordinatorConfig {
-                ack_after: AckAfter::All,
+                ack_after,
                 quorum: WriteQuorum::Majority,
                 replication_deadline: Duration::from_secs(5),
                 peer_mailbox: 64,
@@ -1837,6 +1875,79 @@ mod placed {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// While a dead node is removed, a write of one of its keys needs the quorum of the old
+    /// ring and of the new one, not three of the four writers: the node still copying the key
+    /// may be down too, as long as each ring keeps its quorum.
+    #[tokio::test]
+    async fn while_the_ring_changes_a_write_needs_the_quorum_of_each_ring() {
+        use crate::membership::RingState;
+        let placement = placement_of_six(3);
+        let names: Vec<String> = (1..=5).map(|i| format!("peer{i}")).collect();
+        let old = placement.ring().clone();
+        // A key held here, whose partition gains a holder when another of its holders goes.
+        let (key, gone, next) = (0..)
+            .map(|i| format!("key{i}"))
+            .find_map(|key| {
+                let p = crate::ring::partition_of(&key);
+                let held: Vec<&str> = old.holders(p).collect();
+                let gone = *held.iter().find(|h| **h != "local")?;
+                let next = old.without(gone).unwrap();
+                (held.contains(&"local") && next.holders(p).any(|h| h == "local"))
+                    .then(|| (key.clone(), gone.to_owned(), next))
+            })
+            .unwrap();
+        let p = crate::ring::partition_of(&key);
+        let gainer = next.holders(p).find(|h| !old.holders(p).any(|o| o == *h));
+        let gainer = gainer.unwrap().to_owned();
+        let kept = (old.holders(p)).find(|h| *h != "local" && *h != gone);
+        let kept = kept.unwrap().to_owned();
+        let state = RingState::settled(old.clone()).begin(next).unwrap();
+        let changing = Placement::of(state, "local", &names).unwrap();
+        let peers: Vec<FakePeer> = (0..5).map(|_| FakePeer::default()).collect();
+        let node = ring_node_with(&peers, &changing);
+        let peer = |name: &str| &peers[names.iter().position(|n| n == name).unwrap()];
+        assert_eq!(changing.write_holders(&key).nodes(), 4);
+        // The removed node and the one taking its copy are both down.
+        for down in [&gone, &gainer] {
+            peer(down).fail.store(true, Ordering::Relaxed);
+        }
+        let out = node.put(key.clone(), "v".into()).await.unwrap();
+        assert_eq!((out.nodes, out.acks), (4, 2), "{out:?}");
+        assert_eq!(out.rings, [(2, 3), (2, 3)], "{out:?}");
+        assert!(out.ok(), "two of three in each ring: {out:?}");
+        // A third one down leaves each ring one copy short.
+        peer(&kept).fail.store(true, Ordering::Relaxed);
+        let out = node.put(key.clone(), "w".into()).await.unwrap();
+        assert!(!out.ok(), "{out:?}");
+        let message = out.message("Stored");
+        assert!(
+            message.starts_with(
+                "Stored on 1 of 4 nodes, write quorum majority of each ring while the ring \
+                 changes (1 of 3, 2 required; 1 of 3, 2 required) NOT met; not replicated to"
+            ),
+            "{message}"
+        );
+        // Answering at the quorum, a write waits for the quorum of each ring, and no more.
+        let peers: Vec<FakePeer> = (0..5).map(|_| FakePeer::default()).collect();
+        let node = ring_node_acking(&peers, &changing, AckAfter::Quorum);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let peer = |name: &str| &peers[names.iter().position(|n| n == name).unwrap()];
+        for slow in [&gone, &gainer] {
+            peer(slow).delay_ms.store(2000, Ordering::Relaxed);
+        }
+        let out = node.put(key.clone(), "x".into()).await.unwrap();
+        assert!(out.ok(), "{out:?}");
+        assert_eq!(
+            (out.acks, out.pending, out.rings.as_slice()),
+            (2, 2, &[(2, 3), (2, 3)][..])
+        );
+        assert_eq!(peer(&kept).received_keys(), [key.as_str()]);
+        assert!(peer(&gainer).received_keys().is_empty(), "answered before");
+        // Once settled, one ring: the quorum over its holders, as ever.
+        let settled = Placement::new(old, "local", &names).unwrap();
+        assert!(settled.write_holders(&key).rings.is_empty());
     }
 
     async fn listed(

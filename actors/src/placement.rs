@@ -122,12 +122,46 @@ impl FromIterator<u16> for PartitionSet {
 pub struct Holders<'a> {
     pub local: bool,
     pub peers: &'a [u16],
+    /// The key's writers during a ring change, split by ring: each ring's holders, of which
+    /// a write must reach the quorum. Empty when one ring places the key.
+    pub rings: &'a [RingHolders],
 }
 
 impl Holders<'_> {
     /// Copies of the key: the nodes a write goes to and a quorum counts over.
     pub fn nodes(&self) -> usize {
         self.peers.len() + usize::from(self.local)
+    }
+
+    /// For each ring of a change under way, how many of its holders have a write, and how
+    /// many it has: `acked(i)` says whether the peer at position `i` of `peers` has it, and
+    /// this node has it if it holds the key. Empty when one ring places the key.
+    pub fn ring_acks(&self, acked: impl Fn(usize) -> bool) -> Vec<(usize, usize)> {
+        (self.rings.iter())
+            .map(|ring| {
+                let peers = ring.at.iter().filter(|&&i| acked(usize::from(i))).count();
+                (usize::from(ring.local) + peers, ring.nodes())
+            })
+            .collect()
+    }
+}
+
+/// One ring's holders of a key while the ring changes, among the key's writers. A write
+/// acknowledged by the quorum of each ring is seen by a quorum read of either; the quorum of
+/// the two together would ask more: for a removal, every live holder, the one still copying
+/// the key included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RingHolders {
+    /// Whether this node is one.
+    pub local: bool,
+    /// The others, as positions in the key's [`Holders::peers`].
+    pub at: Box<[u16]>,
+}
+
+impl RingHolders {
+    /// The ring's copies of the key.
+    pub fn nodes(&self) -> usize {
+        self.at.len() + usize::from(self.local)
     }
 }
 
@@ -154,6 +188,8 @@ pub struct Placement {
     write_local: PartitionSet,
     /// Per partition, the peers that take its writes.
     write_peers_of: Vec<Box<[u16]>>,
+    /// Per partition while the ring changes, its writers split by ring; empty when settled.
+    rings_of: Vec<Box<[RingHolders]>>,
     /// Per peer, the partitions both it and this node take writes of: what anti-entropy
     /// compares with it, and how a new holder fills its partitions.
     shared: Vec<PartitionSet>,
@@ -205,6 +241,8 @@ impl Placement {
         let mut shared = vec![PartitionSet::none(); peers.len()];
         let mut peers_of = Vec::with_capacity(usize::from(PARTITIONS));
         let mut write_peers_of = Vec::with_capacity(usize::from(PARTITIONS));
+        let changing = state.previous().is_some();
+        let mut rings_of = Vec::with_capacity(if changing { PARTITIONS.into() } else { 0 });
         for p in 0..PARTITIONS {
             let (here, held) = table(read, p);
             if here {
@@ -229,6 +267,17 @@ impl Placement {
                     shared[usize::from(peer)].insert(p);
                 }
             }
+            if changing {
+                let split = (state.write_rings()).map(|ring| {
+                    let (local, others) = table(ring, p);
+                    let at = (others.iter())
+                        .map(|peer| writers.iter().position(|w| w == peer).expect("a writer"))
+                        .map(|at| at as u16)
+                        .collect();
+                    RingHolders { local, at }
+                });
+                rings_of.push(split.collect());
+            }
             peers_of.push(held.into_boxed_slice());
             write_peers_of.push(writers.into_boxed_slice());
         }
@@ -242,6 +291,7 @@ impl Placement {
             peers_of,
             write_local,
             write_peers_of,
+            rings_of,
             shared,
         })
     }
@@ -298,32 +348,36 @@ impl Placement {
 
     /// Who holds `key` to read it.
     pub fn holders(&self, key: &str) -> Holders<'_> {
-        self.lookup(key, &self.local, &self.peers_of)
+        self.lookup(key, &self.local, &self.peers_of, &[])
     }
 
     /// Who takes the writes of `key`: its holders, and during a change those of the other
     /// ring too.
     pub fn write_holders(&self, key: &str) -> Holders<'_> {
-        self.lookup(key, &self.write_local, &self.write_peers_of)
+        self.lookup(key, &self.write_local, &self.write_peers_of, &self.rings_of)
     }
 
-    /// `key`'s holders by one of the tables: whether this node is one, and which peers.
+    /// `key`'s holders by one of the tables: whether this node is one, and which peers, and
+    /// split by ring if `rings_of` has the split.
     fn lookup<'a>(
         &'a self,
         key: &str,
         local: &PartitionSet,
         peers_of: &'a [Box<[u16]>],
+        rings_of: &'a [Box<[RingHolders]>],
     ) -> Holders<'a> {
         if self.everywhere {
             return Holders {
                 local: true,
                 peers: &self.all_peers,
+                rings: &[],
             };
         }
-        let p = partition_of(key);
+        let p = usize::from(partition_of(key));
         Holders {
-            local: local.contains(p),
-            peers: &peers_of[usize::from(p)],
+            local: local.contains(p as u16),
+            peers: &peers_of[p],
+            rings: rings_of.get(p).map_or(&[], |rings| rings),
         }
     }
 
