@@ -159,6 +159,9 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
             status.ring_version, status.ring_phase, status.ring_state
         ));
     }
+    if !status.ring_change.is_empty() {
+        lines.push(format!("changing: {}", status.ring_change));
+    }
     if !status.refusing_writes.is_empty() {
         lines.push(format!("refusing writes: {}", status.refusing_writes));
     }
@@ -461,8 +464,12 @@ impl Shell {
                 keys,
             ]);
         }
+        let mut stdout = align(&table);
+        if !own.ring_change.is_empty() {
+            stdout.push(format!("changing: {}", own.ring_change));
+        }
         Output {
-            stdout: align(&table),
+            stdout,
             ..Output::default()
         }
     }
@@ -624,6 +631,7 @@ mod tests {
             ring_version: 1,
             ring_state: "normal".into(),
             ring_phase: "settled".into(),
+            ring_change: String::new(),
             peers: vec![
                 PeerStatus {
                     address: "db2:5001".into(),
@@ -688,5 +696,18 @@ mod tests {
             status.partitions = partitions;
             assert_eq!(render_status(&status).len(), 1);
         }
+        // A change under way: the ring's version and phase, and what the change waits for.
+        status.partitions = 512;
+        status.ring_version = 2;
+        status.ring_phase = "pending".into();
+        status.ring_state = "normal".into();
+        status.ring_change = "ring version 2: n5:1 joins; pending until ...".into();
+        assert_eq!(
+            render_status(&status)[2..],
+            [
+                "ring version 2 (pending), this node normal",
+                "changing: ring version 2: n5:1 joins; pending until ...",
+            ]
+        );
     }
 }

@@ -1111,6 +1111,18 @@ async fn a_pending_change_whose_claimant_died_is_called_off_by_removing_it() {
         gossip_says(&cluster, i, CLAIMANT, "dead").await;
     }
     assert_eq!(ring_of(&cluster, 2).await.phase().name(), "pending");
+    // Status says what the change waits for, and how to go on.
+    let change = cluster.client(2).status().await.unwrap().ring_change;
+    let claimant = cluster.addr(CLAIMANT);
+    assert!(
+        change.starts_with(&format!(
+            "ring version 2: {} leaves; pending until ",
+            cluster.addr(LEAVER)
+        )) && change.contains(&format!(
+            "; {claimant} is down, and the change cannot finish without it"
+        )) && change.ends_with(&format!("remove {claimant} to call it off")),
+        "{change}"
+    );
     // Any other change goes to the dead claimant, and the answer says what to do.
     let stuck = cluster.client(2).leave().await.unwrap_err();
     assert_eq!(stuck.code(), Code::Unavailable, "{stuck:?}");
@@ -1130,6 +1142,7 @@ async fn a_pending_change_whose_claimant_died_is_called_off_by_removing_it() {
         ring_of(&cluster, 3).await.ring(),
         &settled.ring().renumbered(3)
     );
+    assert_eq!(cluster.client(3).status().await.unwrap().ring_change, "");
     let ack = (cluster.client(2).remove(cluster.addr(CLAIMANT)).await).unwrap();
     assert!(ack.message.starts_with("Removing "), "{ack:?}");
     change_settles(&cluster, &live, 4, None).await;

@@ -253,6 +253,104 @@ pub fn remove_answer(
     }
 }
 
+/// What the change under way in `state` is and what it waits for, for `status` and
+/// `cluster`; empty when the ring is settled. `dead` says which members gossip sees dead: a
+/// member of the new ring that is down holds the change, and the line says how to go on.
+pub fn change_summary(state: &RingState, dead: impl Fn(&str) -> bool) -> String {
+    let Some(previous) = state.previous() else {
+        return String::new();
+    };
+    let ring = state.ring();
+    let joining: Vec<&str> = (ring.members().iter())
+        .filter(|m| !in_ring(previous, m))
+        .map(String::as_str)
+        .collect();
+    let going: Vec<&str> = (previous.members().iter())
+        .filter(|m| !in_ring(ring, m))
+        .map(String::as_str)
+        .collect();
+    let mut what = Vec::new();
+    if !joining.is_empty() {
+        what.push(format!(
+            "{} {}",
+            and(&joining),
+            verb(&joining, "joins", "join")
+        ));
+    }
+    if !going.is_empty() {
+        what.push(format!(
+            "{} {}",
+            and(&going),
+            verb(&going, "leaves", "leave")
+        ));
+    }
+    let claimant = state.claimant();
+    let down: Vec<&str> = (ring.members().iter())
+        .map(String::as_str)
+        .filter(|m| dead(m))
+        .collect();
+    let mut line = format!("ring version {}: {}", ring.version(), what.join(", "));
+    match state.phase() {
+        Phase::Pending => {
+            let gaining = state.gaining();
+            let gaining: Vec<&str> = gaining.iter().map(String::as_str).collect();
+            line.push_str(&format!(
+                "; pending until {} {} copied the partitions {} (the claimant, {claimant}, \
+                 commits it then)",
+                and(&gaining),
+                verb(&gaining, "has", "have"),
+                verb(&gaining, "it gains", "they gain"),
+            ));
+            if !down.is_empty() {
+                line.push_str(&format!(
+                    "; {} {} down, and the change cannot finish without {}: if {} gone for \
+                     good, remove {} to call it off",
+                    and(&down),
+                    verb(&down, "is", "are"),
+                    verb(&down, "it", "them"),
+                    verb(&down, "it is", "they are"),
+                    down.join(" ")
+                ));
+            }
+        }
+        Phase::Committed => {
+            line.push_str(&format!(
+                "; committed, and settled by the claimant, {claimant}, once every member of \
+                 the new ring has heard"
+            ));
+            let others: Vec<&str> = down.iter().copied().filter(|m| *m != claimant).collect();
+            if down.contains(&claimant) {
+                line.push_str("; the claimant is down: the next member that may decide settles it");
+            }
+            if !others.is_empty() {
+                line.push_str(&format!(
+                    "; {} {} down: a committed change cannot be called off, and settles once \
+                     {} back",
+                    and(&others),
+                    verb(&others, "is", "are"),
+                    verb(&others, "it is", "they are"),
+                ));
+            }
+        }
+        Phase::Settled => {}
+    }
+    line
+}
+
+/// `nodes` as words: "a", "a and b", "a, b and c".
+fn and(nodes: &[&str]) -> String {
+    match nodes {
+        [] => "no node".into(),
+        [one] => (*one).to_owned(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
+/// `one` for a single node, `many` for several.
+fn verb<'a>(nodes: &[&str], one: &'a str, many: &'a str) -> &'a str {
+    if nodes.len() == 1 { one } else { many }
+}
+
 /// The refusal of a change while another is under way.
 fn changing(state: &RingState) -> Error {
     Error::Unavailable(format!(
@@ -992,6 +1090,52 @@ mod tests {
             answer.starts_with("Called off the join of n5:1"),
             "{answer}"
         );
+    }
+
+    #[test]
+    fn a_change_under_way_says_what_it_waits_for_and_how_to_go_on() {
+        let four = ["n1:1", "n2:1", "n3:1", "n4:1"];
+        let settled = RingState::settled(Ring::bootstrap(four, 3).unwrap());
+        let none = |_: &str| false;
+        assert_eq!(change_summary(&settled, none), "");
+        let joining = settled
+            .begin(settled.ring().with_joined("n5:1").unwrap())
+            .unwrap();
+        assert_eq!(
+            change_summary(&joining, none),
+            "ring version 2: n5:1 joins; pending until n5:1 has copied the partitions it gains \
+             (the claimant, n1:1, commits it then)"
+        );
+        let line = change_summary(&joining, |m| m == "n5:1" || m == "n2:1");
+        assert!(
+            line.ends_with(
+                "; n2:1 and n5:1 are down, and the change cannot finish without them: if they \
+                 are gone for good, remove n2:1 n5:1 to call it off"
+            ),
+            "{line}"
+        );
+        // The node a removal takes out is down, as it should be: nothing waits for it.
+        let removing = settled
+            .begin(settled.ring().without("n4:1").unwrap())
+            .unwrap();
+        let line = change_summary(&removing, |m| m == "n4:1");
+        assert!(
+            line.starts_with("ring version 2: n4:1 leaves; pending until "),
+            "{line}"
+        );
+        assert!(!line.contains("down"), "{line}");
+        let committed = removing.advance().unwrap();
+        let line = change_summary(&committed, |m| m == "n1:1" || m == "n3:1");
+        assert!(
+            line.ends_with(
+                "committed, and settled by the claimant, n1:1, once every member of the new \
+                 ring has heard; the claimant is down: the next member that may decide settles \
+                 it; n3:1 is down: a committed change cannot be called off, and settles once \
+                 it is back"
+            ),
+            "{line}"
+        );
+        assert_eq!(and(&["a", "b", "c"]), "a, b and c");
     }
 
     #[test]

@@ -229,12 +229,17 @@ impl KvStore for KvService {
         let placement = node.placement();
         let liveness = self.members.liveness().await;
         let (ring_version, ring_state, ring_phase) =
-            placement.map_or((1, "normal", "settled"), |p| {
+            placement.as_ref().map_or((1, "normal", "settled"), |p| {
                 let state = p.state();
                 (state.ring().version(), p.role(), state.phase().name())
             });
+        let dead = |m: &str| liveness.get(m) == Some(&crate::gossip::Liveness::Dead);
+        let ring_change = (placement.as_ref()).map_or(String::new(), |p| {
+            crate::membership::change_summary(p.state(), dead)
+        });
         Ok(Response::new(NodeStatus {
             ring_version,
+            ring_change,
             ring_state: ring_state.into(),
             ring_phase: ring_phase.into(),
             replicas: replicas as u32,
