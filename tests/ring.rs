@@ -1239,6 +1239,17 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
         unknown.message().contains("no node named 'node99'"),
         "{unknown:?}"
     );
+    // A name no node could have is refused, and not echoed whole.
+    let long = format!("{}:5001", "h".repeat(300));
+    let refused = cluster.client(live[2]).remove(&long).await.unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("a node name of 305 bytes ('hhhh")
+            && refused.message().len() < 300,
+        "{refused:?}"
+    );
     eventually("the removal settles", || {
         settles(&cluster, live.clone(), 3, KEYS)
     })

@@ -408,6 +408,17 @@ impl Members {
     /// The ring id (address) of the node named `name`: an address names itself; otherwise
     /// `name` is a `--node-id`, which gossip knows the address of.
     pub async fn resolve(&self, name: &str) -> Result<String, Error> {
+        // No member's name is longer (a DNS name of 253 bytes and a port, or a node id): one
+        // that is longer is a mistake, and is not echoed back whole.
+        const LONGEST: usize = 253 + ":65535".len();
+        if name.len() > LONGEST.max(kvstore_actors::version::MAX_NODE_ID_BYTES) {
+            let start: String = name.chars().take(32).collect();
+            return Err(Error::InvalidArgument(format!(
+                "a node name of {} bytes ('{start}...') names no node: a node is named by its \
+                 address (host:port) or its --node-id, at most {LONGEST} bytes",
+                name.len()
+            )));
+        }
         if let Ok(addr) = crate::net::parse_addr(name) {
             return Ok(addr);
         }
