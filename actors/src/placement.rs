@@ -598,6 +598,39 @@ mod tests {
         assert_eq!(of(0, 6, &nodes), None, "every node holds everything");
     }
 
+    /// A node that has left holds nothing, though every member of the ring holds every key;
+    /// a joining node takes the writes of the partitions it gains before it reads them, and
+    /// each write's holders are split by ring while the change is under way.
+    #[test]
+    fn a_node_outside_the_ring_holds_nothing_and_a_joining_one_takes_writes_first() {
+        let nodes = addrs(4);
+        let three = Ring::bootstrap(nodes[..3].to_vec(), 3).unwrap();
+        let gone = Placement::of(RingState::settled(three.clone()), &nodes[3], &nodes[..3]);
+        let gone = gone.unwrap();
+        assert!(!gone.is_everywhere());
+        assert!(!gone.holders("k").local && !gone.write_holders("k").local);
+        assert_eq!(gone.holders("k").peers.len(), 3);
+
+        let joining = RingState::settled(three.clone())
+            .begin(three.with_joined(&nodes[3]).unwrap())
+            .unwrap();
+        let joiner = Placement::of(joining, &nodes[3], &nodes[..3]).unwrap();
+        let key = (0..10_000)
+            .map(|i| format!("key{i}"))
+            .find(|k| joiner.write_holders(k).local)
+            .expect("the joining node gains partitions");
+        let (read, write) = (joiner.holders(&key), joiner.write_holders(&key));
+        assert!(!read.local && read.peers.len() == 3, "{read:?}");
+        assert_eq!(write.nodes(), 4);
+        let rings: Vec<(bool, usize)> =
+            (write.rings.iter()).map(|r| (r.local, r.nodes())).collect();
+        assert_eq!(
+            rings,
+            [(true, 3), (false, 3)],
+            "new ring first, then the old"
+        );
+    }
+
     #[test]
     fn a_ring_naming_a_node_that_is_not_a_peer_is_refused() {
         let nodes = addrs(4);
