@@ -455,8 +455,8 @@ async fn start(
         // Joining again on the data dir of a node that left would start it as one that left.
         (Some(state), Some(_)) if !state.members().contains(&me) => {
             return Err(Error::FailedPrecondition(format!(
-                "this data dir holds ring version {}, which this node has left: give an empty \
-                 --data-dir to join again",
+                "this data dir holds ring version {}, which this node has left (or whose join \
+                 of it was called off): give an empty --data-dir to join again",
                 state.ring().version()
             )));
         }
