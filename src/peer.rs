@@ -111,12 +111,17 @@ impl std::fmt::Debug for Sender {
 
 impl Interceptor for Sender {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        // A node asks for a peer's ring when its own may be behind (it restarted after missing
+        // changes): sent with it, a ring two versions behind would be refused, and the node
+        // could never catch up.
+        let asking_for_ring = (request.extensions().get::<tonic::GrpcMethod>())
+            .is_some_and(|m| m.method() == "GetRing");
         let metadata = request.metadata_mut();
         metadata.insert_bin(SENDER_HEADER, self.node_id.clone());
         if let Some(token) = &self.token {
             metadata.insert_bin(TOKEN_HEADER, token.clone());
         }
-        if let Some(ring) = &*self.ring.load() {
+        if let (false, Some(ring)) = (asking_for_ring, &*self.ring.load()) {
             metadata.insert(RING_HEADER, (**ring).clone());
         }
         if let Some(cluster) = &self.cluster {

@@ -270,13 +270,15 @@ async fn serve(
     if let Some(state) = node.ring_state() {
         members.fill_if_gaining(&state);
     }
-    // Serving (by its health) once it has its peers' newest ring: the node serves calls
-    // meanwhile, theirs too, so nodes starting together do not wait on each other.
+    // Serving (by its health) once it has its peers' newest ring: the node serves its peers'
+    // calls meanwhile, so nodes starting together do not wait on each other, and clients'
+    // reads; a client's write waits (see `Starting::current`).
     let serving = tokio::spawn({
         let (members, health, stopped) = (members.clone(), health.clone(), stopped.clone());
-        let wait = config.replication_deadline;
+        let (wait, starting) = (config.replication_deadline, starting.clone());
         async move {
             members.catch_up_once(wait).await;
+            starting.caught_up();
             if !*stopped.borrow() {
                 set_health(&health, ServingStatus::Serving).await;
             }

@@ -1256,6 +1256,33 @@ async fn processes_join_a_node_and_remove_a_killed_one() {
     .await;
     let listed = cluster.client(live[0]).list().await.unwrap();
     assert_eq!(listed.len(), KEYS);
+    // One more change puts the removed node two ring versions behind, where the members
+    // refuse its calls. Restarted on its data dir, it still gets the newest ring, finds it has
+    // been removed, and sends a write to the key's holders rather than to the ones it had.
+    let leaver = live[3];
+    let ack = cluster.client(leaver).leave().await.unwrap();
+    assert!(ack.ok, "{ack:?}");
+    let stay = live[..3].to_vec();
+    eventually("the leave settles", || {
+        settles(&cluster, stay.clone(), 4, KEYS)
+    })
+    .await;
+    cluster.restart(claimant).await.unwrap();
+    let ack = cluster.client(claimant).put("after", "v").await.unwrap();
+    assert_eq!(ack.message, "Stored and replicated", "{ack:?}");
+    let back = cluster.client(claimant).status().await.unwrap();
+    assert_eq!(
+        (back.ring_version, back.ring_state.as_str(), back.keys),
+        (4, "left", 0),
+        "{back:?}"
+    );
+    for &i in &stay {
+        let read = cluster
+            .client(i)
+            .get_with("after", Consistency::Quorum)
+            .await;
+        assert_eq!(read.unwrap().value, "v", "through node {i}");
+    }
 }
 
 /// A leave whose claimant dies for good between the commit and the settling is settled by the

@@ -118,7 +118,7 @@ impl KvStore for KvService {
         }
         let outcome = self
             .node
-            .node()
+            .current()
             .await
             .put(kv.key, kv.value)
             .await
@@ -275,7 +275,7 @@ impl KvStore for KvService {
         self.limits.check_key(&key)?;
         let outcome = self
             .node
-            .node()
+            .current()
             .await
             .delete(key)
             .await

@@ -8,6 +8,7 @@ pub mod observe;
 pub mod replicator;
 pub mod request_errors;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Notify;
@@ -24,6 +25,9 @@ pub struct Starting(Arc<StartingInner>);
 struct StartingInner {
     node: OnceLock<Arc<Node>>,
     started: Notify,
+    /// Whether the node has asked its peers for their rings, and taken the newest.
+    caught_up: AtomicBool,
+    caught_up_now: Notify,
 }
 
 impl Starting {
@@ -36,6 +40,29 @@ impl Starting {
     /// The node, if it has started.
     pub fn get(&self) -> Option<&Arc<Node>> {
         self.0.node.get()
+    }
+
+    /// The node has asked its peers for their rings, and taken the newest if it was behind.
+    pub fn caught_up(&self) {
+        self.0.caught_up.store(true, Ordering::Release);
+        self.0.caught_up_now.notify_waiters();
+    }
+
+    /// The node, once it has started and has its peers' newest ring: what a client's write
+    /// waits for. A node restarted after it missed ring changes would otherwise place a write
+    /// by the ring it had, on holders that may have given the key up (or on itself, removed
+    /// meanwhile), where no member looks for it. The wait is bounded: the node asks its peers
+    /// within a replication deadline.
+    pub async fn current(&self) -> &Arc<Node> {
+        let node = self.node().await;
+        while !self.0.caught_up.load(Ordering::Acquire) {
+            let now = self.0.caught_up_now.notified();
+            if self.0.caught_up.load(Ordering::Acquire) {
+                break;
+            }
+            now.await;
+        }
+        node
     }
 
     /// The node, once it has started.
