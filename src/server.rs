@@ -462,7 +462,14 @@ async fn start(
                 state.ring().version()
             )));
         }
-        (Some(state), _) => {
+        (Some(state), join) => {
+            if join.is_some() {
+                tracing::warn!(
+                    ring_version = state.ring().version(),
+                    "this data dir holds a ring this node is a member of: the node restarts in \
+                     it, and --join is ignored"
+                );
+            }
             if state.ring().replicas() != config.replicas {
                 return Err(Error::FailedPrecondition(format!(
                     "this node's data dir holds ring version {} with {} copies of each key: \

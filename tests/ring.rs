@@ -805,7 +805,8 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
         assert!(ack.ok, "{key}: {ack:?}");
         during.push((key, "p".to_string()));
     }
-    // Another change meanwhile is refused for now, in the claimant's own words: it answered.
+    // Another change meanwhile is refused for now, in the claimant's own words: it answered,
+    // and is not said to be gone.
     let claimant = pending.claimant().to_owned();
     let asker = (0..4).find(|&i| cluster.addr(i) != claimant).unwrap();
     let busy = cluster.client(asker).leave().await.unwrap_err();
@@ -813,9 +814,20 @@ async fn a_change_spreads_by_gossip_and_a_join_whose_node_is_gone_is_called_off(
     assert!(
         busy.message().starts_with(&format!(
             "the ring's claimant {claimant}: the ring is changing"
-        )),
+        )) && !busy.message().contains("calls that change off"),
         "{busy:?}"
     );
+    // Gossip never heard the joining node, and no member reaches it: status says it is down,
+    // and how to go on.
+    let started = std::time::Instant::now();
+    loop {
+        let change = cluster.client(asker).status().await.unwrap().ring_change;
+        if change.ends_with(&format!("remove {gone} to call it off")) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "{change}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Asked of any node: the claimant calls the join off.
     let ack = cluster.client(3).remove(&gone).await.unwrap();
     assert!(ack.ok, "{ack:?}");
@@ -1360,6 +1372,24 @@ async fn a_leave_and_a_removal_from_a_ring_of_no_more_nodes_than_copies_settle()
     change_settles(&cluster, &[0], 3, None).await;
     assert_eq!(cluster.client(0).status().await.unwrap().keys, KEYS as u64);
     read_back(&cluster, &[0], KEYS, Vec::new()).await;
+    // The last member cannot be removed, and the node that left cannot leave again.
+    let refused = cluster.client(0).remove(cluster.addr(0)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().ends_with(&format!(
+            "{} is every member that may make a change: the ring cannot remove it",
+            cluster.addr(0)
+        )),
+        "{refused:?}"
+    );
+    let refused = cluster.client(2).leave().await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .starts_with("this node is not a member of ring version 3"),
+        "{refused:?}"
+    );
 }
 
 /// With a cluster token, a ring change needs it: a client without it, or with another, can

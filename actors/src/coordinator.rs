@@ -453,6 +453,8 @@ fn local_pairs(listing: Listing) -> crate::merge::Pairs {
 pub struct PeerStatus {
     pub addr: String,
     pub state: PeerState,
+    /// Whether the peer failed the last exchange (see [`crate::health::PeerHealth::unanswered`]).
+    pub unanswered: bool,
     pub backlog: u64,
     pub needs_resync: bool,
     pub resyncing: bool,
@@ -762,6 +764,7 @@ impl<P: PeerClient> Coordinator<P> {
                     clock_offset: p.client.clock_offset(),
                     addr: p.health.addr().to_string(),
                     state: p.health.state(),
+                    unanswered: p.health.unanswered(),
                     backlog: p.health.backlog(),
                     needs_resync: p.health.needs_resync(),
                     resyncing: p.health.resyncing(),

@@ -277,6 +277,17 @@ impl PeerHealth {
         }
     }
 
+    /// Whether the peer failed the last exchange: down, or never reached and not answering
+    /// when last tried (as a node that is not started yet, or one killed before this node
+    /// reached it).
+    pub fn unanswered(&self) -> bool {
+        match self.state() {
+            PeerState::Down => true,
+            PeerState::Waiting => self.waiting_logged.load(Ordering::Relaxed),
+            PeerState::Up | PeerState::Lagging => false,
+        }
+    }
+
     pub(crate) fn mark_up(&self) {
         self.contact();
         // Lagging stays visible until something resyncs the peer: being reachable again does not
@@ -342,9 +353,16 @@ mod tests {
     #[test]
     fn a_peer_never_reached_is_waited_for_not_down_unless_it_answered() {
         let h = PeerHealth::new("p");
+        assert!(!h.unanswered(), "not tried yet");
         h.mark_down(&PeerError::Unreachable("connection refused".into()));
         h.mark_down(&PeerError::TimedOut);
         assert_eq!(h.state(), PeerState::Waiting);
+        assert!(h.unanswered(), "tried, and no answer");
+        h.mark_up();
+        assert!(!h.unanswered());
+        h.mark_down(&PeerError::TimedOut);
+        assert!(h.unanswered());
+        let h = PeerHealth::new("p");
         assert_eq!(h.state().to_string(), "waiting");
         // One that answers to refuse this node is set up wrong, and down.
         h.mark_down(&PeerError::Refused("Unauthenticated: wrong token".into()));

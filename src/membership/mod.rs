@@ -254,9 +254,15 @@ pub fn remove_answer(
 }
 
 /// What the change under way in `state` is and what it waits for, for `status` and
-/// `cluster`; empty when the ring is settled. `dead` says which members gossip sees dead: a
-/// member of the new ring that is down holds the change, and the line says how to go on.
-pub fn change_summary(state: &RingState, dead: impl Fn(&str) -> bool) -> String {
+/// `cluster`; empty when the ring is settled. `dead` says which members are down: a member of
+/// the new ring that is down holds the change, and the line says how to go on. `copied` is,
+/// on the claimant, the nodes that have said they copied what the change gives them; only
+/// the claimant knows.
+pub fn change_summary(
+    state: &RingState,
+    dead: impl Fn(&str) -> bool,
+    copied: Option<&[String]>,
+) -> String {
     let Some(previous) = state.previous() else {
         return String::new();
     };
@@ -293,14 +299,28 @@ pub fn change_summary(state: &RingState, dead: impl Fn(&str) -> bool) -> String 
     match state.phase() {
         Phase::Pending => {
             let gaining = state.gaining();
-            let gaining: Vec<&str> = gaining.iter().map(String::as_str).collect();
-            line.push_str(&format!(
-                "; pending until {} {} copied the partitions {} (the claimant, {claimant}, \
-                 commits it then)",
-                and(&gaining),
-                verb(&gaining, "has", "have"),
-                verb(&gaining, "it gains", "they gain"),
-            ));
+            let copying: Vec<&str> = (gaining.iter())
+                .filter(|g| copied.is_none_or(|done| !done.contains(g)))
+                .map(String::as_str)
+                .collect();
+            let (have, them) = (verb(&copying, "has", "have"), verb(&copying, "it", "them"));
+            line.push_str(&match copied {
+                Some(_) if copying.is_empty() => {
+                    "; pending: every node gaining partitions has copied them, and this node, \
+                     the claimant, commits it"
+                        .to_owned()
+                }
+                Some(_) => format!(
+                    "; pending until {} {have} copied what the change gives {them}; this node, \
+                     the claimant, commits it then",
+                    and(&copying),
+                ),
+                None => format!(
+                    "; pending until the claimant, {claimant}, hears that {} {have} copied what \
+                     the change gives {them}, and commits it",
+                    and(&copying),
+                ),
+            });
             if !down.is_empty() {
                 line.push_str(&format!(
                     "; {} {} down, and the change cannot finish without {}: if {} gone for \
@@ -504,10 +524,19 @@ impl Members {
     async fn adopt_now(self: &Arc<Self>, state: RingState) -> Result<bool, Error> {
         let _one_at_a_time = self.adopting.lock().await;
         let node = self.node().await;
+        let was_member = (node.ring_state()).is_none_or(|before| member_of(&before, &self.me));
         let peers = (node.strangers(&state).into_iter())
             .map(|id| Ok((id.clone(), self.link(&id)?)))
             .collect::<Result<Vec<_>, Error>>()?;
         let moved = node.adopt(state.clone(), peers).await?;
+        if moved && was_member && !member_of(&state, &self.me) {
+            tracing::info!(
+                ring_version = state.ring().version(),
+                "this node is no longer a member of the ring (it left, was removed, or its join \
+                 was called off): it holds no key, and passes calls on to the members; to join \
+                 again, start it on an empty --data-dir with --join"
+            );
+        }
         // Announced whatever happens next: it is what the node now serves by.
         if let (Some(gossip), Some(placement)) = (self.gossip.get(), node.placement()) {
             gossip.announce(placement.state(), placement.role()).await;
@@ -546,10 +575,27 @@ impl Members {
         tokio::spawn(self.clone().fill(version).in_current_span());
     }
 
+    /// On the claimant of `state`'s change, the nodes that have said they copied what it
+    /// gives them; `None` on any other node, which does not know.
+    pub fn copied(&self, state: &RingState) -> Option<Vec<String>> {
+        (state.claimant() == self.me).then(|| {
+            let ready = self.ready_nodes.lock().expect("ready poisoned");
+            ready.iter().cloned().collect()
+        })
+    }
+
     /// Asks the ring's claimant for this node to leave; refused if fewer nodes would stay
     /// than the ring keeps copies of each key, unless `force`d.
     pub async fn leave(self: &Arc<Self>, force: bool) -> Result<RingState, Error> {
-        check_leave(self.state().await?.ring(), &self.me, force)?;
+        let state = self.state().await?;
+        if !member_of(&state, &self.me) {
+            return Err(Error::FailedPrecondition(format!(
+                "this node is not a member of ring version {}: it has left, was removed, or its \
+                 join was called off",
+                state.ring().version()
+            )));
+        }
+        check_leave(state.ring(), &self.me, force)?;
         self.request(Change::Leave, &self.me, &[]).await
     }
 
@@ -564,9 +610,12 @@ impl Members {
         let state = self.state().await?;
         let nodes = named(node, also);
         if change == Change::Remove && state.deciders().all(|d| nodes.contains(&d)) {
+            let deciders: Vec<&str> = state.deciders().collect();
             return Err(Error::FailedPrecondition(format!(
-                "{} are every member that may make a change: the ring cannot remove them all",
-                nodes.join(", ")
+                "{} {} every member that may make a change: the ring cannot remove {}",
+                and(&deciders),
+                verb(&deciders, "is", "are"),
+                verb(&deciders, "it", "them all")
             )));
         }
         let claimant = claimant_for(&state, change, &nodes);
@@ -604,13 +653,17 @@ impl Members {
         let said = |why: String| format!("the ring's claimant {claimant}: {why}");
         // Its refusal keeps its code: a script must not retry what cannot succeed.
         let link = self.link(claimant)?;
-        let answer = (link.change_ring(change.into(), node, also).await).map_err(|e| match e {
+        let answer = link.change_ring(change.into(), node, also).await;
+        // A claimant that answered "the ring is changing" is not gone: only one gossip does not
+        // see live gets the hint that removing it calls the change off.
+        let gone = answer.is_err() && !self.seen_live(claimant).await;
+        let answer = answer.map_err(|e| match e {
             PeerError::Refused(why) => Error::FailedPrecondition(said(why)),
             PeerError::Rejected(why) => Error::InvalidArgument(said(why)),
             // Its own words when it answered ("the ring is changing"), the cause when it did
             // not ("connection refused"): "unreachable" would be wrong for the first. A change
             // under way waits for its claimant: if that is gone for good, so is the change.
-            PeerError::Unreachable(why) if state.phase() == Phase::Pending => {
+            PeerError::Unreachable(why) if state.phase() == Phase::Pending && gone => {
                 Error::Unavailable(format!(
                     "{}; a change is under way, and if {claimant} is gone for good, removing it \
                      calls that change off",
@@ -770,6 +823,19 @@ impl Members {
                 let absent: &[&str] = if change == Change::Leave { &[] } else { &nodes };
                 self.tell(&state, &state.members(), absent).await?;
                 Ok(state)
+            }
+            // A member of the new ring gone after the commit: the change waits for it.
+            Phase::Committed
+                if change == Change::Remove && nodes.iter().any(|n| in_ring(state.ring(), n)) =>
+            {
+                Err(Error::Unavailable(format!(
+                    "the change under way (version {}) is committed, and settles once every \
+                     member of the new ring has heard, {} included: a committed change cannot \
+                     be called off; bring {} back",
+                    state.ring().version(),
+                    nodes.join(", "),
+                    verb(&nodes, "it", "them")
+                )))
             }
             _ => Err(changing(&state)),
         }
@@ -1108,16 +1174,33 @@ mod tests {
         let four = ["n1:1", "n2:1", "n3:1", "n4:1"];
         let settled = RingState::settled(Ring::bootstrap(four, 3).unwrap());
         let none = |_: &str| false;
-        assert_eq!(change_summary(&settled, none), "");
+        assert_eq!(change_summary(&settled, none, None), "");
         let joining = settled
             .begin(settled.ring().with_joined("n5:1").unwrap())
             .unwrap();
         assert_eq!(
-            change_summary(&joining, none),
-            "ring version 2: n5:1 joins; pending until n5:1 has copied the partitions it gains \
-             (the claimant, n1:1, commits it then)"
+            change_summary(&joining, none, None),
+            "ring version 2: n5:1 joins; pending until the claimant, n1:1, hears that n5:1 has \
+             copied what the change gives it, and commits it"
         );
-        let line = change_summary(&joining, |m| m == "n5:1" || m == "n2:1");
+        // The claimant knows who has copied.
+        let removing = settled
+            .begin(settled.ring().without("n4:1").unwrap())
+            .unwrap();
+        let gaining = removing.gaining();
+        assert!(gaining.len() > 1, "{gaining:?}");
+        let line = change_summary(&removing, none, Some(&gaining[1..]));
+        assert!(
+            line.ends_with(&format!(
+                "; pending until {} has copied what the change gives it; this node, the \
+                 claimant, commits it then",
+                gaining[0]
+            )),
+            "{line}"
+        );
+        let line = change_summary(&removing, none, Some(&gaining));
+        assert!(line.ends_with("has copied them, and this node, the claimant, commits it"));
+        let line = change_summary(&joining, |m| m == "n5:1" || m == "n2:1", None);
         assert!(
             line.ends_with(
                 "; n2:1 and n5:1 are down, and the change cannot finish without them: if they \
@@ -1126,17 +1209,14 @@ mod tests {
             "{line}"
         );
         // The node a removal takes out is down, as it should be: nothing waits for it.
-        let removing = settled
-            .begin(settled.ring().without("n4:1").unwrap())
-            .unwrap();
-        let line = change_summary(&removing, |m| m == "n4:1");
+        let line = change_summary(&removing, |m| m == "n4:1", None);
         assert!(
             line.starts_with("ring version 2: n4:1 leaves; pending until "),
             "{line}"
         );
         assert!(!line.contains("down"), "{line}");
         let committed = removing.advance().unwrap();
-        let line = change_summary(&committed, |m| m == "n1:1" || m == "n3:1");
+        let line = change_summary(&committed, |m| m == "n1:1" || m == "n3:1", None);
         assert!(
             line.ends_with(
                 "committed, and settled by the claimant, n1:1, once every member of the new \

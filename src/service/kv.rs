@@ -233,9 +233,19 @@ impl KvStore for KvService {
                 let state = p.state();
                 (state.ring().version(), p.role(), state.phase().name())
             });
-        let dead = |m: &str| liveness.get(m) == Some(&crate::gossip::Liveness::Dead);
+        // Down: gossip sees it dead, or has no word of it (a node killed before gossip heard
+        // it) and this node did not reach it when it last tried either.
+        let unreached: Vec<&str> = (status.peers.iter())
+            .filter(|p| p.unanswered)
+            .map(|p| p.addr.as_str())
+            .collect();
+        let dead = |m: &str| match liveness.get(m) {
+            Some(liveness) => *liveness == crate::gossip::Liveness::Dead,
+            None => unreached.contains(&m),
+        };
         let ring_change = (placement.as_ref()).map_or(String::new(), |p| {
-            crate::membership::change_summary(p.state(), dead)
+            let copied = self.members.copied(p.state());
+            crate::membership::change_summary(p.state(), dead, copied.as_deref())
         });
         Ok(Response::new(NodeStatus {
             ring_version,
