@@ -453,7 +453,17 @@ async fn start(
         Some(Ok(Some(state))) if state.epoch() > (1, Phase::Settled) => Some(state),
         _ => None,
     };
-    let state = match (&changed, &config.join) {
+    // A join asked for before, and maybe begun by the claimant, that the node stopped in
+    // before it recorded the ring: it goes on, through the same member.
+    let unfinished = match (&changed, &config.join, config.data_dir.as_deref()) {
+        (None, None, Some(dir)) => membership::unfinished_join(dir)?,
+        _ => None,
+    };
+    if let Some(seed) = &unfinished {
+        tracing::warn!(%seed, "this node stopped while it asked to join: it goes on joining");
+    }
+    let join = config.join.clone().or(unfinished);
+    let state = match (&changed, &join) {
         // Joining again on the data dir of a node that left would start it as one that left.
         (Some(state), Some(_)) if !state.members().contains(&me) => {
             return Err(Error::FailedPrecondition(format!(
@@ -482,7 +492,19 @@ async fn start(
             state.clone()
         }
         (None, Some(seed)) => {
-            membership::join(seed, &me, config.replicas, &settings, JOIN_PATIENCE).await?
+            if let Some(dir) = &config.data_dir {
+                membership::record_join(dir, seed)?;
+            }
+            match membership::join(seed, &me, config.replicas, &settings, JOIN_PATIENCE).await {
+                // Refused: no join was begun, and none is to go on at a restart.
+                Err(refused @ Error::FailedPrecondition(_)) => {
+                    if let Some(dir) = &config.data_dir {
+                        membership::join_recorded(dir)?;
+                    }
+                    return Err(refused);
+                }
+                joined => joined?,
+            }
         }
         (None, None) => first.state().clone(),
     };
@@ -534,8 +556,9 @@ async fn start(
                 took = ?opened.elapsed(),
                 "storage recovered"
             );
-            let recorded = match changed.is_some() || config.join.is_some() {
-                true => membership::record(dir, placement.state()),
+            let recorded = match changed.is_some() || join.is_some() {
+                true => membership::record(dir, placement.state())
+                    .and_then(|()| membership::join_recorded(dir)),
                 false => record_ring(dir, &placement, !recovered.map.is_empty()),
             };
             if let Err(refused) = recorded {

@@ -1437,6 +1437,31 @@ async fn with_a_cluster_token_only_a_caller_holding_it_changes_the_ring() {
     read_back(&cluster, &[0, 1], 10, Vec::new()).await;
 }
 
+/// A node that stopped while it asked to join, before it recorded the ring it joined (the
+/// claimant may have begun the join), goes on joining when started again without --join,
+/// rather than start a ring of its own whose writes no member sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_while_it_asked_to_join_goes_on_joining_without_join() {
+    let mut cluster = TestCluster::start_with(4, |_| ring_config());
+    const KEYS: usize = 100;
+    let old: Vec<usize> = (0..4).collect();
+    write_before(&cluster, &old, KEYS).await;
+    let dir = tempfile::tempdir().unwrap();
+    kvstore::membership::record_join(dir.path(), cluster.addr(0)).unwrap();
+    let new = cluster.add(NodeConfig {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..ring_config()
+    });
+    let all: Vec<usize> = (0..5).collect();
+    change_settles(&cluster, &all, 2, None).await;
+    three_copies_on(&cluster, &all, KEYS).await;
+    assert!(cluster.client(new).status().await.unwrap().keys > 0);
+    assert!(
+        !dir.path().join(kvstore::membership::JOINING_FILE).exists(),
+        "the ring it joined is recorded, and a restart goes on from it"
+    );
+}
+
 /// A node given --join on the data dir of a node that has left is refused, rather than started
 /// as the node that left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

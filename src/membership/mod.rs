@@ -35,6 +35,9 @@ pub fn describe(state: &RingState) -> String {
 
 /// The file in a data dir that holds the node's ring.
 pub const RING_FILE: &str = "ring";
+/// The file in a data dir that holds the address a join was asked through, until the node
+/// has recorded the ring it joined.
+pub const JOINING_FILE: &str = "joining";
 
 /// A node's part in ring changes.
 pub struct Members {
@@ -1088,6 +1091,52 @@ pub fn recorded(dir: &std::path::Path) -> Result<Option<RingState>, String> {
         },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("(unreadable: {e})")),
+    }
+}
+
+/// Records in data dir `dir` that this node asks to join through `seed`, before it asks: the
+/// claimant may begin the join and the node stop before it records the ring, and restarted
+/// without `--join` it must go on joining, not start a ring of its own that takes writes no
+/// member sees.
+pub fn record_join(dir: &std::path::Path, seed: &str) -> Result<(), Error> {
+    let path = dir.join(JOINING_FILE);
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let temporary = dir.join(format!("{JOINING_FILE}.new"));
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(seed.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, &path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))
+    })
+}
+
+/// The address a join recorded in `dir` was asked through, if the node has not yet recorded
+/// the ring it joined.
+pub fn unfinished_join(dir: &std::path::Path) -> Result<Option<String>, Error> {
+    let path = dir.join(JOINING_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(seed) => Ok(Some(seed.trim().to_owned())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", path.display()),
+        ))),
+    }
+}
+
+/// The node has recorded the ring it joined: a restart goes on from that ring.
+pub fn join_recorded(dir: &std::path::Path) -> Result<(), Error> {
+    match std::fs::remove_file(dir.join(JOINING_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io(e)),
+        _ => Ok(()),
     }
 }
 

@@ -200,13 +200,19 @@ impl TestCluster {
     /// system's free ports allow, so that it is the ring's last member and which partitions
     /// it takes is the same in every run.
     pub fn join(&mut self, mut config: NodeConfig, via: usize) -> usize {
+        config.peers.clear();
+        config.join = Some(self.addr(via).to_string());
+        self.add(config)
+    }
+
+    /// Starts one more node with `config` as it is (no peers filled in); returns its index.
+    /// Its address sorts after every other node's, as far as the free ports allow.
+    pub fn add(&mut self, config: NodeConfig) -> usize {
         let last = self.nodes.iter().map(|n| n.addr.clone()).max();
         let bind = bind_free;
         let after = |l: &std::net::TcpListener| Some(l.local_addr().unwrap().to_string()) > last;
         let listener = (0..1000).map(|_| bind()).find(after).unwrap_or_else(bind);
         listener.set_nonblocking(true).unwrap();
-        config.peers.clear();
-        config.join = Some(self.addr(via).to_string());
         self.nodes.push(TestNode::start(listener, config));
         self.nodes.len() - 1
     }
