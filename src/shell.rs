@@ -333,12 +333,12 @@ impl Shell {
             }
             ("get", [key]) if !is_quorum_flag(key) => match self.client.get(key).await {
                 Ok(value) => Output::out(format!("{key} = {value}")),
-                Err(status) => self.failure(&status, false),
+                Err(status) => self.failure(&status, None),
             },
             ("get", [flag, key]) | ("get", [key, flag]) if is_quorum_flag(flag) => {
                 match self.client.get_with(key, Consistency::Quorum).await {
                     Ok(value) => Output::out(format!("{key} = {}", value.value)),
-                    Err(status) => self.failure(&status, false),
+                    Err(status) => self.failure(&status, None),
                 }
             }
             ("status", []) => match self.client.status().await {
@@ -346,20 +346,20 @@ impl Shell {
                     stdout: render_status(&status),
                     ..Output::default()
                 },
-                Err(status) => self.failure(&status, false),
+                Err(status) => self.failure(&status, None),
             },
             ("cluster", []) => match self.client.status().await {
                 Ok(status) => self.cluster(status).await,
-                Err(status) => self.failure(&status, false),
+                Err(status) => self.failure(&status, None),
             },
             ("delete" | "del", [key]) => self.write(self.client.delete(key).await),
-            ("leave", []) => self.write(self.client.leave().await),
+            ("leave", []) => self.change(self.client.leave().await),
             ("leave", [force]) if force == "--force" => {
-                self.write(self.client.leave_with(true).await)
+                self.change(self.client.leave_with(true).await)
             }
             ("remove", [node, also @ ..]) => {
                 let also: Vec<&str> = also.iter().map(String::as_str).collect();
-                self.write(self.client.remove_all(node, &also).await)
+                self.change(self.client.remove_all(node, &also).await)
             }
             ("list", []) => match self.client.list().await {
                 Ok(pairs) if pairs.is_empty() => Output::out("(no keys)"),
@@ -367,14 +367,14 @@ impl Shell {
                     stdout: pairs.iter().map(|(k, v)| format!("{k} = {v}")).collect(),
                     ..Output::default()
                 },
-                Err(status) => self.failure(&status, false),
+                Err(status) => self.failure(&status, None),
             },
             ("backup", [file]) => match crate::backup::write(&self.client, Path::new(file)).await {
                 Ok(summary) => Output::out(format!(
                     "Backed up {} entries ({} tombstones, {} bytes) to {file}",
                     summary.entries, summary.tombstones, summary.bytes
                 )),
-                Err(crate::Error::Call(status)) => self.failure(&status, false),
+                Err(crate::Error::Call(status)) => self.failure(&status, None),
                 Err(error) => Output::error(error.to_string()),
             },
             ("help", _) => Output {
@@ -477,6 +477,20 @@ impl Shell {
     /// Output for a Put or Delete: the original system's message when every node has it, a warning naming
     /// the peers it missed when the quorum was still met, an error when it was not.
     fn write(&self, result: Result<Ack, Status>) -> Output {
+        self.acked(result, "the write may or may not have been stored")
+    }
+
+    /// Output for a ring change (`leave`, `remove`), as for a write.
+    fn change(&self, result: Result<Ack, Status>) -> Output {
+        self.acked(
+            result,
+            "the ring change may or may not have begun (see cluster)",
+        )
+    }
+
+    /// Output for a call answered by an Ack; `unsure` says what may have happened when the
+    /// node did not answer.
+    fn acked(&self, result: Result<Ack, Status>, unsure: &str) -> Output {
         match result {
             Ok(ack) if ack.ok && ack.failed_peers.is_empty() => Output::out(ack.message),
             Ok(ack) if ack.ok => Output {
@@ -484,7 +498,7 @@ impl Shell {
                 ..Output::default()
             },
             Ok(ack) => Output::error(ack.message),
-            Err(status) => self.failure(&status, true),
+            Err(status) => self.failure(&status, Some(unsure)),
         }
     }
 
@@ -503,16 +517,18 @@ impl Shell {
         }
     }
 
-    /// Output for a failed call; `write` says whether it was a Put or Delete, whose outcome
-    /// is unknown when the node did not answer.
-    fn failure(&self, status: &Status, write: bool) -> Output {
+    /// Output for a failed call; `unsure`, for a call that changes something (a write, a ring
+    /// change), says what may have happened all the same when the node did not answer.
+    fn failure(&self, status: &Status, unsure: Option<&str>) -> Output {
         let addr = self.client.addr();
         Output::error(match status.code() {
             // The node may have stored and replicated the write before its answer was lost:
             // calling it failed would be wrong as often as right.
-            _ if timed_out(status) && write => format!(
-                "node {addr} did not answer in time; the write may or may not have been stored"
-            ),
+            _ if timed_out(status)
+                && let Some(unsure) = unsure =>
+            {
+                format!("node {addr} did not answer in time; {unsure}")
+            }
             _ if timed_out(status) => format!("node {addr} did not answer in time"),
             // A failure of the connection, whatever code the transport gave it (a connection
             // that broke under a call comes as UNKNOWN): not something the node said.
@@ -520,20 +536,29 @@ impl Shell {
                 let reason = status_reason(status) + self.tls_hint(&status_reason(status));
                 let refused =
                     status_reason(status) == std::io::ErrorKind::ConnectionRefused.to_string();
-                if write && !refused {
-                    format!(
-                        "cannot reach node {addr} ({reason}); the write may or may not have \
-                         been stored"
-                    )
-                } else {
-                    format!("cannot reach node {addr} ({reason})")
+                match unsure {
+                    Some(unsure) if !refused => {
+                        format!("cannot reach node {addr} ({reason}); {unsure}")
+                    }
+                    _ => format!("cannot reach node {addr} ({reason})"),
                 }
             }
-            Code::Unavailable => format!("unavailable: {}", status.message()),
             Code::NotFound | Code::InvalidArgument => status.message().to_string(),
-            code => format!("{}: {}", code.description(), status.message()),
+            code => format!("{}: {}", code_name(code), status.message()),
         })
     }
+}
+
+/// A gRPC code as words: `failed precondition`, not tonic's sentence describing it.
+fn code_name(code: Code) -> String {
+    let mut name = String::new();
+    for c in format!("{code:?}").chars() {
+        if c.is_uppercase() && !name.is_empty() {
+            name.push(' ');
+        }
+        name.push(c.to_ascii_lowercase());
+    }
+    name
 }
 
 #[cfg(test)]
@@ -602,6 +627,42 @@ mod tests {
         ] {
             assert_eq!(split_line(line), Err(problem.to_string()), "{line}");
         }
+    }
+
+    /// A call that changes something and got no answer may have taken effect: the output says
+    /// so in the words of what it changes. A read says only that it got no answer.
+    #[tokio::test]
+    async fn a_call_left_unanswered_says_what_may_have_happened() {
+        let client = Client::new("127.0.0.1:1", std::time::Duration::from_secs(1)).unwrap();
+        let shell = Shell::new(client);
+        let late = || Err(Status::deadline_exceeded("deadline"));
+        let unanswered = "node 127.0.0.1:1 did not answer in time";
+        assert_eq!(
+            shell.write(late()).stderr,
+            [format!(
+                "error: {unanswered}; the write may or may not have been stored"
+            )]
+        );
+        assert_eq!(
+            shell.change(late()).stderr,
+            [format!(
+                "error: {unanswered}; the ring change may or may not have begun (see cluster)"
+            )]
+        );
+        let read = shell.failure(&Status::deadline_exceeded("deadline"), None);
+        assert_eq!(read.stderr, [format!("error: {unanswered}")]);
+        let refused = Status::failed_precondition("the ring is changing");
+        assert_eq!(
+            shell.failure(&refused, None).stderr,
+            ["error: failed precondition: the ring is changing"]
+        );
+    }
+
+    #[test]
+    fn a_code_is_named_in_words() {
+        assert_eq!(code_name(Code::FailedPrecondition), "failed precondition");
+        assert_eq!(code_name(Code::Unavailable), "unavailable");
+        assert_eq!(code_name(Code::ResourceExhausted), "resource exhausted");
     }
 
     #[test]
