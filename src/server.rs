@@ -219,7 +219,7 @@ async fn serve(
     tokio::pin!(serve);
 
     let node = tokio::select! {
-        node = start(&config, &node_id, addr, &metrics, &members) => node,
+        node = start(&config, &node_id, addr, &metrics, &members, &starting) => node,
         // Stopped (or failed) before it started.
         served = &mut serve => {
             signalled.abort();
@@ -428,6 +428,7 @@ async fn start(
     addr: std::net::SocketAddr,
     metrics: &NodeMetrics,
     members: &Members,
+    starting: &Starting,
 ) -> Result<Arc<Node>, Error> {
     let limits = config.limits;
     let max_message = limits.max_message_bytes();
@@ -495,7 +496,17 @@ async fn start(
             if let Some(dir) = &config.data_dir {
                 membership::record_join(dir, seed)?;
             }
-            match membership::join(seed, &me, config.replicas, &settings, JOIN_PATIENCE).await {
+            let waiting = || starting.joining(seed);
+            match membership::join(
+                seed,
+                &me,
+                config.replicas,
+                &settings,
+                JOIN_PATIENCE,
+                waiting,
+            )
+            .await
+            {
                 // Refused: no join was begun, and none is to go on at a restart.
                 Err(refused @ Error::FailedPrecondition(_)) => {
                     if let Some(dir) = &config.data_dir {

@@ -1437,6 +1437,54 @@ async fn with_a_cluster_token_only_a_caller_holding_it_changes_the_ring() {
     read_back(&cluster, &[0, 1], 10, Vec::new()).await;
 }
 
+/// A node waiting to join while another change is under way answers a client at once, saying
+/// it is joining, rather than leave it to wait out its deadline; once let in, it serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_waiting_to_join_says_so_to_clients() {
+    let mut cluster = TestCluster::start_with(4, |_| ring_config());
+    let old: Vec<usize> = (0..4).collect();
+    write_before(&cluster, &old, 20).await;
+    // A change that stays pending: a join of an address nothing answers at.
+    let settled = ring_of(&cluster, 0).await;
+    let (_held_port, phantom) = common::closed_port();
+    let pending = (settled.begin(settled.ring().with_joined(&phantom).unwrap())).unwrap();
+    for i in 0..4 {
+        let state = kvstore::pb::RingState {
+            state: pending.to_bytes(),
+        };
+        cluster.replicator(i).await.push_ring(state).await.unwrap();
+    }
+    let new = cluster.join(ring_config(), 1);
+    let quick =
+        kvstore::client::Client::new(cluster.addr(new), Duration::from_millis(500)).unwrap();
+    let started = std::time::Instant::now();
+    let said = loop {
+        match quick.get("before0").await {
+            Err(e) if e.code() == Code::Unavailable => break e,
+            other => assert!(started.elapsed() < Duration::from_secs(30), "{other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        said.message().starts_with(&format!(
+            "this node is joining the ring through {}",
+            cluster.addr(1)
+        )),
+        "{said:?}"
+    );
+    let put = quick.put("during", "v").await.unwrap_err();
+    assert_eq!(put.code(), Code::Unavailable, "{put:?}");
+    // The phantom's join is called off; the waiting node is let in, and serves.
+    cluster.client(0).remove(&phantom).await.unwrap();
+    while let Err(e) = quick.status().await {
+        assert!(started.elapsed() < Duration::from_secs(60), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let all: Vec<usize> = (0..5).collect();
+    change_settles(&cluster, &all, 4, None).await;
+    assert_eq!(cluster.client(new).get("before0").await.unwrap(), "v");
+}
+
 /// A node that stopped while it asked to join, before it recorded the ring it joined (the
 /// claimant may have begun the join), goes on joining when started again without --join,
 /// rather than start a ring of its own whose writes no member sees.

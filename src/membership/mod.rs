@@ -1023,6 +1023,7 @@ pub async fn join(
     replicas: usize,
     settings: &PeerSettings,
     patience: Duration,
+    waiting: impl Fn(),
 ) -> Result<RingState, Error> {
     let give_up = tokio::time::Instant::now() + patience;
     let seed_link = GrpcPeer::new(seed, settings)?;
@@ -1074,6 +1075,7 @@ pub async fn join(
                 )));
             }
             Err((_, error)) => {
+                waiting();
                 tracing::info!(%seed, %error, "cannot join the ring yet; trying again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }

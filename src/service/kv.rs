@@ -119,7 +119,7 @@ impl KvStore for KvService {
         let outcome = self
             .node
             .current()
-            .await
+            .await?
             .put(kv.key, kv.value)
             .await
             .map_err(Error::from)?;
@@ -132,15 +132,15 @@ impl KvStore for KvService {
         let entry = match Consistency::try_from(consistency) {
             Ok(Consistency::Local) => self
                 .node
-                .node()
-                .await
+                .serving()
+                .await?
                 .read(key.clone())
                 .await
                 .map_err(Error::from)?,
             Ok(Consistency::Quorum) => self
                 .node
-                .node()
-                .await
+                .serving()
+                .await?
                 .get_quorum(key.clone())
                 .await
                 .map_err(Error::from)?,
@@ -165,7 +165,7 @@ impl KvStore for KvService {
     type ListStream = ListStream;
 
     async fn list(&self, _: Request<()>) -> Result<Response<Self::ListStream>, Status> {
-        let node = self.node.node().await;
+        let node = self.node.serving().await?;
         if node.placement().is_some_and(|p| !p.is_everywhere()) {
             let listing = node.list_ring(CHUNK, CHUNK_BYTES).await;
             return Ok(Response::new(
@@ -184,7 +184,7 @@ impl KvStore for KvService {
 
     async fn backup(&self, _: Request<()>) -> Result<Response<Self::BackupStream>, Status> {
         // Every entry as of one instant, read as the client takes them (see `list`).
-        let listing = self.node.node().await.listing().await;
+        let listing = self.node.serving().await?.listing().await;
         Ok(Response::new(
             self.lists.backup(listing.map_err(Error::from)?).await?,
         ))
@@ -193,7 +193,7 @@ impl KvStore for KvService {
     async fn leave(&self, request: Request<LeaveRequest>) -> Result<Response<Ack>, Status> {
         self.check_admin(&request, "leave")?;
         let force = request.get_ref().force;
-        self.node.node().await;
+        self.node.serving().await?;
         let me = self.members.me().to_owned();
         let state = self.members.leave(force).await?;
         Ok(Response::new(Ack {
@@ -206,7 +206,7 @@ impl KvStore for KvService {
     async fn remove(&self, request: Request<RemoveRequest>) -> Result<Response<Ack>, Status> {
         self.check_admin(&request, "remove")?;
         let request = request.into_inner();
-        self.node.node().await;
+        self.node.serving().await?;
         let node = self.members.resolve(&request.node).await?;
         let mut also = Vec::with_capacity(request.also.len());
         for name in &request.also {
@@ -223,7 +223,7 @@ impl KvStore for KvService {
     }
 
     async fn status(&self, _: Request<()>) -> Result<Response<NodeStatus>, Status> {
-        let node = self.node.node().await;
+        let node = self.node.serving().await?;
         let status = node.status().await.map_err(Error::from)?;
         let (replicas, partitions) = node.share();
         let placement = node.placement();
@@ -286,7 +286,7 @@ impl KvStore for KvService {
         let outcome = self
             .node
             .current()
-            .await
+            .await?
             .delete(key)
             .await
             .map_err(Error::from)?;

@@ -28,6 +28,8 @@ struct StartingInner {
     /// Whether the node has asked its peers for their rings, and taken the newest.
     caught_up: AtomicBool,
     caught_up_now: Notify,
+    /// The member a starting node asks to join through, while it waits to be let in.
+    joining: OnceLock<String>,
 }
 
 impl Starting {
@@ -42,6 +44,28 @@ impl Starting {
         self.0.node.get()
     }
 
+    /// The node starts by joining a ring through `seed`, and waits for its turn (another
+    /// change is under way, or a member does not answer): until it is let in, a client's call
+    /// is answered at once (see `serving`).
+    pub fn joining(&self, seed: &str) {
+        let _ = self.0.joining.set(seed.to_owned());
+    }
+
+    /// The node, once it has started; a node waiting to join answers `UNAVAILABLE` at once,
+    /// where a client would otherwise wait out its deadline with no word of why.
+    pub async fn serving(&self) -> Result<&Arc<Node>, crate::Error> {
+        if let Some(node) = self.get() {
+            return Ok(node);
+        }
+        if let Some(seed) = self.0.joining.get() {
+            return Err(crate::Error::Unavailable(format!(
+                "this node is joining the ring through {seed}, and serves once the ring's \
+                 claimant has let it in (another change may be under way)"
+            )));
+        }
+        Ok(self.node().await)
+    }
+
     /// The node has asked its peers for their rings, and taken the newest if it was behind.
     pub fn caught_up(&self) {
         self.0.caught_up.store(true, Ordering::Release);
@@ -53,8 +77,8 @@ impl Starting {
     /// by the ring it had, on holders that may have given the key up (or on itself, removed
     /// meanwhile), where no member looks for it. The wait is bounded: the node asks its peers
     /// within a replication deadline.
-    pub async fn current(&self) -> &Arc<Node> {
-        let node = self.node().await;
+    pub async fn current(&self) -> Result<&Arc<Node>, crate::Error> {
+        let node = self.serving().await?;
         while !self.0.caught_up.load(Ordering::Acquire) {
             let now = self.0.caught_up_now.notified();
             if self.0.caught_up.load(Ordering::Acquire) {
@@ -62,7 +86,7 @@ impl Starting {
             }
             now.await;
         }
-        node
+        Ok(node)
     }
 
     /// The node, once it has started.
