@@ -1101,23 +1101,13 @@ pub fn recorded(dir: &std::path::Path) -> Result<Option<RingState>, String> {
 /// without `--join` it must go on joining, not start a ring of its own that takes writes no
 /// member sees.
 pub fn record_join(dir: &std::path::Path, seed: &str) -> Result<(), Error> {
-    let path = dir.join(JOINING_FILE);
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        std::fs::create_dir_all(dir)?;
-        let temporary = dir.join(format!("{JOINING_FILE}.new"));
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(seed.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(|e| {
+    std::fs::create_dir_all(dir).map_err(|e| {
         Error::Io(std::io::Error::new(
             e.kind(),
-            format!("{}: {e}", path.display()),
+            format!("{}: {e}", dir.display()),
         ))
-    })
+    })?;
+    write_whole(dir, JOINING_FILE, seed.as_bytes())
 }
 
 /// The address a join recorded in `dir` was asked through, if the node has not yet recorded
@@ -1145,12 +1135,18 @@ pub fn join_recorded(dir: &std::path::Path) -> Result<(), Error> {
 /// Records `state` in data dir `dir`, replacing the file whole: a crash leaves the old ring or
 /// the new, never half of one.
 pub fn record(dir: &std::path::Path, state: &RingState) -> Result<(), Error> {
-    let path = dir.join(RING_FILE);
-    let temporary = dir.join(format!("{RING_FILE}.new"));
+    write_whole(dir, RING_FILE, &state.to_bytes())
+}
+
+/// Writes `bytes` to file `name` in `dir`, replacing it whole, durably: a crash leaves the
+/// old file or the new, never half of one.
+fn write_whole(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<(), Error> {
+    let path = dir.join(name);
+    let temporary = dir.join(format!("{name}.new"));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(&state.to_bytes())?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, &path)?;
         std::fs::File::open(dir)?.sync_all()
