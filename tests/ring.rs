@@ -911,6 +911,24 @@ async fn a_leave_whose_heir_died_is_called_off_and_made_once_the_heir_is_removed
     for &i in &live {
         gossip_says(&cluster, i, heir, "dead").await;
     }
+    // The claimant counts which nodes have copied (none has: each copies from every member it
+    // shares partitions with, the dead heir among them); another node cannot know, and says
+    // the claimant counts.
+    let claimant = (0..6).find(|&i| cluster.addr(i) == pending.claimant());
+    let claimant = claimant.unwrap();
+    let change = cluster.client(claimant).status().await.unwrap().ring_change;
+    let waits = format!(
+        "have copied what the change gives them; this node, the claimant, commits it then; {} \
+         is down",
+        cluster.addr(heir)
+    );
+    assert!(change.contains(&waits), "{change}");
+    let other = *live.iter().find(|&&i| i != claimant).unwrap();
+    let change = cluster.client(other).status().await.unwrap().ring_change;
+    assert!(
+        change.contains("; pending until the claimant, "),
+        "{change}"
+    );
     let ack = cluster
         .client(live[3])
         .remove(cluster.addr(heir))
