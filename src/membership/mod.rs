@@ -360,6 +360,20 @@ pub fn change_summary(
     line
 }
 
+/// Whether member `m` is down as this node knows: gossip sees it dead, or has no word of it
+/// (a node killed before gossip heard it) and this node, among whose `peers` it is, did not
+/// reach it when it last tried.
+fn is_down(
+    m: &str,
+    liveness: &BTreeMap<String, Liveness>,
+    peers: &[kvstore_actors::coordinator::PeerStatus],
+) -> bool {
+    match liveness.get(m) {
+        Some(liveness) => *liveness == Liveness::Dead,
+        None => peers.iter().any(|p| p.addr == m && p.unanswered),
+    }
+}
+
 /// `nodes` as words: "a", "a and b", "a, b and c".
 fn and(nodes: &[&str]) -> String {
     match nodes {
@@ -578,9 +592,21 @@ impl Members {
         tokio::spawn(self.clone().fill(version).in_current_span());
     }
 
+    /// The `changing:` line for `state` (see [`change_summary`]), as this node sees its
+    /// members: by gossip's `liveness`, and by how this node last fared with its `peers`.
+    pub fn change_line(
+        &self,
+        state: &RingState,
+        liveness: &BTreeMap<String, Liveness>,
+        peers: &[kvstore_actors::coordinator::PeerStatus],
+    ) -> String {
+        let copied = self.copied(state);
+        change_summary(state, |m| is_down(m, liveness, peers), copied.as_deref())
+    }
+
     /// On the claimant of `state`'s change, the nodes that have said they copied what it
     /// gives them; `None` on any other node, which does not know.
-    pub fn copied(&self, state: &RingState) -> Option<Vec<String>> {
+    fn copied(&self, state: &RingState) -> Option<Vec<String>> {
         (state.claimant() == self.me).then(|| {
             let ready = self.ready_nodes.lock().expect("ready poisoned");
             ready.iter().cloned().collect()
@@ -1274,6 +1300,41 @@ mod tests {
             "{line}"
         );
         assert_eq!(and(&["a", "b", "c"]), "a, b and c");
+    }
+
+    #[test]
+    fn a_member_is_down_by_gossip_or_else_by_this_nodes_last_try() {
+        use kvstore_actors::health::PeerState;
+        let peer = |addr: &str, unanswered: bool| kvstore_actors::coordinator::PeerStatus {
+            addr: addr.into(),
+            state: PeerState::Waiting,
+            unanswered,
+            backlog: 0,
+            needs_resync: false,
+            resyncing: false,
+            last_contact: None,
+            confirmed_batches: 0,
+            confirmed_writes: 0,
+            clock_offset: None,
+            in_flight: 0,
+            anti_entropy: Default::default(),
+        };
+        let peers = [peer("a:1", true), peer("b:1", true), peer("c:1", false)];
+        let liveness: BTreeMap<String, Liveness> = [
+            ("a:1".into(), Liveness::Live),
+            ("d:1".into(), Liveness::Dead),
+        ]
+        .into();
+        // Gossip's verdict wins where it has one.
+        assert!(!is_down("a:1", &liveness, &peers));
+        assert!(is_down("d:1", &liveness, &peers));
+        // Without one, this node's last try decides.
+        assert!(is_down("b:1", &liveness, &peers));
+        assert!(!is_down("c:1", &liveness, &peers));
+        assert!(
+            !is_down("e:1", &liveness, &peers),
+            "neither heard nor tried"
+        );
     }
 
     #[test]

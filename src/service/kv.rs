@@ -233,19 +233,8 @@ impl KvStore for KvService {
                 let state = p.state();
                 (state.ring().version(), p.role(), state.phase().name())
             });
-        // Down: gossip sees it dead, or has no word of it (a node killed before gossip heard
-        // it) and this node did not reach it when it last tried either.
-        let unreached: Vec<&str> = (status.peers.iter())
-            .filter(|p| p.unanswered)
-            .map(|p| p.addr.as_str())
-            .collect();
-        let dead = |m: &str| match liveness.get(m) {
-            Some(liveness) => *liveness == crate::gossip::Liveness::Dead,
-            None => unreached.contains(&m),
-        };
         let ring_change = (placement.as_ref()).map_or(String::new(), |p| {
-            let copied = self.members.copied(p.state());
-            crate::membership::change_summary(p.state(), dead, copied.as_deref())
+            (self.members).change_line(p.state(), &liveness, &status.peers)
         });
         Ok(Response::new(NodeStatus {
             ring_version,
