@@ -252,7 +252,14 @@ impl GrpcPeer {
         };
         // A change waits for the claimant to tell every member, each within the call timeout.
         let reply = self.bulk.clone().change_ring(request).await;
-        ring_state(reply.map_err(peer_error)?.into_inner())
+        // The asking node answers with the claimant's own code (a refusal stays
+        // FAILED_PRECONDITION, a bad name INVALID_ARGUMENT), so those two keep only its words.
+        let reply = reply.map_err(|status| match status.code() {
+            Code::FailedPrecondition => PeerError::Refused(status.message().to_owned()),
+            Code::InvalidArgument => PeerError::Rejected(status.message().to_owned()),
+            _ => peer_error(status),
+        });
+        ring_state(reply?.into_inner())
     }
 
     /// Takes what an answer of the peer says about it: its id, and its clock reading `theirs`
