@@ -663,9 +663,18 @@ async fn a_dead_node_is_removed_and_its_copies_made_again() {
         let ack = cluster.client(k % 7).put(&format!("key{k}"), "v").await;
         assert!(ack.unwrap().ok, "key{k}");
     }
-    // Asked through a node that is not the claimant: the claimant's refusal keeps its code.
+    // Asked through a node that is not the claimant: the claimant's refusal keeps its code,
+    // which its words are not made to repeat.
+    let claimant = ring_of(&cluster, 0).await.claimant().to_owned();
     let refused = cluster.client(3).remove(cluster.addr(5)).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().starts_with(&format!(
+            "the ring's claimant {claimant}: {} ",
+            cluster.addr(5)
+        )),
+        "{refused:?}"
+    );
     assert!(refused.message().contains("leave"), "{refused:?}");
     // The ring's first member dies: another node makes the change, once gossip sees it down.
     const DEAD: usize = 0;
@@ -711,6 +720,7 @@ async fn a_dead_node_is_removed_and_its_copies_made_again() {
 /// a member's `--node-id`, is refused before the ring changes: the first would count itself as
 /// that member's copy, the second would leave the ring waiting for a node it cannot reach, and
 /// the third would be refused by that member on every call, so its join would never finish.
+/// The refused node's data dir keeps no record of the join it asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_under_a_members_address_or_an_unreachable_one_is_refused() {
     let cluster = TestCluster::start_with(3, |_| ring_config());
@@ -729,10 +739,12 @@ async fn a_join_under_a_members_address_or_an_unreachable_one_is_refused() {
         (None, members_id, "already that of member"),
     ] {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
         let config = NodeConfig {
             join: Some(cluster.addr(0).to_string()),
             advertise,
             node_id,
+            data_dir: Some(dir.path().to_path_buf()),
             ..ring_config()
         };
         let started = kvstore::server::run(listener, config, std::future::pending());
@@ -741,6 +753,12 @@ async fn a_join_under_a_members_address_or_an_unreachable_one_is_refused() {
             .expect("refused at once")
             .unwrap_err();
         assert!(error.to_string().contains(refusal), "{error}");
+        // No join was begun: a restart without --join must not go on with one.
+        assert_eq!(
+            kvstore::membership::unfinished_join(dir.path()).unwrap(),
+            None,
+            "{refusal}"
+        );
     }
     let status = cluster.client(2).status().await.unwrap();
     assert_eq!(
@@ -1501,6 +1519,50 @@ async fn a_node_waiting_to_join_says_so_to_clients() {
     let all: Vec<usize> = (0..5).collect();
     change_settles(&cluster, &all, 4, None).await;
     assert_eq!(cluster.client(new).get("before0").await.unwrap(), "v");
+}
+
+/// A member of the new ring down once a change is committed holds the change: every member
+/// must hear the commit before reads and writes leave the old ring, so the change cannot be
+/// called off, and a removal of that member says so, through the claimant or another member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_down_member_of_a_committed_change_is_refused_and_says_why() {
+    let cluster = TestCluster::start_with(4, |_| ring_config());
+    let settled = ring_of(&cluster, 0).await;
+    let (_held_port, phantom) = common::closed_port();
+    let pending = (settled.begin(settled.ring().with_joined(&phantom).unwrap())).unwrap();
+    let committed = pending.advance().unwrap();
+    for i in 0..4 {
+        let state = kvstore::pb::RingState {
+            state: committed.to_bytes(),
+        };
+        cluster.replicator(i).await.push_ring(state).await.unwrap();
+    }
+    let claimant = (0..4)
+        .find(|&i| cluster.addr(i) == committed.claimant())
+        .expect("the claimant is a member");
+    let other = (claimant + 1) % 4;
+    for via in [claimant, other] {
+        let refused = cluster.client(via).remove(&phantom).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+        assert!(
+            refused.message().contains(&format!(
+                "the change under way (version 2) is committed, and settles once every member \
+                 of the new ring has heard, {phantom} included: a committed change cannot be \
+                 called off; bring it back"
+            )),
+            "{refused:?}"
+        );
+        // The claimant's words, passed on without its code named again.
+        assert!(!refused.message().contains("Unavailable"), "{refused:?}");
+    }
+    for i in 0..4 {
+        let status = cluster.client(i).status().await.unwrap();
+        assert_eq!(
+            (status.ring_version, status.ring_phase.as_str()),
+            (2, "committed"),
+            "{status:?}"
+        );
+    }
 }
 
 /// A node that stopped while it asked to join, before it recorded the ring it joined (the
