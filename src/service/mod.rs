@@ -25,9 +25,8 @@ pub struct Starting(Arc<StartingInner>);
 struct StartingInner {
     node: OnceLock<Arc<Node>>,
     started: Notify,
-    /// Whether the node has asked its peers for their rings, and taken the newest.
-    caught_up: AtomicBool,
-    caught_up_now: Notify,
+    /// Opened once the node has asked its peers for their rings, and taken the newest.
+    caught_up: Latch,
     /// The member a starting node asks to join through, while it waits to be let in.
     joining: OnceLock<String>,
 }
@@ -68,8 +67,7 @@ impl Starting {
 
     /// The node has asked its peers for their rings, and taken the newest if it was behind.
     pub fn caught_up(&self) {
-        self.0.caught_up.store(true, Ordering::Release);
-        self.0.caught_up_now.notify_waiters();
+        self.0.caught_up.open();
     }
 
     /// The node, once it has started and has its peers' newest ring: what a client's write
@@ -79,13 +77,7 @@ impl Starting {
     /// within a replication deadline.
     pub async fn current(&self) -> Result<&Arc<Node>, crate::Error> {
         let node = self.serving().await?;
-        while !self.0.caught_up.load(Ordering::Acquire) {
-            let now = self.0.caught_up_now.notified();
-            if self.0.caught_up.load(Ordering::Acquire) {
-                break;
-            }
-            now.await;
-        }
+        self.0.caught_up.wait().await;
         Ok(node)
     }
 
@@ -102,5 +94,59 @@ impl Starting {
             }
             started.await;
         }
+    }
+}
+
+/// A gate that opens once and stays open; tasks wait at it until it does.
+#[derive(Default)]
+struct Latch {
+    open: AtomicBool,
+    opened: Notify,
+}
+
+impl Latch {
+    fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    async fn wait(&self) {
+        while !self.open.load(Ordering::Acquire) {
+            // Made before the second look: a future of `notified` hears every later
+            // `notify_waiters`, polled or not, so an open between the two looks is not missed.
+            let opened = self.opened.notified();
+            if self.open.load(Ordering::Acquire) {
+                break;
+            }
+            opened.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::FutureExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_wait_at_the_latch_ends_when_it_opens_and_not_before() {
+        let latch = Arc::new(Latch::default());
+        assert!(latch.wait().now_or_never().is_none(), "closed at first");
+        let waiting = tokio::spawn({
+            let latch = latch.clone();
+            async move { latch.wait().await }
+        });
+        // On this one-thread runtime the waiter runs, and parks, while the test yields.
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a waiter passes a closed latch");
+        latch.open();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("a waiter is woken when the latch opens")
+            .unwrap();
+        assert!(latch.wait().now_or_never().is_some(), "open for good");
     }
 }
