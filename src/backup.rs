@@ -307,9 +307,13 @@ impl Reader<'_> {
 
 /// A data dir a node may be restored into: absent, or empty.
 pub fn check_empty(dir: &Path) -> Result<(), Error> {
-    // A join asked for is no data: a new node may join and be seeded from a backup.
+    // A join asked for, and the node's name, are no data: a new node may join and be seeded
+    // from a backup.
     let data = |entry: &std::io::Result<std::fs::DirEntry>| {
-        (entry.as_ref()).map_or(true, |e| e.file_name() != crate::membership::JOINING_FILE)
+        (entry.as_ref()).map_or(true, |e| {
+            let name = e.file_name();
+            name != crate::membership::JOINING_FILE && name != crate::membership::MEMBER_FILE
+        })
     };
     match std::fs::read_dir(dir).map(|mut entries| !entries.any(|e| data(&e))) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

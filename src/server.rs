@@ -567,11 +567,14 @@ async fn start(
                 took = ?opened.elapsed(),
                 "storage recovered"
             );
-            let recorded = match changed.is_some() || join.is_some() {
+            // Named once the dir is this node's (its lock held): a second node started on it
+            // by mistake must not rename it.
+            let claimed = membership::claim(dir, &me, changed.is_some());
+            let recorded = claimed.and_then(|()| match changed.is_some() || join.is_some() {
                 true => membership::record(dir, placement.state())
                     .and_then(|()| membership::join_recorded(dir)),
                 false => record_ring(dir, &placement, !recovered.map.is_empty()),
-            };
+            });
             if let Err(refused) = recorded {
                 // Let the data dir go before saying so: whoever starts the node again right
                 // away must find it unlocked.

@@ -1590,6 +1590,45 @@ async fn a_node_stopped_while_it_asked_to_join_goes_on_joining_without_join() {
     );
 }
 
+/// A member's data dir started under another address is refused: the node would be outside
+/// the ring the dir holds, let go of every key the member held, and leave the member missing
+/// from the ring.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_members_data_dir_started_under_another_address_is_refused() {
+    use kvstore_actors::membership::RingState;
+    use kvstore_actors::ring::Ring;
+    let dir = tempfile::tempdir().unwrap();
+    let first = RingState::settled(Ring::bootstrap(["a:1", "b:1", "c:1", "d:1"], 3).unwrap());
+    let without = first.begin(first.ring().without("d:1").unwrap()).unwrap();
+    let changed = without.advance().unwrap().advance().unwrap();
+    kvstore::membership::record(dir.path(), &changed).unwrap();
+    kvstore::membership::claim(dir.path(), "c:1", true).unwrap();
+    let listener = common::bind_free();
+    listener.set_nonblocking(true).unwrap();
+    let me = listener.local_addr().unwrap();
+    let config = NodeConfig {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..ring_config()
+    };
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let ran = kvstore::server::run(listener, config, std::future::pending());
+    let refused = tokio::time::timeout(Duration::from_secs(20), ran)
+        .await
+        .expect("refused at once")
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains(&format!(
+            "holds the data of ring member c:1, and this node is {me}: start it as c:1"
+        )),
+        "{refused}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join(kvstore::membership::MEMBER_FILE)).unwrap(),
+        "c:1",
+        "the dir is still the member's"
+    );
+}
+
 /// A node given --join on the data dir of a node that has left is refused, rather than started
 /// as the node that left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

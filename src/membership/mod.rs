@@ -39,6 +39,44 @@ pub const RING_FILE: &str = "ring";
 /// has recorded the ring it joined.
 pub const JOINING_FILE: &str = "joining";
 
+/// The file in a data dir that names the ring member whose data it holds.
+pub const MEMBER_FILE: &str = "member";
+
+/// Checks that data dir `dir` is member `me`'s, and names `me` in it. `holds_ring` says the
+/// dir holds a changed ring: started under another address, such a dir would make a node
+/// outside that ring, which lets go of every key the member held, and the member itself is
+/// then missing from the ring. A dir that holds only a first ring may move with its node (a
+/// node behind a proxy binds a new port at each start): it is named again.
+pub fn claim(dir: &std::path::Path, me: &str, holds_ring: bool) -> Result<(), Error> {
+    let path = dir.join(MEMBER_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(owner) if owner == me => return Ok(()),
+        Ok(owner) if holds_ring => {
+            return Err(Error::FailedPrecondition(format!(
+                "{} holds the data of ring member {owner}, and this node is {me}: start it as \
+                 {owner} (its --listen or --advertise address), or give this node an empty \
+                 --data-dir",
+                dir.display()
+            )));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            )));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Io(std::io::Error::new(
+            e.kind(),
+            format!("{}: {e}", dir.display()),
+        ))
+    })?;
+    write_whole(dir, MEMBER_FILE, me.as_bytes())
+}
+
 /// A node's part in ring changes.
 pub struct Members {
     /// This node's id in the ring: its advertised address.
@@ -1189,6 +1227,28 @@ fn write_whole(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<(), Er
 mod tests {
     use super::*;
     use kvstore_actors::ring::Ring;
+
+    #[test]
+    fn a_data_dir_is_named_for_its_member_and_holds_to_it_once_it_holds_a_changed_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().join("new");
+        let named = || std::fs::read_to_string(dir.join(MEMBER_FILE)).unwrap();
+        claim(&dir, "n1:1", true).unwrap();
+        assert_eq!(named(), "n1:1");
+        claim(&dir, "n1:1", true).unwrap();
+        let refused = claim(&dir, "n2:1", true).unwrap_err();
+        assert!(matches!(refused, Error::FailedPrecondition(_)), "{refused}");
+        assert!(
+            refused
+                .to_string()
+                .contains("ring member n1:1, and this node is n2:1"),
+            "{refused}"
+        );
+        assert_eq!(named(), "n1:1");
+        // A first ring only: the dir moves with its node.
+        claim(&dir, "n2:1", false).unwrap();
+        assert_eq!(named(), "n2:1");
+    }
 
     #[test]
     fn a_removal_is_made_by_the_first_member_it_does_not_remove() {
