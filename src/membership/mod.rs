@@ -312,10 +312,12 @@ pub fn change_summary(
         .filter(|m| !in_ring(previous, m))
         .map(String::as_str)
         .collect();
-    let going: Vec<&str> = (previous.members().iter())
+    // The ring does not say whether a node goes by `leave` or `remove`; a node that is down
+    // goes by `remove` (or will have to), one that is up leaves.
+    let (removed, leaving): (Vec<&str>, Vec<&str>) = (previous.members().iter())
         .filter(|m| !in_ring(ring, m))
         .map(String::as_str)
-        .collect();
+        .partition(|m| dead(m));
     let mut what = Vec::new();
     if !joining.is_empty() {
         what.push(format!(
@@ -324,11 +326,18 @@ pub fn change_summary(
             verb(&joining, "joins", "join")
         ));
     }
-    if !going.is_empty() {
+    if !leaving.is_empty() {
         what.push(format!(
             "{} {}",
-            and(&going),
-            verb(&going, "leaves", "leave")
+            and(&leaving),
+            verb(&leaving, "leaves", "leave")
+        ));
+    }
+    if !removed.is_empty() {
+        what.push(format!(
+            "{} {}",
+            and(&removed),
+            verb(&removed, "is removed", "are removed")
         ));
     }
     let claimant = state.claimant();
@@ -1344,10 +1353,16 @@ mod tests {
         // The node a removal takes out is down, as it should be: nothing waits for it.
         let line = change_summary(&removing, |m| m == "n4:1", None);
         assert!(
-            line.starts_with("ring version 2: n4:1 leaves; pending until "),
+            line.starts_with("ring version 2: n4:1 is removed; pending until "),
             "{line}"
         );
         assert!(!line.contains("down"), "{line}");
+        // Up, it leaves.
+        let line = change_summary(&removing, none, None);
+        assert!(
+            line.starts_with("ring version 2: n4:1 leaves; pending until "),
+            "{line}"
+        );
         let committed = removing.advance().unwrap();
         let line = change_summary(&committed, |m| m == "n1:1" || m == "n3:1", None);
         assert!(
