@@ -50,6 +50,20 @@ fn io_error(path: &Path, doing: &str) -> impl Fn(std::io::Error) -> Error {
 /// Backs up the node `client` talks to into `path`: streams every entry, writes them, syncs,
 /// and renames the file into place.
 pub async fn write(client: &Client, path: &Path) -> Result<Summary, Error> {
+    // Checked before the stream: a backup of a big node takes a while, and then could not
+    // be put in place.
+    if path.file_name().is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "backup needs a file to write, and '{}' names none",
+            path.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "backup needs a file to write, and {} is a directory",
+            path.display()
+        )));
+    }
     let partial = partial_path(path);
     let result = write_to(client, &partial, path).await;
     if result.is_err() {

@@ -292,4 +292,22 @@ async fn the_repl_backs_a_node_up() {
         .await
         .unwrap();
     assert!(!ok && err.contains("no/such/dir"), "{err}");
+    // No file, or a directory: refused before anything is fetched.
+    let (here, addr) = (
+        dir.path().display().to_string(),
+        cluster.addr(0).to_string(),
+    );
+    let session = format!("backup ''\nbackup '{here}'\n");
+    let (_, out, err) = tokio::task::spawn_blocking(move || cli(&[&addr], &session))
+        .await
+        .unwrap();
+    assert!(
+        err.contains("backup needs a file to write, and '' names none")
+            && err.contains(&format!(
+                "backup needs a file to write, and {} is a directory",
+                dir.path().display()
+            ))
+            && !out.contains("Backed up"),
+        "{out}\n{err}"
+    );
 }
