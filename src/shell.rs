@@ -185,9 +185,10 @@ fn render_status(status: &NodeStatus) -> Vec<String> {
         } else if peer.resync_pending {
             line.push_str(", resync pending");
         }
-        match peer.last_contact_ms {
-            Some(ms) => line.push_str(&format!(", last contact {ms}ms ago")),
-            None => line.push_str(", never contacted"),
+        match (peer.last_contact_ms, peer.refuses.as_str()) {
+            (_, why) if !why.is_empty() => line.push_str(&format!(", refuses this node: {why}")),
+            (Some(ms), _) => line.push_str(&format!(", last contact {ms}ms ago")),
+            (None, _) => line.push_str(", never contacted"),
         }
         if let Some(ms) = peer.clock_offset_ms {
             let sign = if ms < 0 { "-" } else { "+" };
@@ -720,6 +721,12 @@ mod tests {
                     replicated_batches: 1,
                     ..PeerStatus::default()
                 },
+                PeerStatus {
+                    address: "db5:5001".into(),
+                    state: "down".into(),
+                    refuses: "the caller belongs to cluster 'other'".into(),
+                    ..PeerStatus::default()
+                },
             ],
         };
         assert_eq!(
@@ -733,6 +740,7 @@ mod tests {
                  contacted, clock +1day 1h (past the bound)",
                 "peer db4:5001: up, 1 write queued for handoff, 1 write replicated in 1 batch, \
                  last contact 3ms ago",
+                "peer db5:5001: down, refuses this node: the caller belongs to cluster 'other'",
             ]
         );
     }

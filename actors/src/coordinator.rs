@@ -455,6 +455,9 @@ pub struct PeerStatus {
     pub state: PeerState,
     /// Whether the peer failed the last exchange (see [`crate::health::PeerHealth::unanswered`]).
     pub unanswered: bool,
+    /// Why the peer refuses this node, if it did when last asked
+    /// (see [`crate::health::PeerHealth::refusal`]).
+    pub refusal: Option<String>,
     pub backlog: u64,
     pub needs_resync: bool,
     pub resyncing: bool,
@@ -765,6 +768,7 @@ impl<P: PeerClient> Coordinator<P> {
                     addr: p.health.addr().to_string(),
                     state: p.health.state(),
                     unanswered: p.health.unanswered(),
+                    refusal: p.health.refusal(),
                     backlog: p.health.backlog(),
                     needs_resync: p.health.needs_resync(),
                     resyncing: p.health.resyncing(),

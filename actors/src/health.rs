@@ -3,6 +3,7 @@
 //! replication actor, which sees deliveries, and the coordinator, which sees a full mailbox and
 //! reports it all in `Status`.
 
+use std::sync::PoisonError;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,11 @@ pub struct PeerHealth {
     /// Whether the peer's clock was last seen beyond the bound, so that a change is logged
     /// once, not on every write.
     clock_beyond: AtomicBool,
+    /// Why the peer refused this node when last asked (another cluster, ring or token), until
+    /// an exchange succeeds: a down peer that answers is set up wrong, and says how. The flag
+    /// spares each delivered batch the lock.
+    refusing: AtomicBool,
+    refusal: std::sync::Mutex<String>,
 }
 
 impl PeerHealth {
@@ -106,6 +112,8 @@ impl PeerHealth {
             last_contact: AtomicU64::new(0),
             born: Instant::now(),
             clock_beyond: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
+            refusal: std::sync::Mutex::new(String::new()),
         }
     }
 
@@ -288,8 +296,20 @@ impl PeerHealth {
         }
     }
 
+    /// Why the peer refuses this node, if it did when last asked and has taken nothing since.
+    pub fn refusal(&self) -> Option<String> {
+        if !self.refusing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let why = self.refusal.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(why.clone()).filter(|why| !why.is_empty())
+    }
+
     pub(crate) fn mark_up(&self) {
         self.contact();
+        if self.refusing.load(Ordering::Relaxed) {
+            self.refusing.store(false, Ordering::Relaxed);
+        }
         // Lagging stays visible until something resyncs the peer: being reachable again does not
         // bring back the writes it missed.
         if self.state() != PeerState::Lagging || !self.needs_resync() {
@@ -302,6 +322,13 @@ impl PeerHealth {
     /// says so once, rather than warn that it is down. A peer that answered, even to refuse
     /// this node, is down.
     pub(crate) fn mark_down(&self, error: &PeerError) {
+        match error {
+            PeerError::Refused(why) => {
+                *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = why.clone();
+                self.refusing.store(true, Ordering::Relaxed);
+            }
+            _ => self.refusing.store(false, Ordering::Relaxed),
+        }
         let unanswered = matches!(error, PeerError::Unreachable(_) | PeerError::TimedOut);
         if self.state() == PeerState::Waiting && unanswered {
             if !self.waiting_logged.swap(true, Ordering::Relaxed) {
@@ -321,6 +348,22 @@ impl PeerHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_that_refuses_this_node_says_why_until_a_call_goes_through() {
+        let h = PeerHealth::new("p");
+        assert_eq!(h.refusal(), None);
+        h.mark_down(&PeerError::Refused("another cluster".into()));
+        assert_eq!(h.state(), PeerState::Down);
+        assert_eq!(h.refusal().as_deref(), Some("another cluster"));
+        // Gone silent since: the reason is no longer known.
+        h.mark_down(&PeerError::TimedOut);
+        assert_eq!(h.refusal(), None);
+        h.mark_down(&PeerError::Refused("another ring".into()));
+        assert_eq!(h.refusal().as_deref(), Some("another ring"));
+        h.mark_up();
+        assert_eq!(h.refusal(), None);
+    }
 
     #[test]
     fn health_transitions() {
@@ -393,14 +436,24 @@ mod tests {
         }
         let lines = Lines::default();
         let writer = lines.clone();
+        // Every test's subscriber takes the same levels, and lines are picked by level after:
+        // the most verbose level of the subscribers alive is one global, and two tests
+        // registering subscribers of different levels at once could leave it at the other's.
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(level)
+            .with_max_level(tracing::Level::INFO)
             .with_ansi(false)
             .with_writer(move || writer.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, f);
         let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(String::from).collect()
+        let at_least = |line: &str| {
+            (line.split_whitespace().nth(1)).and_then(|l| l.parse::<tracing::Level>().ok())
+                <= Some(level)
+        };
+        text.lines()
+            .filter(|l| at_least(l))
+            .map(String::from)
+            .collect()
     }
 
     #[test]

@@ -1384,6 +1384,7 @@ mod tests {
             addr: addr.into(),
             state: PeerState::Waiting,
             unanswered,
+            refusal: None,
             backlog: 0,
             needs_resync: false,
             resyncing: false,

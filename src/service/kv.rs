@@ -263,6 +263,7 @@ impl KvStore for KvService {
                     replicated_batches: p.confirmed_batches,
                     clock_offset_ms: p.clock_offset.map(|nanos| nanos / 1_000_000),
                     gossip: (liveness.get(&p.addr)).map_or("", |l| l.name()).into(),
+                    refuses: p.refusal.unwrap_or_default(),
                     address: p.addr,
                 })
                 .collect(),
