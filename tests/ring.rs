@@ -1708,4 +1708,9 @@ async fn a_node_of_another_cluster_name_does_not_take_this_clusters_ring() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let status = other.status().await.unwrap();
     assert_eq!((status.ring_version, status.keys), (1, 0), "{status:?}");
+    // Its status says why its peers are down: they refuse it, and how.
+    let refusing = (status.peers.iter())
+        .find(|p| p.address == cluster.addr(0))
+        .expect("the member it was given");
+    assert!(refusing.refuses.contains("cluster 'b'"), "{refusing:?}");
 }
