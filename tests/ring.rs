@@ -1590,6 +1590,21 @@ async fn a_node_stopped_while_it_asked_to_join_goes_on_joining_without_join() {
     );
 }
 
+/// Starts a node of `config` on a free port, which must refuse to start at once: its address,
+/// and why.
+async fn refused_start(config: NodeConfig) -> (std::net::SocketAddr, kvstore::Error) {
+    let listener = common::bind_free();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let ran = kvstore::server::run(listener, config, std::future::pending());
+    let refused = tokio::time::timeout(Duration::from_secs(20), ran)
+        .await
+        .expect("refused at once")
+        .unwrap_err();
+    (addr, refused)
+}
+
 /// A member's data dir started under another address is refused: the node would be outside
 /// the ring the dir holds, let go of every key the member held, and leave the member missing
 /// from the ring.
@@ -1603,19 +1618,11 @@ async fn a_members_data_dir_started_under_another_address_is_refused() {
     let changed = without.advance().unwrap().advance().unwrap();
     kvstore::membership::record(dir.path(), &changed).unwrap();
     kvstore::membership::claim(dir.path(), "c:1", true).unwrap();
-    let listener = common::bind_free();
-    listener.set_nonblocking(true).unwrap();
-    let me = listener.local_addr().unwrap();
-    let config = NodeConfig {
+    let (me, refused) = refused_start(NodeConfig {
         data_dir: Some(dir.path().to_path_buf()),
         ..ring_config()
-    };
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let ran = kvstore::server::run(listener, config, std::future::pending());
-    let refused = tokio::time::timeout(Duration::from_secs(20), ran)
-        .await
-        .expect("refused at once")
-        .unwrap_err();
+    })
+    .await;
     assert!(
         refused.to_string().contains(&format!(
             "holds the data of ring member c:1, and this node is {me}: start it as c:1"
@@ -1640,19 +1647,12 @@ async fn joining_again_on_the_data_dir_of_a_node_that_left_is_refused() {
     let without = first.begin(first.ring().without("c:1").unwrap()).unwrap();
     let left = without.advance().unwrap().advance().unwrap();
     kvstore::membership::record(dir.path(), &left).unwrap();
-    let listener = common::bind_free();
-    listener.set_nonblocking(true).unwrap();
-    let config = NodeConfig {
+    let (_, refused) = refused_start(NodeConfig {
         join: Some("a:1".into()),
         data_dir: Some(dir.path().to_path_buf()),
         ..ring_config()
-    };
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let ran = kvstore::server::run(listener, config, std::future::pending());
-    let refused = tokio::time::timeout(Duration::from_secs(20), ran)
-        .await
-        .expect("refused at once")
-        .unwrap_err();
+    })
+    .await;
     assert!(
         refused.to_string().contains("which this node has left"),
         "{refused}"

@@ -61,20 +61,20 @@ pub fn claim(dir: &std::path::Path, me: &str, holds_ring: bool) -> Result<(), Er
         }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(Error::Io(std::io::Error::new(
-                e.kind(),
-                format!("{}: {e}", path.display()),
-            )));
-        }
+        Err(e) => return Err(at(&path)(e)),
     }
-    std::fs::create_dir_all(dir).map_err(|e| {
+    std::fs::create_dir_all(dir).map_err(at(dir))?;
+    write_whole(dir, MEMBER_FILE, me.as_bytes())
+}
+
+/// An i/o error on `path`, naming it.
+fn at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| {
         Error::Io(std::io::Error::new(
             e.kind(),
-            format!("{}: {e}", dir.display()),
+            format!("{}: {e}", path.display()),
         ))
-    })?;
-    write_whole(dir, MEMBER_FILE, me.as_bytes())
+    }
 }
 
 /// A node's part in ring changes.
@@ -1174,12 +1174,7 @@ pub fn recorded(dir: &std::path::Path) -> Result<Option<RingState>, String> {
 /// without `--join` it must go on joining, not start a ring of its own that takes writes no
 /// member sees.
 pub fn record_join(dir: &std::path::Path, seed: &str) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("{}: {e}", dir.display()),
-        ))
-    })?;
+    std::fs::create_dir_all(dir).map_err(at(dir))?;
     write_whole(dir, JOINING_FILE, seed.as_bytes())
 }
 
@@ -1190,10 +1185,7 @@ pub fn unfinished_join(dir: &std::path::Path) -> Result<Option<String>, Error> {
     match std::fs::read_to_string(&path) {
         Ok(seed) => Ok(Some(seed.trim().to_owned())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("{}: {e}", path.display()),
-        ))),
+        Err(e) => Err(at(&path)(e)),
     }
 }
 
@@ -1224,12 +1216,7 @@ fn write_whole(dir: &std::path::Path, name: &str, bytes: &[u8]) -> Result<(), Er
         std::fs::rename(&temporary, &path)?;
         std::fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| {
-        Error::Io(std::io::Error::new(
-            e.kind(),
-            format!("{}: {e}", path.display()),
-        ))
-    })
+    write().map_err(at(&path))
 }
 
 #[cfg(test)]
