@@ -490,7 +490,9 @@ pub struct ServerArgs {
 
     /// The UDP port this node gossips on (membership, and which nodes are live), on the
     /// address it listens on and advertises. Defaults to its gRPC port: the same number, over
-    /// UDP. Open it between the nodes as the gRPC port is.
+    /// UDP. Open it between the nodes as the gRPC port is. The node first looks for each
+    /// member at the member's gRPC port and at this port, so give the nodes that set it the
+    /// same port.
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub gossip_port: Option<u16>,
 

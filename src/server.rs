@@ -348,12 +348,23 @@ async fn start_gossip(
             return Ok(None);
         }
     };
+    // Each member at its gRPC port, the default, and at this node's own gossip port if it has
+    // one: the others' gossip ports are not known before gossip tells them, and a member may
+    // keep the default while this node does not, or the other way round. Once one side
+    // reaches the other, gossip carries each node's own address.
     let seeds = (state.members().into_iter())
         .filter(|m| m != me)
         .filter_map(|m| {
             let (host, grpc) = m.rsplit_once(':')?;
-            Some(format!("{host}:{}", port(grpc.parse().ok()?)))
+            let grpc: u16 = grpc.parse().ok()?;
+            let ports = std::iter::once(grpc).chain(config.gossip_port.filter(|p| *p != grpc));
+            Some(
+                ports
+                    .map(move |p| format!("{host}:{p}"))
+                    .collect::<Vec<_>>(),
+            )
         })
+        .flatten()
         .collect();
     let role = node.placement().map_or("normal", |p| p.role());
     let gossip = GossipConfig {

@@ -1605,6 +1605,22 @@ async fn refused_start(config: NodeConfig) -> (std::net::SocketAddr, kvstore::Er
     (addr, refused)
 }
 
+/// A node on a --gossip-port of its own, among nodes gossiping on their gRPC ports (the
+/// default), is seen live by them, and sees them: each side looks for the other at both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_on_a_gossip_port_of_its_own_is_seen_live_by_nodes_on_the_default() {
+    let own = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = own.local_addr().unwrap().port();
+    drop(own);
+    let cluster = TestCluster::start_with(3, |i| NodeConfig {
+        gossip_port: (i == 2).then_some(port),
+        ..ring_config()
+    });
+    for (via, of) in [(0, 2), (1, 2), (2, 0), (2, 1)] {
+        gossip_says(&cluster, via, of, "live").await;
+    }
+}
+
 /// A member's data dir started under another address is refused: the node would be outside
 /// the ring the dir holds, let go of every key the member held, and leave the member missing
 /// from the ring.
