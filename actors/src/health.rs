@@ -424,28 +424,45 @@ mod tests {
 
     /// What `f` logs at `level` and above, one line each.
     fn logged_at(level: tracing::Level, f: impl FnOnce()) -> Vec<String> {
-        #[derive(Clone, Default)]
-        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
+        type Lines = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+        thread_local! {
+            static CAPTURED: std::cell::RefCell<Option<Lines>> = const { std::cell::RefCell::new(None) };
+        }
+        /// Writes a line into the capture of the test on this thread, if any.
+        struct Capture;
+        impl std::io::Write for Capture {
             fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().write(buf)
+                CAPTURED.with(|c| {
+                    if let Some(lines) = &*c.borrow() {
+                        lines.lock().unwrap().extend_from_slice(buf);
+                    }
+                });
+                Ok(buf.len())
             }
             fn flush(&mut self) -> std::io::Result<()> {
                 Ok(())
             }
         }
+        // One subscriber for every test of this binary, set once, each test capturing what
+        // its own thread logs. A subscriber per test raced the other tests' threads: a
+        // callsite met first on a thread with none can be cached as never enabled while the
+        // test's subscriber registers, and its lines are then lost (seen as an INFO line
+        // missing, now and then, right after a build).
+        static GLOBAL: std::sync::Once = std::sync::Once::new();
+        GLOBAL.call_once(|| {
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_ansi(false)
+                .with_writer(|| Capture)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other test of this binary sets a subscriber");
+        });
         let lines = Lines::default();
-        let writer = lines.clone();
-        // Every test's subscriber takes the same levels, and lines are picked by level after:
-        // the most verbose level of the subscribers alive is one global, and two tests
-        // registering subscribers of different levels at once could leave it at the other's.
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
-        tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        CAPTURED.with(|c| *c.borrow_mut() = Some(lines.clone()));
+        f();
+        CAPTURED.with(|c| *c.borrow_mut() = None);
+        let text = String::from_utf8(lines.lock().unwrap().clone()).unwrap();
         let at_least = |line: &str| {
             (line.split_whitespace().nth(1)).and_then(|l| l.parse::<tracing::Level>().ok())
                 <= Some(level)
