@@ -348,24 +348,7 @@ async fn start_gossip(
             return Ok(None);
         }
     };
-    // Each member at its gRPC port, the default, and at this node's own gossip port if it has
-    // one: the others' gossip ports are not known before gossip tells them, and a member may
-    // keep the default while this node does not, or the other way round. Once one side
-    // reaches the other, gossip carries each node's own address.
-    let seeds = (state.members().into_iter())
-        .filter(|m| m != me)
-        .filter_map(|m| {
-            let (host, grpc) = m.rsplit_once(':')?;
-            let grpc: u16 = grpc.parse().ok()?;
-            let ports = std::iter::once(grpc).chain(config.gossip_port.filter(|p| *p != grpc));
-            Some(
-                ports
-                    .map(move |p| format!("{host}:{p}"))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .flatten()
-        .collect();
+    let seeds = gossip_seeds(&state.members(), me, config.gossip_port);
     let role = node.placement().map_or("normal", |p| p.role());
     let gossip = GossipConfig {
         me: me.to_owned(),
@@ -378,6 +361,27 @@ async fn start_gossip(
     };
     tracing::info!(listen = %gossip.listen, advertise = %gossip.advertise, "gossiping");
     Gossip::start(gossip, state, role).await.map(Some)
+}
+
+/// Where a node first gossips: each member but `me` at its gRPC port number (the default
+/// gossip port), and at this node's own `gossip_port` if it has one. The others' gossip ports
+/// are not known before gossip tells them, and a member may keep the default while this node
+/// does not, or the other way round; once one side reaches the other, gossip carries each
+/// node's own address.
+fn gossip_seeds(members: &[String], me: &str, gossip_port: Option<u16>) -> Vec<String> {
+    (members.iter())
+        .filter(|m| *m != me)
+        .filter_map(|m| {
+            let (host, grpc) = m.rsplit_once(':')?;
+            Some((host, grpc.parse::<u16>().ok()?))
+        })
+        .flat_map(|(host, grpc)| {
+            let own = gossip_port.filter(|p| *p != grpc);
+            std::iter::once(grpc)
+                .chain(own)
+                .map(move |p| format!("{host}:{p}"))
+        })
+        .collect()
 }
 
 /// How often the node pings each connection, and how long an answer may take.
@@ -504,29 +508,19 @@ async fn start(
             state.clone()
         }
         (None, Some(seed)) => {
-            if let Some(dir) = &config.data_dir {
-                membership::record_join(dir, seed)?;
-            }
             let waiting = || starting.joining(seed);
-            match membership::join(
+            let dir = config.data_dir.as_deref();
+            let patience = JOIN_PATIENCE;
+            membership::join(
+                dir,
                 seed,
                 &me,
                 config.replicas,
                 &settings,
-                JOIN_PATIENCE,
+                patience,
                 waiting,
             )
-            .await
-            {
-                // Refused: no join was begun, and none is to go on at a restart.
-                Err(refused @ Error::FailedPrecondition(_)) => {
-                    if let Some(dir) = &config.data_dir {
-                        membership::join_recorded(dir)?;
-                    }
-                    return Err(refused);
-                }
-                joined => joined?,
-            }
+            .await?
         }
         (None, None) => first.state().clone(),
     };
@@ -788,5 +782,28 @@ impl RpcSpans {
                 .or_insert_with(|| span.clone());
         }
         span
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_first_gossips_with_each_other_member_at_its_grpc_port_and_at_its_own() {
+        let members = ["a:5001", "b:5002", "me:5003"].map(String::from);
+        assert_eq!(
+            gossip_seeds(&members, "me:5003", None),
+            ["a:5001", "b:5002"]
+        );
+        assert_eq!(
+            gossip_seeds(&members, "me:5003", Some(7946)),
+            ["a:5001", "a:7946", "b:5002", "b:7946"]
+        );
+        // Its own port where that is a member's gRPC port already: once.
+        assert_eq!(
+            gossip_seeds(&members, "me:5003", Some(5002)),
+            ["a:5001", "a:5002", "b:5002"]
+        );
     }
 }

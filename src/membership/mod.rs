@@ -1089,8 +1089,30 @@ impl Members {
 
 /// Asks `seed`, a member of a ring, for the ring, then its claimant to let `me` join; returns
 /// the pending ring to start with. Retries for up to `patience` while the ring is changing
-/// or a member is down.
+/// or a member is down, calling `waiting` when it first has to. With a data dir, the join is
+/// recorded in it first ([`record_join`]), and the record removed if the join is refused:
+/// none was begun, and none is to go on at a restart. Once the node has recorded the ring it
+/// joined, [`join_recorded`] removes it.
 pub async fn join(
+    dir: Option<&std::path::Path>,
+    seed: &str,
+    me: &str,
+    replicas: usize,
+    settings: &PeerSettings,
+    patience: Duration,
+    waiting: impl Fn(),
+) -> Result<RingState, Error> {
+    if let Some(dir) = dir {
+        record_join(dir, seed)?;
+    }
+    let joined = ask_to_join(seed, me, replicas, settings, patience, waiting).await;
+    if let (Some(dir), Err(Error::FailedPrecondition(_))) = (dir, &joined) {
+        join_recorded(dir)?;
+    }
+    joined
+}
+
+async fn ask_to_join(
     seed: &str,
     me: &str,
     replicas: usize,
